@@ -1,0 +1,1 @@
+"""ComfyUI-aware parts shared by the nodes, tools and tests. Imports comfy: only import where ComfyUI runs."""
