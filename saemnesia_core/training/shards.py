@@ -97,6 +97,16 @@ def _header_from_index(index: dict) -> dict:
     return {k: v for k, v in index.items() if k not in ("shards", "num_records")}
 
 
+def _shard_samples(shards: list[dict]) -> set[int]:
+    return {i for s in shards for a, b in s["samples"] for i in range(a, b)}
+
+
+def completed_samples(root: str | Path) -> set[int]:
+    """Sample ids already stored under ``root`` (empty if nothing was collected there yet)."""
+    index_path = Path(root) / INDEX_NAME
+    return _shard_samples(json.loads(index_path.read_text())["shards"]) if index_path.exists() else set()
+
+
 class ShardWriter:
     """Append samples to a dataset directory; reopening an existing one resumes it.
 
@@ -133,7 +143,7 @@ class ShardWriter:
             self.shards = []
         for stale in self.root.glob("*.tmp"):
             stale.unlink()
-        self._completed = {i for s in self.shards for a, b in s["samples"] for i in range(a, b)}
+        self._completed = _shard_samples(self.shards)
         self._pending: list[RecordBatch] = []
         self._pending_samples: list[int] = []
         self._write_index()
