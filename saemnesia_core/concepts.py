@@ -1,0 +1,112 @@
+"""Concepts and their statistics (DESIGN §5): the SAeUron score, latent selection, and the μ_c / θ tables.
+
+Shapes: C concepts, T timestep buckets, n latents, L selected latents per (concept, bucket) at most.
+A selection is an int64 [C, T, L] tensor of latent ids, −1 = padding.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+SCORE_EPS = 1e-8
+"""δ in the score's denominators (SAeUron's `compute_feature_importance`)."""
+
+
+@dataclass
+class Concept:
+    label: str
+    """What the user ticks, e.g. "Cats"; unique within a file."""
+    group: str
+    """Concept group, e.g. "object" or "style" (SAEmnesia decorrelates across groups)."""
+    latent: int | None
+    """SAEmnesia's assigned latent i_c; None when latents are found by score (SAeUron)."""
+    default_strength: float = -1.0
+    """γ used when the caller gives none (−1 is SAEmnesia's single knob)."""
+
+
+@dataclass
+class ConceptTables:
+    latents: Tensor
+    """[C, T, L] int64 selected latents S_c(t), −1 = padding."""
+    mean_acts: Tensor
+    """[C, T, L] float32 μ_c(i, t): the concept's mean activation of each selected latent."""
+    thresholds: Tensor
+    """[C, T, L] float32 θ(i, t): the unweighted mean over all concepts of μ(i, t, c')."""
+
+    @property
+    def num_buckets(self) -> int:
+        return self.latents.shape[1]
+
+    @classmethod
+    def empty(cls, num_buckets: int) -> ConceptTables:
+        """No concepts: [0, T, 1] tables."""
+        shape = (0, num_buckets, 1)
+        return cls(torch.full(shape, -1), torch.zeros(shape), torch.zeros(shape))
+
+    def to(self, device) -> ConceptTables:
+        return ConceptTables(self.latents.to(device), self.mean_acts.to(device), self.thresholds.to(device))
+
+
+def saeuron_scores(concept_sums: Tensor, concept_counts: Tensor) -> Tensor:
+    """[C, T, n] sums over each concept's prompts of the spatially averaged z, [C] prompt counts -> [C, T, n].
+
+    score(i,t,c) = μ(i,t,c)/(Σ_j μ(j,t,c) + δ) − μ(i,t,¬c)/(Σ_j μ(j,t,¬c) + δ); ¬c pools the prompts of all
+    other concepts. Accumulated in float64 (the pooled mean is a difference of sums), returned as float32.
+    """
+    counts = torch.as_tensor(concept_counts, dtype=torch.float64)
+    total_sum = concept_sums.sum(0, dtype=torch.float64)
+    total_count = counts.sum()
+    scores = torch.empty(concept_sums.shape, dtype=torch.float32)
+    for c in range(concept_sums.shape[0]):
+        mu_c = concept_sums[c].double() / counts[c]
+        mu_rest = (total_sum - concept_sums[c].double()) / (total_count - counts[c]).clamp(min=1)
+        scores[c] = _proportions(mu_c) - _proportions(mu_rest)
+    return scores
+
+
+def _proportions(mu: Tensor) -> Tensor:
+    """[T, n] mean activations -> each latent's share of the total at each t."""
+    return mu / (mu.sum(-1, keepdim=True) + SCORE_EPS)
+
+
+def select_saeuron(scores: Tensor, percentile: float | Sequence[float] | Tensor) -> Tensor:
+    """[C, T, n] scores -> [C, T, L] selection S_c(t) = {i : score > quantile(score(·,t,c), p/100)}.
+
+    Strictly greater than torch.quantile's linear interpolation, as the released code: p = 99.999 keeps about
+    one latent of 20480. `percentile` is one p for all concepts or one per concept. Sets may differ per t.
+    """
+    num_concepts, _, n = scores.shape
+    p = torch.as_tensor(percentile, dtype=torch.float64).expand(num_concepts)
+    mask = torch.stack(
+        [scores[c] > torch.quantile(scores[c].float(), float(p[c]) / 100, dim=-1, keepdim=True) for c in range(num_concepts)]
+    )
+    width = max(1, int(mask.sum(-1).max()))
+    ids = torch.arange(n).expand_as(mask)
+    # Selected ids first (ascending), the rest pushed past n and then cut off or turned into padding.
+    ranked = torch.where(mask, ids, ids + n).sort(dim=-1).values[..., :width]
+    return torch.where(ranked < n, ranked, -1)
+
+
+def assigned_selection(latents: Sequence[int], num_buckets: int) -> Tensor:
+    """SAEmnesia: S_c = {i_c} for every bucket -> [C, T, 1]."""
+    return torch.as_tensor(list(latents), dtype=torch.int64).reshape(-1, 1, 1).expand(-1, num_buckets, 1).clone()
+
+
+def build_tables(selection: Tensor, concept_means: Tensor) -> ConceptTables:
+    """[C, T, L] selection and [C, T, n] μ(i, t, c) -> the stored statistics of the selected latents (DESIGN §5.3).
+
+    θ(i, t) is the unweighted mean over concepts of μ(i, t, c'), not a pooled sample mean.
+    """
+    means = concept_means.float()
+    valid = selection >= 0
+    ids = selection.clamp(min=0)
+    mean_acts = means.gather(-1, ids)
+    thresholds = means.mean(0).expand_as(means).gather(-1, ids)
+    zero = torch.zeros((), dtype=torch.float32)
+    return ConceptTables(
+        selection.long().clone(), torch.where(valid, mean_acts, zero), torch.where(valid, thresholds, zero)
+    )
