@@ -1,0 +1,136 @@
+# SPDX-License-Identifier: GPL-3.0-or-later
+"""Collection from a ComfyUI MODEL: ComfyUI samples, an object patch on the hooked block records its output.
+
+The hookpoint is named in diffusers style and mapped with ComfyUI's own `comfy.utils.unet_to_diffusers`
+(DESIGN §6.2). Sampling is ComfyUI's `comfy.sample.sample` on a clone of the model, so the caller's MODEL
+is never modified. t comes from the sigma ComfyUI passes in `transformer_options` (no call counters).
+"""
+
+from __future__ import annotations
+
+import types
+from dataclasses import replace
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+
+import comfy.latent_formats
+import comfy.sample
+import comfy.utils
+from saemnesia_core.sae import block_to_tokens
+from saemnesia_core.training.collect import Capture, branch_ids, collect
+from saemnesia_core.training.specs import PromptSpec
+
+Conditioning = list  # ComfyUI's CONDITIONING: [[cond tensor [1, tokens, ctx], {options}], ...]
+
+
+def comfy_block_name(model, hookpoint: str) -> str:
+    """``unet.up_blocks.1.attentions.1`` -> ``output_blocks.4.1`` for this model's UNet config."""
+    key_map = comfy.utils.unet_to_diffusers(model.model.model_config.unet_config)
+    diffusers_key = f"{hookpoint.removeprefix('unet.')}.proj_out.weight"
+    if diffusers_key not in key_map:
+        raise ValueError(f"hookpoint {hookpoint!r} is not a transformer block of this model")
+    return key_map[diffusers_key].removesuffix(".proj_out.weight")
+
+
+def _batch_conditioning(conds: Sequence[Conditioning]) -> Conditioning:
+    """One conditioning per prompt -> one batched conditioning (batch dims concatenated in prompt order)."""
+    firsts = [c[0] for c in conds]
+    options = {}
+    for key, value in firsts[0][1].items():
+        if isinstance(value, torch.Tensor) and all(isinstance(f[1].get(key), torch.Tensor) for f in firsts):
+            value = torch.cat([f[1][key] for f in firsts])
+        options[key] = value
+    return [[torch.cat([f[0] for f in firsts]), options]]
+
+
+class ComfyCaptureSource:
+    """Samples a ComfyUI MODEL and records the hooked block's output at every n-th step (an ActivationSource).
+
+    ``width``/``height`` are image pixels; the latent is that divided by ``downscale`` (default: 1 for
+    pixel-space latent formats, 8 otherwise). Each sample's noise is drawn from its own seed, so a sample's
+    records do not depend on how prompts are batched.
+    """
+
+    def __init__(self, model, encode_prompt: Callable[[str], Conditioning], *, hookpoint: str, steps: int = 50,
+                 cfg: float = 9.0, sampler: str = "ddim", scheduler: str = "ddim_uniform", every_n_steps: int = 1,
+                 branch: str = "cond", width: int = 512, height: int = 512, latent_channels: int | None = None,
+                 downscale: int | None = None, negative_prompt: str = "", model_id: str = "comfyui"):
+        self.model = model
+        self.encode_prompt = encode_prompt
+        self.hookpoint = hookpoint if hookpoint.startswith("unet.") else f"unet.{hookpoint}"
+        self.block_name = comfy_block_name(model, self.hookpoint)
+        latent_format = model.get_model_object("latent_format")
+        if downscale is None:
+            downscale = 1 if isinstance(latent_format, comfy.latent_formats.ChromaRadiance) else 8
+        self.latent_shape = (latent_channels or latent_format.latent_channels, height // downscale, width // downscale)
+        self.steps, self.cfg, self.sampler, self.scheduler = steps, cfg, sampler, scheduler
+        self.every_n_steps = every_n_steps
+        self.branches = branch_ids(branch)
+        self.negative_prompt = negative_prompt
+        self.model_id = model_id
+        self.settings = {"source": "comfyui", "block": self.block_name, "steps": steps, "cfg": cfg,
+                         "sampler": sampler, "scheduler": scheduler, "every_n_steps": every_n_steps,
+                         "branch": branch, "latent_shape": list(self.latent_shape)}
+
+    def _patched_clone(self, captures: list[Capture]):
+        """A clone of the MODEL whose block forward records its output (the caller's MODEL is untouched)."""
+        m = self.model.clone()
+        key = f"diffusion_model.{self.block_name}.forward"
+        block = m.get_model_object(f"diffusion_model.{self.block_name}")
+        previous_forward = m.get_model_object(key)
+        model_sampling = m.get_model_object("model_sampling")
+        last_timestep = len(model_sampling.sigmas) - 1
+        every_n, branches = self.every_n_steps, self.branches
+
+        def recording_forward(self_block, x, context=None, transformer_options={}, *args, **kwargs):
+            out = previous_forward(x, context, transformer_options, *args, **kwargs)
+            sigma = transformer_options["sigmas"][:1]
+            schedule = transformer_options["sample_sigmas"]
+            step = int((schedule.float() - sigma.float().to(schedule.device)).abs().argmin())
+            if step % every_n == 0:
+                timestep = float(model_sampling.timestep(sigma)[0])
+                chunks = transformer_options["cond_or_uncond"]
+                per_chunk = out.shape[0] // len(chunks)
+                for i, branch in enumerate(chunks):
+                    if branch in branches:
+                        part = out[i * per_chunk:(i + 1) * per_chunk]
+                        captures.append(Capture(block_to_tokens(part).detach().to("cpu", torch.float16),
+                                                out.shape[2], out.shape[3], step, timestep / last_timestep,
+                                                timestep, branch))
+            return out
+
+        m.add_object_patch(key, types.MethodType(recording_forward, block))
+        return m
+
+    @torch.no_grad()
+    def run(self, prompts: Sequence[str], seeds: Sequence[int]) -> list[Capture]:
+        conds = [self.encode_prompt(p) for p in prompts]
+        if len({tuple(c[0][0].shape) for c in conds}) > 1:  # prompts of different token lengths: one at a time
+            per_prompt = [self.run([p], [s]) for p, s in zip(prompts, seeds)]
+            return [replace(first, tokens=torch.cat([caps[i].tokens for caps in per_prompt]))
+                    for i, first in enumerate(per_prompt[0])]
+        captures: list[Capture] = []
+        noise = torch.cat([torch.randn((1, *self.latent_shape), generator=torch.Generator().manual_seed(int(s)))
+                           for s in seeds])
+        latent = torch.zeros_like(noise)
+        negative = self.encode_prompt(self.negative_prompt)
+        comfy.sample.sample(self._patched_clone(captures), noise, self.steps, self.cfg, self.sampler,
+                            self.scheduler, _batch_conditioning(conds), negative, latent,
+                            seed=int(seeds[0]), disable_pbar=True)
+        return captures
+
+
+def collect_from_comfy(model, encode_prompt: Callable[[str], Conditioning], specs: Sequence[PromptSpec],
+                       out_dir: str | Path, *, hookpoint: str, steps: int = 50, cfg: float = 9.0,
+                       sampler: str = "ddim", scheduler: str = "ddim_uniform", seed: int = 0,
+                       every_n_steps: int = 1, branch: str = "cond", width: int = 512, height: int = 512,
+                       latent_channels: int | None = None, downscale: int | None = None, batch_size: int = 1,
+                       model_id: str = "comfyui", **collect_kwargs: Any) -> Path:
+    """Collect a labelled activation dataset from a ComfyUI MODEL (see `collect` for resuming and ranks)."""
+    source = ComfyCaptureSource(model, encode_prompt, hookpoint=hookpoint, steps=steps, cfg=cfg, sampler=sampler,
+                                scheduler=scheduler, every_n_steps=every_n_steps, branch=branch, width=width,
+                                height=height, latent_channels=latent_channels, downscale=downscale,
+                                model_id=model_id)
+    return collect(source, specs, out_dir, seed=seed, batch_size=batch_size, **collect_kwargs)
