@@ -88,7 +88,7 @@ class SAEFile:
                          self.supervised, self.selection_mode, self.provenance, dtype)
 
     def build_sae(self, device=None, dtype=None) -> TopKSAE:
-        """The TopKSAE module with these weights (in the stored dtype unless one is given)."""
+        """The TopKSAE module with these weights (stored dtype unless one is given; shares their memory if unchanged)."""
         sae = TopKSAE(self.config, device="meta")
         sae.load_state_dict(self.weights, assign=True)
         return sae.to(device=device, dtype=dtype or self.weights["encoder.weight"].dtype)

@@ -88,3 +88,10 @@ def make_random_sae_file(d: int = 16, n: int = 64, k: int = 4,
     if path is not None:
         save_sae_file(sae_file, path)
     return sae_file
+
+
+def released_saeuron_score(latents_by_concept: dict, target: str, step: int) -> torch.Tensor:
+    """Reference: SAeUron's per-step score as its code computes it (other concepts' prompts concatenated)."""
+    mean_x = latents_by_concept[target][:, step].float().mean(0)
+    others = torch.cat([v[:, step].float() for k, v in latents_by_concept.items() if k != target]).mean(0)
+    return mean_x / (mean_x.sum() + 1e-8) - others / (others.sum() + 1e-8)

@@ -3,15 +3,9 @@
 import pytest
 import torch
 
+from helpers_core import released_saeuron_score
 from saemnesia_core.concepts import assigned_selection, build_tables, saeuron_scores, select_saeuron
 from saemnesia_core.timesteps import bucket_index, ddim_timesteps, timestep_to_t
-
-
-def released_score(latents_by_concept: dict, target: str, step: int) -> torch.Tensor:
-    """SAeUron's per-timestep score as its code computes it: other concepts' prompts concatenated (pooled)."""
-    mean_x = latents_by_concept[target][:, step].float().mean(0)
-    others = torch.cat([v[:, step].float() for k, v in latents_by_concept.items() if k != target]).mean(0)
-    return mean_x / (mean_x.sum() + 1e-8) - others / (others.sum() + 1e-8)
 
 
 def test_scores_match_the_released_formula_with_pooled_other_prompts():
@@ -22,7 +16,7 @@ def test_scores_match_the_released_formula_with_pooled_other_prompts():
     scores = saeuron_scores(sums, counts)
     for c, name in enumerate(per_concept):
         for t in range(3):
-            torch.testing.assert_close(scores[c, t], released_score(per_concept, name, t))
+            torch.testing.assert_close(scores[c, t], released_saeuron_score(per_concept, name, t))
 
 
 def test_scores_with_a_single_concept_rank_latents_by_its_mean():
