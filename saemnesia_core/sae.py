@@ -82,8 +82,8 @@ def standardize(x: Tensor) -> Standardized:
 
 
 def pre_activations(x: Tensor, W_enc: Tensor, b_enc: Tensor, b_dec: Tensor) -> Tensor:
-    """[..., d] -> [..., n]: ReLU((x − b_dec)·W_encᵀ + b_enc)."""
-    return F.relu(F.linear(x - b_dec, W_enc, b_enc))
+    """[..., d] -> [..., n]: ReLU((x − b_dec)·W_encᵀ + b_enc). ReLU in place: one n-wide tensor, not two."""
+    return F.linear(x - b_dec, W_enc, b_enc).relu_()
 
 
 def sparse_decode(acts: Tensor, indices: Tensor, W_dec: Tensor) -> Tensor:

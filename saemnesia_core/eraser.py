@@ -1,0 +1,215 @@
+"""The erasure edit of DESIGN §6.1, usable by any caller (ComfyUI patch, diffusers hook, evaluation).
+
+Per token and erased concept c with strength γ_c, for each selected latent i ∈ S_c(t):
+    z = TopK(pre(x));  z'_i = z_i·γ_c·μ_c(i, t) if z_i > θ(i, t) else z_i
+    exact:  out = x + Σ_i (z'_i − z_i)·W_dec[i]               (x itself, bit for bit, where nothing changes)
+    paper:  out = 2·x̂ − x + Σ_i (z'_i − z_i)·W_dec[i]         (what the released SAeUron/SAEmnesia hooks return)
+Only the encoder's dense pre-activations are n wide; x̂ and the change are gathers of a few decoder rows.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+from .concepts import Concept, ConceptTables
+from .sae import TopKSAE, block_to_tokens, pre_activations, sparse_decode, standardize
+from .timesteps import bucket_index
+
+MODES = ("exact", "paper")
+
+
+class UnknownConceptError(KeyError, ValueError):
+    """Concept labels the file does not have; the message lists the ones it has."""
+
+    def __init__(self, unknown: Sequence[str], known: Sequence[str]):
+        self.unknown, self.known = list(unknown), list(known)
+        super().__init__(self.__str__())
+
+    def __str__(self) -> str:
+        known = ", ".join(map(repr, self.known)) or "none"
+        return f"unknown concept(s) {', '.join(map(repr, self.unknown))}; this SAE knows: {known}"
+
+
+def _concept_indices(concepts: Sequence[Concept], labels) -> list[int]:
+    index = {c.label: i for i, c in enumerate(concepts)}
+    unknown = [label for label in labels if label not in index]
+    if unknown:
+        raise UnknownConceptError(unknown, list(index))
+    return [index[label] for label in labels]
+
+
+class _EditTables(NamedTuple):
+    """The chosen concepts' statistics merged per bucket; S = union width."""
+
+    latents: Tensor
+    """[T, S] int64 latent ids, −1 = padding."""
+    scale: Tensor
+    """[T, S] float32 γ_c·μ_c(i, t)."""
+    thresholds: Tensor
+    """[T, S] float32 θ(i, t)."""
+    slots: Tensor
+    """[T, S] int64 position of each latent in `rows`."""
+    rows: Tensor
+    """[U] int64 every latent id the edit may touch: the decoder rows to gather."""
+
+    def to(self, device) -> _EditTables:
+        return _EditTables(*(t.to(device) for t in self))
+
+
+class _Code(NamedTuple):
+    acts: Tensor
+    """[b, N, k] top-k activations, in x's dtype."""
+    indices: Tensor
+    """[b, N, k]"""
+    std: Tensor | None
+    """[b, N, 1] the tokens' std under input_unit_norm, else None."""
+
+
+class ConceptEraser:
+    """Erase the chosen concepts from a block's activations; see the module docstring for the formula.
+
+    `strengths` maps concept labels to γ (None = the concept's default strength); several concepts edit the
+    union of their latents, each with its own γ and statistics. If two chosen concepts select the same latent in
+    one bucket, the one later in the file's concept order applies, as in the released hooks (later overwrites).
+    """
+
+    def __init__(self, sae: TopKSAE, concepts: list[Concept], tables: ConceptTables,
+                 strengths: dict[str, float | None], mode: str = "exact"):
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        if tables.latents.shape[0] != len(concepts):
+            raise ValueError(f"{len(concepts)} concepts but tables for {tables.latents.shape[0]}")
+        self.sae, self.concepts, self.tables, self.mode = sae, list(concepts), tables, mode
+        chosen = sorted(_concept_indices(concepts, list(strengths)))
+        self.strengths = {concepts[i].label: _strength(concepts[i], strengths[concepts[i].label]) for i in chosen}
+        self._tables = {torch.device("cpu"): self._merge(chosen)}
+
+    @classmethod
+    def from_file(cls, sae_file, strengths: dict[str, float | None], mode: str = "exact",
+                  sae: TopKSAE | None = None) -> ConceptEraser:
+        """From a loaded SAEFile; builds the TopKSAE unless the caller already placed one."""
+        tables = sae_file.tables if sae_file.tables is not None else ConceptTables.empty(sae_file.num_buckets)
+        return cls(sae if sae is not None else sae_file.build_sae(), sae_file.concepts, tables, strengths, mode)
+
+    def _merge(self, chosen: list[int]) -> _EditTables:
+        T = self.tables.num_buckets
+        if not chosen:
+            return _EditTables(torch.full((T, 1), -1), torch.zeros(T, 1), torch.zeros(T, 1),
+                               torch.zeros(T, 1, dtype=torch.int64), torch.zeros(1, dtype=torch.int64))
+        gamma = torch.tensor(list(self.strengths.values()), dtype=torch.float32)[:, None, None]
+
+        def per_bucket(t: Tensor) -> Tensor:  # chosen concepts' [C', T, L] -> [T, C'·L]
+            return t.cpu().transpose(0, 1).reshape(T, -1)
+
+        latents = per_bucket(self.tables.latents[chosen])
+        scale = per_bucket(gamma * self.tables.mean_acts[chosen].float().cpu())
+        thresholds = per_bucket(self.tables.thresholds[chosen].float())
+        # A latent listed again by a later concept is dropped from the earlier one (later overwrites).
+        S = latents.shape[1]
+        later = torch.ones(S, S, dtype=torch.bool).triu(1)
+        repeated = ((latents[:, :, None] == latents[:, None, :]) & later).any(-1)
+        latents = torch.where(repeated, -1, latents)
+        # Move padding to the end and drop columns that are padding in every bucket.
+        order = (latents < 0).to(torch.uint8).argsort(dim=1, stable=True)
+        width = max(1, int((latents >= 0).sum(1).max()))
+        latents, scale, thresholds = (t.gather(1, order)[:, :width] for t in (latents, scale, thresholds))
+        rows, slots = torch.unique(latents.clamp(min=0), return_inverse=True)
+        return _EditTables(latents, scale, thresholds, slots, rows)
+
+    def _tables_on(self, device: torch.device) -> _EditTables:
+        if device not in self._tables:
+            self._tables[device] = self._tables[torch.device("cpu")].to(device)
+        return self._tables[device]
+
+    @torch.no_grad()
+    def __call__(self, x: Tensor, t: Tensor | float, edit_mask: Tensor | None = None) -> Tensor:
+        """x [B, C, H, W] block output or [B, N, d] tokens; t ∈ [0, 1] (float or [B]); edit_mask bool [B]
+        (None = every item). Returns the edited activations, same shape and dtype; unedited items are x's."""
+        tokens = _tokens(x, self.sae.cfg.d_in)
+        items = _items(edit_mask, tokens.shape[0], x.device)
+        if (self.mode == "exact" and not self.strengths) or not bool(items.any()):
+            return x
+        tab = self._tables_on(x.device)
+        buckets = bucket_index(t, self.tables.num_buckets).to(x.device).expand(tokens.shape[0])[items]
+        x_in = tokens[items]                                                  # [b, N, d]
+        code = _encode(self.sae, x_in)
+        lat = tab.latents[buckets]                                            # [b, S]
+        z = _selected_acts(code, lat)                                         # [b, N, S] fp32
+        fires = (z > tab.thresholds[buckets][:, None]) & (lat >= 0)[:, None]
+        dz = torch.where(fires, z * tab.scale[buckets][:, None] - z, 0.0)   # z'_i − z_i
+        rows = self.sae.W_dec[self._tables_on(self.sae.W_dec.device).rows].to(x.device, torch.float32)
+        delta = sparse_decode(dz, tab.slots[buckets][:, None].expand_as(dz), rows)   # [b, N, d] fp32
+        if self.mode == "exact":
+            if code.std is not None:
+                delta = delta * code.std.float()
+            changed = (dz != 0).any(-1, keepdim=True)
+            edited = torch.where(changed, (x_in.float() + delta).to(x.dtype), x_in)
+        else:
+            # The released hooks add the "error" x̂ − x where x − x̂ preserves x; they never undo
+            # input_unit_norm, so x̂ and the change stay in the standardised space there.
+            W_dec, b_dec = (p.to(x.device, x.dtype) for p in (self.sae.W_dec, self.sae.b_dec))
+            x_hat = sparse_decode(code.acts, code.indices, W_dec) + b_dec
+            edited = (2 * x_hat.float() - x_in.float() + delta).to(x.dtype)
+        out = x.clone()
+        _tokens(out, self.sae.cfg.d_in)[items] = edited
+        return out
+
+
+def concept_activation_maps(sae: TopKSAE, concepts: list[Concept], tables: ConceptTables, x: Tensor,
+                            t: Tensor | float, labels: Sequence[str]) -> Tensor:
+    """Where each concept fires: Σ over its selected latents (bucket of t) of z_i per token; nothing is edited.
+
+    x [B, C, H, W] -> [B, len(labels), H, W]; x [B, N, d] -> [B, len(labels), N]; float32.
+    """
+    chosen = _concept_indices(concepts, labels)
+    with torch.no_grad():
+        tokens = _tokens(x, sae.cfg.d_in)
+        B, N, _ = tokens.shape
+        buckets = bucket_index(t, tables.num_buckets).expand(B).cpu()
+        lat = tables.latents[chosen].cpu()[:, buckets]                      # [C', B, L]
+        lat = lat.transpose(0, 1).reshape(B, -1).to(x.device)               # [B, C'·L]
+        z = _selected_acts(_encode(sae, tokens), lat)                       # [B, N, C'·L]
+        maps = z.reshape(B, N, len(chosen), -1).sum(-1).transpose(1, 2)     # [B, C', N]
+    return maps.reshape(B, len(chosen), *x.shape[2:]) if x.dim() == 4 else maps
+
+
+def _strength(concept: Concept, gamma: float | None) -> float:
+    return float(concept.default_strength if gamma is None else gamma)
+
+
+def _tokens(x: Tensor, d: int) -> Tensor:
+    """[B, C, H, W] -> [B, H*W, C] view; [B, N, d] as is."""
+    if x.dim() == 4:
+        x = block_to_tokens(x)
+    if x.dim() != 3 or x.shape[-1] != d:
+        raise ValueError(f"expected [B, {d}, H, W] or [B, N, {d}] activations, got shape {list(x.shape)}")
+    return x
+
+
+def _items(edit_mask: Tensor | None, batch: int, device) -> Tensor:
+    if edit_mask is None:
+        return torch.ones(batch, dtype=torch.bool, device=device)
+    mask = torch.as_tensor(edit_mask, device=device).bool()
+    if mask.shape != (batch,):
+        raise ValueError(f"edit_mask must be bool [{batch}], got shape {list(mask.shape)}")
+    return mask
+
+
+def _encode(sae: TopKSAE, tokens: Tensor) -> _Code:
+    """TopK code of [b, N, d] tokens with the weights cast to the tokens' dtype and device."""
+    W_enc, b_enc, b_dec = (p.to(tokens.device, tokens.dtype) for p in (sae.encoder.weight, sae.encoder.bias, sae.b_dec))
+    sae_in, std = tokens, None
+    if sae.cfg.input_unit_norm:
+        sae_in, _, std = standardize(tokens)
+    acts, indices = pre_activations(sae_in, W_enc, b_enc, b_dec).topk(sae.cfg.k, dim=-1, sorted=False)
+    return _Code(acts, indices, std)
+
+
+def _selected_acts(code: _Code, latents: Tensor) -> Tensor:
+    """z_i of the latents [b, S] (per batch item) at every token -> [b, N, S] fp32 (0 where i is not in the top k)."""
+    match = code.indices[..., :, None] == latents[:, None, None, :]         # [b, N, k, S]
+    return (code.acts.float()[..., None] * match).sum(-2)
