@@ -35,3 +35,41 @@ def tiny_sd_pipeline(seed: int = 0, cross_attention_dim: int = 32):
                                    requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
     return pipe.to("cpu")
+
+
+def planted_dataset(root, *, num_samples=64, tokens=(2, 4), d=32, num_atoms=32, active=3, num_objects=3,
+                    num_styles=2, concept_scale=0.0, steps=(0, 1), seed=0, shard_mb=0.05):
+    """A labelled activation dataset with planted structure, written as shards.
+
+    Every token is a sparse sum of ``active`` of ``num_atoms`` random unit atoms (magnitudes 1-3) plus small
+    noise. Each sample has an object label (and a style label, none for every third sample); with
+    ``concept_scale`` > 0 the sample's object and style directions are added to all its tokens at that scale.
+    Returns (path, atoms [num_atoms, d], object_dirs [O, d], style_dirs [S, d]).
+    """
+    from saemnesia_core.training.shards import ShardWriter
+
+    gen = torch.Generator().manual_seed(seed)
+    unit = lambda m: m / m.norm(dim=1, keepdim=True)  # noqa: E731
+    atoms = unit(torch.randn(num_atoms, d, generator=gen))
+    object_dirs = unit(torch.randn(num_objects, d, generator=gen))
+    style_dirs = unit(torch.randn(num_styles, d, generator=gen))
+    h, w = tokens
+    vocab = {"object": [f"obj{i}" for i in range(num_objects)], "style": [f"sty{i}" for i in range(num_styles)]}
+    with ShardWriter(root, d=d, height=h, width=w, label_vocab=vocab, hookpoint="unet.synthetic", model_id="planted",
+                     source={"seed": seed}, shard_mb=shard_mb) as writer:
+        for sample in range(num_samples):
+            obj = sample % num_objects
+            style = -1 if sample % 3 == 0 else (sample // num_objects) % num_styles
+            records = []
+            for _ in steps:
+                idx = torch.rand(h * w, num_atoms, generator=gen).argsort(dim=1)[:, :active]
+                mags = 1 + 2 * torch.rand(h * w, active, generator=gen)
+                x = (mags[..., None] * atoms[idx]).sum(1) + 0.05 * torch.randn(h * w, d, generator=gen)
+                x = x + concept_scale * object_dirs[obj]
+                if style >= 0:
+                    x = x + concept_scale * style_dirs[style]
+                records.append(x)
+            t = [1 - s / max(1, len(steps) - 1) for s in range(len(steps))]
+            writer.write_sample(sample, torch.stack(records), t=t, timestep=[v * 999 for v in t], step=list(steps),
+                                branch=[0] * len(steps), labels=[obj, style])
+    return root, atoms, object_dirs, style_dirs
