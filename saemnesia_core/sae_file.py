@@ -215,7 +215,7 @@ def _check_index_entry(path, name: str, entry, data_size: int) -> None:
     if not isinstance(entry, dict) or set(entry) != {"dtype", "shape", "data_offsets"}:
         raise SAEFileError(f"{path}: tensor {name!r}: entry needs exactly dtype, shape, data_offsets")
     dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
-    if dtype not in _DTYPES:
+    if not isinstance(dtype, str) or dtype not in _DTYPES:
         raise SAEFileError(f"{path}: tensor {name!r}: unsupported dtype {dtype!r}")
     if not isinstance(shape, list) or not all(_is_int(s) and s >= 0 for s in shape):
         raise SAEFileError(f"{path}: tensor {name!r}: shape must be a list of non-negative ints, got {shape!r}")

@@ -1,42 +1,24 @@
 """Import paths (sae-libraries notes §3): sparsify/SAeUron folders, SAEmnesia root checkpoints, state_dict.pth,
 concept-statistics pickles and class_params.pth — each from synthetic files in that layout — and hostile pickles."""
 
-import json
 import pickle
 
 import pytest
 import torch
-from safetensors.torch import save_file
 
-from helpers_core import make_random_sae_file, random_sae, released_saeuron_score
+from helpers_core import (
+    make_random_sae_file,
+    random_sae,
+    released_saeuron_score,
+    synthetic_statistics,
+    write_openai_folder,
+    write_pickle,
+    write_sparsify_folder,
+)
 from saemnesia_core.importers import import_concept_statistics, load_any, load_pickle
 from saemnesia_core.sae_file import SAEFileError, load_sae_file, save_sae_file
 
 HOOK = "unet.up_blocks.1.attentions.1"
-
-
-def write_sparsify_folder(folder, sae, dtype=torch.float32, **cfg_overrides):
-    """cfg.json + sae.safetensors as sparsify's / SAeUron's save_to_disk writes them."""
-    folder.mkdir(parents=True)
-    cfg = {"expansion_factor": sae.cfg.num_latents // sae.cfg.d_in, "normalize_decoder": True,
-           "num_latents": sae.cfg.num_latents, "k": sae.cfg.k, "batch_topk": True, "sample_topk": False,
-           "input_unit_norm": sae.cfg.input_unit_norm, "multi_topk": False, "d_in": sae.cfg.d_in, **cfg_overrides}
-    (folder / "cfg.json").write_text(json.dumps(cfg))
-    save_file({k: v.detach().to(dtype).contiguous() for k, v in sae.state_dict().items()}, str(folder / "sae.safetensors"))
-    return folder
-
-
-def write_openai_folder(folder, sae, nested=False):
-    """config.json + state_dict.pth with OpenAI / sdxl-unbox key names, as SAEmnesia's loader reads them."""
-    folder.mkdir(parents=True)
-    (folder / "config.json").write_text(json.dumps(
-        {"n_dirs_local": sae.cfg.num_latents, "d_model": sae.cfg.d_in, "k": sae.cfg.k, "auxk": 8,
-         "dead_steps_threshold": 100}))
-    sd = {"pre_bias": sae.b_dec.detach(), "latent_bias": sae.encoder.bias.detach(),
-          "encoder.weight": sae.encoder.weight.detach(), "decoder.weight": sae.W_dec.detach().T.contiguous(),
-          "stats_last_nonzero": torch.zeros(sae.cfg.num_latents, dtype=torch.int64)}
-    torch.save({"state_dict": sd} if nested else sd, folder / "state_dict.pth")
-    return folder
 
 
 def assert_weights_of(sae_file, sae):
@@ -139,23 +121,6 @@ def test_folder_without_weights_is_refused(tmp_path, sae):
 
 
 # ---------------------------------------------------------------------------------------------- concept statistics
-
-
-def synthetic_statistics(n=64, steps=100, prompts=(3, 2, 4), seed=0):
-    """{concept: fp16 tensor[n_prompts, steps, n]} of sparse non-negative 'spatially averaged' latents."""
-    g = torch.Generator().manual_seed(seed)
-    out = {}
-    for c, (name, p) in enumerate(zip(("Cats", "Dogs", "Birds"), prompts)):
-        acts = torch.rand(p, steps, n, generator=g) * (torch.rand(p, steps, n, generator=g) < 0.2)
-        acts[:, :, 5 + c] += 2.0 + torch.arange(steps) / steps  # a concept latent, stronger at later steps
-        out[name] = acts.half()
-    return out
-
-
-def write_pickle(path, obj):
-    with open(path, "wb") as f:
-        pickle.dump(obj, f)  # as SAeUron's gather script writes cls_latents_dict_*.pkl
-    return path
 
 
 def test_concept_statistics_reproduce_the_released_per_step_selection_and_statistics(tmp_path):

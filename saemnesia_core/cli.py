@@ -1,0 +1,134 @@
+"""The `saemnesia` console script.
+
+Subcommands are added by registrars in COMMAND_REGISTRARS: each takes the argparse subparsers object, adds its
+parser and sets `func` (called with the parsed args; returns an exit code or None). SAEFileError and
+UnknownConceptError become a one-line error and exit code 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+from . import __version__
+from .eraser import UnknownConceptError
+from .importers import DEFAULT_PERCENTILE, import_concept_statistics, load_any
+from .sae_file import FORMAT_VERSION, SAEFile, SAEFileError, is_sae_file, save_sae_file
+
+
+def register_inspect(subparsers) -> None:
+    p = subparsers.add_parser("inspect", help="show an SAE file or checkpoint folder: dims, hookpoint, concepts",
+                              description="Show what an SAE file (or an importable checkpoint folder) holds.")
+    p.add_argument("path", metavar="FILE|FOLDER")
+    p.add_argument("--hookpoint", help="which hookpoint folder to read, when a folder holds several")
+    p.add_argument("--json", action="store_true", help="print JSON instead of text")
+    p.set_defaults(func=_inspect)
+
+
+def register_convert(subparsers) -> None:
+    p = subparsers.add_parser(
+        "convert", help="convert a sparsify/SAeUron/SAEmnesia checkpoint (+ concept statistics) to an SAE file",
+        description="Write SRC (an SAE file or a checkpoint folder) as one SAEmnesia .safetensors file, optionally "
+                    "with concepts from SAeUron/SAEmnesia statistics (selected by score per timestep bucket).")
+    p.add_argument("src", metavar="SRC")
+    p.add_argument("out", metavar="OUT.safetensors")
+    p.add_argument("--concept-stats", metavar="PKL", help="pickle {concept: tensor[n_prompts, steps, n_latents]}")
+    p.add_argument("--class-params", metavar="PTH", help="class_params.pth {concept: {percentile, multiplier}}")
+    p.add_argument("--percentile", type=float, default=DEFAULT_PERCENTILE,
+                   help=f"selection percentile for concepts without class params (default {DEFAULT_PERCENTILE})")
+    p.add_argument("--group", default="object", help="concept group of the imported concepts (default object)")
+    p.add_argument("--hookpoint", help="diffusers-style hookpoint, e.g. unet.up_blocks.1.attentions.1")
+    p.add_argument("--family", help="base model family, e.g. sd15, sdxl, toy")
+    p.set_defaults(func=_convert)
+
+
+COMMAND_REGISTRARS: list[Callable[[argparse._SubParsersAction], None]] = [register_inspect, register_convert]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="saemnesia", description="SAEmnesia: concept erasure with sparse autoencoders.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for register in COMMAND_REGISTRARS:
+        register(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args) or 0
+    except (SAEFileError, UnknownConceptError) as e:
+        print(f"saemnesia {args.command}: error: {e}", file=sys.stderr)
+        return 1
+
+
+# ---------------------------------------------------------------------------------------------- commands
+
+
+def _inspect(args) -> None:
+    path = Path(args.path)
+    ours = path.is_file() and path.suffix == ".safetensors" and is_sae_file(path)
+    sae_file = load_any(path, hookpoint=args.hookpoint)
+    if ours:
+        kind = f"saemnesia SAE file v{FORMAT_VERSION}"
+    else:
+        kind = f"{sae_file.provenance['imported_from']['format']} checkpoint (convert it to use it)"
+    info = {"format": kind, **describe(sae_file)}
+    print(json.dumps(info, indent=2) if args.json else _format(info))
+
+
+def _convert(args) -> None:
+    if args.class_params and not args.concept_stats:
+        raise SAEFileError("--class-params needs --concept-stats")
+    sae_file = load_any(args.src, hookpoint=args.hookpoint, model_family=args.family)
+    if args.concept_stats:
+        sae_file = import_concept_statistics(sae_file, args.concept_stats, args.class_params,
+                                             percentile=args.percentile, group=args.group)
+    save_sae_file(sae_file, args.out)
+    print(f"wrote {args.out}: {len(sae_file.concepts)} concepts, hookpoint {sae_file.hookpoint}")
+
+
+def describe(f: SAEFile) -> dict:
+    """What `inspect` shows, as plain JSON data."""
+    concepts = []
+    for c, concept in enumerate(f.concepts):
+        selected = sorted(set(f.tables.latents[c].flatten().tolist()) - {-1})
+        concepts.append({"label": concept.label, "group": concept.group, "latent": concept.latent,
+                         "default_strength": concept.default_strength, "selected_latents": selected})
+    return {
+        "d_in": f.config.d_in, "num_latents": f.config.num_latents, "k": f.config.k,
+        "input_unit_norm": f.config.input_unit_norm, "dtype": str(f.weights["encoder.weight"].dtype).removeprefix("torch."),
+        "hookpoint": f.hookpoint, "model_family": f.model_family, "num_buckets": f.num_buckets,
+        "supervised": f.supervised, "selection_mode": f.selection_mode, "concepts": concepts,
+        "provenance": f.provenance,
+    }
+
+
+def _format(info: dict) -> str:
+    lines = [
+        f"format        {info['format']}",
+        f"hookpoint     {info['hookpoint']}",
+        f"model family  {info['model_family']}",
+        f"d / n / k     {info['d_in']} / {info['num_latents']} / {info['k']}"
+        + ("  (input_unit_norm)" if info["input_unit_norm"] else ""),
+        f"dtype         {info['dtype']}",
+        f"buckets       {info['num_buckets']}",
+        f"selection     {info['selection_mode']}" + ("  (supervised SAE)" if info["supervised"] else ""),
+        f"concepts      {len(info['concepts'])}",
+    ]
+    width = max((len(c["label"]) for c in info["concepts"]), default=0)
+    for c in info["concepts"]:
+        if c["latent"] is not None:
+            where = f"latent {c['latent']}"
+        else:
+            where = f"latents {', '.join(map(str, c['selected_latents']))} (by score, across buckets)"
+        lines.append(f"  {c['label']:<{width}}  {c['group']:<8} {where}  strength {c['default_strength']:g}")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,81 @@
+"""The `saemnesia` console script: inspect and convert, on files the tests produce."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from helpers_core import make_random_sae_file, random_sae, synthetic_statistics, write_pickle, write_sparsify_folder
+from saemnesia_core import cli
+from saemnesia_core.sae_file import load_sae_file
+
+HOOK = "unet.up_blocks.1.attentions.1"
+SCRIPT = Path(sys.executable).parent / "saemnesia"
+
+
+def test_installed_console_script_inspects_a_file(tmp_path):
+    make_random_sae_file(path=tmp_path / "f.safetensors")
+    done = subprocess.run([str(SCRIPT), "inspect", str(tmp_path / "f.safetensors")], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "saemnesia SAE file v1" in done.stdout and HOOK in done.stdout and "16 / 64 / 4" in done.stdout
+    for concept in make_random_sae_file().concepts:
+        assert f"latent {concept.latent}" in done.stdout and concept.label in done.stdout
+
+
+def test_inspect_json_lists_dimensions_and_concepts_with_latents(tmp_path, capsys):
+    original = make_random_sae_file(supervised=False, path=tmp_path / "f.safetensors")
+    assert cli.main(["inspect", str(tmp_path / "f.safetensors"), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert (info["d_in"], info["num_latents"], info["k"], info["hookpoint"], info["model_family"]) == \
+        (16, 64, 4, HOOK, "toy")
+    assert [c["label"] for c in info["concepts"]] == [c.label for c in original.concepts]
+    selected = original.tables.latents[0]
+    assert info["concepts"][0]["selected_latents"] == sorted(set(selected[selected >= 0].tolist()))
+
+
+def test_inspect_reads_a_checkpoint_folder(tmp_path, capsys):
+    write_sparsify_folder(tmp_path / HOOK, random_sae())
+    assert cli.main(["inspect", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "sparsify checkpoint" in out and HOOK in out
+
+
+def test_convert_writes_a_file_with_imported_concepts_and_overrides(tmp_path, capsys):
+    folder = write_sparsify_folder(tmp_path / "ckpt", random_sae())
+    write_pickle(tmp_path / "cls.pkl", synthetic_statistics(steps=10))
+    torch.save({"Cats": {"percentile": 90.0, "multiplier": -5.0}}, tmp_path / "class_params.pth")
+    out = tmp_path / "out.safetensors"
+    assert cli.main(["convert", str(folder), str(out), "--concept-stats", str(tmp_path / "cls.pkl"),
+                     "--class-params", str(tmp_path / "class_params.pth"), "--hookpoint", HOOK, "--family", "sd15",
+                     "--group", "object"]) == 0
+    converted = load_sae_file(out)
+    assert (converted.hookpoint, converted.model_family, converted.num_buckets) == (HOOK, "sd15", 10)
+    assert [(c.label, c.default_strength) for c in converted.concepts] == \
+        [("Cats", -5.0), ("Dogs", -1.0), ("Birds", -1.0)]
+
+
+def test_errors_are_one_line_with_exit_code_one(tmp_path, capsys):
+    assert cli.main(["inspect", str(tmp_path / "missing.safetensors")]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("saemnesia inspect: error:") and "no such file" in err and "Traceback" not in err
+
+
+def test_class_params_need_concept_statistics(tmp_path, capsys):
+    make_random_sae_file(path=tmp_path / "f.safetensors")
+    assert cli.main(["convert", str(tmp_path / "f.safetensors"), str(tmp_path / "o.safetensors"),
+                     "--class-params", "x.pth"]) == 1
+    assert "--class-params needs --concept-stats" in capsys.readouterr().err
+
+
+def test_registrars_add_subcommands(monkeypatch, capsys):
+    def register_hello(subparsers):
+        subparsers.add_parser("hello").set_defaults(func=lambda args: print("hi"))
+
+    monkeypatch.setattr(cli, "COMMAND_REGISTRARS", [*cli.COMMAND_REGISTRARS, register_hello])
+    assert cli.main(["hello"]) == 0 and capsys.readouterr().out == "hi\n"
+    with pytest.raises(SystemExit):
+        cli.main([])
