@@ -9,6 +9,7 @@ Only the encoder's dense pre-activations are n wide; x̂ and the change are gath
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import NamedTuple
 
@@ -128,7 +129,8 @@ class ConceptEraser:
     @torch.no_grad()
     def __call__(self, x: Tensor, t: Tensor | float, edit_mask: Tensor | None = None) -> Tensor:
         """x [B, C, H, W] block output or [B, N, d] tokens; t ∈ [0, 1] (float or [B]); edit_mask bool [B]
-        (None = every item). Returns the edited activations, same shape and dtype; unedited items are x's."""
+        (None = every item). Returns the edited activations, same shape and dtype; unedited items are x's values.
+        In exact mode with no concept chosen, returns x itself."""
         tokens = _tokens(x, self.sae.cfg.d_in)
         items = _items(edit_mask, tokens.shape[0], x.device)
         if (self.mode == "exact" and not self.strengths) or not bool(items.any()):
@@ -149,8 +151,8 @@ class ConceptEraser:
             changed = (dz != 0).any(-1, keepdim=True)
             edited = torch.where(changed, (x_in.float() + delta).to(x.dtype), x_in)
         else:
-            # The released hooks add the "error" x̂ − x where x − x̂ preserves x; they never undo
-            # input_unit_norm, so x̂ and the change stay in the standardised space there.
+            # The released hooks add error = x̂ − x to the edited reconstruction (x − x̂ would give back x), hence
+            # 2·x̂ − x. They never undo input_unit_norm either, so x̂ and the change stay in the standardised space.
             W_dec, b_dec = (p.to(x.device, x.dtype) for p in (self.sae.W_dec, self.sae.b_dec))
             x_hat = sparse_decode(code.acts, code.indices, W_dec) + b_dec
             edited = (2 * x_hat.float() - x_in.float() + delta).to(x.dtype)
@@ -178,7 +180,10 @@ def concept_activation_maps(sae: TopKSAE, concepts: list[Concept], tables: Conce
 
 
 def _strength(concept: Concept, gamma: float | None) -> float:
-    return float(concept.default_strength if gamma is None else gamma)
+    gamma = float(concept.default_strength if gamma is None else gamma)
+    if not math.isfinite(gamma):
+        raise ValueError(f"strength of {concept.label!r} must be finite, got {gamma}")
+    return gamma
 
 
 def _tokens(x: Tensor, d: int) -> Tensor:

@@ -39,6 +39,7 @@ WEIGHT_FILES = ("sae.safetensors", "state_dict.pth")
 DEFAULT_PERCENTILE = 99.999
 """SAeUron's percentile for styles: about one latent of 20480 per timestep."""
 
+EXAMPLE_HOOKPOINT = "unet.up_blocks.1.attentions.1"
 _HOOKPOINT = re.compile(r"^(unet\.|transformer\.)?(down_blocks|mid_block|up_blocks|transformer_blocks)\b")
 
 
@@ -60,7 +61,7 @@ def load_any(path, hookpoint: str | None = None, model_family: str | None = None
                            f"SAEmnesia metadata, or a folder with {' or '.join(CONFIG_FILES)})")
     else:
         raise SAEFileError(f"{path}: no such file or folder")
-    overrides = {k: v for k, v in (("hookpoint", hookpoint and _normalize_hookpoint(hookpoint)),
+    overrides = {k: v for k, v in (("hookpoint", hookpoint and _diffusers_hookpoint(hookpoint)),
                                    ("model_family", model_family)) if v}
     return dataclasses.replace(sae_file, **overrides) if overrides else sae_file
 
@@ -93,6 +94,12 @@ def _normalize_hookpoint(name: str) -> str:
     return name
 
 
+def _diffusers_hookpoint(name: str) -> str:
+    if not _HOOKPOINT.match(name):
+        raise SAEFileError(f"hookpoint {name!r} is not a diffusers-style module path (e.g. {EXAMPLE_HOOKPOINT})")
+    return _normalize_hookpoint(name)
+
+
 def import_checkpoint_folder(folder, hookpoint: str | None = None) -> SAEFile:
     """A sparsify / SAeUron / SAEmnesia folder (cfg.json or config.json + sae.safetensors or state_dict.pth)."""
     folder = Path(folder)
@@ -116,12 +123,15 @@ def import_checkpoint_folder(folder, hookpoint: str | None = None) -> SAEFile:
         raise SAEFileError(f"{folder}: unsupported tensors {sorted(set(weights) - set(WEIGHT_NAMES))} "
                            "(skip connections and transcoders are not TopK SAEs we can apply)")
     name = hookpoint or cfg.get("hookpoint") or folder.resolve().name
-    if not isinstance(name, str) or not _HOOKPOINT.match(name):
+    if not hookpoint and not (isinstance(name, str) and _HOOKPOINT.match(name)):
         raise SAEFileError(f"{folder}: cannot tell the hookpoint from the folder name {folder.resolve().name!r}; "
-                           "give it (hookpoint=… / --hookpoint unet.up_blocks.1.attentions.1)")
-    sae_file = SAEFile(config, weights, [], None, _normalize_hookpoint(name), "unknown", 1, False,
+                           f"give it (hookpoint=… / --hookpoint {EXAMPLE_HOOKPOINT})")
+    sae_file = SAEFile(config, weights, [], None, _diffusers_hookpoint(name), "unknown", 1, False,
                        {"imported_from": {"format": source, "folder": folder.resolve().name, "cfg": cfg}})
-    validate_sae_file(sae_file)
+    try:
+        validate_sae_file(sae_file)
+    except SAEFileError as e:
+        raise SAEFileError(f"{folder}: {e}") from None
     return sae_file
 
 

@@ -14,6 +14,7 @@ import json
 import math
 import os
 import struct
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -152,8 +153,9 @@ def read_header(path) -> SAEHeader:
         raise SAEFileError(f"{path}: a safetensors file without SAEmnesia metadata; import it with "
                            "`saemnesia convert` (importers.load_any) instead")
     entries = {name: (_DTYPES[e["dtype"]], tuple(e["shape"])) for name, e in index.items()}
-    header = _parse_metadata(metadata[METADATA_KEY], entries["encoder.weight"][0] if "encoder.weight" in entries else None)
-    _check_structure(header, entries)
+    with _naming(path):
+        header = _parse_metadata(metadata[METADATA_KEY], entries.get("encoder.weight", (None,))[0])
+        _check_structure(header, entries)
     return header
 
 
@@ -172,8 +174,18 @@ def load_sae_file(path) -> SAEFile:
     tables = ConceptTables(*(tensors[n] for n in TABLE_NAMES)) if h.concepts else None
     sae_file = SAEFile(h.config, {n: tensors[n] for n in WEIGHT_NAMES}, h.concepts, tables, h.hookpoint,
                        h.model_family, h.num_buckets, h.supervised, h.provenance, h.selection_mode)
-    _check_values(sae_file)
+    with _naming(path):
+        _check_values(sae_file)
     return sae_file
+
+
+@contextmanager
+def _naming(path):
+    """Prefix the file's path to SAEFileErrors raised inside."""
+    try:
+        yield
+    except SAEFileError as e:
+        raise SAEFileError(f"{path}: {e}") from None
 
 
 def _read_safetensors_index(path) -> dict:

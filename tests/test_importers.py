@@ -79,6 +79,12 @@ def test_saemnesia_root_checkpoint_with_aliases_needs_the_hookpoint_named(tmp_pa
     assert (imported.hookpoint, imported.model_family) == (HOOK, "sd15")
 
 
+def test_a_hookpoint_not_in_diffusers_style_is_refused(tmp_path, sae):
+    folder = write_sparsify_folder(tmp_path / "checkpoint", sae)
+    with pytest.raises(SAEFileError, match="not a diffusers-style module path"):
+        load_any(folder, hookpoint="diffusion_model.output_blocks.4.1")
+
+
 @pytest.mark.parametrize("nested", [False, True])
 def test_state_dict_pth_with_openai_key_names_is_remapped(tmp_path, sae, nested):
     imported = load_any(write_openai_folder(tmp_path / HOOK, sae, nested=nested))
