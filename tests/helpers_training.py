@@ -42,7 +42,7 @@ def planted_dataset(root, *, num_samples=64, tokens=(2, 4), d=32, num_atoms=32, 
     """A labelled activation dataset with planted structure, written as shards.
 
     Every token is a sparse sum of ``active`` of ``num_atoms`` random unit atoms (magnitudes 1-3) plus small
-    noise. Each sample has an object label (and a style label, none for every third sample); with
+    noise. Each sample has an object label (and a style label, none for every fourth sample); with
     ``concept_scale`` > 0 the sample's object and style directions are added to all its tokens at that scale.
     Returns (path, atoms [num_atoms, d], object_dirs [O, d], style_dirs [S, d]).
     """
@@ -59,7 +59,7 @@ def planted_dataset(root, *, num_samples=64, tokens=(2, 4), d=32, num_atoms=32, 
                      source={"seed": seed}, shard_mb=shard_mb) as writer:
         for sample in range(num_samples):
             obj = sample % num_objects
-            style = -1 if sample % 3 == 0 else (sample // num_objects) % num_styles
+            style = -1 if sample % 4 == 3 else (sample // num_objects) % num_styles
             records = []
             for _ in steps:
                 idx = torch.rand(h * w, num_atoms, generator=gen).argsort(dim=1)[:, :active]

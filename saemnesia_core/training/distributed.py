@@ -63,6 +63,14 @@ class DistContext:
 
         return torch.cat(all_gather(tensor.contiguous()))
 
+    def gather_objects(self, obj) -> list:
+        """Every rank's ``obj`` (picklable, small), in rank order."""
+        if not self.active:
+            return [obj]
+        out = [None] * self.world_size
+        dist.all_gather_object(out, obj)
+        return out
+
     def barrier(self) -> None:
         if self.active:
             dist.barrier()

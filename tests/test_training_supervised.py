@@ -1,0 +1,142 @@
+# SPDX-License-Identifier: GPL-3.0-or-later
+"""Supervised (SAEmnesia) fine-tuning, the greedy assignment, its losses, and concept statistics."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from helpers_training import planted_dataset
+from saemnesia_core.concepts import Concept
+from saemnesia_core.sae import SAEConfig, TopKSAE
+from saemnesia_core.sae_file import load_sae_file, read_header
+from saemnesia_core.training.distributed import DistContext
+from saemnesia_core.training.shards import ActivationDataset
+from saemnesia_core.training.statistics import auroc, compute_statistics, concept_activations
+from saemnesia_core.training.supervised import (
+    SupervisedConfig, SupervisedLoss, assign_latents, cross_group_decorrelation, finetune_supervised,
+)
+from saemnesia_core.training.trainer import TrainConfig, train_unsupervised
+
+FINETUNE = dict(lr=2e-2, batch_records=16, max_epochs=15, patience=5, num_buckets=2)
+
+
+@pytest.fixture(scope="module")
+def planted_concepts(tmp_path_factory):
+    """Concept directions (scale 1) under stronger background features, and an unsupervised SAE on them."""
+    root = tmp_path_factory.mktemp("concepts")
+    planted_dataset(root, num_samples=96, concept_scale=1.0)
+    cfg = TrainConfig(expansion_factor=2, k=3, batch_size=64, lr=2e-2, dead_tokens_threshold=2000, epochs=6)
+    train_unsupervised(root, cfg, out=root / "unsupervised.safetensors", progress=False)
+    return root
+
+
+def test_assignment_is_greedy_exclusive_and_objects_go_first():
+    scores = torch.tensor([[0.9, 0.8, 0.3, 0.0],     # style A: best on latent 0
+                           [0.5, 0.1, 0.05, 0.0],    # object X: also best on 0
+                           [0.1, 0.7, 0.6, 0.0]])    # object Y: best on 1
+    groups = ["style", "object", "object"]
+    assert assign_latents(scores, groups) == [2, 0, 1]                       # objects first: X takes 0
+    assert assign_latents(scores, groups, priority_groups=()) == [0, 2, 1]  # best pair first: A takes 0
+    with pytest.raises(ValueError):
+        assign_latents(torch.zeros(5, 4), ["object"] * 5)
+
+
+def test_decorrelation_counts_only_pairs_across_groups():
+    a = torch.randn(64)
+    v = torch.stack([a, 2 * a + 1, torch.randn(64)], 1)  # columns 0, 1 perfectly correlated
+    assert cross_group_decorrelation(v, ["object", "object", "style"]) < 0.2  # the 0-1 pair is within a group
+    assert cross_group_decorrelation(v, ["object", "style", "style"]) > 0.45   # (1.0 + small + small) / 2
+
+
+def test_concept_logits_are_the_spatial_mean_of_pre_relu_encoder_outputs():
+    torch.manual_seed(0)
+    sae = TopKSAE(SAEConfig(8, 32, 2))
+    sae.b_dec.data.normal_()
+    concepts = [Concept("a", "object", 3), Concept("b", "object", 7), Concept("s", "style", 11)]
+    batch = next(iter(_tiny_records()))
+    for post_relu in (False, True):
+        cfg = SupervisedConfig(beta=1.0, eta=0.0, l1=0.0, ca_post_relu=post_relu)
+        loss = SupervisedLoss(sae, cfg, concepts, ["object", "style"], {"object": ["a", "b"], "style": ["s"]},
+                              DistContext())
+        got = loss(batch, len(batch))["ca"]
+        with torch.no_grad():
+            pre_relu = (batch.acts.float() - sae.b_dec) @ sae.encoder.weight.T + sae.encoder.bias  # [R, HW, n]
+            act = F.relu(pre_relu) if post_relu else pre_relu
+            logits = act.mean(1)[:, [3, 7, 11]]
+        targets = torch.tensor([[1.0, 0, 0], [0, 1, 1], [1, 0, 1]])  # labels of _tiny_records
+        assert float(got.detach()) == pytest.approx(float(F.binary_cross_entropy_with_logits(logits, targets)), rel=1e-5)
+
+
+def _tiny_records():
+    from saemnesia_core.training.shards import RecordBatch
+
+    torch.manual_seed(1)
+    yield RecordBatch(acts=torch.randn(3, 4, 8), t=torch.ones(3), timestep=torch.full((3,), 999.0),
+                      step=torch.zeros(3, dtype=torch.int32), branch=torch.zeros(3, dtype=torch.int8),
+                      sample=torch.arange(3), labels=torch.tensor([[0, -1], [1, 0], [0, 0]], dtype=torch.int32))
+
+
+def test_auroc_counts_ties_half():
+    assert auroc(torch.tensor([2.0, 3.0]), torch.tensor([0.0, 1.0])) == 1.0
+    assert auroc(torch.tensor([0.0, 0.0]), torch.tensor([0.0, 0.0])) == 0.5
+    assert auroc(torch.tensor([1.0]), torch.tensor([0.0, 2.0])) == 0.5
+
+
+def test_finetuning_makes_each_assigned_latent_fire_selectively(planted_concepts, tmp_path):
+    root = planted_concepts
+    result = finetune_supervised(root / "unsupervised.safetensors", root, SupervisedConfig(**FINETUNE),
+                                 out=tmp_path / "supervised.safetensors", progress=False)
+    latents = [c.latent for c in result.concepts]
+    assert len(set(latents)) == len(latents) == 5
+    before = {s["label"]: s for s in result.selectivity_before}
+    after = {s["label"]: s for s in result.selectivity_after}
+    # The threshold: every assigned latent detects its concept (AUROC >= 0.95 on validation records) ...
+    assert min(s["auroc"] for s in after.values()) >= 0.95
+    assert min(s["selectivity"] for s in after.values()) >= 0.85
+    # ... which none of the unsupervised SAE's best-scoring latents reaches.
+    assert max(s["auroc"] for s in before.values()) < 0.95
+    assert result.history[-1]["val_loss"] < result.history[0]["val_loss"]
+
+    saved = load_sae_file(tmp_path / "supervised.safetensors")
+    assert saved.supervised and saved.selection_mode == "saemnesia"
+    assert [(c.label, c.group, c.latent) for c in saved.concepts] == \
+        [(c.label, c.group, c.latent) for c in result.concepts]
+    assert saved.tables.latents.shape == (5, 2, 1)
+    assert torch.equal(saved.tables.latents[:, :, 0], torch.tensor(latents)[:, None].expand(5, 2))
+    assert bool((saved.tables.mean_acts > saved.tables.thresholds).all())  # μ_c above the all-concept mean
+
+
+def test_early_stopping_keeps_the_best_epoch(planted_concepts):
+    cfg = SupervisedConfig(**{**FINETUNE, "lr": 0.0, "max_epochs": 20, "patience": 2})  # validation never improves
+    result = finetune_supervised(planted_concepts / "unsupervised.safetensors", planted_concepts, cfg, progress=False)
+    assert len(result.history) == 3  # the first epoch sets the best, then 2 without improvement
+
+
+def test_statistics_saeuron_mode_selects_by_score_per_bucket(planted_concepts, tmp_path):
+    out = tmp_path / "saeuron.safetensors"
+    sae_file = compute_statistics(planted_concepts / "unsupervised.safetensors", planted_concepts, num_buckets=2,
+                                  percentile=99.0, out=out, progress=False)
+    header = read_header(out)
+    assert header.selection_mode == "saeuron" and not header.supervised
+    assert [(c.group, c.label) for c in header.concepts] == \
+        [("object", "obj0"), ("object", "obj1"), ("object", "obj2"), ("style", "sty0"), ("style", "sty1")]
+    assert all(c.latent is None for c in header.concepts)
+    assert bool((sae_file.tables.latents[:, :, 0] >= 0).all())  # 99th percentile of 64 keeps at least one
+
+
+def test_statistics_match_a_direct_computation(planted_concepts):
+    sae = load_sae_file(planted_concepts / "unsupervised.safetensors").build_sae(dtype=torch.float32)
+    ds = ActivationDataset(planted_concepts)
+    acts = concept_activations(sae, ds, num_buckets=2, progress=False)
+    records = [ds.load_shard(i) for i in range(len(ds.shards))]
+    acts_all = torch.cat([r.acts for r in records]).float()
+    labels, t = torch.cat([r.labels for r in records]), torch.cat([r.t for r in records])
+    with torch.no_grad():
+        top = sae.encode(acts_all)
+        z = torch.zeros(*top.top_acts.shape[:2], 64).scatter_(-1, top.top_indices, top.top_acts).mean(1)  # [R, n]
+    rows = (labels[:, 0] == 1) & (t >= 0.5)  # obj1 in bucket 1 of 2
+    assert torch.allclose(acts.sums[1, 1], z[rows].sum(0), atol=1e-4)
+    assert acts.records[1, 1] == rows.sum()
+    unstyled = labels[:, 1] < 0
+    assert acts.records[3:].sum() == (~unstyled).sum()  # style concepts count only styled records
+    assert torch.allclose(acts.all_sums.sum(0), z.sum(0), atol=1e-3)
