@@ -76,7 +76,7 @@ def _inspect(args) -> None:
     if ours:
         kind = f"saemnesia SAE file v{FORMAT_VERSION}"
     else:
-        kind = f"{sae_file.provenance['imported_from']['format']} checkpoint (convert it to use it)"
+        kind = f"{sae_file.provenance['imported_from']['format']} checkpoint (import it with saemnesia convert)"
     info = {"format": kind, **describe(sae_file)}
     print(json.dumps(info, indent=2) if args.json else _format(info))
 

@@ -81,14 +81,16 @@ def select_saeuron(scores: Tensor, percentile: float | Sequence[float] | Tensor)
     """
     num_concepts, _, n = scores.shape
     p = torch.as_tensor(percentile, dtype=torch.float64).expand(num_concepts)
-    mask = torch.stack(
-        [scores[c] > torch.quantile(scores[c].float(), float(p[c]) / 100, dim=-1, keepdim=True) for c in range(num_concepts)]
-    )
-    width = max(1, int(mask.sum(-1).max()))
-    ids = torch.arange(n).expand_as(mask)
-    # Selected ids first (ascending), the rest pushed past n and then cut off or turned into padding.
-    ranked = torch.where(mask, ids, ids + n).sort(dim=-1).values[..., :width]
-    return torch.where(ranked < n, ranked, -1)
+    masks = [scores[c] > torch.quantile(scores[c].float(), float(p[c]) / 100, dim=-1, keepdim=True)
+             for c in range(num_concepts)]
+    width = max(1, max(int(m.sum(-1).max()) for m in masks))
+    ids = torch.arange(n)
+    selection = []
+    for mask in masks:  # one concept at a time: [T, n] index tensors, not [C, T, n]
+        # Selected ids come first (ascending); the others are pushed past n, then cut off or marked as padding.
+        ranked = torch.where(mask, ids, ids + n).topk(width, dim=-1, largest=False, sorted=True).values
+        selection.append(torch.where(ranked < n, ranked, -1))
+    return torch.stack(selection)
 
 
 def assigned_selection(latents: Sequence[int], num_buckets: int) -> Tensor:

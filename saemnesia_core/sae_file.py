@@ -65,6 +65,8 @@ class SAEHeader:
 
 @dataclass
 class SAEFile:
+    """One SAE with its concepts, in memory: what save_sae_file writes and load_sae_file returns."""
+
     config: SAEConfig
     weights: dict[str, Tensor]
     """The four sparsify-named tensors."""
