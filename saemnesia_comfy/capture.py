@@ -17,6 +17,7 @@ import torch
 
 import comfy.latent_formats
 import comfy.sample
+import comfy.supported_models
 import comfy.utils
 from saemnesia_core.sae import block_to_tokens
 from saemnesia_core.training.collect import Capture, branch_ids, collect
@@ -56,7 +57,8 @@ class ComfyCaptureSource:
     def __init__(self, model, encode_prompt: Callable[[str], Conditioning], *, hookpoint: str, steps: int = 50,
                  cfg: float = 9.0, sampler: str = "ddim", scheduler: str = "ddim_uniform", every_n_steps: int = 1,
                  branch: str = "cond", width: int = 512, height: int = 512, latent_channels: int | None = None,
-                 downscale: int | None = None, negative_prompt: str = "", model_id: str = "comfyui"):
+                 downscale: int | None = None, negative_prompt: str = "", model_id: str = "comfyui",
+                 model_family: str | None = None):
         self.model = model
         self.encode_prompt = encode_prompt
         self.hookpoint = hookpoint if hookpoint.startswith("unet.") else f"unet.{hookpoint}"
@@ -70,9 +72,13 @@ class ComfyCaptureSource:
         self.branches = branch_ids(branch)
         self.negative_prompt = negative_prompt
         self.model_id = model_id
-        self.settings = {"source": "comfyui", "block": self.block_name, "steps": steps, "cfg": cfg,
-                         "sampler": sampler, "scheduler": scheduler, "every_n_steps": every_n_steps,
-                         "branch": branch, "latent_shape": list(self.latent_shape)}
+        if model_family is None:
+            config = model.model.model_config
+            model_family = "sdxl" if isinstance(config, comfy.supported_models.SDXL) else \
+                "sd15" if isinstance(config, comfy.supported_models.SD15) else "unknown"
+        self.settings = {"source": "comfyui", "model_family": model_family, "block": self.block_name,
+                         "steps": steps, "cfg": cfg, "sampler": sampler, "scheduler": scheduler,
+                         "every_n_steps": every_n_steps, "branch": branch, "latent_shape": list(self.latent_shape)}
 
     def _patched_clone(self, captures: list[Capture]):
         """A clone of the MODEL whose block forward records its output (the caller's MODEL is untouched)."""
@@ -127,10 +133,11 @@ def collect_from_comfy(model, encode_prompt: Callable[[str], Conditioning], spec
                        sampler: str = "ddim", scheduler: str = "ddim_uniform", seed: int = 0,
                        every_n_steps: int = 1, branch: str = "cond", width: int = 512, height: int = 512,
                        latent_channels: int | None = None, downscale: int | None = None, batch_size: int = 1,
-                       model_id: str = "comfyui", **collect_kwargs: Any) -> Path:
+                       model_id: str = "comfyui", model_family: str | None = None,
+                       **collect_kwargs: Any) -> Path:
     """Collect a labelled activation dataset from a ComfyUI MODEL (see `collect` for resuming and ranks)."""
     source = ComfyCaptureSource(model, encode_prompt, hookpoint=hookpoint, steps=steps, cfg=cfg, sampler=sampler,
                                 scheduler=scheduler, every_n_steps=every_n_steps, branch=branch, width=width,
                                 height=height, latent_channels=latent_channels, downscale=downscale,
-                                model_id=model_id)
+                                model_id=model_id, model_family=model_family)
     return collect(source, specs, out_dir, seed=seed, batch_size=batch_size, **collect_kwargs)

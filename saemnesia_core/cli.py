@@ -17,6 +17,7 @@ from . import __version__
 from .eraser import UnknownConceptError
 from .importers import DEFAULT_PERCENTILE, import_concept_statistics, load_any
 from .sae_file import FORMAT_VERSION, SAEFile, SAEFileError, is_sae_file, save_sae_file
+from .training import commands as training_commands
 
 
 def register_inspect(subparsers) -> None:
@@ -45,7 +46,8 @@ def register_convert(subparsers) -> None:
     p.set_defaults(func=_convert)
 
 
-COMMAND_REGISTRARS: list[Callable[[argparse._SubParsersAction], None]] = [register_inspect, register_convert]
+COMMAND_REGISTRARS: list[Callable[[argparse._SubParsersAction], None]] = [
+    register_inspect, register_convert, training_commands.register]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -19,6 +19,7 @@ import torch
 from tqdm.auto import tqdm
 
 from saemnesia_core.sae import block_to_tokens
+from saemnesia_core.training.distributed import DistContext
 from saemnesia_core.training.shards import BRANCHES, ShardWriter, completed_samples, merge_parts
 from saemnesia_core.training.specs import PromptSpec, label_vocabulary
 
@@ -66,15 +67,16 @@ def label_ids(spec: PromptSpec, vocab: dict[str, list[str]]) -> list[int]:
 
 
 def collect(source: ActivationSource, specs: Sequence[PromptSpec], out_dir: str | Path, *, seed: int = 0,
-            batch_size: int = 1, dtype: str = "float16", shard_mb: float = 128.0, rank: int = 0,
-            world_size: int = 1, progress: bool = True) -> Path:
+            batch_size: int = 1, dtype: str = "float16", shard_mb: float = 128.0, ctx: DistContext | None = None,
+            progress: bool = True) -> Path:
     """Generate every spec once (sample id = spec index, seed = ``seed + sample id``) and store its records.
 
-    Rerunning on the same ``out_dir`` resumes: samples already on disk are skipped. With ``world_size > 1``
-    rank r takes samples r, r+world, ... into ``out_dir/part-<r>``; call `finish_parts` after all ranks end
-    (`distributed.collect_distributed` does both).
-    Returns the directory this rank wrote.
+    Rerunning on the same ``out_dir`` resumes: samples already on disk are skipped. Under ``torchrun``
+    (``ctx`` with W ranks) rank r takes samples r, r+W, ... into ``out_dir/part-<r>``, and once all ranks
+    are done rank 0 writes one index over the parts (resume with the same number of ranks).
     """
+    ctx = ctx or DistContext()
+    rank, world_size = ctx.rank, ctx.world_size
     out_dir = Path(out_dir)
     root = out_dir if world_size == 1 else out_dir / f"part-{rank:03d}"
     vocab = label_vocabulary(specs)
@@ -103,13 +105,12 @@ def collect(source: ActivationSource, specs: Sequence[PromptSpec], out_dir: str 
     bar.close()
     if writer is not None:
         writer.close()
-    return root
-
-
-def finish_parts(out_dir: str | Path, world_size: int) -> None:
-    """After a multi-rank collection: one index over every rank's part."""
-    out_dir = Path(out_dir)
-    merge_parts(out_dir, [out_dir / f"part-{r:03d}" for r in range(world_size)])
+    if world_size > 1:
+        ctx.barrier()
+        if ctx.is_main:
+            merge_parts(out_dir, [out_dir / f"part-{r:03d}" for r in range(world_size)])
+        ctx.barrier()
+    return out_dir
 
 
 def diffusers_submodule(unet: torch.nn.Module, hookpoint: str) -> torch.nn.Module:
@@ -130,7 +131,8 @@ class DiffusersSource:
 
     def __init__(self, pipe, hookpoint: str, *, steps: int = 50, guidance_scale: float = 9.0,
                  every_n_steps: int = 1, branch: str = "cond", height: int | None = None,
-                 width: int | None = None, model_id: str | None = None, pipe_kwargs: dict | None = None):
+                 width: int | None = None, model_id: str | None = None, model_family: str | None = None,
+                 pipe_kwargs: dict | None = None):
         self.pipe = pipe
         self.hookpoint = hookpoint if hookpoint.startswith("unet.") else f"unet.{hookpoint}"
         self.block = diffusers_submodule(pipe.unet, self.hookpoint)
@@ -140,7 +142,10 @@ class DiffusersSource:
         self.pipe_kwargs = pipe_kwargs or {}
         self.model_id = model_id or str(getattr(pipe.config, "_name_or_path", "") or type(pipe).__name__)
         self.num_train_timesteps = int(pipe.scheduler.config.num_train_timesteps)
-        self.settings = {"source": "diffusers", "pipeline": type(pipe).__name__,
+        if model_family is None:
+            name = type(pipe).__name__
+            model_family = "sdxl" if "XL" in name else "sd15" if name == "StableDiffusionPipeline" else "unknown"
+        self.settings = {"source": "diffusers", "model_family": model_family, "pipeline": type(pipe).__name__,
                          "scheduler": type(pipe.scheduler).__name__, "steps": steps,
                          "guidance_scale": guidance_scale, "every_n_steps": every_n_steps, "branch": branch,
                          "height": height, "width": width}
