@@ -37,11 +37,12 @@ D, N_LATENTS, K = 1280, 20480, 32
 BATCH, H, W = 2, 16, 16
 CONCEPTS, BUCKETS = 20, 50
 ERASED, GAMMA, T = "concept_0", -1.0, 0.5
+BUCKET = int(T * BUCKETS)
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def setup(dtype: torch.dtype, seed: int = 0):
-    """The SAE, the concept tables, the block activations and the chosen concept, all seeded."""
+    """The SAE, its concepts and tables, and the block activations, all seeded."""
     torch.manual_seed(seed)
     sae = TopKSAE(SAEConfig(D, N_LATENTS, K))
     with torch.no_grad():
@@ -84,14 +85,13 @@ def dense_reference(sae: TopKSAE, tables: ConceptTables, x: torch.Tensor, bucket
 def variants(sae, concepts, tables, x):
     exact = ConceptEraser(sae, concepts, tables, {ERASED: GAMMA}, mode="exact")
     paper = ConceptEraser(sae, concepts, tables, {ERASED: GAMMA}, mode="paper")
-    bucket = int(T * BUCKETS)
 
     def encoder_only():
         tokens = block_to_tokens(x)
         return sae.pre_acts(tokens).topk(K, dim=-1, sorted=False)
 
     return {
-        "dense reference (released hook)": lambda: dense_reference(sae, tables, x, bucket),
+        "dense reference (released hook)": lambda: dense_reference(sae, tables, x, BUCKET),
         "ours, paper mode": lambda: paper(x, T),
         "ours, exact mode": lambda: exact(x, T),
         "encoder + top-k only (floor)": encoder_only,
@@ -141,7 +141,7 @@ def main() -> None:
     times = {name: [] for name in fns}
     with torch.no_grad():
         outputs = {name: fn() for name, fn in fns.items()}
-        exact_dense = dense_reference(sae, tables, x, int(T * BUCKETS), exact=True)
+        exact_dense = dense_reference(sae, tables, x, BUCKET, exact=True)
         for _ in range(args.warmup):
             for fn in fns.values():
                 fn()

@@ -86,6 +86,14 @@ CASES = {
 T_PER_ITEM = torch.tensor([0.05, 0.3, 0.6, 0.99])  # one item in each of the 4 buckets
 
 
+@pytest.fixture
+def made():
+    """The default supervised file (Cats, Dogs, Van_Gogh), its SAE and activations where the concepts fire."""
+    sae_file = make_random_sae_file()
+    sae = sae_file.build_sae()
+    return sae_file, sae, activations(sae_file, sae)
+
+
 @pytest.fixture(params=list(CASES), ids=list(CASES))
 def case(request):
     kwargs, strengths = CASES[request.param]
@@ -174,10 +182,8 @@ def test_exact_mode_returns_the_input_bit_for_bit_when_no_latent_passes_its_thre
     assert torch.equal(bits(out), bits(x))
 
 
-def test_exact_mode_leaves_tokens_where_nothing_fires_bit_for_bit():
-    sae_file = make_random_sae_file()
-    sae = sae_file.build_sae()
-    x = activations(sae_file, sae)
+def test_exact_mode_leaves_tokens_where_nothing_fires_bit_for_bit(made):
+    sae_file, sae, x = made
     eraser = ConceptEraser.from_file(sae_file, {"Cats": -1.0}, sae=sae)
     out = eraser(x, T_PER_ITEM)
     with torch.no_grad():
@@ -188,10 +194,8 @@ def test_exact_mode_leaves_tokens_where_nothing_fires_bit_for_bit():
     assert (out[fired] != x[fired]).any(-1).all()
 
 
-def test_a_latent_exactly_at_its_threshold_is_not_edited():
-    sae_file = make_random_sae_file()
-    sae = sae_file.build_sae()
-    x = activations(sae_file, sae)
+def test_a_latent_exactly_at_its_threshold_is_not_edited(made):
+    sae_file, sae, x = made
     latent = sae_file.concepts[0].latent
     with torch.no_grad():
         z = dense_codes(sae, x)[..., latent]
@@ -204,10 +208,8 @@ def test_a_latent_exactly_at_its_threshold_is_not_edited():
 
 
 @pytest.mark.parametrize("mode", ["exact", "paper"])
-def test_items_outside_the_edit_mask_are_returned_bit_for_bit(mode):
-    sae_file = make_random_sae_file()
-    sae = sae_file.build_sae()
-    x = activations(sae_file, sae)
+def test_items_outside_the_edit_mask_are_returned_bit_for_bit(mode, made):
+    sae_file, sae, x = made
     mask = torch.tensor([True, False, True, False])
     eraser = ConceptEraser.from_file(sae_file, {"Cats": -1.0, "Dogs": -1.0}, mode=mode, sae=sae)
     out, full = eraser(x, T_PER_ITEM, edit_mask=mask), eraser(x, T_PER_ITEM)
@@ -215,10 +217,8 @@ def test_items_outside_the_edit_mask_are_returned_bit_for_bit(mode):
     assert torch.equal(out[mask], full[mask])
 
 
-def test_the_input_is_never_modified_in_place():
-    sae_file = make_random_sae_file()
-    sae = sae_file.build_sae()
-    x = activations(sae_file, sae)
+def test_the_input_is_never_modified_in_place(made):
+    sae_file, sae, x = made
     before = x.clone()
     ConceptEraser.from_file(sae_file, {"Cats": -1.0}, sae=sae)(x, T_PER_ITEM)
     assert torch.equal(x, before)
@@ -251,10 +251,8 @@ def test_each_item_uses_the_bucket_of_its_own_timestep():
 
 @pytest.mark.parametrize("dtype, tol", [(torch.float16, 5e-2), (torch.bfloat16, 2e-1)])
 @pytest.mark.parametrize("mode", ["exact", "paper"])
-def test_half_precision_activations_with_fp32_weights_match_fp32(dtype, tol, mode):
-    sae_file = make_random_sae_file()
-    sae = sae_file.build_sae()
-    x = activations(sae_file, sae)
+def test_half_precision_activations_with_fp32_weights_match_fp32(dtype, tol, mode, made):
+    sae_file, sae, x = made
     eraser = ConceptEraser.from_file(sae_file, {"Cats": -1.0, "Dogs": -5.0}, mode=mode, sae=sae)
     out = eraser(x.to(dtype), T_PER_ITEM)
     assert out.dtype == dtype and sae.dtype == torch.float32
