@@ -57,11 +57,7 @@ class DistContext:
     def gather_with_grad(self, tensor: torch.Tensor) -> torch.Tensor:
         """Like `gather`, differentiable: each rank's backward receives the sum of all ranks' gradients
         for its own part, so a loss computed identically on every rank must be divided by world_size."""
-        if not self.active:
-            return tensor
-        from torch.distributed.nn.functional import all_gather
-
-        return torch.cat(all_gather(tensor.contiguous()))
+        return _GatherWithGrad.apply(tensor, self) if self.active else tensor
 
     def gather_objects(self, obj) -> list:
         """Every rank's ``obj`` (picklable, small), in rank order."""
@@ -86,6 +82,21 @@ class DistContext:
         for g in grads:
             g.copy_(flat[offset:offset + g.numel()].view_as(g))
             offset += g.numel()
+
+
+class _GatherWithGrad(torch.autograd.Function):
+    """all_gather forward; backward sums every rank's gradient and returns this rank's slice."""
+
+    @staticmethod
+    def forward(ctx, tensor, dist_ctx: DistContext):
+        ctx.dist_ctx, ctx.rows = dist_ctx, tensor.shape[0]
+        return dist_ctx.gather(tensor)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = ctx.dist_ctx.all_reduce(grad.contiguous().clone())
+        start = ctx.dist_ctx.rank * ctx.rows
+        return grad[start:start + ctx.rows], None
 
 
 def init_distributed(device: str | None = None) -> DistContext:

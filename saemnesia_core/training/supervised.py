@@ -247,7 +247,7 @@ def finetune_supervised(sae_file: SAEFile | str | Path, data, cfg: SupervisedCon
         sums = torch.zeros(5, dtype=torch.float64)
         batches = 0
         for batch in ds.iter_records(cfg.batch_records, seed=cfg.seed, epoch=epoch, where=training_rows,
-                                     buffer_records=cfg.shuffle_buffer_records, drop_last=ctx.active):
+                                     buffer_records=cfg.shuffle_buffer_records, drop_last=True):
             local = batch.select(ctx.local_slice(len(batch))) if ctx.active else batch
             variance = _batch_variance(batch.acts, sae.cfg.input_unit_norm) if cfg.rec_loss == "fvu" else None
             losses = loss_fn(local, len(batch), variance, ctx.gather_with_grad if ctx.active else None)
