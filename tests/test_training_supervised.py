@@ -13,7 +13,7 @@ from saemnesia_core.training.distributed import DistContext
 from saemnesia_core.training.shards import ActivationDataset
 from saemnesia_core.training.statistics import auroc, compute_statistics, concept_activations
 from saemnesia_core.training.supervised import (
-    SupervisedConfig, SupervisedLoss, assign_latents, cross_group_decorrelation, finetune_supervised,
+    SupervisedConfig, SupervisedStep, assign_latents, cross_group_decorrelation, finetune_supervised,
 )
 from saemnesia_core.training.trainer import TrainConfig, train_unsupervised
 
@@ -56,9 +56,9 @@ def test_concept_logits_are_the_spatial_mean_of_pre_relu_encoder_outputs():
     batch = next(iter(_tiny_records()))
     for post_relu in (False, True):
         cfg = SupervisedConfig(beta=1.0, eta=0.0, l1=0.0, ca_post_relu=post_relu)
-        loss = SupervisedLoss(sae, cfg, concepts, ["object", "style"], {"object": ["a", "b"], "style": ["s"]},
+        step = SupervisedStep(sae, cfg, concepts, ["object", "style"], {"object": ["a", "b"], "style": ["s"]},
                               DistContext())
-        got = loss(batch, len(batch))["ca"]
+        got = step.losses(batch, len(batch))["ca"]
         with torch.no_grad():
             pre_relu = (batch.acts.float() - sae.b_dec) @ sae.encoder.weight.T + sae.encoder.bias  # [R, HW, n]
             act = F.relu(pre_relu) if post_relu else pre_relu

@@ -36,7 +36,7 @@ from saemnesia_core.training.distributed import DistContext
 from saemnesia_core.training.shards import ActivationDataset, RecordBatch, validation_mask
 from saemnesia_core.training.sparse_ops import decode_rows, encoder_values, per_token_topk
 from saemnesia_core.training.statistics import DEFAULT_BUCKETS, ConceptActivations, concept_activations
-from saemnesia_core.training.trainer import CHECKPOINT_NAME, load_checkpoint, save_checkpoint_atomic
+from saemnesia_core.training.trainer import CHECKPOINT_NAME, load_checkpoint, save_checkpoint_atomic, total_variance
 
 L1_CLAMP = 100.0
 
@@ -114,8 +114,8 @@ def cross_group_decorrelation(v: Tensor, latent_groups: list[str]) -> Tensor:
     return corr[pairs].pow(2).mean() if bool(pairs.any()) else v.new_zeros(())
 
 
-class SupervisedLoss:
-    """The four losses on a batch of records, each as this rank's share of the global-batch value."""
+class SupervisedStep:
+    """One optimizer step of L_rec + β·L_CA + η·L_DC + λ·L_L1 on this rank's share of a batch of records."""
 
     def __init__(self, sae: TopKSAE, cfg: SupervisedConfig, concepts: list[Concept], label_groups: list[str],
                  label_vocab: dict[str, list[str]], ctx: DistContext):
@@ -126,8 +126,9 @@ class SupervisedLoss:
         self.label_ids = torch.tensor([label_vocab[c.group].index(c.label) for c in concepts], device=dev)
         self.latent_groups = [c.group for c in concepts]
 
-    def __call__(self, local: RecordBatch, global_records: int, tokens_x_variance: Tensor | None = None,
-                 gather_logits=None) -> dict[str, Tensor]:
+    def losses(self, local: RecordBatch, global_records: int, variance: Tensor | None = None) -> dict[str, Tensor]:
+        """The losses of this rank's records ``local``, each as its share of the global-batch value
+        (``variance``: the global batch's total variance, for rec_loss "fvu")."""
         sae, cfg = self.sae, self.cfg
         R, HW, d = local.acts.shape
         x = local.acts.to(sae.device, torch.float32).reshape(R * HW, d)
@@ -149,7 +150,7 @@ class SupervisedLoss:
         recon = decode_rows(values, sel, sae.W_dec, R * HW) + sae.b_dec
         squared_error = (recon - x).pow(2).sum()
         if cfg.rec_loss == "fvu":
-            rec = squared_error / tokens_x_variance
+            rec = squared_error / variance
         else:
             rec = squared_error / (global_tokens * d)
 
@@ -162,16 +163,33 @@ class SupervisedLoss:
         labels = local.labels.to(sae.device).long()
         targets = (labels[:, self.group_pos] == self.label_ids).float()
         ca = F.binary_cross_entropy_with_logits(logits, targets, reduction="sum") / (global_records * len(self.latents))
-        all_logits = gather_logits(logits) if gather_logits else logits
+        all_logits = self.ctx.gather_with_grad(logits)
         dc = cross_group_decorrelation(all_logits, self.latent_groups) / self.ctx.world_size
         total = rec + cfg.beta * ca + cfg.eta * dc + cfg.l1 * l1
         return {"loss": total, "rec": rec, "ca": ca, "dc": dc, "l1": l1}
 
+    def variance(self, batch: RecordBatch) -> Tensor | None:
+        """Total variance of the batch's tokens (only needed for rec_loss "fvu")."""
+        if self.cfg.rec_loss != "fvu":
+            return None
+        x = batch.acts.to(self.sae.device, torch.float32).reshape(-1, batch.acts.shape[-1])
+        x = standardize(x).x if self.sae.cfg.input_unit_norm else x
+        return total_variance(x).float()
 
-def _batch_variance(acts: Tensor, unit_norm: bool) -> Tensor:
-    x = acts.float().reshape(-1, acts.shape[-1])
-    x = standardize(x).x if unit_norm else x
-    return (x.double() - x.double().mean(0)).pow(2).sum().float()
+    def __call__(self, batch: RecordBatch, optimizer: torch.optim.Optimizer) -> Tensor:
+        """Step on a global batch (each rank takes its slice); returns the 5 loss values, float64 [5]."""
+        sae, ctx = self.sae, self.ctx
+        local = batch.select(ctx.local_slice(len(batch))) if ctx.active else batch
+        losses = self.losses(local, len(batch), self.variance(batch))
+        optimizer.zero_grad(set_to_none=True)
+        losses["loss"].backward()
+        ctx.sum_gradients(list(sae.parameters()))
+        sae.remove_gradient_parallel_to_decoder_directions()
+        if self.cfg.grad_clip:
+            torch.nn.utils.clip_grad_norm_(sae.parameters(), self.cfg.grad_clip)
+        optimizer.step()
+        sae.set_decoder_norm_to_unit_norm()
+        return ctx.all_reduce(torch.stack([v.detach().double().cpu() for v in losses.values()]))
 
 
 def finetune_supervised(sae_file: SAEFile | str | Path, data, cfg: SupervisedConfig | None = None, *,
@@ -219,7 +237,7 @@ def finetune_supervised(sae_file: SAEFile | str | Path, data, cfg: SupervisedCon
         concepts = [Concept(**c) for c in state["concepts"]]
         before = state["selectivity_before"]
 
-    loss_fn = SupervisedLoss(sae, cfg, concepts, ds.label_groups, ds.label_vocab, ctx)
+    step = SupervisedStep(sae, cfg, concepts, ds.label_groups, ds.label_vocab, ctx)
     optimizer = torch.optim.Adam(sae.parameters(), lr=cfg.lr)
     history: list[dict] = []
     best_val, best_state, bad_epochs, start_epoch = float("inf"), copy.deepcopy(sae.state_dict()), 0, 0
@@ -232,11 +250,10 @@ def finetune_supervised(sae_file: SAEFile | str | Path, data, cfg: SupervisedCon
     @torch.no_grad()
     def validation_loss() -> float:
         """Mean loss per record over the validation split (every rank computes it whole)."""
-        single = SupervisedLoss(sae, cfg, concepts, ds.label_groups, ds.label_vocab, DistContext(device=ctx.device))
+        single = SupervisedStep(sae, cfg, concepts, ds.label_groups, ds.label_vocab, DistContext(device=ctx.device))
         total, count = 0.0, 0
         for batch in ds.iter_records(cfg.batch_records, shuffle=False, where=held_out):
-            variance = _batch_variance(batch.acts, sae.cfg.input_unit_norm) if cfg.rec_loss == "fvu" else None
-            total += float(single(batch, len(batch), variance)["loss"]) * len(batch)
+            total += float(single.losses(batch, len(batch), single.variance(batch))["loss"]) * len(batch)
             count += len(batch)
         return total / max(count, 1)
 
@@ -248,18 +265,7 @@ def finetune_supervised(sae_file: SAEFile | str | Path, data, cfg: SupervisedCon
         batches = 0
         for batch in ds.iter_records(cfg.batch_records, seed=cfg.seed, epoch=epoch, where=training_rows,
                                      buffer_records=cfg.shuffle_buffer_records, drop_last=True):
-            local = batch.select(ctx.local_slice(len(batch))) if ctx.active else batch
-            variance = _batch_variance(batch.acts, sae.cfg.input_unit_norm) if cfg.rec_loss == "fvu" else None
-            losses = loss_fn(local, len(batch), variance, ctx.gather_with_grad if ctx.active else None)
-            optimizer.zero_grad(set_to_none=True)
-            losses["loss"].backward()
-            ctx.sum_gradients(list(sae.parameters()))
-            sae.remove_gradient_parallel_to_decoder_directions()
-            if cfg.grad_clip:
-                torch.nn.utils.clip_grad_norm_(sae.parameters(), cfg.grad_clip)
-            optimizer.step()
-            sae.set_decoder_norm_to_unit_norm()
-            sums += ctx.all_reduce(torch.stack([v.detach().double().cpu() for v in losses.values()]))
+            sums += step(batch, optimizer)
             batches += 1
         entry = {"epoch": epoch, **{k: float(v) / max(batches, 1) for k, v in zip(("loss", "rec", "ca", "dc", "l1"), sums)}}
         if cfg.val_fraction > 0:
