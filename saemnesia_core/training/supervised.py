@@ -36,7 +36,9 @@ from saemnesia_core.training.distributed import DistContext
 from saemnesia_core.training.shards import ActivationDataset, RecordBatch, validation_mask
 from saemnesia_core.training.sparse_ops import decode_rows, encoder_values, per_token_topk
 from saemnesia_core.training.statistics import DEFAULT_BUCKETS, ConceptActivations, concept_activations
-from saemnesia_core.training.trainer import CHECKPOINT_NAME, load_checkpoint, save_checkpoint_atomic, total_variance
+from saemnesia_core.training.trainer import (
+    CHECKPOINT_NAME, load_checkpoint, make_adam, save_checkpoint_atomic, total_variance,
+)
 
 L1_CLAMP = 100.0
 
@@ -238,7 +240,7 @@ def finetune_supervised(sae_file: SAEFile | str | Path, data, cfg: SupervisedCon
         before = state["selectivity_before"]
 
     step = SupervisedStep(sae, cfg, concepts, ds.label_groups, ds.label_vocab, ctx)
-    optimizer = torch.optim.Adam(sae.parameters(), lr=cfg.lr)
+    optimizer = make_adam(sae.parameters(), cfg.lr)
     history: list[dict] = []
     best_val, best_state, bad_epochs, start_epoch = float("inf"), copy.deepcopy(sae.state_dict()), 0, 0
     if state is not None:
