@@ -10,7 +10,7 @@ from saemnesia_core.concepts import Concept
 from saemnesia_core.sae import SAEConfig, TopKSAE
 from saemnesia_core.sae_file import load_sae_file, read_header
 from saemnesia_core.training.distributed import DistContext
-from saemnesia_core.training.shards import ActivationDataset
+from saemnesia_core.training.shards import ActivationDataset, validation_mask
 from saemnesia_core.training.statistics import auroc, compute_statistics, concept_activations
 from saemnesia_core.training.supervised import (
     SupervisedConfig, SupervisedStep, assign_latents, cross_group_decorrelation, finetune_supervised,
@@ -140,3 +140,30 @@ def test_statistics_match_a_direct_computation(planted_concepts):
     unstyled = labels[:, 1] < 0
     assert acts.records[3:].sum() == (~unstyled).sum()  # style concepts count only styled records
     assert torch.allclose(acts.all_sums.sum(0), z.sum(0), atol=1e-3)
+
+
+def test_interrupted_finetuning_resumes_to_the_same_result(planted_concepts, tmp_path, monkeypatch):
+    cfg = SupervisedConfig(**{**FINETUNE, "max_epochs": 4})
+    init = planted_concepts / "unsupervised.safetensors"
+    whole = finetune_supervised(init, planted_concepts, cfg, progress=False)
+
+    training_rows = lambda b: ~validation_mask(b.sample, cfg.val_fraction, cfg.seed)  # noqa: E731
+    steps_per_epoch = sum(1 for _ in ActivationDataset(planted_concepts).iter_records(
+        cfg.batch_records, where=training_rows, drop_last=True))
+    original_step, calls = SupervisedStep.__call__, []
+
+    def crash_in_the_third_epoch(self, batch, optimizer):
+        calls.append(1)
+        if len(calls) > 2 * steps_per_epoch + 1:  # two whole (checkpointed) epochs and a step of the third
+            raise KeyboardInterrupt
+        return original_step(self, batch, optimizer)
+
+    monkeypatch.setattr(SupervisedStep, "__call__", crash_in_the_third_epoch)
+    with pytest.raises(KeyboardInterrupt):
+        finetune_supervised(init, planted_concepts, cfg, checkpoint_dir=tmp_path, progress=False)
+    monkeypatch.setattr(SupervisedStep, "__call__", original_step)
+    resumed = finetune_supervised(init, planted_concepts, cfg, checkpoint_dir=tmp_path, progress=False)
+    assert [h["epoch"] for h in resumed.history] == [0, 1, 2, 3]
+    assert resumed.history == whole.history
+    for name, value in whole.sae.state_dict().items():
+        assert torch.equal(value, resumed.sae.state_dict()[name]), name

@@ -360,3 +360,8 @@ class ActivationDataset:
     def steps_per_epoch(self, batch_tokens: int) -> int:
         """Upper bound of full token batches per epoch (exact without a ``where`` filter)."""
         return self.num_tokens // batch_tokens
+
+
+def as_dataset(data: "ActivationDataset | str | Path") -> ActivationDataset:
+    """A dataset from a folder path, or the dataset itself."""
+    return data if isinstance(data, ActivationDataset) else ActivationDataset(data)

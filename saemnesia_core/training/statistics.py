@@ -23,7 +23,7 @@ from saemnesia_core.sae import TopKSAE
 from saemnesia_core.sae_file import SAEFile, load_sae_file, save_sae_file
 from saemnesia_core.timesteps import bucket_index
 from saemnesia_core.training.distributed import DistContext
-from saemnesia_core.training.shards import ActivationDataset, RecordBatch
+from saemnesia_core.training.shards import ActivationDataset, RecordBatch, as_dataset
 
 DEFAULT_BUCKETS = 50
 
@@ -72,11 +72,14 @@ class ConceptActivations:
     def index(self, group: str, label: str) -> int:
         return self.concepts.index((group, label))
 
+    def missing(self) -> list[str]:
+        """Concepts ("group:label") without a single record."""
+        return [f"{g}:{label}" for (g, label), r in zip(self.concepts, self.records.sum(1)) if r == 0]
+
     def means(self) -> Tensor:
         """μ [C, T, n]; a bucket without records takes the nearest bucket that has some."""
-        if bool((self.records.sum(1) == 0).any()):
-            missing = [f"{g}:{label}" for (g, label), r in zip(self.concepts, self.records.sum(1)) if r == 0]
-            raise ValueError(f"no records for concepts {missing}")
+        if self.missing():
+            raise ValueError(f"no records for concepts {self.missing()}")
         mu = self.sums / self.records.clamp(min=1)[..., None]
         buckets = torch.arange(self.records.shape[1])
         for c in range(len(self.concepts)):
@@ -133,7 +136,7 @@ def concept_activations(sae: TopKSAE, data, *, num_buckets: int = DEFAULT_BUCKET
     ``track_latents``: also keep those latents' per-record values (for AUROC) for at most ``max_tracked``
     records per rank, thinned by halving (every 2^j-th record) so memory stays bounded.
     """
-    ds = data if isinstance(data, ActivationDataset) else ActivationDataset(data)
+    ds = as_dataset(data)
     ctx = ctx or DistContext(device=sae.device)
     concepts = dataset_concepts(ds)
     offsets, start = {}, 0

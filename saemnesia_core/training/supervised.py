@@ -33,7 +33,7 @@ from saemnesia_core.concepts import Concept, assigned_selection, build_tables
 from saemnesia_core.sae import TopKSAE, standardize
 from saemnesia_core.sae_file import SAEFile, load_sae_file, save_sae_file
 from saemnesia_core.training.distributed import DistContext
-from saemnesia_core.training.shards import ActivationDataset, RecordBatch, validation_mask
+from saemnesia_core.training.shards import RecordBatch, as_dataset, validation_mask
 from saemnesia_core.training.sparse_ops import decode_rows, encoder_values, per_token_topk
 from saemnesia_core.training.statistics import DEFAULT_BUCKETS, ConceptActivations, concept_activations
 from saemnesia_core.training.trainer import (
@@ -204,7 +204,7 @@ def finetune_supervised(sae_file: SAEFile | str | Path, data, cfg: SupervisedCon
     ``checkpoint_dir``: a checkpoint after every epoch; a rerun resumes after the last finished epoch.
     """
     cfg = cfg or SupervisedConfig()
-    ds = data if isinstance(data, ActivationDataset) else ActivationDataset(data)
+    ds = as_dataset(data)
     sf = sae_file if isinstance(sae_file, SAEFile) else load_sae_file(sae_file)
     if sf.config.d_in != ds.d:
         raise ValueError(f"the SAE reads d = {sf.config.d_in}, the dataset has d = {ds.d}")
@@ -229,15 +229,21 @@ def finetune_supervised(sae_file: SAEFile | str | Path, data, cfg: SupervisedCon
 
     if state is None:
         train_acts = concept_activations(sae, ds, where=training_rows, **stats_kw)
+        if train_acts.missing():
+            raise ValueError(f"the training split has no records of {train_acts.missing()}: collect more prompts "
+                             "or lower the validation fraction")
         groups = [g for g, _ in train_acts.concepts]
         latents = assign_latents(timestep_averaged_scores(train_acts), groups, cfg.priority_groups)
         concepts = [Concept(label, group, latent, cfg.default_strength)
                     for (group, label), latent in zip(train_acts.concepts, latents)]
         before_acts = concept_activations(sae, ds, where=eval_where, track_latents=latents, **stats_kw)
+        if eval_where is not None and before_acts.missing():  # too few held-out samples: report on all records
+            eval_where = None
+            before_acts = concept_activations(sae, ds, track_latents=latents, **stats_kw)
         before = [before_acts.selectivity(c.group, c.label, c.latent) for c in concepts]
     else:
         concepts = [Concept(**c) for c in state["concepts"]]
-        before = state["selectivity_before"]
+        before, eval_where = state["selectivity_before"], held_out if state["report_on_validation"] else None
 
     step = SupervisedStep(sae, cfg, concepts, ds.label_groups, ds.label_vocab, ctx)
     optimizer = make_adam(sae.parameters(), cfg.lr)
@@ -283,7 +289,8 @@ def finetune_supervised(sae_file: SAEFile | str | Path, data, cfg: SupervisedCon
         if ckpt_path is not None and ctx.is_main:
             save_checkpoint_atomic(ckpt_path, {
                 "format": "saemnesia-train-checkpoint", "stage": "supervised", "config": asdict(cfg),
-                "concepts": [asdict(c) for c in concepts], "selectivity_before": before, "model": sae.state_dict(),
+                "concepts": [asdict(c) for c in concepts], "selectivity_before": before,
+                "report_on_validation": eval_where is not None, "model": sae.state_dict(),
                 "optimizer": optimizer.state_dict(), "best_model": best_state, "best_val": best_val,
                 "bad_epochs": bad_epochs, "epoch": epoch, "history": history})
         ctx.barrier()
@@ -302,7 +309,8 @@ def finetune_supervised(sae_file: SAEFile | str | Path, data, cfg: SupervisedCon
         "model_id": ds.index["model_id"], "config": asdict(cfg), "epochs": len(history),
         "best_val_loss": best_val if cfg.val_fraction > 0 else None, "history": history,
         "selectivity_before": before, "selectivity_after": after,
-        "statistics": {"records": "validation" if eval_where else "training", "num_buckets": cfg.num_buckets},
+        "statistics": {"records": "validation split" if eval_where else "all (the validation split lacks concepts)",
+                       "num_buckets": cfg.num_buckets},
         "seconds": round(time.perf_counter() - started, 1)}
     result_file = SAEFile(sf.config, {k: v.detach().cpu() for k, v in sae.state_dict().items()}, concepts, tables,
                           sf.hookpoint, model_family or sf.model_family, cfg.num_buckets, True, provenance, "saemnesia")

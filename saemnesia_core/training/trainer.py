@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 from saemnesia_core.sae import SAEConfig, TopKSAE, standardize
 from saemnesia_core.sae_file import SAEFile, save_sae_file
 from saemnesia_core.training.distributed import DistContext
-from saemnesia_core.training.shards import ActivationDataset
+from saemnesia_core.training.shards import as_dataset
 from saemnesia_core.training.sparse_ops import (
     Selection, batch_topk, dead_latent_topk, decode_rows, encoder_values, per_token_topk,
 )
@@ -120,10 +120,6 @@ def save_checkpoint_atomic(path: Path, state: dict) -> None:
 def load_checkpoint(path: Path) -> dict:
     """Checkpoints hold tensors and plain data only: loaded with weights_only=True."""
     return torch.load(path, map_location="cpu", weights_only=True)
-
-
-def as_dataset(data) -> ActivationDataset:
-    return data if isinstance(data, ActivationDataset) else ActivationDataset(data)
 
 
 def total_variance(x: Tensor) -> Tensor:
