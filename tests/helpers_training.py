@@ -73,3 +73,29 @@ def planted_dataset(root, *, num_samples=64, tokens=(2, 4), d=32, num_atoms=32, 
             writer.write_sample(sample, torch.stack(records), t=t, timestep=[v * 999 for v in t], step=list(steps),
                                 branch=[0] * len(steps), labels=[obj, style])
     return root, atoms, object_dirs, style_dirs
+
+
+def tiny_sdxl_pipeline(seed: int = 0):
+    """A StableDiffusionXLPipeline at tiny width (two text encoders, text-time conditioning), random weights."""
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        sample_size=16, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=(2, 4), use_linear_projection=True, addition_embed_type="text_time",
+        addition_time_embed_dim=8, transformer_layers_per_block=(1, 2), projection_class_embeddings_input_dim=80,
+        cross_attention_dim=64, norm_num_groups=8)
+    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8,),
+                        down_block_types=("DownEncoderBlock2D",), up_block_types=("UpDecoderBlock2D",),
+                        norm_num_groups=8, layers_per_block=1)
+    text_config = dict(hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2,
+                       vocab_size=49408, max_position_embeddings=77, projection_dim=32)
+    tokenizer = CLIPTokenizer.from_pretrained(str(comfyui_path() / "comfy" / "sd1_tokenizer"), model_max_length=77)
+    pipe = StableDiffusionXLPipeline(
+        vae=vae, text_encoder=CLIPTextModel(CLIPTextConfig(**text_config)),
+        text_encoder_2=CLIPTextModelWithProjection(CLIPTextConfig(**text_config)), tokenizer=tokenizer,
+        tokenizer_2=tokenizer, unet=unet, scheduler=EulerDiscreteScheduler(steps_offset=1))
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to("cpu")

@@ -51,7 +51,7 @@ def test_collection_writes_expected_rows_and_labels(model, tmp_path):
     ds = ActivationDataset(tmp_path)
     rows = ds.load_shard(0)
     assert (ds.d, ds.index["height"], ds.index["width"]) == (128, 3, 4)  # 96x128 latent / 8 / 4
-    assert ds.index["source"]["block"] == "output_blocks.4.1"
+    assert ds.index["source"]["block"] == "output_blocks.4.1" and ds.index["source"]["model_family"] == "sd15"
     assert rows.sample.tolist() == [0, 0, 1, 1, 2, 2]
     assert rows.step.tolist() == [0, 2] * 3 and rows.branch.tolist() == [0] * 6
     assert rows.labels.tolist() == [[0, 0], [0, 0], [1, -1], [1, -1], [0, -1], [0, -1]]

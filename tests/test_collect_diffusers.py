@@ -108,3 +108,16 @@ def test_interrupted_collection_continues_without_duplicating_rows(tmp_path):
     for i in range(len(ds.shards)):
         shard = ds.load_shard(i)
         assert torch.equal(shard.acts[:, 0, 0].float(), shard.sample.float())
+
+
+def test_sdxl_pipeline_collects_with_its_own_hookpoints(tmp_path):
+    from helpers_training import tiny_sdxl_pipeline
+
+    xl = DiffusersSource(tiny_sdxl_pipeline(), "unet.up_blocks.0.attentions.1", steps=3, every_n_steps=1,
+                         guidance_scale=5.0, height=16, width=16)
+    collect(xl, SPECS[:2], tmp_path, batch_size=2, progress=False)
+    ds, rows = all_records(tmp_path)
+    assert ds.index["source"]["model_family"] == "sdxl" and ds.hookpoint == "unet.up_blocks.0.attentions.1"
+    assert (ds.d, ds.index["height"], ds.index["width"]) == (64, 8, 8)  # up_blocks.0 of a 16x16 latent
+    assert rows.sample.tolist() == [0, 0, 0, 1, 1, 1] and rows.step.tolist() == [0, 1, 2] * 2
+    assert 1.0 >= rows.t[0] > rows.t[1] > rows.t[2] >= 0.0
