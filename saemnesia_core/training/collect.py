@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from saemnesia_core.sae import block_to_tokens
 from saemnesia_core.training.distributed import DistContext
-from saemnesia_core.training.shards import BRANCHES, ShardWriter, completed_samples, merge_parts
+from saemnesia_core.training.shards import BRANCHES, INDEX_NAME, ShardWriter, completed_samples, merge_parts
 from saemnesia_core.training.specs import PromptSpec, label_vocabulary
 
 
@@ -107,8 +107,9 @@ def collect(source: ActivationSource, specs: Sequence[PromptSpec], out_dir: str 
         writer.close()
     if world_size > 1:
         ctx.barrier()
-        if ctx.is_main:
-            merge_parts(out_dir, [out_dir / f"part-{r:03d}" for r in range(world_size)])
+        parts = [out_dir / f"part-{r:03d}" for r in range(world_size)]
+        if ctx.is_main:  # a rank with no samples (more ranks than prompts) wrote no part
+            merge_parts(out_dir, [p for p in parts if (p / INDEX_NAME).exists()])
         ctx.barrier()
     return out_dir
 

@@ -117,12 +117,11 @@ class ShardWriter:
 
     def __init__(self, root: str | Path, *, d: int, height: int, width: int, label_vocab: dict[str, list[str]],
                  hookpoint: str, model_id: str, source: dict | None = None, dtype: str = "float16",
-                 shard_mb: float = 128.0, file_prefix: str = "shard"):
+                 shard_mb: float = 128.0):
         if dtype not in _DTYPES:
             raise ValueError(f"dtype must be one of {sorted(_DTYPES)}")
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
-        self.file_prefix = file_prefix
         self.header = {
             "format": FORMAT, "version": VERSION, "d": int(d), "height": int(height), "width": int(width),
             "tokens_per_record": int(height) * int(width), "dtype": dtype, "hookpoint": hookpoint,
@@ -188,7 +187,7 @@ class ShardWriter:
             return
         batch = RecordBatch.cat(self._pending)
         data = save_safetensors_bytes(batch.to_tensors())
-        name = f"{self.file_prefix}-{len(self.shards):06d}.safetensors"
+        name = f"shard-{len(self.shards):06d}.safetensors"
         _atomic_write_bytes(self.root / name, data)
         self.shards.append({"file": name, "records": len(batch), "sha256": hashlib.sha256(data).hexdigest(),
                             "samples": _ranges(self._pending_samples)})
@@ -232,7 +231,7 @@ def merge_parts(root: str | Path, parts: Sequence[str | Path]) -> dict:
 def validation_mask(sample: torch.Tensor, fraction: float, seed: int = 0) -> torch.Tensor:
     """Deterministic split by sample id (all records of a sample fall on one side): [R] bool, True = held out."""
     mixed = (sample.to(torch.int64) * 2654435761 + seed * 40503 + 12345) % 4294967291
-    mixed = (mixed * 2246822519 + 3266489917) % 4294967291
+    mixed = (mixed * 1103515245 + 3266489917) % 4294967291  # stays below 2**63
     return mixed.to(torch.float64) / 4294967291.0 < fraction
 
 

@@ -23,7 +23,7 @@ from saemnesia_core.sae import TopKSAE
 from saemnesia_core.sae_file import SAEFile, load_sae_file, save_sae_file
 from saemnesia_core.timesteps import bucket_index
 from saemnesia_core.training.distributed import DistContext
-from saemnesia_core.training.shards import ActivationDataset, RecordBatch, as_dataset
+from saemnesia_core.training.shards import RecordBatch, as_dataset
 
 DEFAULT_BUCKETS = 50
 
@@ -123,10 +123,6 @@ class ConceptActivations:
         return report
 
 
-def dataset_concepts(ds: ActivationDataset) -> list[tuple[str, str]]:
-    return [(g, label) for g in ds.label_groups for label in ds.label_vocab[g]]
-
-
 @torch.no_grad()
 def concept_activations(sae: TopKSAE, data, *, num_buckets: int = DEFAULT_BUCKETS, where=None,
                         batch_records: int = 64, track_latents=None, max_tracked: int = 100_000,
@@ -138,7 +134,7 @@ def concept_activations(sae: TopKSAE, data, *, num_buckets: int = DEFAULT_BUCKET
     """
     ds = as_dataset(data)
     ctx = ctx or DistContext(device=sae.device)
-    concepts = dataset_concepts(ds)
+    concepts = [(g, label) for g in ds.label_groups for label in ds.label_vocab[g]]
     offsets, start = {}, 0
     for g in ds.label_groups:
         offsets[g], start = start, start + len(ds.label_vocab[g])

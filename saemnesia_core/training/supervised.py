@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import copy
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -63,13 +63,6 @@ class SupervisedConfig:
     default_strength: float = -1.0
     seed: int = 0
     shuffle_buffer_records: int = 4096
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "SupervisedConfig":
-        kw = {f.name: d[f.name] for f in fields(cls) if f.name in d}
-        if "priority_groups" in kw:
-            kw["priority_groups"] = tuple(kw["priority_groups"])
-        return cls(**kw)
 
 
 @dataclass

@@ -17,7 +17,7 @@ from __future__ import annotations
 import math
 import os
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -68,10 +68,6 @@ class TrainConfig:
     def learning_rate(self, num_latents: int) -> float:
         """SAeUron's 4e-4 at n = 20480, scaled by 1/√n for other sizes (sparsify's rule)."""
         return self.lr if self.lr is not None else REFERENCE_LR * math.sqrt(REFERENCE_LATENTS / num_latents)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "TrainConfig":
-        return cls(**{f.name: d[f.name] for f in fields(cls) if f.name in d})
 
 
 @dataclass
