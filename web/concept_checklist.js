@@ -1,0 +1,264 @@
+// SAEmnesia for ComfyUI — concept checklist on Erase Concepts and Concept Probe.
+// SPDX-License-Identifier: GPL-3.0-or-later
+//
+// The selection lives in the node's `concepts` STRING widget (hidden here, still saved in workflows and sent in
+// API prompts), as the nodes read it: a JSON list of labels, or {label: strength or null} when a concept has
+// its own strength (null = the node's strength). The checklist is a view of that string: it is rebuilt from it
+// whenever a workflow is loaded, and written back only when the user changes a tick or a strength.
+import { app } from "../../scripts/app.js";
+import { api } from "../../scripts/api.js";
+
+const CHECKLIST_NODES = {
+  SAEmnesiaEraseConcepts: { strengths: true },
+  SAEmnesiaConceptProbe: { strengths: false }, // a probe only records: no strengths to override
+};
+const LOADER = "SAEmnesiaLoadSAE";
+
+/** The `concepts` string as a Map label -> strength (null = the node's strength); throws on invalid text. */
+export function parseSelection(text) {
+  const trimmed = (text ?? "").trim();
+  if (!trimmed) return new Map();
+  const value = JSON.parse(trimmed);
+  if (Array.isArray(value) && value.every((v) => typeof v === "string")) {
+    return new Map(value.map((label) => [label, null]));
+  }
+  if (value && typeof value === "object" && !Array.isArray(value)) {
+    const entries = Object.entries(value);
+    if (entries.every(([, s]) => s === null || (typeof s === "number" && Number.isFinite(s)))) {
+      return new Map(entries);
+    }
+  }
+  throw new Error('expected a list of labels or an object {label: strength or null}');
+}
+
+/** The inverse of parseSelection: a plain list unless some concept has its own strength. */
+export function formatSelection(selection) {
+  const entries = [...selection];
+  if (entries.every(([, s]) => s === null)) return JSON.stringify(entries.map(([label]) => label));
+  return JSON.stringify(Object.fromEntries(entries));
+}
+
+function element(tag, props = {}, ...children) {
+  const el = Object.assign(document.createElement(tag), props);
+  el.append(...children);
+  return el;
+}
+
+function loadStylesheet() {
+  if (document.getElementById("saemnesia-checklist-css")) return;
+  document.head.append(element("link", {
+    id: "saemnesia-checklist-css", rel: "stylesheet", href: new URL("./concept_checklist.css", import.meta.url).href,
+  }));
+}
+
+class ConceptChecklist {
+  constructor(node, { strengths }) {
+    this.node = node;
+    this.strengths = strengths;
+    this.string = node.widgets.find((w) => w.name === "concepts");
+    this.string.hidden = true; // canvas nodes
+    this.string.options = { ...this.string.options, hidden: true }; // Vue nodes
+    this.selection = new Map();
+    this.concepts = []; // [{label, group, latent, default_strength}] of the connected SAE
+    this.sae = null; // the SAE name the list belongs to (null: none connected)
+    this.request = 0;
+
+    this.filter = element("input", { type: "search", placeholder: "filter concepts", className: "saem-filter" });
+    this.filter.addEventListener("input", () => this.render());
+    const button = (text, title, onclick) => element("button", { textContent: text, title, onclick });
+    this.status = element("div", { className: "saem-status" });
+    this.list = element("div", { className: "saem-list" });
+    this.root = element("div", { className: "saem-checklist" },
+      element("div", { className: "saem-toolbar" }, this.filter,
+        button("all", "Tick every concept shown (the filter applies)", () => this.tickShown(true)),
+        button("none", "Untick every concept shown (the filter applies)", () => this.tickShown(false)),
+        button("↻", "Reload the concept list from the SAE file", () => this.refresh(true))),
+      this.status, this.list);
+    // keys typed here are not canvas shortcuts; the wheel scrolls the list when it can
+    this.root.addEventListener("keydown", (e) => e.stopPropagation());
+    this.list.addEventListener("wheel", (e) => {
+      if (!e.ctrlKey && this.list.scrollHeight > this.list.clientHeight) e.stopPropagation();
+    });
+
+    this.widget = node.addDOMWidget("concept_checklist", "saemnesia_checklist", this.root, {
+      serialize: false, getMinHeight: () => 150,
+    });
+    this.widget.serialize = false; // not in widgets_values: the `concepts` string holds the selection
+    this.readString();
+  }
+
+  /** Rebuild the ticks from the `concepts` string (a loaded workflow, a paste, an undo). */
+  readString() {
+    try {
+      this.selection = parseSelection(this.string.value);
+      this.invalid = null;
+    } catch (e) {
+      this.selection = new Map();
+      this.invalid = `the concepts text is not valid (${e.message}); ticking replaces it`;
+    }
+    this.render();
+  }
+
+  writeString() {
+    const known = this.concepts.map((c) => c.label).filter((l) => this.selection.has(l));
+    const unknown = [...this.selection.keys()].filter((l) => !known.includes(l));
+    this.selection = new Map([...known, ...unknown].map((l) => [l, this.selection.get(l)]));
+    this.string.value = formatSelection(this.selection);
+    this.invalid = null;
+    this.node.setDirtyCanvas(true, true);
+    this.render();
+  }
+
+  /** The sae_name of the Load SAE node feeding the `sae` input, or {problem} when there is none. */
+  connectedSae() {
+    const slot = this.node.findInputSlot("sae");
+    const source = slot < 0 ? null : this.node.getInputNode(slot);
+    if (!source) return { problem: "Connect a Load SAE node to list its concepts." };
+    const widget = source.widgets?.find((w) => w.name === "sae_name");
+    if (source.comfyClass !== LOADER || !widget) {
+      return { problem: `The SAE comes from "${source.title}": concepts are listed for a Load SAE node only.` };
+    }
+    return { name: widget.value };
+  }
+
+  /** Fetch the concept list when the connected SAE changed (or always, with force). */
+  async refresh(force = false) {
+    const { name, problem } = this.connectedSae();
+    if (!force && (name ?? null) === this.sae && !this.error) return;
+    const request = ++this.request;
+    this.sae = name ?? null;
+    this.concepts = [];
+    this.error = problem ?? null;
+    this.note = null;
+    this.loading = Boolean(name);
+    this.render();
+    if (!name) return;
+    let error = null, data = null;
+    try {
+      const response = await api.fetchApi(`/saemnesia/concepts?name=${encodeURIComponent(name)}`);
+      data = await response.json().catch(() => ({ error: `HTTP ${response.status}` }));
+      if (!response.ok) error = data.error ?? `HTTP ${response.status}`;
+    } catch (e) {
+      error = e.message ?? String(e);
+    }
+    if (request !== this.request) return; // a newer refresh is under way
+    this.loading = false;
+    this.error = error ? `Could not list the concepts of ${name}: ${error}` : null;
+    this.concepts = error ? [] : data.concepts;
+    this.note = data?.note ?? null;
+    this.render();
+  }
+
+  tickShown(on) {
+    for (const label of this.shownLabels()) {
+      if (on && !this.selection.has(label)) this.selection.set(label, null);
+      if (!on) this.selection.delete(label);
+    }
+    this.writeString();
+  }
+
+  shownLabels() {
+    return [...this.list.querySelectorAll(".saem-row")].map((row) => row.dataset.label);
+  }
+
+  matches(...texts) {
+    const q = this.filter.value.trim().toLowerCase();
+    return !q || texts.some((t) => t.toLowerCase().includes(q));
+  }
+
+  render() {
+    const known = new Set(this.concepts.map((c) => c.label));
+    const groups = new Map();
+    for (const c of this.concepts) {
+      const group = c.group || "concepts";
+      if (!this.matches(c.label, group)) continue;
+      if (!groups.has(group)) groups.set(group, []);
+      groups.get(group).push(c);
+    }
+    const unknown = [...this.selection.keys()].filter((l) => !known.has(l) && this.matches(l, "unknown"));
+    if (unknown.length) {
+      groups.set(this.sae && !this.loading && !this.error ? "unknown to this SAE" : "selected (SAE not loaded)",
+        unknown.map((label) => ({ label, unknown: true })));
+    }
+    this.list.replaceChildren(...[...groups].map(([group, concepts]) => element("div", { className: "saem-group" },
+      element("div", { className: "saem-group-header", textContent: group }),
+      ...concepts.map((c) => this.row(c)))));
+
+    const ticked = this.concepts.filter((c) => this.selection.has(c.label)).length;
+    const strangers = this.selection.size - ticked;
+    const messages = [this.invalid, this.error, this.note].filter(Boolean);
+    this.status.classList.toggle("saem-error", Boolean(this.invalid || this.error));
+    this.status.textContent = messages.length ? messages.join(" ")
+      : this.loading ? `Loading the concepts of ${this.sae}…`
+      : `${ticked} of ${this.concepts.length} concepts ticked` + (strangers ? `, ${strangers} unknown` : "");
+    this.status.title = this.sae ?? "";
+  }
+
+  row(c) {
+    const tick = element("input", { type: "checkbox", checked: this.selection.has(c.label) });
+    tick.addEventListener("change", () => {
+      if (tick.checked) this.selection.set(c.label, null);
+      else this.selection.delete(c.label);
+      this.writeString();
+    });
+    const row = element("label", { className: "saem-row" + (c.unknown ? " saem-unknown" : "") }, tick,
+      element("span", { className: "saem-label", textContent: c.label,
+        title: c.unknown ? "Not a concept of this SAE: running fails until you untick it" : `latent ${c.latent ?? "by score"}` }));
+    row.dataset.label = c.label;
+    if (this.strengths) {
+      const own = this.selection.get(c.label);
+      const strength = element("input", {
+        type: "number", step: "0.5", className: "saem-strength", placeholder: "node", value: own ?? "",
+        title: "This concept's own strength γ; empty = the node's strength",
+      });
+      strength.addEventListener("change", () => {
+        const value = strength.value.trim() === "" ? null : Number(strength.value);
+        this.selection.set(c.label, Number.isFinite(value) ? value : null);
+        this.writeString();
+      });
+      row.append(strength);
+    }
+    return row;
+  }
+}
+
+function checklistsFedBy(loader) {
+  const graph = loader.graph;
+  return (graph?.nodes ?? []).filter((n) => n.saemnesiaChecklist &&
+    n.getInputNode(n.findInputSlot("sae")) === loader).map((n) => n.saemnesiaChecklist);
+}
+
+function chain(object, method, after) {
+  const before = object[method];
+  object[method] = function (...args) {
+    const result = before?.apply(this, args);
+    after.apply(this, args);
+    return result;
+  };
+}
+
+app.registerExtension({
+  name: "saemnesia.ConceptChecklist",
+
+  setup() {
+    loadStylesheet();
+  },
+
+  nodeCreated(node) {
+    const kind = CHECKLIST_NODES[node.comfyClass];
+    if (kind) {
+      const checklist = (node.saemnesiaChecklist = new ConceptChecklist(node, kind));
+      node.setSize([Math.max(node.size[0], 300), node.size[1] + 160]); // room for a list (a loaded workflow sets its own)
+      chain(node, "onConfigure", () => checklist.readString());
+      chain(node, "onConnectionsChange", () => queueMicrotask(() => checklist.refresh()));
+      queueMicrotask(() => checklist.refresh());
+    } else if (node.comfyClass === LOADER) {
+      const widget = node.widgets?.find((w) => w.name === "sae_name");
+      if (widget) chain(widget, "callback", () => checklistsFedBy(node).forEach((c) => c.refresh()));
+    }
+  },
+
+  loadedGraphNode(node) {
+    node.saemnesiaChecklist?.refresh();
+  },
+});
