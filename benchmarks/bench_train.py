@@ -83,7 +83,8 @@ def planted_tokens(num_tokens: int, seed: int) -> torch.Tensor:
     atoms = F.normalize(torch.randn(4096, D, generator=gen), dim=1)
     idx = torch.randint(0, 4096, (num_tokens, 64), generator=gen)
     mags = torch.rand(num_tokens, 64, generator=gen) * 2
-    return F.embedding_bag(idx, atoms, per_sample_weights=mags, mode="sum") + 0.1 * torch.randn(num_tokens, D, generator=gen)
+    noise = 0.1 * torch.randn(num_tokens, D, generator=gen)
+    return F.embedding_bag(idx, atoms, per_sample_weights=mags, mode="sum") + noise
 
 
 def make_records(tokens: torch.Tensor, seed: int) -> RecordBatch:

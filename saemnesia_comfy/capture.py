@@ -50,8 +50,9 @@ class ComfyCaptureSource:
     """Samples a ComfyUI MODEL and records the hooked block's output at every n-th step (an ActivationSource).
 
     ``width``/``height`` are image pixels; the latent is that divided by ``downscale`` (default: 1 for
-    pixel-space latent formats, 8 otherwise). Each sample's noise is drawn from its own seed, so a sample's
-    records do not depend on how prompts are batched.
+    pixel-space latent formats, 8 otherwise). Each sample's initial noise is drawn from its own seed, so with
+    a deterministic sampler (ddim, euler, ...) a sample's records do not depend on how prompts are batched;
+    ancestral samplers draw their per-step noise from the batch's first seed (use batch_size 1 there).
     """
 
     def __init__(self, model, encode_prompt: Callable[[str], Conditioning], *, hookpoint: str, steps: int = 50,

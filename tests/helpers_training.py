@@ -31,8 +31,8 @@ def tiny_sd_pipeline(seed: int = 0, cross_attention_dim: int = 32):
                                                 max_position_embeddings=77))
     tokenizer = CLIPTokenizer.from_pretrained(str(comfyui_path() / "comfy" / "sd1_tokenizer"), model_max_length=77)
     pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
-                                   scheduler=DDIMScheduler(steps_offset=1, clip_sample=False), safety_checker=None, feature_extractor=None,
-                                   requires_safety_checker=False)
+                                   scheduler=DDIMScheduler(steps_offset=1, clip_sample=False), safety_checker=None,
+                                   feature_extractor=None, requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
     return pipe.to("cpu")
 

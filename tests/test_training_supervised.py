@@ -64,7 +64,8 @@ def test_concept_logits_are_the_spatial_mean_of_pre_relu_encoder_outputs():
             act = F.relu(pre_relu) if post_relu else pre_relu
             logits = act.mean(1)[:, [3, 7, 11]]
         targets = torch.tensor([[1.0, 0, 0], [0, 1, 1], [1, 0, 1]])  # labels of _tiny_records
-        assert float(got.detach()) == pytest.approx(float(F.binary_cross_entropy_with_logits(logits, targets)), rel=1e-5)
+        expected = F.binary_cross_entropy_with_logits(logits, targets)
+        assert float(got.detach()) == pytest.approx(float(expected), rel=1e-5)
 
 
 def _tiny_records():

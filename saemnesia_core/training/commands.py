@@ -191,7 +191,8 @@ def _train(args) -> None:
     result = train_unsupervised(args.data, cfg, out=args.out, checkpoint_dir=args.checkpoint_dir,
                                 model_family=args.family, ctx=ctx, progress=not args.quiet)
     if ctx.is_main:
-        print(f"wrote {args.out} after {result.steps} steps: {json.dumps(result.history[-1] if result.history else {})}")
+        final = result.history[-1] if result.history else {}
+        print(f"wrote {args.out} after {result.steps} steps: {json.dumps(final)}")
 
 
 def format_selectivity(before: list[dict], after: list[dict]) -> str:

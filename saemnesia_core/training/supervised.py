@@ -80,7 +80,8 @@ def assign_latents(scores: Tensor, groups: list[str], priority_groups=("object",
     C, n = scores.shape
     if C > n:
         raise ValueError(f"{C} concepts but only {n} latents")
-    ranked = scores.double() + boost * torch.tensor([g in priority_groups for g in groups], dtype=torch.float64)[:, None]
+    first = torch.tensor([g in priority_groups for g in groups], dtype=torch.float64)
+    ranked = scores.double() + boost * first[:, None]
     assigned, used = [-1] * C, set()
     for flat in ranked.flatten().argsort(descending=True).tolist():
         c, i = divmod(flat, n)
@@ -138,7 +139,7 @@ class SupervisedStep:
             l1 = pre.clamp(max=L1_CLAMP).sum() / (global_tokens * sae.cfg.num_latents)
         else:
             with torch.no_grad():
-                pre = torch.relu(torch.addmm(b_enc, x - sae.b_dec, W_enc.t()))
+                pre = sae.pre_acts(x)
             sel = per_token_topk(pre, sae.cfg.k)
             values = encoder_values(x, W_enc, b_enc, sae.b_dec, pre, sel)
             l1 = x.new_zeros(())
@@ -157,7 +158,7 @@ class SupervisedStep:
             logits = centred.mean(1) @ W_a.T + b_a                           # [R, A]
         labels = local.labels.to(sae.device).long()
         targets = (labels[:, self.group_pos] == self.label_ids).float()
-        ca = F.binary_cross_entropy_with_logits(logits, targets, reduction="sum") / (global_records * len(self.latents))
+        ca = F.binary_cross_entropy_with_logits(logits, targets, reduction="sum") / (global_records * targets.shape[1])
         all_logits = self.ctx.gather_with_grad(logits)
         dc = cross_group_decorrelation(all_logits, self.latent_groups) / self.ctx.world_size
         total = rec + cfg.beta * ca + cfg.eta * dc + cfg.l1 * l1
@@ -268,7 +269,8 @@ def finetune_supervised(sae_file: SAEFile | str | Path, data, cfg: SupervisedCon
                                      buffer_records=cfg.shuffle_buffer_records, drop_last=True):
             sums += step(batch, optimizer)
             batches += 1
-        entry = {"epoch": epoch, **{k: float(v) / max(batches, 1) for k, v in zip(("loss", "rec", "ca", "dc", "l1"), sums)}}
+        means = (sums / max(batches, 1)).tolist()
+        entry = {"epoch": epoch, **dict(zip(("loss", "rec", "ca", "dc", "l1"), means))}
         if cfg.val_fraction > 0:
             entry["val_loss"] = validation_loss()
             if entry["val_loss"] < best_val:
@@ -296,14 +298,14 @@ def finetune_supervised(sae_file: SAEFile | str | Path, data, cfg: SupervisedCon
                                      **stats_kw)
     after = [after_acts.selectivity(c.group, c.label, c.latent) for c in concepts]
     order = [after_acts.index(c.group, c.label) for c in concepts]
-    tables = build_tables(assigned_selection([c.latent for c in concepts], cfg.num_buckets), after_acts.means()[order])
+    selection = assigned_selection([c.latent for c in concepts], cfg.num_buckets)
+    tables = build_tables(selection, after_acts.means()[order])
     provenance = {
         "trainer": "saemnesia supervised", "unsupervised": sf.provenance, "dataset": str(ds.root),
         "model_id": ds.index["model_id"], "config": asdict(cfg), "epochs": len(history),
         "best_val_loss": best_val if cfg.val_fraction > 0 else None, "history": history,
         "selectivity_before": before, "selectivity_after": after,
-        "statistics": {"records": "validation split" if eval_where else "all (the validation split lacks concepts)",
-                       "num_buckets": cfg.num_buckets},
+        "statistics": {"records": "validation split" if eval_where else "all records", "num_buckets": cfg.num_buckets},
         "seconds": round(time.perf_counter() - started, 1)}
     result_file = SAEFile(sf.config, {k: v.detach().cpu() for k, v in sae.state_dict().items()}, concepts, tables,
                           sf.hookpoint, model_family or sf.model_family, cfg.num_buckets, True, provenance, "saemnesia")

@@ -1,8 +1,8 @@
 # SPDX-License-Identifier: GPL-3.0-or-later
 """Unsupervised TopK SAE training (DESIGN §4.2, the SAeUron recipe).
 
-Loss = FVU + α·AuxK over a batch of tokens. FVU = ‖x − x̂‖² / Σ‖x − mean(x)‖²; AuxK (Gao et al. 2024, in
-its corrected form): the residual e = x − x̂ is detached, the k_aux largest pre-activations of the dead
+Loss = FVU + α·AuxK over a batch of tokens. FVU = ‖x − x̂‖² / Σ‖x − mean(x)‖²; AuxK (Gao et al. 2024,
+in its corrected form): the residual e = x − x̂ is detached, the k_aux largest pre-activations of the dead
 latents decode ê *without* b_dec, loss ‖e − ê‖² / the same total variance, scaled by min(#dead / k_aux, 1).
 Decoder rows are kept unit-norm and their gradient's parallel component removed; b_dec starts at the first
 batch's geometric median (or mean); Adam with linear decay. The encoder backward is sparse (`sparse_ops`).
@@ -141,7 +141,7 @@ class UnsupervisedStep:
         x = x_global[ctx.local_slice(x_global.shape[0])]
         W_enc, b_enc = sae.encoder.weight, sae.encoder.bias
         with torch.no_grad():
-            pre = torch.relu(torch.addmm(b_enc, x - sae.b_dec, W_enc.t()))  # [N, n], no graph
+            pre = sae.pre_acts(x)  # [N, n], no graph: the backward only needs the selected pairs
         sel = batch_topk(pre, cfg.k, ctx.gather) if cfg.batch_topk else per_token_topk(pre, cfg.k)
         dead = self.tokens_since_fired > cfg.dead_tokens_threshold
         use_aux = cfg.auxk_alpha > 0 and bool(dead.any())
