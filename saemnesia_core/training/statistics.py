@@ -45,7 +45,7 @@ def auroc(on: Tensor, off: Tensor) -> float:
     if not len(on) or not len(off):
         return float("nan")
     values = torch.cat([on, off]).double()
-    uniq, inverse, counts = torch.unique(values, return_inverse=True, return_counts=True)
+    _, inverse, counts = torch.unique(values, return_inverse=True, return_counts=True)
     first_rank = torch.cumsum(counts, 0) - counts + 1
     average_rank = (first_rank + (counts - 1) / 2.0)[inverse]
     u = average_rank[: len(on)].sum() - len(on) * (len(on) + 1) / 2.0
