@@ -1,0 +1,140 @@
+"""The toy world's judges: small CNNs that say which object and which style an image shows.
+
+They play the part of UnlearnCanvas' ViT classifiers. They are trained on renders with mild noise, blur and
+contrast jitter so that a generated image of a recognisable shape is judged by its shape, not by
+generation artefacts; they must still score ≥ 98 % on clean held-out renders.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+
+from .render import OBJECTS, STYLES, render_batch
+
+STYLE_CLASSES = STYLES + ("Unstyled",)
+
+
+class JudgeCNN(torch.nn.Module):
+    """[B, 3, 32, 32] images in [0, 1] → [B, num_classes] logits."""
+
+    def __init__(self, num_classes: int):
+        super().__init__()
+        c = (32, 64, 128)
+        self.features = torch.nn.Sequential(
+            torch.nn.Conv2d(3, c[0], 3, padding=1), torch.nn.ReLU(), torch.nn.Conv2d(c[0], c[0], 3, padding=1),
+            torch.nn.ReLU(), torch.nn.MaxPool2d(2),
+            torch.nn.Conv2d(c[0], c[1], 3, padding=1), torch.nn.ReLU(), torch.nn.Conv2d(c[1], c[1], 3, padding=1),
+            torch.nn.ReLU(), torch.nn.MaxPool2d(2),
+            torch.nn.Conv2d(c[1], c[2], 3, padding=1), torch.nn.ReLU(), torch.nn.MaxPool2d(2),
+        )
+        self.head = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Dropout(0.2), torch.nn.Linear(c[2] * 16, 128),
+                                        torch.nn.ReLU(), torch.nn.Linear(128, num_classes))
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(images * 2 - 1))
+
+
+@dataclass
+class Judges:
+    """Both judges; `classify` gives class names for a batch of images in [0, 1] ([B,3,H,W] or [B,H,W,3])."""
+
+    objects: JudgeCNN
+    styles: JudgeCNN
+
+    @torch.no_grad()
+    def predict(self, images: torch.Tensor) -> tuple[list[str], list[str]]:
+        x = _as_nchw(images)
+        obj = self.objects(x).argmax(1).tolist()
+        sty = self.styles(x).argmax(1).tolist()
+        return [OBJECTS[i] for i in obj], [STYLE_CLASSES[i] for i in sty]
+
+    def save(self, path) -> None:
+        tensors = {f"objects.{k}": v for k, v in self.objects.state_dict().items()}
+        tensors.update({f"styles.{k}": v for k, v in self.styles.state_dict().items()})
+        save_file(tensors, str(path), metadata={"objects": ",".join(OBJECTS), "styles": ",".join(STYLE_CLASSES)})
+
+    @classmethod
+    def load(cls, path) -> "Judges":
+        tensors = load_file(str(path))
+        objects, styles = JudgeCNN(len(OBJECTS)), JudgeCNN(len(STYLE_CLASSES))
+        objects.load_state_dict({k[8:]: v for k, v in tensors.items() if k.startswith("objects.")})
+        styles.load_state_dict({k[7:]: v for k, v in tensors.items() if k.startswith("styles.")})
+        return cls(objects.eval(), styles.eval())
+
+
+def _as_nchw(images: torch.Tensor) -> torch.Tensor:
+    x = images.float()
+    if x.shape[-1] == 3 and x.shape[1] != 3:
+        x = x.permute(0, 3, 1, 2)
+    if x.shape[-2:] != (32, 32):
+        x = F.interpolate(x, size=(32, 32), mode="area")
+    return x.contiguous()
+
+
+def render_labelled(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """n renders over all objects and styles (unstyled included): images [n,3,32,32] in [0,1], labels."""
+    rng = np.random.default_rng(seed)
+    obj = rng.integers(0, len(OBJECTS), n)
+    sty = rng.integers(0, len(STYLE_CLASSES), n)
+    items = [(OBJECTS[o], STYLES[s] if s < len(STYLES) else None) for o, s in zip(obj, sty)]
+    imgs = render_batch(items, rng.integers(0, 2**31 - 1, n))
+    return torch.from_numpy(imgs).permute(0, 3, 1, 2).float() / 255, torch.from_numpy(obj), torch.from_numpy(sty)
+
+
+def _augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """Mild noise, blur and contrast jitter: what a generator's imperfections look like."""
+    b = x.shape[0]
+    contrast = 1 + 0.15 * (torch.rand(b, 1, 1, 1, generator=gen) * 2 - 1)
+    x = (x - 0.5) * contrast + 0.5
+    blur = torch.rand(b, generator=gen) < 0.3
+    if blur.any():
+        kernel = torch.tensor([1.0, 2.0, 1.0])
+        kernel = (kernel[:, None] * kernel[None, :] / 16).expand(3, 1, 3, 3)
+        x[blur] = F.conv2d(F.pad(x[blur], (1, 1, 1, 1), mode="replicate"), kernel, groups=3)
+    x = x + torch.randn(x.shape, generator=gen) * 0.06 * torch.rand(b, 1, 1, 1, generator=gen)
+    return x.clamp(0, 1)
+
+
+def train_judges(pool_size=12000, steps=1500, batch=128, seed=0, progress=True) -> tuple[Judges, dict]:
+    """Train both judges on a pool of renders; returns them and their held-out accuracy on clean renders."""
+    torch.manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed)
+    images, obj_labels, sty_labels = render_labelled(pool_size, seed)
+    judges = Judges(JudgeCNN(len(OBJECTS)), JudgeCNN(len(STYLE_CLASSES)))
+    params = list(judges.objects.parameters()) + list(judges.styles.parameters())
+    opt = torch.optim.AdamW(params, lr=2e-3, weight_decay=1e-4)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=2e-3, total_steps=steps)
+    from tqdm import tqdm
+
+    judges.objects.train()
+    judges.styles.train()
+    for _ in tqdm(range(steps), desc="judges", disable=not progress):
+        idx = torch.randint(0, pool_size, (batch,), generator=gen)
+        x = _augment(images[idx].clone(), gen)
+        loss = F.cross_entropy(judges.objects(x), obj_labels[idx]) + F.cross_entropy(judges.styles(x), sty_labels[idx])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sched.step()
+    judges.objects.eval()
+    judges.styles.eval()
+    return judges, held_out_accuracy(judges, seed=seed + 1000)
+
+
+def held_out_accuracy(judges: Judges, n=2000, seed=1000) -> dict:
+    """Top-1 accuracy of each judge on fresh clean renders (seeds disjoint from training)."""
+    images, obj_labels, sty_labels = render_labelled(n, seed)
+    with torch.no_grad():
+        obj_acc = (judges.objects(images).argmax(1) == obj_labels).float().mean().item()
+        sty_acc = (judges.styles(images).argmax(1) == sty_labels).float().mean().item()
+    return {"object": obj_acc, "style": sty_acc, "n": n}
+
+
+def default_judges_path() -> Path:
+    return Path(__file__).resolve().parents[2] / "models" / "toy" / "toy_judges.safetensors"
