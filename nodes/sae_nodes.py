@@ -1,0 +1,128 @@
+"""The SAE nodes: Load SAE, Erase Concepts, Concept Probe and Probe Report — thin adapters over saemnesia_comfy."""
+
+from __future__ import annotations
+
+import json
+
+from comfy_api.latest import io
+
+from saemnesia_comfy import erase, probe as probing, sae_library
+from saemnesia_comfy.patch import BRANCHES
+
+SAE = io.Custom("SAE")
+PROBE = io.Custom("SAEMNESIA_PROBE")
+CATEGORY = "SAEmnesia"
+CONCEPTS_TOOLTIP = ('Concepts as JSON: a list of labels ["Hearts", "Neon"] or {"Hearts": -1.0, "Neon": null} '
+                    "(null = the node's strength). The checklist writes this for you.")
+
+
+class LoadSAE(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="SAEmnesiaLoadSAE", display_name="Load SAE (SAEmnesia)", category=CATEGORY,
+            description="Load a concept SAE from models/saemnesia (our .safetensors files or sparsify/SAeUron "
+                        "checkpoint folders). The weights are loaded once and placed by ComfyUI's memory manager.",
+            inputs=[io.Combo.Input("sae_name", options=sae_library.list_sae_entries(),
+                                   tooltip="An SAE file or checkpoint folder in the saemnesia model folders.")],
+            outputs=[SAE.Output(display_name="SAE", tooltip="The SAE: its weights, hookpoint and concepts.")],
+        )
+
+    @classmethod
+    def fingerprint_inputs(cls, sae_name):
+        return sae_library.fingerprint(sae_library.resolve_sae(sae_name))
+
+    @classmethod
+    def execute(cls, sae_name):
+        return io.NodeOutput(sae_library.load_sae(sae_name))
+
+
+def _step_inputs():
+    return [
+        io.Float.Input("start_percent", default=0.0, min=0.0, max=1.0, step=0.001,
+                       tooltip="Where in sampling to start (0 = the first, noisiest step)."),
+        io.Float.Input("end_percent", default=1.0, min=0.0, max=1.0, step=0.001,
+                       tooltip="Where in sampling to stop (1 = the last step)."),
+    ]
+
+
+class EraseConcepts(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="SAEmnesiaEraseConcepts", display_name="Erase Concepts (SAEmnesia)", category=CATEGORY,
+            description="Suppress the chosen concepts in the SAE's UNet block during sampling. The model's weights "
+                        "never change: remove the node and the model is exactly as before. A positive strength "
+                        "amplifies instead (steering).",
+            inputs=[
+                io.Model.Input("model", tooltip="The diffusion model to patch (it is cloned, never modified)."),
+                SAE.Input("sae", tooltip="A concept SAE from Load SAE; its hookpoint must exist in this model."),
+                io.String.Input("concepts", default="[]", multiline=False, tooltip=CONCEPTS_TOOLTIP),
+                io.Float.Input("strength", default=-1.0, min=-100.0, max=100.0, step=0.5,
+                               tooltip="γ: a firing concept latent z becomes z·γ·μ. Negative erases (−1 is "
+                                       "SAEmnesia's single knob); positive amplifies (steering)."),
+                *_step_inputs(),
+                io.Combo.Input("branches", options=list(BRANCHES), default="both",
+                               tooltip="Which classifier-free-guidance branch to edit: both (as the papers), "
+                                       "cond only, or uncond only."),
+                io.Combo.Input("mode", options=["exact", "paper"], default="exact",
+                               tooltip="exact: add only the change of the erased latents (identity elsewhere). "
+                                       "paper: the released hooks' formula, to reproduce published numbers."),
+            ],
+            outputs=[io.Model.Output(tooltip="The model with the concepts erased during sampling.")],
+        )
+
+    @classmethod
+    def execute(cls, model, sae, concepts, strength, start_percent, end_percent, branches, mode):
+        chosen = erase.parse_concepts(concepts)
+        return io.NodeOutput(erase.erase_concepts(model, sae, chosen, strength, start_percent, end_percent,
+                                                  branches, mode))
+
+
+class ConceptProbe(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="SAEmnesiaConceptProbe", display_name="Concept Probe (SAEmnesia)", category=CATEGORY,
+            description="Record where the chosen concepts fire during sampling (nothing is edited). Connect the "
+                        "probe to Probe Report with the decoded image for heatmaps and presence scores.",
+            inputs=[
+                io.Model.Input("model", tooltip="The diffusion model to observe (cloned, never modified)."),
+                SAE.Input("sae", tooltip="A concept SAE from Load SAE."),
+                io.String.Input("concepts", default="[]", multiline=False, tooltip=CONCEPTS_TOOLTIP),
+                *_step_inputs(),
+            ],
+            outputs=[io.Model.Output(tooltip="The model, observed while it samples."),
+                     PROBE.Output(display_name="probe", tooltip="What the probe recorded in the last sampling.")],
+        )
+
+    @classmethod
+    def execute(cls, model, sae, concepts, start_percent, end_percent):
+        labels = list(erase.parse_concepts(concepts))
+        m, record = probing.probe_concepts(model, sae, labels, start_percent, end_percent)
+        return io.NodeOutput(m, record)
+
+
+class ProbeReport(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="SAEmnesiaProbeReport", display_name="Probe Report (SAEmnesia)", category=CATEGORY,
+            description="Heatmaps of where each probed concept fired over each image, and presence scores.",
+            inputs=[
+                PROBE.Input("probe", tooltip="From Concept Probe, after its model has sampled."),
+                io.Image.Input("images", tooltip="The decoded images of that sampling (they also order this node "
+                                                 "after the sampler)."),
+                io.Float.Input("flag_threshold", default=0.05, min=0.0, max=1.0, step=0.005,
+                               tooltip="Flag a concept in an image when it fires on at least this fraction of "
+                                       "the recorded (step, position) pairs."),
+            ],
+            outputs=[io.Image.Output(display_name="heatmaps", tooltip="Each image overlaid with each concept's "
+                                                                      "activation (image-major)."),
+                     io.String.Output(display_name="report", tooltip="JSON: per image and concept, the presence "
+                                                                     "score, peak and flag.")],
+        )
+
+    @classmethod
+    def execute(cls, probe, images, flag_threshold):
+        return io.NodeOutput(probing.overlays(probe, images), json.dumps(probing.report(probe, flag_threshold)))

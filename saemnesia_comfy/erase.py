@@ -1,0 +1,77 @@
+"""Erase concepts from a ComfyUI MODEL during sampling: the Erase Concepts node's whole behaviour."""
+
+from __future__ import annotations
+
+import json
+
+from saemnesia_core.concepts import ConceptTables
+from saemnesia_core.eraser import ConceptEraser
+
+from .patch import StepGate, check_block_width, comfy_block_name, patch_block_output
+from .sae_library import LoadedSAE
+
+ADDITIONAL_MODELS_KEY = "saemnesia_sae"
+
+
+def parse_concepts(text: str) -> dict[str, float | None]:
+    """The `concepts` string: a JSON list of labels, or an object {label: strength or null}; empty = none.
+
+    A null strength means "the node's strength". This is what the checklist widget writes and what API
+    prompts may send by hand.
+    """
+    text = (text or "").strip()
+    if not text:
+        return {}
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"concepts must be JSON (a list of labels or an object label -> strength): {e}") from None
+    if isinstance(value, list) and all(isinstance(v, str) for v in value):
+        return {label: None for label in value}
+    if isinstance(value, dict) and all(isinstance(k, str) for k in value):
+        out = {}
+        for label, strength in value.items():
+            if strength is not None and (isinstance(strength, bool) or not isinstance(strength, (int, float))):
+                raise ValueError(f"strength of {label!r} must be a number or null, got {strength!r}")
+            out[label] = None if strength is None else float(strength)
+        return out
+    raise ValueError("concepts must be a JSON list of labels or an object {label: strength}")
+
+
+def attach_sae_weights(model, loaded: LoadedSAE) -> None:
+    """Hand the SAE's ModelPatcher to ComfyUI's memory manager with this model (once, however many edits)."""
+    attached = model.get_additional_models_with_key(ADDITIONAL_MODELS_KEY)
+    if not any(p.model.sae is loaded.sae for p in attached):
+        model.set_additional_models(ADDITIONAL_MODELS_KEY, attached + [loaded.patcher])
+
+
+def target_block(model, loaded: LoadedSAE) -> str:
+    """The ComfyUI block of the SAE's hookpoint, checked against the SAE's width."""
+    block = comfy_block_name(model, loaded.file.hookpoint)
+    check_block_width(model, block, loaded.file.config.d_in, loaded.file.hookpoint)
+    return block
+
+
+def erase_concepts(model, loaded: LoadedSAE, concepts: dict[str, float | None], strength: float,
+                   start_percent: float = 0.0, end_percent: float = 1.0, branches: str = "both",
+                   mode: str = "exact"):
+    """A clone of `model` whose hooked block erases `concepts` (label → strength, None = `strength`).
+
+    With no concept chosen the clone is returned unpatched, in both modes: no node, no change.
+    """
+    strengths = {label: strength if s is None else s for label, s in concepts.items()}
+    tables = loaded.file.tables if loaded.file.tables is not None else ConceptTables.empty(loaded.file.num_buckets)
+    eraser = ConceptEraser(loaded.sae, loaded.file.concepts, tables, strengths, mode)  # checks the labels
+    m = model.clone()
+    if not strengths:
+        return m
+    block = target_block(m, loaded)
+    gate = StepGate(m, start_percent, end_percent, branches)
+
+    def edit(out, options):
+        mask, t = gate.items(options, out.shape[0], out.device)
+        return eraser(out, t, mask) if bool(mask.any()) else out
+
+    patch_block_output(m, block, edit)
+    attach_sae_weights(m, loaded)
+    return m

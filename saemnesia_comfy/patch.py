@@ -1,0 +1,97 @@
+"""Patching one UNet block of a ComfyUI MODEL so that a function sees, and may replace, its output.
+
+The patch is an object patch on the block's `forward` (DESIGN §6.3): ComfyUI still sees the real
+SpatialTransformer (its isinstance dispatch and argument list are kept), the patch wraps whatever was
+there before (so erasure nodes compose), it lives only in the clone it was added to, and ComfyUI undoes
+it when the model is unpatched. Per batch item, the step comes from the sigma ComfyUI passes in
+`transformer_options` and the CFG branch from `cond_or_uncond` — never from a call counter.
+"""
+
+from __future__ import annotations
+
+import types
+from typing import Callable
+
+import torch
+
+import comfy.utils
+
+COND, UNCOND = 0, 1
+BRANCHES = {"both": (COND, UNCOND), "cond": (COND,), "uncond": (UNCOND,)}
+
+
+class HookpointError(ValueError):
+    """The SAE's hookpoint does not exist in this model, or its width differs from the SAE's."""
+
+
+def comfy_block_name(model, hookpoint: str) -> str:
+    """`unet.up_blocks.1.attentions.1` → `output_blocks.4.1`, from ComfyUI's own map for this model's config."""
+    key_map = comfy.utils.unet_to_diffusers(model.model.model_config.unet_config)
+    diffusers_key = f"{hookpoint.removeprefix('unet.')}.proj_out.weight"
+    if diffusers_key not in key_map:
+        known = sorted("unet." + k.removesuffix(".proj_out.weight") for k in key_map if k.endswith(".proj_out.weight"))
+        raise HookpointError(f"hookpoint {hookpoint!r} is not a transformer block of this model; "
+                             f"its transformer blocks are: {', '.join(known) or 'none'}")
+    return key_map[diffusers_key].removesuffix(".proj_out.weight")
+
+
+def check_block_width(model, block: str, d_in: int, hookpoint: str) -> None:
+    """The block's channel count must equal the SAE's input width."""
+    channels = model.get_model_object(f"diffusion_model.{block}").in_channels
+    if channels != d_in:
+        raise HookpointError(f"the SAE reads {d_in}-dimensional activations at {hookpoint}, but this model's "
+                             f"{block} has {channels} channels: the SAE was trained for another model")
+
+
+def patch_block_output(model, block: str, edit: Callable[[torch.Tensor, dict], torch.Tensor]) -> None:
+    """Make `edit(output, transformer_options)` see and replace the output of `diffusion_model.<block>` in `model`."""
+    key = f"diffusion_model.{block}.forward"
+    module = model.get_model_object(f"diffusion_model.{block}")
+    previous = model.get_model_object(key)  # the block's own forward, or an earlier patch in this clone chain
+
+    def forward(self, x, *args, **kwargs):
+        out = previous(x, *args, **kwargs)
+        options = kwargs.get("transformer_options", args[1] if len(args) > 1 else None) or {}
+        return edit(out, options)
+
+    model.add_object_patch(key, types.MethodType(forward, module))
+
+
+class StepGate:
+    """Which batch items of a block call an edit applies to, and their t ∈ [0, 1] of the training schedule.
+
+    start/end percent follow ComfyUI's convention (0 = the start of sampling), converted to sigmas with the
+    model's own `percent_to_sigma`, so the range means the same for every sampler and step count.
+    """
+
+    def __init__(self, model, start_percent: float, end_percent: float, branches: str):
+        if branches not in BRANCHES:
+            raise ValueError(f"branches must be one of {', '.join(BRANCHES)}, got {branches!r}")
+        if not 0.0 <= start_percent <= end_percent <= 1.0:
+            raise ValueError(f"need 0 <= start_percent <= end_percent <= 1, got {start_percent}, {end_percent}")
+        self.model_sampling = model.get_model_object("model_sampling")
+        self.sigma_start = float(self.model_sampling.percent_to_sigma(start_percent))
+        self.sigma_end = float(self.model_sampling.percent_to_sigma(end_percent))
+        self.branches = BRANCHES[branches]
+        self.num_timesteps = len(self.model_sampling.sigmas)
+
+    def items(self, options: dict, batch: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(mask bool [B], t float [B]) for a block call on `batch` items."""
+        sigmas = options.get("sigmas")
+        if sigmas is None:  # not inside a sampler (e.g. a direct apply_model call): nothing to edit
+            return torch.zeros(batch, dtype=torch.bool, device=device), torch.zeros(batch, device=device)
+        sigmas = sigmas.to(device=device, dtype=torch.float32).reshape(-1)
+        sigmas = sigmas.expand(batch) if sigmas.numel() == 1 else sigmas
+        mask = (sigmas <= self.sigma_start) & (sigmas >= self.sigma_end)
+        branch = item_branches(options, batch).to(device)
+        mask &= torch.isin(branch, torch.tensor(self.branches, device=device))
+        t = self.model_sampling.timestep(sigmas).float() / (self.num_timesteps - 1)
+        return mask, t.clamp(0.0, 1.0)
+
+
+def item_branches(options: dict, batch: int) -> torch.Tensor:
+    """0 (cond) or 1 (uncond) per batch item: `cond_or_uncond` has one entry per equal chunk of the batch."""
+    chunks = options.get("cond_or_uncond") or [COND]
+    if batch % len(chunks):
+        raise ValueError(f"batch of {batch} does not split into {len(chunks)} cond/uncond chunks")
+    return torch.tensor(chunks).repeat_interleave(batch // len(chunks))

@@ -1,0 +1,123 @@
+"""Where SAE files live in ComfyUI, and loading them once.
+
+SAEs are listed from the `saemnesia` model folder (models/saemnesia/, any extra_model_paths.yaml entries,
+and this pack's own models/saemnesia/ with the toy-world SAEs). Entries are our .safetensors files and
+sparsify/SAeUron checkpoint folders (`cfg.json` + weights). Names from the outside (the UI, API prompts)
+are only resolved if they are one of the listed entries, so `..` or absolute paths reach nothing.
+A loaded SAE keeps its weights once, in a ModelPatcher that ComfyUI's memory manager places.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+
+import comfy.model_management
+import comfy.model_patcher
+import folder_paths
+
+from saemnesia_core.importers import load_any
+from saemnesia_core.sae import TopKSAE
+from saemnesia_core.sae_file import SAEFile, SAEHeader, read_header
+
+from .runtime import REPO_ROOT
+
+SAE_FOLDER = "saemnesia"
+TOY_FOLDER = "saemnesia_toy"
+PACK_MODELS = REPO_ROOT / "models"
+_CHECKPOINT_WEIGHTS = ("sae.safetensors", "state_dict.pth")
+
+
+def register_folders() -> None:
+    """Add our model folders, keeping any paths extra_model_paths.yaml already gave them."""
+    for name, paths, extensions in (
+        (SAE_FOLDER, [Path(folder_paths.models_dir) / "saemnesia", PACK_MODELS / "saemnesia"], {".safetensors"}),
+        (TOY_FOLDER, [Path(folder_paths.models_dir) / "saemnesia_toy", PACK_MODELS / "toy"], {".safetensors"}),
+    ):
+        for path in paths:
+            folder_paths.add_model_folder_path(name, str(path))
+        folder_paths.folder_names_and_paths[name] = (folder_paths.folder_names_and_paths[name][0], extensions)
+
+
+def list_sae_entries() -> list[str]:
+    """Our .safetensors files and sparsify/SAeUron checkpoint folders, as names relative to their base folder."""
+    entries = set(folder_paths.get_filename_list(SAE_FOLDER))
+    for base in folder_paths.get_folder_paths(SAE_FOLDER):
+        if not os.path.isdir(base):
+            continue
+        for dirpath, _, filenames in os.walk(base, followlinks=True):
+            if "cfg.json" in filenames and any(w in filenames for w in _CHECKPOINT_WEIGHTS):
+                entries.add(Path(os.path.relpath(dirpath, base)).as_posix())
+    entries.discard(".")
+    return sorted(entries)
+
+
+def resolve_sae(name: str) -> Path:
+    """The path of a listed entry; anything else (unknown, `..`, absolute) is refused with ValueError."""
+    if not name or os.path.isabs(name) or ".." in Path(name).parts or "\\" in name:
+        raise ValueError(f"invalid SAE name {name!r}: give a name from the saemnesia model folder")
+    if name not in list_sae_entries():
+        raise FileNotFoundError(f"no SAE named {name!r} in the saemnesia model folders")
+    for base in folder_paths.get_folder_paths(SAE_FOLDER):
+        path = Path(base) / name
+        if path.exists() and Path(os.path.realpath(path)).is_relative_to(os.path.realpath(base)):
+            return path
+    raise FileNotFoundError(f"no SAE named {name!r} in the saemnesia model folders")
+
+
+def fingerprint(path: Path) -> str:
+    """Size and mtime of the file (or a folder's weights): a replaced file under the same name reloads."""
+    if path.is_dir():
+        path = next(path / w for w in _CHECKPOINT_WEIGHTS if (path / w).exists())
+    stat = path.stat()
+    return f"{stat.st_size}:{stat.st_mtime_ns}"
+
+
+def read_entry_header(name: str) -> SAEHeader | None:
+    """The header of an entry without reading tensors (None for checkpoint folders, which have no concepts)."""
+    path = resolve_sae(name)
+    return None if path.is_dir() else read_header(path)
+
+
+class SAEWeights(torch.nn.Module):
+    """What ComfyUI's memory manager moves: the SAE (ModelPatcher also writes bookkeeping attributes such as
+    `device` on the module it manages, which must not land on the SAE itself)."""
+
+    def __init__(self, sae: TopKSAE):
+        super().__init__()
+        self.sae = sae
+
+
+@dataclass(eq=False)
+class LoadedSAE:
+    """An SAE file's concepts and statistics, plus its weights in one ModelPatcher (one copy per device)."""
+
+    name: str
+    file: SAEFile  # weights dropped: they live in `sae`
+    sae: TopKSAE
+    patcher: comfy.model_patcher.ModelPatcher
+
+    @property
+    def labels(self) -> list[str]:
+        return [c.label for c in self.file.concepts]
+
+
+_cache: dict[tuple[str, str], LoadedSAE] = {}
+
+
+def load_sae(name: str) -> LoadedSAE:
+    """Load a listed SAE (cached by name and fingerprint, so every node using it shares the weights)."""
+    path = resolve_sae(name)
+    key = (str(path), fingerprint(path))
+    if key not in _cache:
+        for stale in [k for k in _cache if k[0] == key[0]]:
+            del _cache[stale]
+        sae_file = load_any(path)
+        sae = sae_file.build_sae().requires_grad_(False).eval()
+        patcher = comfy.model_patcher.ModelPatcher(SAEWeights(sae), load_device=comfy.model_management.get_torch_device(),
+                                                   offload_device=comfy.model_management.unet_offload_device())
+        _cache[key] = LoadedSAE(name, replace(sae_file, weights={}), sae, patcher)
+    return _cache[key]

@@ -1,0 +1,207 @@
+"""Erase Concepts inside the real ComfyUI (in-process): identity, no leaks, branches, step ranges, shapes,
+hookpoint maps, composition and memory. The UNet is SD1.5-shaped with random weights; the SAE's concept owns
+the latent that fires most on that UNet's block, so erasing it must show."""
+
+import types
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.comfy
+
+BLOCK = "output_blocks.4.1"
+
+
+@pytest.fixture(scope="module")
+def world(comfy_nodes, tmp_path_factory):
+    import folder_paths
+    from helpers_comfy import conditioning, make_sd15_model, record_block_outputs, sae_file_for_activations, sample
+    from saemnesia_comfy import sae_library
+    from saemnesia_core.sae import block_to_tokens
+    from saemnesia_core.sae_file import save_sae_file
+
+    model = make_sd15_model(model_channels=32, context_dim=64, in_channels=4, seed=0)
+    g = torch.Generator().manual_seed(0)
+    pos = conditioning(torch.randn(1, 77, 64, generator=g))
+    neg = conditioning(torch.randn(1, 77, 64, generator=g))
+    latent = torch.zeros(1, 4, 32, 32)
+    seen = record_block_outputs(model, BLOCK, lambda m: sample(m, pos, neg, latent))
+    acts = torch.cat([block_to_tokens(out).reshape(-1, out.shape[1]) for out, _ in seen])
+    folder = tmp_path_factory.mktemp("saemnesia_models")
+    save_sae_file(sae_file_for_activations(acts), folder / "random_unet.safetensors")
+    folder_paths.add_model_folder_path(sae_library.SAE_FOLDER, str(folder))
+    return types.SimpleNamespace(model=model, pos=pos, neg=neg, latent=latent, sample=sample,
+                                 loaded=sae_library.load_sae("random_unet.safetensors"), folder=folder)
+
+
+def erase(world, concepts, **kw):
+    from saemnesia_comfy.erase import erase_concepts
+
+    return erase_concepts(world.model, world.loaded, concepts, kw.pop("strength", -1.0), **kw)
+
+
+def run(world, model, **kw):
+    return world.sample(model, kw.pop("pos", world.pos), world.neg, kw.pop("latent", world.latent), **kw)
+
+
+def test_pack_registers_its_nodes(comfy_nodes):
+    ids = {"SAEmnesiaLoadSAE", "SAEmnesiaEraseConcepts", "SAEmnesiaConceptProbe", "SAEmnesiaProbeReport",
+           "SAEmnesiaToyModelLoader", "SAEmnesiaToyEmptyLatent"}
+    assert ids <= set(comfy_nodes.NODE_CLASS_MAPPINGS)
+
+
+def test_nothing_selected_gives_the_same_image_bit_for_bit(world):
+    assert torch.equal(run(world, erase(world, {})), run(world, world.model))
+
+
+def test_a_concept_that_never_passes_its_threshold_changes_nothing_bit_for_bit(world):
+    assert torch.equal(run(world, erase(world, {"Neon": None})), run(world, world.model))
+
+
+def test_erasing_changes_the_image_and_the_original_model_is_untouched(world):
+    before = run(world, world.model)
+    erased = run(world, erase(world, {"Hearts": None}))
+    after = run(world, world.model)
+    assert not torch.allclose(erased, before, atol=1e-3)
+    assert torch.equal(before, after)
+
+
+def test_paper_mode_differs_from_exact_mode(world):
+    exact = run(world, erase(world, {"Hearts": None}, mode="exact"))
+    paper = run(world, erase(world, {"Hearts": None}, mode="paper"))
+    assert not torch.allclose(exact, paper, atol=1e-3)
+
+
+def test_at_cfg_1_only_the_cond_branch_exists(world):
+    plain = run(world, world.model, cfg=1.0)
+    assert torch.equal(run(world, erase(world, {"Hearts": None}, branches="uncond"), cfg=1.0), plain)
+    assert not torch.allclose(run(world, erase(world, {"Hearts": None}, branches="cond"), cfg=1.0), plain, atol=1e-3)
+
+
+def test_cond_only_and_uncond_only_edit_different_halves(world):
+    cond = run(world, erase(world, {"Hearts": None}, branches="cond"))
+    uncond = run(world, erase(world, {"Hearts": None}, branches="uncond"))
+    both = run(world, erase(world, {"Hearts": None}, branches="both"))
+    plain = run(world, world.model)
+    for out in (cond, uncond):
+        assert not torch.allclose(out, plain, atol=1e-3)
+        assert not torch.allclose(out, both, atol=1e-3)
+    assert not torch.allclose(cond, uncond, atol=1e-3)
+
+
+def test_edit_follows_the_sigma_not_a_call_counter_in_partial_schedules(world):
+    """KSamplerAdvanced runs only steps 0–5 of 10: an edit limited to the second half must never fire."""
+    patched = erase(world, {"Hearts": None}, start_percent=0.5, end_percent=1.0)
+    plain_first_half = run(world, world.model, steps=10, last_step=5)
+    assert torch.equal(run(world, patched, steps=10, last_step=5), plain_first_half)
+    assert not torch.allclose(run(world, patched, steps=10, start_step=5), run(world, world.model, steps=10, start_step=5),
+                              atol=1e-3)
+
+
+def test_an_empty_step_range_changes_nothing(world):
+    assert torch.equal(run(world, erase(world, {"Hearts": None}, start_percent=0.0, end_percent=0.0)),
+                       run(world, world.model))
+
+
+@pytest.mark.parametrize("sampler,steps", [("euler", 3), ("dpmpp_2m", 5), ("ddim", 4)])
+def test_any_sampler_and_step_count(world, sampler, steps):
+    plain = run(world, world.model, sampler=sampler, steps=steps)
+    assert not torch.allclose(run(world, erase(world, {"Hearts": None}), sampler=sampler, steps=steps), plain,
+                              atol=1e-3)
+
+
+def test_odd_resolution_and_batches(world):
+    latent = torch.zeros(3, 4, 40, 24)  # non-square; the hooked block sees 10×6 tokens
+    pos = [[world.pos[0][0].expand(3, -1, -1), {}]]
+    out = run(world, erase(world, {"Hearts": None}), latent=latent, pos=pos)
+    plain = run(world, world.model, latent=latent, pos=pos)
+    assert out.shape == (3, 4, 40, 24)
+    assert torch.isfinite(out).all()
+    assert all(not torch.allclose(out[i], plain[i], atol=1e-3) for i in range(3))
+
+
+def test_each_image_of_a_batch_is_edited_as_if_alone(world):
+    import comfy.sample
+
+    latent = torch.zeros(2, 4, 32, 32)
+    noise = comfy.sample.prepare_noise(latent, 7)
+    pos = [[world.pos[0][0].expand(2, -1, -1), {}]]
+    patched = erase(world, {"Hearts": None})
+    batch = run(world, patched, latent=latent, pos=pos, noise=noise)
+    alone = run(world, patched, latent=latent[1:], noise=noise[1:])
+    assert torch.allclose(batch[1:], alone, atol=1e-4)
+
+
+def test_chained_erasures_compose_and_share_one_copy_of_the_sae(world):
+    from saemnesia_comfy.erase import ADDITIONAL_MODELS_KEY, erase_concepts
+
+    first = erase(world, {"Hearts": None})
+    second = erase_concepts(first, world.loaded, {"Hearts": None}, -1.0)
+    assert not torch.allclose(run(world, second), run(world, first), atol=1e-3)
+    attached = second.get_additional_models_with_key(ADDITIONAL_MODELS_KEY)
+    assert len(attached) == 1 and attached[0].model.sae is world.loaded.sae
+    chain = world.model
+    for _ in range(20):
+        chain = erase_concepts(chain, world.loaded, {"Hearts": None}, -1.0)
+    assert len({id(p.model.sae) for p in chain.get_additional_models_with_key(ADDITIONAL_MODELS_KEY)}) == 1
+
+
+def test_unknown_concepts_fail_listing_the_known_ones(world):
+    from saemnesia_core.eraser import UnknownConceptError
+
+    with pytest.raises(UnknownConceptError, match="Hearts.*Neon|Neon.*Hearts") as info:
+        erase(world, {"Dogs": None})
+    assert "Dogs" in str(info.value)
+
+
+def test_an_sae_for_another_width_fails_naming_both_widths(world, tmp_path):
+    from helpers_core import make_random_sae_file
+    from saemnesia_comfy.erase import erase_concepts
+    from saemnesia_comfy.patch import HookpointError
+    from saemnesia_comfy.sae_library import LoadedSAE
+
+    other = make_random_sae_file(d=64, n=128, k=4, concepts=("Hearts",))
+    loaded = LoadedSAE("other", other, other.build_sae(), world.loaded.patcher)
+    with pytest.raises(HookpointError, match="64.*128|128.*64"):
+        erase_concepts(world.model, loaded, {"Hearts": None}, -1.0)
+
+
+def test_an_sae_for_a_block_the_model_lacks_fails_listing_the_blocks(world):
+    from dataclasses import replace
+
+    from saemnesia_comfy.erase import erase_concepts
+    from saemnesia_comfy.patch import HookpointError
+    from saemnesia_comfy.sae_library import LoadedSAE
+
+    moved = replace(world.loaded.file, hookpoint="unet.up_blocks.0.attentions.0")  # SD1.5 has no attention there
+    loaded = LoadedSAE("moved", moved, world.loaded.sae, world.loaded.patcher)
+    with pytest.raises(HookpointError, match="up_blocks.1.attentions.1"):
+        erase_concepts(world.model, loaded, {"Hearts": None}, -1.0)
+
+
+def _model_like(unet_config):
+    return types.SimpleNamespace(model=types.SimpleNamespace(model_config=types.SimpleNamespace(unet_config=unet_config)))
+
+
+def test_sd15_hookpoints_map_to_comfyui_blocks(comfy):
+    from helpers_comfy import sd15_unet_config
+    from saemnesia_comfy.patch import comfy_block_name
+
+    cfg = sd15_unet_config(model_channels=320, context_dim=768)  # SD1.5's own layout and widths
+    model = _model_like(cfg)
+    assert [comfy_block_name(model, f"unet.up_blocks.1.attentions.{i}") for i in range(3)] == \
+        ["output_blocks.3.1", "output_blocks.4.1", "output_blocks.5.1"]
+    assert comfy_block_name(model, "unet.mid_block.attentions.0") == "middle_block.1"
+    assert comfy_block_name(model, "unet.down_blocks.2.attentions.1") == "input_blocks.8.1"
+
+
+def test_sdxl_hookpoints_map_to_comfyui_blocks(comfy):
+    import comfy.supported_models
+    from saemnesia_comfy.patch import comfy_block_name
+
+    cfg = {**comfy.supported_models.SDXL.unet_config, "num_res_blocks": [2, 2, 2], "channel_mult": [1, 2, 4],
+           "transformer_depth_middle": 10}
+    model = _model_like(cfg)
+    assert comfy_block_name(model, "unet.up_blocks.0.attentions.1") == "output_blocks.1.1"
+    assert comfy_block_name(model, "unet.up_blocks.1.attentions.1") == "output_blocks.4.1"
+    assert comfy_block_name(model, "unet.down_blocks.2.attentions.1") == "input_blocks.8.1"
