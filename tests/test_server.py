@@ -1,0 +1,95 @@
+"""The pack in a live ComfyUI server (`main.py --cpu`): its nodes in /object_info, API-format prompts on the toy
+model with and without erasure, and the concept route with its refusals."""
+
+import pytest
+
+from fixtures_server import SAE_NAME, execution_error, saved_pixels, start_toy_server, toy_labels, toy_prompt
+
+pytestmark = [pytest.mark.server, pytest.mark.slow, pytest.mark.timeout(3600)]
+
+NODES = ("SAEmnesiaLoadSAE", "SAEmnesiaEraseConcepts", "SAEmnesiaConceptProbe", "SAEmnesiaProbeReport",
+         "SAEmnesiaToyModelLoader", "SAEmnesiaToyEmptyLatent")
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    s = start_toy_server(tmp_path_factory.mktemp("server"))
+    yield s
+    s.stop()
+
+
+def run_ok(server, prompt) -> dict:
+    entry = server.run(prompt)
+    assert entry["status"]["status_str"] == "success", execution_error(entry)
+    return entry
+
+
+def test_object_info_lists_every_node_with_a_tooltip_on_each_input_and_output(server):
+    info = server.get("/object_info").json()
+    for node_id in NODES:
+        node = info[node_id]
+        inputs = {**node["input"].get("required", {}), **node["input"].get("optional", {})}
+        for name, (_, options) in inputs.items():
+            assert options.get("tooltip"), f"{node_id}.{name} has no tooltip"
+        assert node["output_tooltips"] and all(node["output_tooltips"]), node_id
+    assert SAE_NAME in info["SAEmnesiaLoadSAE"]["input"]["required"]["sae_name"][1]["options"]
+
+
+def test_selecting_nothing_gives_the_same_pixels_and_erasing_a_concept_changes_them(server):
+    plain = saved_pixels(server, run_ok(server, toy_prompt(seed=7, prefix="plain")))
+    nothing = saved_pixels(server, run_ok(server, toy_prompt(seed=7, concepts=[], prefix="nothing")))
+    erased = saved_pixels(server, run_ok(server, toy_prompt(seed=7, concepts=["Hearts"], prefix="erased")))
+    assert plain.shape == (32, 32, 3)
+    assert (nothing == plain).all()
+    assert (erased != plain).any()
+
+
+def test_per_concept_strengths_change_the_image(server):
+    node = saved_pixels(server, run_ok(server, toy_prompt(seed=3, concepts={"Hearts": None}, prefix="s_node")))
+    own = saved_pixels(server, run_ok(server, toy_prompt(seed=3, concepts={"Hearts": -5.0}, prefix="s_own")))
+    assert (own != node).any()
+
+
+def test_an_unknown_concept_fails_with_a_message_listing_the_known_ones(server):
+    entry = server.run(toy_prompt(concepts=["Dogs"], prefix="unknown"))
+    assert entry["status"]["status_str"] == "error"
+    message = execution_error(entry)
+    assert "Dogs" in message
+    assert all(label in message for label in toy_labels()[0])
+
+
+@pytest.mark.parametrize("prefix", ["", "/api"])
+def test_the_concept_route_lists_the_concepts_from_the_file_header(server, prefix):
+    from saemnesia_core.sae_file import read_header
+
+    r = server.get(f"{prefix}/saemnesia/concepts", params={"name": SAE_NAME})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    header = read_header(server.base / "models" / "saemnesia" / SAE_NAME)
+    assert body["concepts"] == [{"label": c.label, "group": c.group, "latent": c.latent,
+                                 "default_strength": c.default_strength} for c in header.concepts]
+    labels, groups = toy_labels()
+    assert [c["label"] for c in body["concepts"]] == labels
+    assert [c["group"] for c in body["concepts"]] == groups
+    assert (body["hookpoint"], body["d_in"], body["model_family"]) == ("unet.up_blocks.1.attentions.1", 128, "toy")
+
+
+@pytest.mark.parametrize("prefix", ["", "/api"])
+@pytest.mark.parametrize("name,status", [
+    ("..", 400),
+    ("../models/saemnesia/" + SAE_NAME, 400),
+    ("/etc/passwd", 400),
+    ("", 400),
+    ("no_such_sae.safetensors", 404),
+    ("corrupt.safetensors", 422),
+])
+def test_the_concept_route_refuses_names_outside_the_sae_folders_and_broken_files(server, prefix, name, status):
+    r = server.get(f"{prefix}/saemnesia/concepts", params={"name": name})
+    assert r.status_code == status, r.text
+    assert r.json()["error"]
+
+
+def test_the_concept_route_refuses_an_absolute_path_even_to_a_real_sae_file(server):
+    path = server.base / "models" / "saemnesia" / SAE_NAME
+    r = server.get("/saemnesia/concepts", params={"name": str(path)})
+    assert r.status_code == 400, r.text
