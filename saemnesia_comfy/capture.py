@@ -8,7 +8,6 @@ is never modified. t comes from the sigma ComfyUI passes in `transformer_options
 
 from __future__ import annotations
 
-import types
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -18,21 +17,13 @@ import torch
 import comfy.latent_formats
 import comfy.sample
 import comfy.supported_models
-import comfy.utils
 from saemnesia_core.sae import block_to_tokens
 from saemnesia_core.training.collect import Capture, branch_ids, collect
 from saemnesia_core.training.specs import PromptSpec
 
+from .patch import comfy_block_name, patch_block_output
+
 Conditioning = list  # ComfyUI's CONDITIONING: [[cond tensor [1, tokens, ctx], {options}], ...]
-
-
-def comfy_block_name(model, hookpoint: str) -> str:
-    """``unet.up_blocks.1.attentions.1`` -> ``output_blocks.4.1`` for this model's UNet config."""
-    key_map = comfy.utils.unet_to_diffusers(model.model.model_config.unet_config)
-    diffusers_key = f"{hookpoint.removeprefix('unet.')}.proj_out.weight"
-    if diffusers_key not in key_map:
-        raise ValueError(f"hookpoint {hookpoint!r} is not a transformer block of this model")
-    return key_map[diffusers_key].removesuffix(".proj_out.weight")
 
 
 def _batch_conditioning(conds: Sequence[Conditioning]) -> Conditioning:
@@ -82,23 +73,19 @@ class ComfyCaptureSource:
                          "every_n_steps": every_n_steps, "branch": branch, "latent_shape": list(self.latent_shape)}
 
     def _patched_clone(self, captures: list[Capture]):
-        """A clone of the MODEL whose block forward records its output (the caller's MODEL is untouched)."""
+        """A clone of the MODEL whose hooked block records its output (the caller's MODEL is untouched)."""
         m = self.model.clone()
-        key = f"diffusion_model.{self.block_name}.forward"
-        block = m.get_model_object(f"diffusion_model.{self.block_name}")
-        previous_forward = m.get_model_object(key)
         model_sampling = m.get_model_object("model_sampling")
         last_timestep = len(model_sampling.sigmas) - 1
         every_n, branches = self.every_n_steps, self.branches
 
-        def recording_forward(self_block, x, context=None, transformer_options={}, *args, **kwargs):
-            out = previous_forward(x, context, transformer_options, *args, **kwargs)
-            sigma = transformer_options["sigmas"][:1]
-            schedule = transformer_options["sample_sigmas"]
+        def record(out, options):
+            sigma = options["sigmas"][:1]
+            schedule = options["sample_sigmas"]
             step = int((schedule.float() - sigma.float().to(schedule.device)).abs().argmin())
             if step % every_n == 0:
                 timestep = float(model_sampling.timestep(sigma)[0])
-                chunks = transformer_options["cond_or_uncond"]
+                chunks = options["cond_or_uncond"]
                 per_chunk = out.shape[0] // len(chunks)
                 for i, branch in enumerate(chunks):
                     if branch in branches:
@@ -108,7 +95,7 @@ class ComfyCaptureSource:
                                                 timestep, branch))
             return out
 
-        m.add_object_patch(key, types.MethodType(recording_forward, block))
+        patch_block_output(m, self.block_name, record)
         return m
 
     @torch.no_grad()

@@ -80,13 +80,21 @@ class StepGate:
         sigmas = options.get("sigmas")
         if sigmas is None:  # not inside a sampler (e.g. a direct apply_model call): nothing to edit
             return torch.zeros(batch, dtype=torch.bool, device=device), torch.zeros(batch, device=device)
-        sigmas = sigmas.to(device=device, dtype=torch.float32).reshape(-1)
-        sigmas = sigmas.expand(batch) if sigmas.numel() == 1 else sigmas
+        sigmas = item_sigmas(sigmas, batch).to(device=device, dtype=torch.float32)
         mask = (sigmas <= self.sigma_start) & (sigmas >= self.sigma_end)
         branch = item_branches(options, batch).to(device)
         mask &= torch.isin(branch, torch.tensor(self.branches, device=device))
         t = self.model_sampling.timestep(sigmas).float() / (self.num_timesteps - 1)
         return mask, t.clamp(0.0, 1.0)
+
+
+def item_sigmas(sigmas: torch.Tensor, batch: int) -> torch.Tensor:
+    """One sigma per batch item: ComfyUI passes the latent batch's sigmas once, and a call holds one copy of
+    the latent batch per cond/uncond chunk (chunk-major)."""
+    sigmas = sigmas.reshape(-1)
+    if batch % sigmas.numel():
+        raise ValueError(f"batch of {batch} does not hold whole copies of {sigmas.numel()} sigmas")
+    return sigmas.repeat(batch // sigmas.numel())
 
 
 def item_branches(options: dict, batch: int) -> torch.Tensor:

@@ -36,7 +36,7 @@ def settings(**kw):
 
 
 def test_hookpoints_map_to_comfy_blocks(model):
-    from saemnesia_comfy.capture import comfy_block_name
+    from saemnesia_comfy.patch import comfy_block_name
 
     assert comfy_block_name(model, "unet.up_blocks.1.attentions.1") == "output_blocks.4.1"
     assert comfy_block_name(model, "up_blocks.1.attentions.2") == "output_blocks.5.1"
