@@ -108,6 +108,15 @@ class LoadedSAE:
 _cache: dict[tuple[str, str], LoadedSAE] = {}
 
 
+def load_sae_path(path: Path, name: str | None = None) -> LoadedSAE:
+    """Load an SAE from any path (tools and tests; the nodes go through `load_sae`), uncached."""
+    sae_file = load_any(path)
+    sae = sae_file.build_sae().requires_grad_(False).eval()
+    patcher = comfy.model_patcher.ModelPatcher(SAEWeights(sae), load_device=comfy.model_management.get_torch_device(),
+                                               offload_device=comfy.model_management.unet_offload_device())
+    return LoadedSAE(name or Path(path).name, replace(sae_file, weights={}), sae, patcher)
+
+
 def load_sae(name: str) -> LoadedSAE:
     """Load a listed SAE (cached by name and fingerprint, so every node using it shares the weights)."""
     path = resolve_sae(name)
@@ -115,9 +124,5 @@ def load_sae(name: str) -> LoadedSAE:
     if key not in _cache:
         for stale in [k for k in _cache if k[0] == key[0]]:
             del _cache[stale]
-        sae_file = load_any(path)
-        sae = sae_file.build_sae().requires_grad_(False).eval()
-        patcher = comfy.model_patcher.ModelPatcher(SAEWeights(sae), load_device=comfy.model_management.get_torch_device(),
-                                                   offload_device=comfy.model_management.unet_offload_device())
-        _cache[key] = LoadedSAE(name, replace(sae_file, weights={}), sae, patcher)
+        _cache[key] = load_sae_path(path, name)
     return _cache[key]

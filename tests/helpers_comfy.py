@@ -3,7 +3,7 @@
 import torch
 
 
-def sd15_unet_config(model_channels=32, context_dim=64, in_channels=4, full_res_attention=True):
+def sd15_unet_config(model_channels=32, context_dim=64, in_channels=4, full_res_attention=True, dtype=torch.float32):
     """SD1.5's UNet config at a small width; the block layout (and so the hookpoints) is SD1.5's."""
     level0 = 1 if full_res_attention else 0
     return {
@@ -13,7 +13,7 @@ def sd15_unet_config(model_channels=32, context_dim=64, in_channels=4, full_res_
         "transformer_depth_output": [level0] * 3 + [1, 1, 1, 1, 1, 1, 0, 0, 0],
         "use_spatial_transformer": True, "legacy": False, "use_linear_in_transformer": False,
         "context_dim": context_dim, "num_heads": 4, "num_head_channels": -1, "adm_in_channels": None,
-        "use_temporal_attention": False, "use_temporal_resblock": False, "dtype": torch.float32,
+        "use_temporal_attention": False, "use_temporal_resblock": False, "dtype": dtype,
     }
 
 
@@ -32,8 +32,10 @@ def init_random_weights(module: torch.nn.Module, seed: int) -> None:
     torch.random.set_rng_state(gen_state)
 
 
-def make_sd15_model(model_channels=32, context_dim=64, in_channels=4, seed=0, full_res_attention=True):
-    """A ComfyUI MODEL (ModelPatcher over BaseModel, epsilon prediction) with SD1.5 topology, random weights."""
+def make_sd15_model(model_channels=32, context_dim=64, in_channels=4, seed=0, full_res_attention=True,
+                    dtype=torch.float32):
+    """A ComfyUI MODEL (ModelPatcher over BaseModel, epsilon prediction) with SD1.5 topology, random weights,
+    stored and run in `dtype`."""
     import comfy.model_base
     import comfy.model_management
     import comfy.model_patcher
@@ -42,7 +44,8 @@ def make_sd15_model(model_channels=32, context_dim=64, in_channels=4, seed=0, fu
     class TinySD15(comfy.supported_models.SD15):
         unet_config = {}
 
-    config = TinySD15(sd15_unet_config(model_channels, context_dim, in_channels, full_res_attention))
+    config = TinySD15(sd15_unet_config(model_channels, context_dim, in_channels, full_res_attention, dtype))
+    config.set_inference_dtype(dtype, None)
     base = comfy.model_base.BaseModel(config, model_type=comfy.model_base.ModelType.EPS, device="cpu")
     init_random_weights(base.diffusion_model, seed)
     base.eval()

@@ -205,3 +205,17 @@ def test_sdxl_hookpoints_map_to_comfyui_blocks(comfy):
     assert comfy_block_name(model, "unet.up_blocks.0.attentions.1") == "output_blocks.1.1"
     assert comfy_block_name(model, "unet.up_blocks.1.attentions.1") == "output_blocks.4.1"
     assert comfy_block_name(model, "unet.down_blocks.2.attentions.1") == "input_blocks.8.1"
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_models_are_edited_with_the_fp32_sae_cast_per_call(world, dtype):
+    from helpers_comfy import make_sd15_model
+    from saemnesia_comfy.erase import erase_concepts
+
+    model = make_sd15_model(model_channels=32, context_dim=64, in_channels=4, seed=0, dtype=dtype)
+    assert model.model.diffusion_model.output_blocks[4][1].proj_out.weight.dtype == dtype
+    plain = run(world, model)
+    assert torch.equal(run(world, erase_concepts(model, world.loaded, {}, -1.0)), plain)
+    erased = run(world, erase_concepts(model, world.loaded, {"Hearts": None}, -1.0))
+    assert world.loaded.sae.W_dec.dtype == torch.float32
+    assert torch.isfinite(erased).all() and not torch.allclose(erased, plain, atol=1e-3)
