@@ -1,0 +1,196 @@
+"""The concept checklist in the real ComfyUI page (headless Chromium, Playwright): filled from the SAE, ticks and
+strengths written into the `concepts` string, queued from the UI, kept in the saved workflow and restored
+when it is loaded again. Writes output/screenshots/checklist.png (the Erase Concepts node with its list)."""
+
+import io
+import json
+
+import pytest
+import requests
+from PIL import Image
+
+from fixtures_server import execution_error, pixels, start_toy_server, toy_labels
+from helpers_browser import comfy_page, load_workflow, wait_for_checklists
+from helpers_server import REPO_ROOT
+
+pytestmark = [pytest.mark.browser, pytest.mark.slow, pytest.mark.timeout(3600)]
+
+ERASE = 6  # the Erase Concepts / Concept Probe node in every example workflow
+SCREENSHOT = REPO_ROOT / "output" / "screenshots" / "checklist.png"
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    s = start_toy_server(tmp_path_factory.mktemp("browser"))
+    yield s
+    s.stop()
+
+
+@pytest.fixture(scope="module")
+def page(server):
+    with comfy_page(server) as p:
+        yield p
+
+
+@pytest.fixture(autouse=True)
+def no_page_errors(page):
+    page.errors.clear()
+    yield
+    assert page.errors == []
+
+
+def example(server, name: str, concepts: str | None = None) -> dict:
+    """An example workflow as ComfyUI serves it to the template browser (optionally with other concepts)."""
+    r = requests.get(f"{server.url}/api/workflow_templates/saemnesia/{name}.json", timeout=30)
+    r.raise_for_status()
+    workflow = r.json()
+    if concepts is not None:
+        node(workflow, ERASE)["widgets_values"][0] = concepts
+    return workflow
+
+
+def node(workflow: dict, node_id: int) -> dict:
+    return next(n for n in workflow["nodes"] if n["id"] == node_id)
+
+
+def open_workflow(page, workflow: dict) -> None:
+    load_workflow(page, workflow)
+    page.evaluate("""(id) => {  // bring the node to the top left of the canvas, at zoom 1
+        const c = window.app.canvas, n = window.app.graph.getNodeById(id);
+        c.ds.scale = 1;
+        c.ds.offset = [120 - n.pos[0], 120 - n.pos[1]];
+        c.setDirty(true, true);
+    }""", ERASE)
+    page.wait_for_timeout(500)
+    wait_for_checklists(page)
+
+
+def checklist(page):
+    lists = page.locator(".saem-checklist")
+    assert lists.count() == 1
+    return lists.first
+
+
+def row(page, label: str):
+    return checklist(page).locator(f'.saem-row[data-label="{label}"]')
+
+
+def shown(page) -> list[str]:
+    return checklist(page).locator(".saem-row").evaluate_all("(rows) => rows.map((r) => r.dataset.label)")
+
+
+def ticked(page) -> list[str]:
+    return checklist(page).locator(".saem-row:has(input[type=checkbox]:checked)").evaluate_all(
+        "(rows) => rows.map((r) => r.dataset.label)")
+
+
+def concepts_string(page) -> str:
+    return page.evaluate("(id) => window.app.graph.getNodeById(id).widgets.find((w) => w.name === 'concepts').value",
+                         ERASE)
+
+
+def status(page) -> str:
+    return checklist(page).locator(".saem-status").inner_text()
+
+
+def screenshot_node(page, node_id: int, path) -> None:
+    box = page.evaluate("""(id) => {
+        const n = window.app.graph.getNodeById(id), title = window.LiteGraph.NODE_TITLE_HEIGHT;
+        const [x, y] = window.app.canvasPosToClientPos([n.pos[0], n.pos[1] - title]);
+        const s = window.app.canvas.ds.scale;
+        return { x: x - 10, y: y - 10, width: n.size[0] * s + 20, height: (n.size[1] + title) * s + 20 };
+    }""", node_id)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(path), clip=box)
+
+
+def test_the_checklist_lists_the_sae_concepts_under_their_group_headers(server, page):
+    open_workflow(page, example(server, "erase_one_concept"))
+    labels, groups = toy_labels()
+    headers = checklist(page).locator(".saem-group-header").evaluate_all("(hs) => hs.map((h) => h.textContent)")
+    assert headers == ["object", "style"] == list(dict.fromkeys(groups))
+    assert shown(page) == labels
+    assert ticked(page) == ["Hearts"]
+    assert status(page).startswith("1 of 16 concepts ticked")
+    assert page.evaluate("(id) => window.app.graph.getNodeById(id).widgets.find((w) => w.name === 'concepts').hidden",
+                         ERASE)
+
+
+def test_a_tick_and_a_strength_reach_the_queued_prompt_the_saved_image_and_a_reload(server, page):
+    open_workflow(page, example(server, "erase_one_concept"))
+    row(page, "Neon").locator("input[type=checkbox]").click()
+    row(page, "Neon").locator(".saem-strength").fill("-2.5")
+    row(page, "Neon").locator(".saem-strength").press("Tab")
+    selection = {"Hearts": None, "Neon": -2.5}
+    assert json.loads(concepts_string(page)) == selection
+    screenshot_node(page, ERASE, SCREENSHOT)
+
+    with page.expect_response(lambda r: r.url.endswith("/api/prompt") and r.request.method == "POST") as response:
+        page.locator('[data-testid="queue-button"]').first.click()
+    prompt_id = response.value.json()["prompt_id"]
+    entry = server.wait(prompt_id, timeout=1800)
+    assert entry["status"]["status_str"] == "success", execution_error(entry)
+
+    api_prompt, extra = entry["prompt"][2], entry["prompt"][3]
+    assert json.loads(api_prompt[str(ERASE)]["inputs"]["concepts"]) == selection
+    assert json.loads(node(extra["extra_pnginfo"]["workflow"], ERASE)["widgets_values"][0]) == selection
+    (erased_png,) = server.images(entry, "12")
+    (original_png,) = server.images(entry, "11")
+    assert (pixels(erased_png) != pixels(original_png)).any()
+    saved = json.loads(Image.open(io.BytesIO(erased_png)).info["workflow"])
+    assert json.loads(node(saved, ERASE)["widgets_values"][0]) == selection
+
+    page.reload()
+    page.wait_for_function("!!window.app?.graph?.nodes")
+    open_workflow(page, saved)
+    assert ticked(page) == ["Hearts", "Neon"]
+    assert row(page, "Neon").locator(".saem-strength").input_value() == "-2.5"
+    assert row(page, "Hearts").locator(".saem-strength").input_value() == ""
+    assert json.loads(concepts_string(page)) == selection
+
+
+def test_concepts_the_sae_does_not_know_stay_visible_and_selected(server, page):
+    open_workflow(page, example(server, "erase_one_concept", concepts='["Hearts", "Dogs"]'))
+    assert row(page, "Dogs").get_attribute("class").split() == ["saem-row", "saem-unknown"]
+    assert "Dogs" in ticked(page)
+    assert "1 unknown" in status(page)
+    row(page, "Circles").locator("input[type=checkbox]").click()
+    assert json.loads(concepts_string(page)) == ["Circles", "Hearts", "Dogs"]
+
+
+def test_the_filter_limits_the_list_and_all_or_none_apply_to_what_it_shows(server, page):
+    open_workflow(page, example(server, "erase_one_concept"))
+    checklist(page).locator(".saem-filter").fill("style")  # a group name shows the whole group
+    assert shown(page) == toy_labels()[0][8:]
+    checklist(page).locator(".saem-filter").fill("RI")
+    assert shown(page) == ["Triangles", "Rings", "Stripes"]
+    checklist(page).get_by_role("button", name="all").click()
+    assert json.loads(concepts_string(page)) == ["Triangles", "Hearts", "Rings", "Stripes"]
+    checklist(page).locator(".saem-filter").fill("")
+    checklist(page).get_by_role("button", name="none").click()
+    assert json.loads(concepts_string(page)) == []
+
+
+def test_the_list_follows_the_load_sae_node_and_shows_fetch_errors(server, page):
+    open_workflow(page, example(server, "erase_one_concept"))
+    pick = """(name) => { const w = window.app.graph.getNodeById(2).widgets[0]; w.value = name; w.callback?.(name); }"""
+    page.evaluate(pick, "corrupt.safetensors")
+    page.wait_for_function("() => document.querySelector('.saem-status').classList.contains('saem-error')")
+    assert "Could not list the concepts of corrupt.safetensors" in status(page)
+    assert ticked(page) == ["Hearts"]  # the selection is kept while the list cannot be read
+    assert json.loads(concepts_string(page)) == ["Hearts"]
+
+    page.evaluate(pick, "toy_saemnesia.safetensors")
+    wait_for_checklists(page)
+    assert status(page).startswith("1 of 16")
+
+    page.evaluate("(id) => { const n = window.app.graph.getNodeById(id); n.disconnectInput(n.findInputSlot('sae')); }",
+                  ERASE)
+    page.wait_for_function("() => document.querySelector('.saem-status').textContent.startsWith('Connect')")
+    assert ticked(page) == ["Hearts"]
+
+
+def test_the_probe_checklist_has_no_strengths(server, page):
+    open_workflow(page, example(server, "probe_concepts"))
+    assert ticked(page) == ["Stars", "Hearts", "Neon"]
+    assert checklist(page).locator(".saem-strength").count() == 0
