@@ -56,8 +56,9 @@ class ConceptChecklist {
     this.node = node;
     this.strengths = strengths;
     this.string = node.widgets.find((w) => w.name === "concepts");
-    this.string.hidden = true; // canvas nodes
-    this.string.options = { ...this.string.options, hidden: true }; // Vue nodes
+    this.string.hidden = true; // not drawn on canvas nodes,
+    this.string.computeSize = () => [0, -4]; // and no room left for it (the canvas adds 4 px per widget)
+    if (this.string.options) this.string.options.hidden = true; // Vue nodes
     this.selection = new Map();
     this.concepts = []; // [{label, group, latent, default_strength}] of the connected SAE
     this.sae = null; // the SAE name the list belongs to (null: none connected)
