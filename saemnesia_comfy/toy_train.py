@@ -161,13 +161,17 @@ class ToyTrainer:
                 "data_rng": json.dumps(self.data_rng.bit_generator.state)}
 
     def load_state_dict(self, state: dict) -> None:
+        self.warm_start(state)
         self.step = state["step"]
+        self.torch_gen.set_state(state["torch_gen"])
+        self.data_rng.bit_generator.state = json.loads(state["data_rng"])
+
+    def warm_start(self, state: dict) -> None:
+        """Weights, EMA and optimiser moments of another run; the step, schedule and RNGs stay this run's."""
         self.unet.load_state_dict(state["unet"])
         self.text.load_state_dict(state["text"])
         self.ema = state["ema"]
         self.opt.load_state_dict(state["opt"])
-        self.torch_gen.set_state(state["torch_gen"])
-        self.data_rng.bit_generator.state = json.loads(state["data_rng"])
 
 
 def save_checkpoint(trainer: ToyTrainer, path: Path) -> None:
@@ -176,22 +180,31 @@ def save_checkpoint(trainer: ToyTrainer, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def train(out: Path, steps: int, batch: int, lr: float, seed: int, weighting: str,
-          checkpoint_minutes: float = 5.0, log_every: int = 25, export_every: int = 0) -> ToyTrainer:
-    """Train (or resume) to `steps` steps; writes checkpoint.pt, log.jsonl and the EMA model in `out`."""
+def train(out: Path, steps: int, batch: int, lr: float, seed: int, weighting: str, stop_at: int | None = None,
+          init: Path | None = None, checkpoint_minutes: float = 5.0, log_every: int = 25,
+          export_every: int = 0) -> ToyTrainer:
+    """Train (or resume) a run whose LR schedule spans `steps`, stopping at `stop_at` (default: `steps`).
+
+    `init`: start from another run's checkpoint (a later phase of a recipe). Writes checkpoint.pt and
+    log.jsonl in `out`.
+    """
     out.mkdir(parents=True, exist_ok=True)
     trainer = ToyTrainer(seed=seed, batch=batch, lr=lr, total_steps=steps, weighting=weighting)
     ckpt = out / "checkpoint.pt"
     if ckpt.exists():
         trainer.load_state_dict(torch.load(ckpt, weights_only=True))
         print(f"resumed at step {trainer.step}", flush=True)
+    elif init is not None:
+        trainer.warm_start(torch.load(init, weights_only=True))
+        print(f"warm start from {init}", flush=True)
+    steps_to_run = stop_at if stop_at is not None else steps
     from tqdm import tqdm
 
     last_ckpt = time.time()
     t0, seen0 = time.time(), trainer.step
     avg = None
-    with open(out / "log.jsonl", "a") as log, tqdm(total=steps, initial=trainer.step, desc="toy model") as bar:
-        while trainer.step < steps:
+    with open(out / "log.jsonl", "a") as log, tqdm(total=steps_to_run, initial=trainer.step, desc="toy model") as bar:
+        while trainer.step < steps_to_run:
             loss = trainer.train_step()
             avg = loss if avg is None else 0.98 * avg + 0.02 * loss
             bar.update(1)
@@ -200,7 +213,7 @@ def train(out: Path, steps: int, batch: int, lr: float, seed: int, weighting: st
                 rate = (trainer.step - seen0) * batch / (time.time() - t0)
                 log.write(json.dumps({"step": trainer.step, "loss": avg, "img_per_s": rate, "time": time.time()}) + "\n")
                 log.flush()
-            if time.time() - last_ckpt > checkpoint_minutes * 60 or trainer.step == steps:
+            if time.time() - last_ckpt > checkpoint_minutes * 60 or trainer.step == steps_to_run:
                 save_checkpoint(trainer, ckpt)
                 last_ckpt = time.time()
             if export_every and trainer.step % export_every == 0:
@@ -220,7 +233,9 @@ def export(trainer: ToyTrainer, path: Path, provenance: dict) -> None:
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--steps", type=int, default=2000)
+    p.add_argument("--steps", type=int, default=2000, help="length of the LR schedule")
+    p.add_argument("--stop-at", type=int, help="stop at this step (default: --steps)")
+    p.add_argument("--init", type=Path, help="warm start from this checkpoint (a later phase of a recipe)")
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--lr", type=float, default=5e-4)
     p.add_argument("--seed", type=int, default=0)
@@ -230,7 +245,8 @@ def main(argv=None):
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    trainer = train(args.out, args.steps, args.batch, args.lr, args.seed, args.weighting, export_every=args.export_every)
+    trainer = train(args.out, args.steps, args.batch, args.lr, args.seed, args.weighting, args.stop_at, args.init,
+                    export_every=args.export_every)
     export(trainer, args.out / "toy_world.safetensors", {})
 
 
