@@ -46,8 +46,25 @@ def register_convert(subparsers) -> None:
     p.set_defaults(func=_convert)
 
 
+def register_eval(subparsers) -> None:
+    # The evaluation samples the toy model through ComfyUI (the nodes' own patch path), and saemnesia_core must
+    # never import ComfyUI: so this parser only forwards its arguments, and saemnesia_comfy.evaluate (which owns
+    # them, --help included) is imported when the command runs. prefix_chars="+" keeps argparse from reading
+    # the forwarded "--flags" itself.
+    p = subparsers.add_parser("eval", help="miniature UnlearnCanvas evaluation on the toy world (needs ComfyUI)",
+                              add_help=False, prefix_chars="+")
+    p.add_argument("argv", nargs="*")
+    p.set_defaults(func=_eval)
+
+
+def _eval(args) -> int:
+    from saemnesia_comfy.evaluate import main  # imports ComfyUI, hence here and not at the top
+
+    return main(args.argv)
+
+
 COMMAND_REGISTRARS: list[Callable[[argparse._SubParsersAction], None]] = [
-    register_inspect, register_convert, training_commands.register]
+    register_inspect, register_convert, training_commands.register, register_eval]
 
 
 def build_parser() -> argparse.ArgumentParser:
