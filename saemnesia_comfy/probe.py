@@ -32,6 +32,7 @@ class ProbeRecord:
         self.map_sum = None    # [B, C, H, W]
         self.fired = None      # [B, C] tokens that fired, summed over steps
         self.peak = None       # [B, C] max of map / threshold
+        self.threshold_sum = None  # [B, C] Σθ of each concept, summed over steps
         self.tokens = 0        # tokens per image summed over steps
         self.steps = 0
 
@@ -44,7 +45,9 @@ class ProbeRecord:
         if self.map_sum is None or self.map_sum.shape != maps.shape:
             self.reset()
             self.map_sum, self.fired, self.peak = torch.zeros_like(maps), torch.zeros_like(fired), torch.zeros_like(peak)
+            self.threshold_sum = torch.zeros_like(thresholds)
         self.map_sum += maps
+        self.threshold_sum += thresholds
         self.fired += fired
         self.peak = torch.maximum(self.peak, peak)
         self.tokens += maps.shape[-1] * maps.shape[-2]
@@ -58,6 +61,9 @@ class ProbeRecord:
 
     def mean_maps(self) -> torch.Tensor:
         return self.map_sum / self.steps
+
+    def mean_thresholds(self) -> torch.Tensor:
+        return self.threshold_sum / self.steps
 
 
 def probe_concepts(model, loaded: LoadedSAE, labels: list[str], start_percent=0.0, end_percent=1.0):
@@ -109,7 +115,7 @@ def overlays(record: ProbeRecord, images: torch.Tensor) -> torch.Tensor:
     B, C = maps.shape[:2]
     H, W = images.shape[1:3]
     up = F.interpolate(maps, size=(H, W), mode="bilinear", align_corners=False).clamp_min(0)
-    scale = torch.maximum(up.flatten(2).amax(-1), torch.ones(B, C))[..., None, None]
+    scale = torch.maximum(up.flatten(2).amax(-1), record.mean_thresholds().clamp_min(1e-6))[..., None, None]
     v = (up / scale).clamp(0, 1)[..., None]                           # [B, C, H, W, 1]
     img = images.float().cpu()[:, None]
     out = img * (1 - 0.65 * v) + heat_colors(v[..., 0]) * 0.65 * v

@@ -41,10 +41,12 @@ class Recipe:
 
     judge_pool: int = 12000
     judge_steps: int = 1500
-    # Two phases: Min-SNR-5 weighting learns palettes and textures fast but starves the high-noise steps where
-    # shapes are decided (objects stayed at chance after 900 steps); plain v-loss weighting then learns them.
-    # Each phase: (loss weighting, LR schedule length, stop at step, seed).
-    model_phases: tuple = (("minsnr", 2400, 1516, 0), ("v", 1500, 1500, 1))
+    # Two phases. 1: Min-SNR-5 weighting learns palettes and textures fast, but objects stayed at chance: it
+    # starves the high-noise steps where shapes are decided, and CLIP's causal text encoder let its padding
+    # positions (most of what cross-attention sees) carry only the style. 2: plain v-loss weighting plus an
+    # auxiliary loss making the mean text embedding tell object and style.
+    # Each phase: (loss weighting, LR schedule length, stop at step, seed, text auxiliary loss weight).
+    model_phases: tuple = (("minsnr", 2400, 1516, 0, 0.0), ("v", 1500, 1500, 1, 0.1))
     model_batch: int = 64
     model_lr: float = 8e-4
     sample_steps: int = 25
@@ -65,7 +67,7 @@ class Recipe:
 
     @classmethod
     def smoke(cls) -> "Recipe":
-        return cls(judge_pool=400, judge_steps=20, model_phases=(("minsnr", 3, 2, 0), ("v", 2, 2, 1)), model_batch=8,
+        return cls(judge_pool=400, judge_steps=20, model_phases=(("minsnr", 3, 2, 0, 0.0), ("v", 2, 2, 1, 0.1)), model_batch=8,
                    sample_steps=2, quality_seeds=1,
                    train_repeats=1, heldout_repeats=1, sae_epochs=1, supervised_epochs=2, supervised_batch=16,
                    sae_batch_tokens=512, buckets=4, percentile=99.0)
@@ -90,10 +92,10 @@ def build_model(recipe: Recipe, path: Path, work: Path, report: dict) -> None:
         return
     t = time.time()
     previous = None
-    for i, (weighting, schedule, stop_at, seed) in enumerate(recipe.model_phases):
+    for i, (weighting, schedule, stop_at, seed, text_aux) in enumerate(recipe.model_phases):
         run = work / f"model_phase{i + 1}"
         trainer = toy_train.train(run, schedule, recipe.model_batch, recipe.model_lr, seed, weighting, stop_at,
-                                  init=previous)
+                                  init=previous, text_aux=text_aux)
         previous = run / "checkpoint.pt"
     toy_train.export(trainer, path, {"recipe": "saemnesia_comfy.toy_build", "phases": recipe.model_phases})
     report["model"] = {"phases": recipe.model_phases, "batch": recipe.model_batch,

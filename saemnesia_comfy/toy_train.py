@@ -72,9 +72,10 @@ class ToyTrainer:
     """Holds everything a training step needs; `state_dict` / `load_state_dict` make runs resumable."""
 
     def __init__(self, seed=0, batch=64, lr=5e-4, total_steps=2000, warmup=200, cond_dropout=0.1,
-                 ema_decay=0.998, weighting="minsnr", snr_gamma=5.0):
+                 ema_decay=0.998, weighting="minsnr", snr_gamma=5.0, text_aux=0.0):
         self.seed, self.batch, self.lr, self.total_steps, self.warmup = seed, batch, lr, total_steps, warmup
         self.cond_dropout, self.ema_decay, self.weighting, self.snr_gamma = cond_dropout, ema_decay, weighting, snr_gamma
+        self.text_aux = text_aux
         self.base = toy_model.build_base_model(torch.float32)
         self.unet = self.base.diffusion_model
         self.text = toy_model.ToyTextEncoder(dtype=torch.float32)
@@ -83,7 +84,11 @@ class ToyTrainer:
         self.unet.requires_grad_(True)
         make_text_encoder_trainable(self.text)
         self.ema = {"unet": copy.deepcopy(self.unet.state_dict()), "text": copy.deepcopy(self.text.state_dict())}
-        params = list(self.unet.parameters()) + list(self.text.parameters())
+        # Training-only heads: the mean text embedding (what cross-attention mostly sees: 77 positions, most of
+        # them padding) must tell the object and the style. CLIP's causal encoder otherwise lets the padding
+        # carry only the last content word (the style), and shapes never get conditioned. Not exported.
+        self.text_heads = torch.nn.Linear(toy_model.TEXT_CONFIG["hidden_size"], len(OBJECTS) + len(STYLES) + 1)
+        params = list(self.unet.parameters()) + list(self.text.parameters()) + list(self.text_heads.parameters())
         self.opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
         self.step = 0
         self.data_rng = np.random.default_rng(seed)
@@ -99,7 +104,8 @@ class ToyTrainer:
         return self._token_cache[prompt]
 
     def sample_batch(self):
-        """Images in [-1, 1] [B,3,32,32] and their prompts (unstyled 1 time in 9; empty prompt for CFG)."""
+        """Images in [-1, 1] [B,3,32,32], their prompts (unstyled 1 time in 9; empty prompt for CFG) and labels
+        (object index, style index with len(STYLES) = unstyled, -1 where the prompt was dropped)."""
         rng = self.data_rng
         objs = rng.integers(0, len(OBJECTS), self.batch)
         styles = rng.integers(0, len(STYLES) + 1, self.batch)  # the last value = unstyled
@@ -110,7 +116,8 @@ class ToyTrainer:
         imgs = render_batch(items, seeds)
         x0 = torch.from_numpy(imgs).permute(0, 3, 1, 2).float() / 127.5 - 1.0
         prompts = ["" if d else make_prompt(o, s, TRAIN_TEMPLATES[t]) for (o, s), t, d in zip(items, templates, drop)]
-        return x0, prompts
+        labels = torch.from_numpy(np.stack([np.where(drop, -1, objs), np.where(drop, -1, styles)], 1))
+        return x0, prompts, labels
 
     def lr_at(self, step: int) -> float:
         if step < self.warmup:
@@ -118,8 +125,9 @@ class ToyTrainer:
         progress = min(1.0, (step - self.warmup) / max(1, self.total_steps - self.warmup))
         return self.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
 
-    def loss(self, x0: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+    def loss(self, x0: torch.Tensor, prompts: list[str], labels: torch.Tensor) -> torch.Tensor:
         context, _ = self.text([self.tokens(p) for p in prompts])
+        aux = self.text_aux_loss(context, labels) if self.text_aux else 0.0
         t = torch.randint(0, len(self.sigmas), (x0.shape[0],), generator=self.torch_gen)
         sigma = self.sigmas[t]
         noise = torch.randn(x0.shape, generator=self.torch_gen)
@@ -129,16 +137,22 @@ class ToyTrainer:
         snr = 1.0 / sigma**2
         # weights on the x0 error: v-prediction's own loss is (SNR + 1); Min-SNR-γ caps it at γ
         weight = torch.clamp(snr, max=self.snr_gamma) if self.weighting == "minsnr" else snr + 1
-        return (weight * per_sample).mean()
+        return (weight * per_sample).mean() + self.text_aux * aux
+
+    def text_aux_loss(self, context: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        logits = self.text_heads(context.mean(dim=1))
+        n_obj = len(OBJECTS)
+        return (torch.nn.functional.cross_entropy(logits[:, :n_obj], labels[:, 0], ignore_index=-1)
+                + torch.nn.functional.cross_entropy(logits[:, n_obj:], labels[:, 1], ignore_index=-1))
 
     def train_step(self) -> float:
         for group in self.opt.param_groups:
             group["lr"] = self.lr_at(self.step)
-        x0, prompts = self.sample_batch()
-        loss = self.loss(x0, prompts)
+        x0, prompts, labels = self.sample_batch()
+        loss = self.loss(x0, prompts, labels)
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(list(self.unet.parameters()) + list(self.text.parameters()), 1.0)
+        torch.nn.utils.clip_grad_norm_([p for g in self.opt.param_groups for p in g["params"]], 1.0)
         self.opt.step()
         self._update_ema()
         self.step += 1
@@ -157,21 +171,23 @@ class ToyTrainer:
 
     def state_dict(self) -> dict:
         return {"step": self.step, "unet": self.unet.state_dict(), "text": self.text.state_dict(), "ema": self.ema,
-                "opt": self.opt.state_dict(), "torch_gen": self.torch_gen.get_state(),
+                "text_heads": self.text_heads.state_dict(), "opt": self.opt.state_dict(),
+                "torch_gen": self.torch_gen.get_state(),
                 "data_rng": json.dumps(self.data_rng.bit_generator.state)}
 
     def load_state_dict(self, state: dict) -> None:
         self.warm_start(state)
+        self.text_heads.load_state_dict(state["text_heads"])
+        self.opt.load_state_dict(state["opt"])
         self.step = state["step"]
         self.torch_gen.set_state(state["torch_gen"])
         self.data_rng.bit_generator.state = json.loads(state["data_rng"])
 
     def warm_start(self, state: dict) -> None:
-        """Weights, EMA and optimiser moments of another run; the step, schedule and RNGs stay this run's."""
+        """Weights and EMA of another run; optimiser, step, schedule and RNGs stay this run's (fresh)."""
         self.unet.load_state_dict(state["unet"])
         self.text.load_state_dict(state["text"])
         self.ema = state["ema"]
-        self.opt.load_state_dict(state["opt"])
 
 
 def save_checkpoint(trainer: ToyTrainer, path: Path) -> None:
@@ -181,7 +197,7 @@ def save_checkpoint(trainer: ToyTrainer, path: Path) -> None:
 
 
 def train(out: Path, steps: int, batch: int, lr: float, seed: int, weighting: str, stop_at: int | None = None,
-          init: Path | None = None, checkpoint_minutes: float = 5.0, log_every: int = 25,
+          init: Path | None = None, text_aux: float = 0.0, checkpoint_minutes: float = 5.0, log_every: int = 25,
           export_every: int = 0) -> ToyTrainer:
     """Train (or resume) a run whose LR schedule spans `steps`, stopping at `stop_at` (default: `steps`).
 
@@ -189,7 +205,7 @@ def train(out: Path, steps: int, batch: int, lr: float, seed: int, weighting: st
     log.jsonl in `out`.
     """
     out.mkdir(parents=True, exist_ok=True)
-    trainer = ToyTrainer(seed=seed, batch=batch, lr=lr, total_steps=steps, weighting=weighting)
+    trainer = ToyTrainer(seed=seed, batch=batch, lr=lr, total_steps=steps, weighting=weighting, text_aux=text_aux)
     ckpt = out / "checkpoint.pt"
     if ckpt.exists():
         trainer.load_state_dict(torch.load(ckpt, weights_only=True))
@@ -240,13 +256,14 @@ def main(argv=None):
     p.add_argument("--lr", type=float, default=5e-4)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--weighting", choices=["minsnr", "v"], default="minsnr")
+    p.add_argument("--text-aux", type=float, default=0.0, help="weight of the text encoder's object/style loss")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
     p.add_argument("--export-every", type=int, default=0, help="also export EMA weights every N steps")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     trainer = train(args.out, args.steps, args.batch, args.lr, args.seed, args.weighting, args.stop_at, args.init,
-                    export_every=args.export_every)
+                    args.text_aux, export_every=args.export_every)
     export(trainer, args.out / "toy_world.safetensors", {})
 
 
