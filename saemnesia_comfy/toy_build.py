@@ -46,7 +46,7 @@ class Recipe:
     # positions (most of what cross-attention sees) carry only the style. 2: plain v-loss weighting plus an
     # auxiliary loss making the mean text embedding tell object and style.
     # Each phase: (loss weighting, LR schedule length, stop at step, seed, text auxiliary loss weight).
-    model_phases: tuple = (("minsnr", 2400, 1516, 0, 0.0), ("v", 1500, 1500, 1, 0.1))
+    model_phases: tuple = (("minsnr", 2400, 1516, 0, 0.0), ("v", 1500, 900, 1, 0.1))
     model_batch: int = 64
     model_lr: float = 8e-4
     sample_steps: int = 25
