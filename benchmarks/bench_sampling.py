@@ -1,0 +1,287 @@
+# SPDX-License-Identifier: GPL-3.0-or-later
+"""Sampling with vs without Erase Concepts, side by side in one process, and the edit's FLOPs vs the step's.
+
+Two models, each sampled by ComfyUI (`comfy.sample.sample`, Euler, CFG, so every step runs cond + uncond):
+- toy: the shipped toy-world model (32×32 pixels; 8×8 tokens of d = 128 at the hooked block) with the shipped
+  SAEmnesia SAE (a random SAE of the toy's size if that file is missing), a batch of grid prompts;
+- sd15: ComfyUI's UNet with SD1.5's real config (model_channels 320, context 768, 8 heads), random weights, at
+  256×256 (latent 32×32, so 8×8 tokens of d = 1280 at output_blocks.4.1), with a random SAE of the papers' size
+  (d = 1280, n = 20480, k = 32; 20 concepts, 50 buckets, θ = 0 so the edit never skips a token).
+Variants: no erasure; Erase Concepts (exact mode, ours: `erase_concepts`, the node's code); the papers' dense hook
+(DESIGN §6.1: scatter the top-k code to a dense [tokens, n] buffer, edit, decode twice, add the error x̂ − x),
+as a patch on the same block. Time: variants interleaved round by round after a warm-up, median.
+FLOPs: one sampling step of each variant under torch's FlopCounterMode (with CPU attention counted, which it
+misses by default); edit FLOPs = variant − no erasure. The measured overhead is compared with that ratio.
+
+    python benchmarks/bench_sampling.py [--models toy,sd15] [--repeats 3] [--toy-steps 25 --toy-batch 16]
+                                        [--sd-steps 3 --sd-size 256]
+
+Prints a table and writes benchmarks/results/bench_sampling.json and .md. Timings are only comparable within a
+run (other processes share the CPU; the load average is recorded).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
+
+import saemnesia_comfy  # noqa: F401  (makes ComfyUI importable)
+import comfy.sample
+
+from saemnesia_comfy.erase import erase_concepts, target_block
+from saemnesia_comfy.patch import StepGate, patch_block_output
+from saemnesia_comfy.sae_library import LoadedSAE, load_sae_path
+from saemnesia_core.concepts import Concept, ConceptTables
+from saemnesia_core.sae import SAEConfig, TopKSAE, block_to_tokens, tokens_to_block
+from saemnesia_core.sae_file import SAEFile, save_sae_file
+from saemnesia_core.timesteps import bucket_index
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+HOOKPOINT = "unet.up_blocks.1.attentions.1"
+ERASED, GAMMA = "concept_0", -1.0
+# CPU attention is not in FlopCounterMode's registry (it would count 0): the same formula as the GPU kernels.
+CPU_SDPA = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu:
+            lambda query, key, value, *args, out_shape=None, **kwargs: sdpa_flop_count(query, key, value)}
+
+
+def random_sae_file(d: int, n: int, k: int, concepts: int = 20, buckets: int = 50, seed: int = 0) -> SAEFile:
+    """An SAEmnesia-style file with random weights: one latent per concept, θ = 0, μ = 1."""
+    torch.manual_seed(seed)
+    sae = TopKSAE(SAEConfig(d, n, k))
+    with torch.no_grad():
+        sae.encoder.bias.normal_(0, 0.05)
+        sae.b_dec.normal_(0, 0.05)
+    latents = torch.randperm(n)[:concepts]
+    shape = (concepts, buckets, 1)
+    tables = ConceptTables(latents.reshape(-1, 1, 1).expand(shape).clone(), torch.ones(shape), torch.zeros(shape))
+    return SAEFile(sae.cfg, {key: v.detach() for key, v in sae.state_dict().items()},
+                   [Concept(f"concept_{c}", "object", int(i)) for c, i in enumerate(latents)], tables, HOOKPOINT,
+                   "benchmark", buckets, True, {"made_by": "benchmarks/bench_sampling.py"})
+
+
+def load_random_sae(sae_file: SAEFile, folder: Path) -> LoadedSAE:
+    path = folder / f"random_sae_{sae_file.config.d_in}.safetensors"
+    save_sae_file(sae_file, path)
+    return load_sae_path(path)
+
+
+def dense_hook(model, loaded: LoadedSAE, concept: str, gamma: float):
+    """A clone of `model` with the released hook's dense formulation on the SAE's block (the papers' reference)."""
+    m = model.clone()
+    block = target_block(m, loaded)
+    gate = StepGate(m, 0.0, 1.0, "both")
+    sae, tables = loaded.sae, loaded.file.tables
+    c = [x.label for x in loaded.file.concepts].index(concept)
+    n, k = sae.cfg.num_latents, sae.cfg.k
+
+    def edit(out, options):
+        _, t = gate.items(options, out.shape[0], out.device)
+        bucket = bucket_index(t, tables.num_buckets).cpu()
+        x = block_to_tokens(out)                                                   # [B, N, d]
+        pre = torch.relu((x - sae.b_dec) @ sae.encoder.weight.T + sae.encoder.bias)
+        acts, indices = pre.topk(k, dim=-1, sorted=False)
+        z = acts.new_zeros(*x.shape[:2], n).scatter_(-1, indices, acts)          # dense [B, N, n]
+        error = (z @ sae.W_dec + sae.b_dec) - x                                    # the released hooks' x̂ − x
+        latents = tables.latents[c, bucket].to(out.device)                         # [B, L]
+        index = latents[:, None, :].expand(-1, x.shape[1], -1)
+        selected = z.gather(-1, index)
+        scale = gamma * tables.mean_acts[c, bucket].to(out.device)[:, None, :]
+        theta = tables.thresholds[c, bucket].to(out.device)[:, None, :]
+        z.scatter_(-1, index, torch.where(selected > theta, selected * scale, selected))
+        return tokens_to_block(z @ sae.W_dec + sae.b_dec + error, *out.shape[2:])
+
+    patch_block_output(m, block, edit)
+    return m
+
+
+def variants(model, loaded: LoadedSAE, concept: str) -> dict:
+    return {"no erasure": model,
+            "Erase Concepts, exact (ours)": erase_concepts(model, loaded, {concept: GAMMA}, GAMMA),
+            "dense hook (papers' formulation)": dense_hook(model, loaded, concept, GAMMA)}
+
+
+# ---------------------------------------------------------------------------------------------------- models
+
+
+def toy_setup(args, folder: Path):
+    """(sample(model, steps), loaded SAE, description) for the toy model."""
+    from saemnesia_comfy.toy_model import load_toy_model
+    from saemnesia_comfy.toy_sampling import PromptEncoder, generate
+    from saemnesia_core.toy.prompts import make_prompt
+    from saemnesia_core.toy.render import OBJECTS, STYLES
+
+    model, clip, vae = load_toy_model(args.toy_model)
+    if args.toy_sae.exists():
+        loaded, sae_note = load_sae_path(args.toy_sae), str(args.toy_sae.relative_to(ROOT))
+        concept = loaded.file.concepts[0].label
+    else:
+        loaded = load_random_sae(random_sae_file(128, 2048, 8), folder)
+        sae_note, concept = "random, toy size (d=128, n=2048, k=8)", ERASED
+    encoder = PromptEncoder(clip)
+    items = [(o, s) for o in OBJECTS for s in (*STYLES, None)][: args.toy_batch]
+    prompts, seeds = [make_prompt(o, s) for o, s in items], list(range(len(items)))
+
+    def sample(m, steps):
+        return generate(m, vae, encoder, prompts, seeds, steps=steps)
+
+    cfg = loaded.file.config
+    return sample, variants(model, loaded, concept), {"model": "toy world, 32x32 pixels", "batch": len(prompts), "steps": args.toy_steps,
+                            "sae": sae_note, "d": cfg.d_in, "n": cfg.num_latents, "k": cfg.k}
+
+
+def sd15_model():
+    """A ComfyUI MODEL: ComfyUI's UNet with SD1.5's real config (tests/helpers_comfy.py + 8 heads), random weights."""
+    sys.path.insert(0, str(ROOT / "tests"))
+    import comfy.model_base
+    import comfy.model_management
+    import comfy.model_patcher
+    import comfy.supported_models
+    from helpers_comfy import init_random_weights, sd15_unet_config
+
+    class SD15Config(comfy.supported_models.SD15):
+        unet_config = {}
+
+    unet = {**sd15_unet_config(model_channels=320, context_dim=768), "num_heads": 8}
+    base = comfy.model_base.BaseModel(SD15Config(unet), model_type=comfy.model_base.ModelType.EPS, device="cpu")
+    init_random_weights(base.diffusion_model, seed=0)
+    base.eval()
+    return comfy.model_patcher.ModelPatcher(base, load_device=comfy.model_management.get_torch_device(),
+                                            offload_device=comfy.model_management.unet_offload_device())
+
+
+def sd15_sampler(pixels: int):
+    """sample(model, steps) at `pixels`×`pixels` (latent pixels/8), fixed noise and random text conditioning."""
+    side = pixels // 8
+    gen = torch.Generator().manual_seed(0)
+    noise = torch.randn(1, 4, side, side, generator=gen)
+    positive = [[torch.randn(1, 77, 768, generator=gen), {}]]
+    negative = [[torch.randn(1, 77, 768, generator=gen), {}]]
+
+    def sample(m, steps):
+        return comfy.sample.sample(m, noise, steps, 7.5, "euler", "normal", positive, negative,
+                                   torch.zeros_like(noise), disable_pbar=True, seed=0)
+
+    return sample
+
+
+def sd15_setup(args, folder: Path):
+    model = sd15_model()
+    loaded = load_random_sae(random_sae_file(1280, 20480, 32), folder)
+    side = args.sd_size // 8
+    params = sum(p.numel() for p in model.model.diffusion_model.parameters())
+    return sd15_sampler(args.sd_size), variants(model, loaded, ERASED), {
+        "model": f"SD1.5 UNet config, random weights, {params / 1e6:.0f}M parameters",
+        "pixels": args.sd_size, "latent": [4, side, side], "tokens_at_block": (side // 4) ** 2, "batch": 1,
+        "steps": args.sd_steps, "sae": "random, papers' size", "d": 1280, "n": 20480, "k": 32}
+
+
+# ---------------------------------------------------------------------------------------------------- measure
+
+
+def count_flops(sample, models: dict) -> dict[str, int]:
+    """FLOPs of one sampling step (cond + uncond) per variant."""
+    flops = {}
+    with torch.no_grad():
+        for name, m in models.items():
+            with FlopCounterMode(display=False, custom_mapping=CPU_SDPA) as counter:
+                sample(m, 1)
+            flops[name] = counter.get_total_flops()
+    return flops
+
+
+def time_variants(sample, models: dict, steps: int, repeats: int, warmup: int) -> dict[str, list[float]]:
+    times = {name: [] for name in models}
+    with torch.no_grad():
+        for _ in range(warmup):
+            for m in models.values():
+                sample(m, steps)
+        for _ in range(repeats):
+            for name, m in models.items():
+                start = time.perf_counter()
+                sample(m, steps)
+                times[name].append(time.perf_counter() - start)
+    return times
+
+
+def run_model(name: str, args, folder: Path) -> dict:
+    sample, models, config = (toy_setup if name == "toy" else sd15_setup)(args, folder)
+    steps = args.toy_steps if name == "toy" else args.sd_steps
+    flops = count_flops(sample, models)
+    times = time_variants(sample, models, steps, args.repeats, args.warmup)
+    base_time, base_flops = statistics.median(times["no erasure"]), flops["no erasure"]
+    rows = []
+    for variant in models:
+        median = statistics.median(times[variant])
+        edit_flops = flops[variant] - base_flops
+        rows.append({"variant": variant, "median_s": median, "min_s": min(times[variant]),
+                     "per_step_ms": 1e3 * median / steps, "measured_overhead": median / base_time - 1,
+                     "flops_per_step": flops[variant], "edit_flops_per_step": edit_flops,
+                     "flop_overhead": edit_flops / base_flops})
+    return {"config": config, "rows": rows}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--models", default="toy,sd15", help="comma-separated: toy, sd15")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--toy-steps", type=int, default=25)
+    p.add_argument("--toy-batch", type=int, default=16, help="prompts per sampling call")
+    p.add_argument("--toy-model", type=Path, default=ROOT / "models" / "toy" / "toy_world.safetensors")
+    p.add_argument("--toy-sae", type=Path, default=ROOT / "models" / "saemnesia" / "toy_saemnesia.safetensors")
+    p.add_argument("--sd-steps", type=int, default=3)
+    p.add_argument("--sd-size", type=int, default=256, help="pixels (latent = size/8; 512 gives 16x16 tokens)")
+    p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--out", type=Path, default=RESULTS)
+    args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    load_before = os.getloadavg()
+    results = {}
+    with tempfile.TemporaryDirectory() as folder:
+        for name in args.models.split(","):
+            results[name] = run_model(name, args, Path(folder))
+    result = {"environment": {"torch": torch.__version__, "threads": torch.get_num_threads(), "cpus": os.cpu_count(),
+                              "machine": platform.machine(), "load_average_before": load_before,
+                              "load_average_after": os.getloadavg()},
+              "repeats": args.repeats, "warmup": args.warmup, "models": results}
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "bench_sampling.json").write_text(json.dumps(result, indent=2) + "\n")
+    table = markdown(result)
+    (args.out / "bench_sampling.md").write_text(table + "\n")
+    print(table)
+
+
+def markdown(result: dict) -> str:
+    env = result["environment"]
+    lines = ["# Sampling with vs without Erase Concepts (CPU)", "",
+             f"torch {env['torch']}, {env['threads']} threads on {env['cpus']} CPUs; load average "
+             f"{env['load_average_before'][0]:.2f} before, {env['load_average_after'][0]:.2f} after; median of "
+             f"{result['repeats']} interleaved repeats after {result['warmup']} warm-up. FLOPs: one sampling step "
+             "(cond + uncond) under FlopCounterMode."]
+    for name, r in result["models"].items():
+        c = r["config"]
+        lines += ["", f"## {name}: {c['model']}; {c['steps']} steps, batch {c['batch']}; SAE {c['sae']} "
+                      f"(d={c['d']}, n={c['n']}, k={c['k']})", "",
+                  "| variant | median s | ms / step | measured overhead | GFLOP / step | edit GFLOP / step "
+                  "| FLOP overhead |", "|---|---:|---:|---:|---:|---:|---:|"]
+        for row in r["rows"]:
+            lines.append(f"| {row['variant']} | {row['median_s']:.2f} | {row['per_step_ms']:.0f} | "
+                         f"{100 * row['measured_overhead']:+.1f} % | {row['flops_per_step'] / 1e9:.2f} | "
+                         f"{row['edit_flops_per_step'] / 1e9:.3f} | {100 * row['flop_overhead']:+.2f} % |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
