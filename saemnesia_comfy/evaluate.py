@@ -643,7 +643,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--select-others", type=int)
     g.add_argument("--rephrase-seeds", type=int)
     g.add_argument("--steps", type=int)
-    g.add_argument("--gammas", type=_csv(float))
+    g.add_argument("--gammas", type=_csv(float), help="comma-separated; write --gammas=-1,-5 (a value starting with - needs the =)")
     g.add_argument("--kept", type=_csv(int), help="SAeUron latents per bucket, e.g. 1,2,3")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
     p.add_argument("--no-progress", action="store_true")
