@@ -8,7 +8,8 @@ N Erase Concepts nodes in a row do), then one sampling step at 256 px with the l
 Reported per variant: resident memory added by loading the SAE and by building the chain, the peak resident
 memory during the sampling step (Linux VmHWM, reset through /proc/self/clear_refs just before; glibc's mmap
 threshold pinned at 64 KiB so freed buffers leave the process), and — over every clone of the chain — how many
-distinct SAE parameter storages and SAE ModelPatchers are attached (one SAE = 4 storages, 1 patcher).
+distinct SAE parameter storages (one SAE = 4) and SAE ModelPatcher objects are attached (a model clone
+clones its attached patchers too: one wrapper per clone, all over the same 4 storages).
 
     python benchmarks/bench_memory.py [--chain 1,20] [--size 256] [--steps 1]
 
