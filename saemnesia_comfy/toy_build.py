@@ -3,7 +3,7 @@ on the full grid → activations at up_blocks.1.attentions.1 → an unsupervised
 (SAEmnesia) SAE fine-tuned from it → concept statistics on held-out prompts → the shipped files.
 
     python -m saemnesia_comfy.toy_build                 # the shipped recipe (about 3 hours on 2 CPU cores)
-    python -m saemnesia_comfy.toy_build --smoke --out /tmp/toy   # every stage at toy-of-the-toy size (minutes)
+    python -m saemnesia_comfy.toy_build --smoke --out runs/toy_smoke   # every stage at toy-of-the-toy size (minutes)
 
 Stages whose output exists are skipped (delete a file to redo its stage); an interrupted model training
 resumes from its checkpoint. Everything is seeded; results repeat on the same machine and thread count.
