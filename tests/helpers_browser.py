@@ -7,6 +7,7 @@ import json
 import os
 from contextlib import contextmanager
 
+import pytest
 import requests
 
 from helpers_server import ComfyServer
@@ -66,3 +67,20 @@ def queue_from_page(page) -> str:
 def exported_workflow(page) -> dict:
     """The current graph as the app's Export writes it (graphToPrompt's workflow, JSON round-tripped)."""
     return json.loads(page.evaluate("async () => JSON.stringify((await window.app.graphToPrompt()).workflow)"))
+
+
+# Module-scoped fixtures shared by the browser test modules (import them by name: `from helpers_browser import
+# page, server`): one live toy-world server and one page per module.
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    from fixtures_server import start_toy_server
+
+    s = start_toy_server(tmp_path_factory.mktemp("browser"))
+    yield s
+    s.stop()
+
+
+@pytest.fixture(scope="module")
+def page(server):
+    with comfy_page(server) as p:
+        yield p

@@ -9,27 +9,14 @@ import pytest
 import requests
 from PIL import Image
 
-from fixtures_server import execution_error, pixels, start_toy_server, toy_labels
-from helpers_browser import comfy_page, load_workflow, wait_for_checklists
+from fixtures_server import execution_error, pixels, toy_labels
+from helpers_browser import load_workflow, page, server, wait_for_checklists  # noqa: F401 (page, server: fixtures)
 from helpers_server import REPO_ROOT
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow, pytest.mark.timeout(3600)]
 
 ERASE = 6  # the Erase Concepts / Concept Probe node in every example workflow
 SCREENSHOT = REPO_ROOT / "output" / "screenshots" / "checklist.png"
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    s = start_toy_server(tmp_path_factory.mktemp("browser"))
-    yield s
-    s.stop()
-
-
-@pytest.fixture(scope="module")
-def page(server):
-    with comfy_page(server) as p:
-        yield p
 
 
 @pytest.fixture(autouse=True)

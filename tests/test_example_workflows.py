@@ -6,25 +6,13 @@ import json
 import pytest
 import requests
 
-from fixtures_server import EXAMPLES, execution_error, start_toy_server
-from helpers_browser import comfy_page, exported_workflow, load_workflow, queue_from_page, wait_for_checklists
+from fixtures_server import EXAMPLES, execution_error
+from helpers_browser import (exported_workflow, load_workflow, page, queue_from_page, server,  # noqa: F401
+                             wait_for_checklists)  # page, server: fixtures
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow, pytest.mark.timeout(3600)]
 
 NAMES = sorted(p.stem for p in EXAMPLES.glob("*.json"))
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    s = start_toy_server(tmp_path_factory.mktemp("examples"))
-    yield s
-    s.stop()
-
-
-@pytest.fixture(scope="module")
-def page(server):
-    with comfy_page(server) as p:
-        yield p
 
 
 def test_the_three_examples_exist_and_are_listed_as_templates(server):
