@@ -1,6 +1,7 @@
 """Regenerate the whole toy world from scratch, deterministically: judges → text-to-image model → its quality
-on the full grid → activations at up_blocks.1.attentions.1 → an unsupervised (SAeUron) SAE → the supervised
-(SAEmnesia) SAE fine-tuned from it → concept statistics on held-out prompts → the shipped files.
+on the full grid → per SAE site (objects: up_blocks.1.attentions.1, styles: up_blocks.2.attentions.2)
+activations → an unsupervised (SAeUron) SAE → the supervised (SAEmnesia) SAE fine-tuned from it → concept
+statistics on held-out prompts → the shipped files.
 
     python -m saemnesia_comfy.toy_build                 # the shipped recipe (about 3 hours on 2 CPU cores)
     python -m saemnesia_comfy.toy_build --smoke --out runs/toy_smoke   # every stage at toy-of-the-toy size (minutes)
@@ -32,7 +33,14 @@ from .capture import ComfyCaptureSource
 from .runtime import REPO_ROOT
 from .toy_sampling import PromptEncoder, generate
 
-HOOKPOINT = "unet.up_blocks.1.attentions.1"
+# Where the SAEs read, and the files they ship as. Objects: SAeUron's and SAEmnesia's block (8x8 tokens).
+# Styles: the toy reads its styles from the text again in the 16x16 decoder level (swapping the prompt at the
+# 8x8 blocks alone leaves 7 of 8 styles; docs), so its style SAE sits at that level's last block, the last
+# cross-attention before the image is drawn (SAeUron's style block for SD1.5, up.1.2, is the same kind of place).
+SAE_SITES = {
+    "unet.up_blocks.1.attentions.1": ("toy_saemnesia.safetensors", "toy_saeuron.safetensors"),
+    "unet.up_blocks.2.attentions.2": ("toy_saemnesia_styles.safetensors", "toy_saeuron_styles.safetensors"),
+}
 
 
 @dataclass
@@ -114,20 +122,24 @@ def grid_accuracy(model, vae, encoder, judges: Judges, recipe: Recipe, seed_offs
             "images": len(items), "steps": recipe.sample_steps, "cfg": recipe.cfg, "sampler": "euler"}
 
 
-def collect_activations(model, encoder, recipe: Recipe, out: Path, repeats: int, seed: int):
-    source = ComfyCaptureSource(model, lambda p: [[encoder(p), {}]], hookpoint=HOOKPOINT, steps=recipe.sample_steps,
+def collect_activations(model, encoder, recipe: Recipe, hookpoint: str, out: Path, repeats: int, seed: int):
+    source = ComfyCaptureSource(model, lambda p: [[encoder(p), {}]], hookpoint=hookpoint, steps=recipe.sample_steps,
                                 cfg=recipe.cfg, sampler="euler", scheduler="normal", width=32, height=32,
                                 model_id="saemnesia-toy-world", model_family="toy")
     return collect(source, labelled_grid(repeats), out, seed=seed, batch_size=72)
 
 
-def build_saes(recipe: Recipe, models: Path, work: Path, model, encoder, report: dict) -> None:
-    outputs = (models / "saemnesia" / "toy_saemnesia.safetensors", models / "saemnesia" / "toy_saeuron.safetensors")
+def build_saes(recipe: Recipe, models: Path, work: Path, model, encoder, hookpoint: str, report: dict) -> None:
+    """Activations at `hookpoint` → unsupervised SAE → supervised fine-tune → both files with statistics."""
+    outputs = [models / "saemnesia" / name for name in SAE_SITES[hookpoint]]
     if all(p.exists() for p in outputs):
         return
+    work = work / hookpoint.removeprefix("unet.")
+    report = report.setdefault("saes", {}).setdefault(hookpoint, {})
     t = time.time()
-    train_data = collect_activations(model, encoder, recipe, work / "acts_train", recipe.train_repeats, recipe.seed)
-    heldout = collect_activations(model, encoder, recipe, work / "acts_heldout", recipe.heldout_repeats,
+    train_data = collect_activations(model, encoder, recipe, hookpoint, work / "acts_train", recipe.train_repeats,
+                                     recipe.seed)
+    heldout = collect_activations(model, encoder, recipe, hookpoint, work / "acts_heldout", recipe.heldout_repeats,
                                   recipe.seed + 1_000_000)
     report["activations_minutes"] = round((time.time() - t) / 60, 1)
     ds = ActivationDataset(train_data)
@@ -175,8 +187,9 @@ def build(models: Path, work: Path, recipe: Recipe) -> dict:
     if "quality" not in report:
         report["quality"] = grid_accuracy(model, vae, encoder, judges, recipe)
         save_report()
-    build_saes(recipe, models, work, model, encoder, report)
-    save_report()
+    for hookpoint in SAE_SITES:
+        build_saes(recipe, models, work, model, encoder, hookpoint, report)
+        save_report()
     return report
 
 

@@ -75,11 +75,13 @@ def test_the_shipped_saemnesia_sae_erases_an_object_and_keeps_the_style(toy):
     assert styles.count("Neon") >= 6
 
 
-def test_the_shipped_saemnesia_sae_erases_a_style_and_keeps_the_object(toy):
+def test_the_shipped_style_sae_erases_a_style_and_keeps_the_object(toy):
     from saemnesia_comfy.erase import erase_concepts
+    from saemnesia_comfy.sae_library import load_sae_path
 
-    # the demo's style strength; Stripes is the toy style this block erases best (README, results)
-    erased = erase_concepts(toy[0], toy[-1], {"Stripes": None}, -15.0)
+    styles_sae = load_sae_path(MODELS / "saemnesia" / "toy_saemnesia_styles.safetensors")
+    assert styles_sae.file.hookpoint == "unet.up_blocks.2.attentions.2"
+    erased = erase_concepts(toy[0], styles_sae, {"Stripes": None}, -0.2)  # the demo's style strength
     objects, styles = _judge(toy, "An image of Circles in Stripes style.", erased)
     assert styles.count("Stripes") <= 2
     assert objects.count("Circles") >= 4
@@ -95,13 +97,16 @@ def test_the_regeneration_command_runs_end_to_end_in_smoke_mode(comfy, tmp_path)
                              "--work", str(tmp_path / "work")], cwd=REPO_ROOT, capture_output=True, text=True,
                             timeout=3000)
     assert result.returncode == 0, result.stderr[-3000:]
-    for path in ("toy/toy_judges.safetensors", "toy/toy_world.safetensors", "saemnesia/toy_saemnesia.safetensors",
-                 "saemnesia/toy_saeuron.safetensors", "toy/build_report.json"):
+    for path in ("toy/toy_judges.safetensors", "toy/toy_world.safetensors", "toy/build_report.json"):
         assert (out / path).exists(), path
+    from saemnesia_comfy.toy_build import SAE_SITES
     from saemnesia_core.sae_file import read_header
     from saemnesia_core.toy.render import OBJECTS, STYLES
 
-    header = read_header(out / "saemnesia" / "toy_saemnesia.safetensors")
-    assert header.supervised and {c.label for c in header.concepts} == set(OBJECTS) | set(STYLES)
+    for hookpoint, names in SAE_SITES.items():
+        for name, supervised in zip(names, (True, False)):
+            header = read_header(out / "saemnesia" / name)
+            assert header.hookpoint == hookpoint and header.supervised == supervised
+            assert {c.label for c in header.concepts} == set(OBJECTS) | set(STYLES)
     report = json.loads((out / "toy" / "build_report.json").read_text())
     assert 0 <= report["quality"]["object"] <= 1
