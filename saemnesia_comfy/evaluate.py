@@ -11,6 +11,9 @@ unstyled, the papers' prompt form) with fixed seeds, judged by the toy judges. M
   bucket (as 99.999 / 99.995 / 99.99 do of 20480) × the same γ grid, chosen the same way;
 - negative prompt: the concept's word as ComfyUI's negative conditioning, no patch.
 
+Both SAE methods erase objects with the SAEs at up_blocks.1.attentions.1 and styles with those at
+up_blocks.2.attentions.2, where the toy model still reads its styles (README, "The toy world").
+
 Plus sequential erasure of the objects and the erased concept's images under rephrased prompts. Everything
 runs in-process through `erase_concepts`, the Erase Concepts node's own patch path.
 
@@ -70,7 +73,10 @@ MODELS = REPO_ROOT / "models"
 DEFAULT_ASSETS = {"model": MODELS / "toy" / "toy_world.safetensors",
                   "judges": MODELS / "toy" / "toy_judges.safetensors",
                   "saemnesia": MODELS / "saemnesia" / "toy_saemnesia.safetensors",
-                  "saeuron": MODELS / "saemnesia" / "toy_saeuron.safetensors"}
+                  "saeuron": MODELS / "saemnesia" / "toy_saeuron.safetensors",
+                  "saemnesia_styles": MODELS / "saemnesia" / "toy_saemnesia_styles.safetensors",
+                  "saeuron_styles": MODELS / "saemnesia" / "toy_saeuron_styles.safetensors"}
+SAE_METHODS = ("saemnesia", "saeuron")
 METHODS = {  # name -> (label in reports, configurations searched per concept)
     "none": ("no erasure", None),
     "saemnesia": ("SAEmnesia (γ tuned)", "gammas"),
@@ -226,9 +232,22 @@ class Setting:
     """What changes the images: which SAE erases what, or a negative prompt. `erase` holds
     (label, γ, latents kept per bucket — SAeUron only, 0 for SAEmnesia)."""
 
-    sae: str | None = None  # "saemnesia" | "saeuron" | None
+    sae: str | None = None  # an SAE asset name (sae_asset) or None
     erase: tuple[tuple[str, float, int], ...] = ()
     negative: str = ""
+
+
+def sae_asset(method: str, group: str) -> str:
+    """The SAE file a method erases a group's concepts with: objects and styles are read at different blocks."""
+    return method if group == OBJECT else f"{method}_styles"
+
+
+def shown_path(path: Path) -> str:
+    """Repository-relative when inside the repository (reports are committed), else as given."""
+    try:
+        return str(Path(path).resolve().relative_to(REPO_ROOT))
+    except ValueError:
+        return str(path)
 
 
 def _digest(value) -> str:
@@ -257,17 +276,18 @@ class Runner:
         self.model, clip, self.vae = load_toy_model(self.assets["model"])
         self.encoder = PromptEncoder(clip)
         self.judges = Judges.load(self.assets["judges"])
-        self.saes = {"saemnesia": load_sae_path(self.assets["saemnesia"], "toy_saemnesia"),
-                     "saeuron": load_sae_path(self.assets["saeuron"], "toy_saeuron")}
+        self.saes = {name: load_sae_path(path, path.stem) for name, path in self.assets.items()
+                     if name.startswith(SAE_METHODS)}
+        self.scores, self.means = {}, {}
         self._saeuron_variants: dict[tuple, LoadedSAE] = {}
         self.generated = self.cached = 0
         self.bar = None
 
     # SAeUron mode: latents re-selected by score at other percentiles from held-out activations
-    def prepare_saeuron(self) -> dict:
-        """Collect held-out activations (the build's own prompts, seeds and settings when its recipe is in the
-        file), compute μ and scores once; per setting only the selection changes."""
-        f = self.saes["saeuron"].file
+    def prepare_saeuron(self, name: str) -> dict:
+        """Collect held-out activations at the SAE's block (the build's own prompts, seeds and settings when its
+        recipe is in the file), compute μ and scores once; per setting only the selection changes."""
+        f = self.saes[name].file
         recipe = f.provenance.get("recipe", {})
         repeats, seed = recipe.get("heldout_repeats", 2), recipe.get("seed", 0) + 1_000_000
         steps, cfg = recipe.get("sample_steps", 25), recipe.get("cfg", 5.0)
@@ -277,26 +297,26 @@ class Runner:
                                   hookpoint=f.hookpoint, steps=steps, cfg=cfg, sampler="euler", scheduler="normal",
                                   width=SIZE, height=SIZE, seed=seed, batch_size=72, model_id="saemnesia-toy-world",
                                   model_family="toy", progress=self.progress)
-        sae = self.saes["saeuron"].sae.float()  # in place: the statistics need fp32, the edit casts anyway
+        sae = self.saes[name].sae.float()  # in place: the statistics need fp32, the edit casts anyway
         acts = concept_activations(sae, data, num_buckets=f.num_buckets, progress=False)
         if acts.concepts != [(c.group, c.label) for c in f.concepts]:
-            raise ValueError(f"{self.assets['saeuron']}: its concepts differ from the held-out labels {acts.concepts}")
-        self.scores, self.means = acts.scores(), acts.means()
-        n = f.config.num_latents
-        return {"num_latents": n, "heldout_samples": len(OBJECTS) * len(LOOKS) * repeats, "heldout_seed": seed,
-                "heldout_steps": steps, "kept": {
+            raise ValueError(f"{self.assets[name]}: its concepts differ from the held-out labels {acts.concepts}")
+        self.scores[name], self.means[name] = acts.scores(), acts.means()
+        n, scores = f.config.num_latents, self.scores[name]
+        return {"hookpoint": f.hookpoint, "num_latents": n, "heldout_samples": len(OBJECTS) * len(LOOKS) * repeats,
+                "heldout_seed": seed, "heldout_steps": steps, "kept": {
                     m: {"percentile": scaled_percentile(n, m), "paper_percentile_at_20480": PAPER_PERCENTILES.get(m),
-                        "mean_latents_per_bucket": float((select_saeuron(self.scores, scaled_percentile(n, m)) >= 0)
+                        "mean_latents_per_bucket": float((select_saeuron(scores, scaled_percentile(n, m)) >= 0)
                                                          .sum(-1).float().mean())}
                     for m in self.protocol.kept}}
 
-    def _saeuron_for(self, kept: dict[str, int]) -> LoadedSAE:
-        key = tuple(sorted(kept.items()))
+    def _saeuron_for(self, name: str, kept: dict[str, int]) -> LoadedSAE:
+        key = (name, *sorted(kept.items()))
         if key not in self._saeuron_variants:
-            loaded = self.saes["saeuron"]
+            loaded = self.saes[name]
             n = loaded.file.config.num_latents
             percentiles = [scaled_percentile(n, kept.get(c.label, 1)) for c in loaded.file.concepts]
-            tables = build_tables(select_saeuron(self.scores, percentiles), self.means)
+            tables = build_tables(select_saeuron(self.scores[name], percentiles), self.means[name])
             self._saeuron_variants[key] = replace(loaded, file=replace(loaded.file, tables=tables))
         return self._saeuron_variants[key]
 
@@ -304,8 +324,8 @@ class Runner:
         if setting.sae is None:
             return self.model
         strengths = {label: gamma for label, gamma, _ in setting.erase}
-        loaded = self.saes["saemnesia"] if setting.sae == "saemnesia" else \
-            self._saeuron_for({label: kept for label, _, kept in setting.erase})
+        loaded = self.saes[setting.sae] if setting.sae.startswith("saemnesia") else \
+            self._saeuron_for(setting.sae, {label: kept for label, _, kept in setting.erase})
         return erase_concepts(self.model, loaded, strengths, -1.0)
 
     def images(self, setting: Setting, items: list[Item]) -> np.ndarray:
@@ -375,9 +395,10 @@ def planned_images(protocol: Protocol) -> int:
 def evaluate(runner: Runner, mode: str = "custom") -> Results:
     P = runner.protocol
     start = time.time()
-    results = Results({"mode": mode, "protocol": asdict(P), "assets": {k: {"path": str(p), "sha256": runner.digests[k]}
-                                                                      for k, p in runner.assets.items()}})
-    results.data["saeuron_selection"] = runner.prepare_saeuron()
+    results = Results({"mode": mode, "protocol": asdict(P), "assets": {
+        k: {"path": shown_path(p), "sha256": runner.digests[k]} for k, p in runner.assets.items()}})
+    groups = [g for g, targets in ((OBJECT, P.object_targets), (STYLE, P.style_targets)) if targets]
+    results.data["saeuron_selection"] = {g: runner.prepare_saeuron(sae_asset("saeuron", g)) for g in groups}
     runner.bar = tqdm(total=planned_images(P), desc="eval images", unit="img", disable=not runner.progress,
                       smoothing=0.05)
     tests = test_items(P.test_seeds)
@@ -394,20 +415,21 @@ def evaluate(runner: Runner, mode: str = "custom") -> Results:
         for concept in concepts:
             select = selection_items(group, concept, P)
             candidates = {"saemnesia": [], "saeuron": []}
+            sae = {method: sae_asset(method, group) for method in SAE_METHODS}
             for gamma in P.gammas:
-                m = erasure_metrics(runner.judge(Setting("saemnesia", ((concept, gamma, 0),)), select)[0], group,
+                m = erasure_metrics(runner.judge(Setting(sae["saemnesia"], ((concept, gamma, 0),)), select)[0], group,
                                     {concept})
                 candidates["saemnesia"].append({"gamma": gamma, **m, "score": selection_score(m)})
             for kept in P.kept:
                 for gamma in P.gammas:
-                    m = erasure_metrics(runner.judge(Setting("saeuron", ((concept, gamma, kept),)), select)[0], group,
-                                        {concept})
+                    m = erasure_metrics(runner.judge(Setting(sae["saeuron"], ((concept, gamma, kept),)), select)[0],
+                                        group, {concept})
                     candidates["saeuron"].append({"kept": kept, "gamma": gamma, **m, "score": selection_score(m)})
             sm, su = best_candidate(candidates["saemnesia"]), best_candidate(candidates["saeuron"])
             chosen[concept] = {"saemnesia": (concept, sm["gamma"], 0), "saeuron": (concept, su["gamma"], su["kept"])}
-            settings = {"none": Setting(), "saemnesia": Setting("saemnesia", (chosen[concept]["saemnesia"],)),
-                        "saemnesia_gamma1": Setting("saemnesia", ((concept, -1.0, 0),)),
-                        "saeuron": Setting("saeuron", (chosen[concept]["saeuron"],)),
+            settings = {"none": Setting(), "saemnesia": Setting(sae["saemnesia"], (chosen[concept]["saemnesia"],)),
+                        "saemnesia_gamma1": Setting(sae["saemnesia"], ((concept, -1.0, 0),)),
+                        "saeuron": Setting(sae["saeuron"], (chosen[concept]["saeuron"],)),
                         "negative": Setting(negative=concept)}
             test, rephrased = {}, {}
             for method, setting in settings.items():
@@ -434,10 +456,11 @@ def sequential(runner: Runner, chosen: dict, tests: list[Item]) -> dict:
     """Objects erased one after another (1…N, in the order of the targets) with each concept's chosen setting."""
     order = list(runner.protocol.object_targets)
     rows = {}
-    for method in ("saemnesia", "saeuron"):
+    for method in SAE_METHODS:
         rows[method] = []
         for j in range(1, len(order) + 1):
-            judged, _ = runner.judge(Setting(method, tuple(chosen[c][method] for c in order[:j])), tests)
+            setting = Setting(sae_asset(method, OBJECT), tuple(chosen[c][method] for c in order[:j]))
+            judged, _ = runner.judge(setting, tests)
             rows[method].append({"erased": order[:j], **erasure_metrics(judged, OBJECT, order[:j])})
     return {"order": order, "rows": rows}
 
@@ -480,9 +503,11 @@ def summary_table(data: dict) -> str:
 
 
 def protocol_text(data: dict) -> str:
-    P, sel = data["protocol"], data["saeuron_selection"]
-    kept = ", ".join(f"{m} (p = {v['percentile']:.4f}, measured {v['mean_latents_per_bucket']:.2f} latents/bucket)"
-                     for m, v in sel["kept"].items())
+    P = data["protocol"]
+    sites = [f"{group} targets at `{sel['hookpoint']}` ({sel['num_latents']} latents; statistics from "
+             f"{sel['heldout_samples']} held-out samples; kept " + ", ".join(
+                 f"{m} at p = {v['percentile']:.4f}: measured {v['mean_latents_per_bucket']:.2f} latents/bucket"
+                 for m, v in sel["kept"].items()) + ")" for group, sel in data["saeuron_selection"].items()]
     return "\n".join([
         f"- mode **{data['mode']}**; targets: objects {', '.join(P['object_targets']) or 'none'}; "
         f"styles {', '.join(P['style_targets']) or 'none'}",
@@ -491,8 +516,7 @@ def protocol_text(data: dict) -> str:
         f"{P['steps']} steps, CFG {P['cfg']}",
         f"- selection set (other seeds): every image of the target + {P['select_others']} image(s) of each other "
         f"concept of its group, × {P['select_seeds']} seed(s); score (UA + IRA)/2",
-        f"- γ grid {', '.join(f'{g:g}' for g in P['gammas'])}; SAeUron latents kept per bucket: {kept} "
-        f"(of {sel['num_latents']} latents; statistics from {sel['heldout_samples']} held-out samples)",
+        f"- γ grid {', '.join(f'{g:g}' for g in P['gammas'])}; SAEs and SAeUron selection: " + "; ".join(sites),
         f"- rephrased prompts: the target's images in each of {len(HELD_OUT_TEMPLATES)} held-out wordings × "
         f"{P['rephrase_seeds']} seed(s)",
         f"- cost: {data['cost']['images_generated']} images generated, {data['cost']['images_from_cache']} from cache, "
@@ -529,10 +553,7 @@ def markdown_report(data: dict) -> str:
 
 
 def readme_snippet(data: dict, out: Path) -> str:
-    try:
-        rel = out.resolve().relative_to(REPO_ROOT)
-    except ValueError:
-        rel = out
+    rel = shown_path(out)
     return "\n".join([
         f"### Erasure quality (miniature UnlearnCanvas, {data['mode']} mode)", "", summary_table(data), "",
         protocol_text(data), "",
@@ -634,7 +655,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, help="report folder (default benchmarks/results/eval_<mode>)")
     p.add_argument("--cache", type=Path, default=REPO_ROOT / "runs" / "eval_cache", help="generated images")
     for name, path in DEFAULT_ASSETS.items():
-        p.add_argument(f"--{name}", type=Path, default=path, help=f"default {path.relative_to(REPO_ROOT)}")
+        p.add_argument(f"--{name.replace('_', '-')}", type=Path, default=path, help=f"default {shown_path(path)}")
     g = p.add_argument_group("overrides of the mode's protocol")
     g.add_argument("--objects", type=_csv(str), help="object targets, comma-separated ('' = none)")
     g.add_argument("--styles", type=_csv(str), help="style targets, comma-separated ('' = none)")

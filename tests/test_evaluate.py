@@ -2,6 +2,7 @@
 bookkeeping, the percentile scaling, and one tiny end-to-end run on smoke-size toy assets."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -109,6 +110,11 @@ def test_the_eval_command_is_registered_without_importing_comfyui():
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
+def test_report_paths_inside_the_repository_are_relative(ev):
+    assert ev.shown_path(ev.DEFAULT_ASSETS["saemnesia_styles"]) == "models/saemnesia/toy_saemnesia_styles.safetensors"
+    assert ev.shown_path(Path("/elsewhere/x.safetensors")) == "/elsewhere/x.safetensors"
+
+
 @pytest.fixture(scope="module")
 def smoke_assets(comfy, tmp_path_factory):
     """The toy world at smoke size (meaningless quality, every file in place)."""
@@ -119,7 +125,9 @@ def smoke_assets(comfy, tmp_path_factory):
     models = root / "models"
     return {"model": models / "toy" / "toy_world.safetensors", "judges": models / "toy" / "toy_judges.safetensors",
             "saemnesia": models / "saemnesia" / "toy_saemnesia.safetensors",
-            "saeuron": models / "saemnesia" / "toy_saeuron.safetensors"}
+            "saeuron": models / "saemnesia" / "toy_saeuron.safetensors",
+            "saemnesia-styles": models / "saemnesia" / "toy_saemnesia_styles.safetensors",
+            "saeuron-styles": models / "saemnesia" / "toy_saeuron_styles.safetensors"}
 
 
 @pytest.mark.slow
@@ -151,6 +159,8 @@ def test_a_tiny_eval_run_writes_json_markdown_and_plots_and_reruns_from_cache(ev
     assert [r["erased"] for r in rows["saemnesia"]] == [["Circles"], ["Circles", "Squares"]]
     assert rows["saeuron"][0] == {"erased": ["Circles"], **data["targets"]["object"]["Circles"]["test"]["saeuron"]}
     assert "| SAEmnesia (γ tuned) | 2 |" in (out / "report.md").read_text()
+    assert {g: v["hookpoint"] for g, v in data["saeuron_selection"].items()} == {
+        "object": "unet.up_blocks.1.attentions.1", "style": "unet.up_blocks.2.attentions.2"}
 
     # everything again: nothing is generated, the numbers are the same
     assert main(argv) == 0
