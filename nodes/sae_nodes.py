@@ -58,7 +58,7 @@ class EraseConcepts(io.ComfyNode):
                 io.Model.Input("model", tooltip="The diffusion model to patch (it is cloned, never modified)."),
                 SAE.Input("sae", tooltip="A concept SAE from Load SAE; its hookpoint must exist in this model."),
                 io.String.Input("concepts", default="[]", multiline=False, tooltip=CONCEPTS_TOOLTIP),
-                io.Float.Input("strength", default=-1.0, min=-100.0, max=100.0, step=0.5,
+                io.Float.Input("strength", default=-1.0, min=-100.0, max=100.0, step=0.1,
                                tooltip="γ: a firing concept latent z becomes z·γ·μ. Negative erases (−1 is "
                                        "SAEmnesia's single knob); positive amplifies (steering)."),
                 *_step_inputs(),

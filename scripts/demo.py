@@ -1,5 +1,6 @@
 """The demo: the real ComfyUI, headless, runs the toy-world workflow with the same seeds with and without
-erasing concepts (an object, a style, both), and writes the images and a labelled before/after grid.
+erasing concepts (an object, a style, both), and writes the images and a labelled before/after grid. Every
+row uses the same seed.
 
     ./scripts/demo.sh            (sets everything up, then runs this)
 """
@@ -18,17 +19,23 @@ from PIL import Image, ImageDraw
 
 from comfy_server import REPO_ROOT, ComfyServer
 
-SAE = "toy_saemnesia.safetensors"
-CASES = [("Hearts", "Neon"), ("Triangles", "Gradient"), ("Diamonds", "Dots"), ("Crosses", "Checker"),
-         ("Circles", "Stripes"), ("Squares", "Stripes")]
-# Strengths γ for the toy SAE (SAEmnesia's −1 is too gentle at this block of the toy model): objects go at −5;
-# styles need −15 and of the toy's styles only Stripes is reliably erased at this block (see README, results).
-OBJECT_GAMMA, STYLE_GAMMA = -5.0, -15.0
+# One SAE per group, each at the block where the toy model decides that group (README, "The toy world"):
+# objects at up_blocks.1.attentions.1 (SAEmnesia's block), styles at up_blocks.2.attentions.2.
+SAES = {"object": "toy_saemnesia.safetensors", "style": "toy_saemnesia_styles.safetensors"}
+# Rows from a pool of all 8 objects × {Stripes, Dots, Outline, Gradient} at seed 7, judged in-process: the first
+# three pass all three erasures, the others show partial results (README gives the pool's rates).
+CASES = [("Circles", "Stripes"), ("Triangles", "Stripes"), ("Triangles", "Dots"), ("Hearts", "Stripes"),
+         ("Squares", "Outline"), ("Crosses", "Stripes")]
+# Strengths γ: SAEmnesia's −1 is too gentle for objects at the toy's 8x8 block and far too strong for styles at
+# its 16x16 block (there it wipes the image); Stripes, Dots and Outline are the styles −0.2 erases cleanly
+# (README, "The toy world").
+GAMMAS = {"object": -5.0, "style": -0.2}
 COLUMNS = ["original", "erase object", "erase style", "erase both"]
 
 
-def toy_prompt(text: str, seed: int, erase: dict[str, float] | None, steps=25, cfg=5.0) -> dict:
-    """API-format toy workflow; with `erase`, Load SAE + Erase Concepts sit between the model and KSampler."""
+def toy_prompt(text: str, seed: int, erase: dict[str, dict[str, float]], steps=25, cfg=5.0) -> dict:
+    """API-format toy workflow; for each group in `erase` ({group: {concept: γ}}), a Load SAE + Erase Concepts
+    pair with that group's SAE is chained between the model and KSampler."""
     prompt = {
         "1": {"class_type": "SAEmnesiaToyModelLoader", "inputs": {"model_name": "toy_world.safetensors"}},
         "2": {"class_type": "CLIPTextEncode", "inputs": {"text": text, "clip": ["1", 1]}},
@@ -40,12 +47,15 @@ def toy_prompt(text: str, seed: int, erase: dict[str, float] | None, steps=25, c
         "6": {"class_type": "VAEDecode", "inputs": {"samples": ["5", 0], "vae": ["1", 2]}},
         "7": {"class_type": "SaveImage", "inputs": {"images": ["6", 0], "filename_prefix": "saemnesia_demo"}},
     }
-    if erase:
-        prompt["8"] = {"class_type": "SAEmnesiaLoadSAE", "inputs": {"sae_name": SAE}}
-        prompt["9"] = {"class_type": "SAEmnesiaEraseConcepts", "inputs": {
-            "model": ["1", 0], "sae": ["8", 0], "concepts": json.dumps(erase), "strength": -1.0,
+    model = ["1", 0]
+    for i, (group, concepts) in enumerate(erase.items()):
+        load, eraser = str(10 + 2 * i), str(11 + 2 * i)
+        prompt[load] = {"class_type": "SAEmnesiaLoadSAE", "inputs": {"sae_name": SAES[group]}}
+        prompt[eraser] = {"class_type": "SAEmnesiaEraseConcepts", "inputs": {
+            "model": model, "sae": [load, 0], "concepts": json.dumps(concepts), "strength": -1.0,
             "start_percent": 0.0, "end_percent": 1.0, "branches": "both", "mode": "exact"}}
-        prompt["5"]["inputs"]["model"] = ["9", 0]
+        model = [eraser, 0]
+    prompt["5"]["inputs"]["model"] = model
     return prompt
 
 
@@ -81,7 +91,8 @@ def main(argv=None) -> int:
     p.add_argument("--out", type=Path, default=REPO_ROOT / "output" / "demo")
     p.add_argument("--seed", type=int, default=7)
     args = p.parse_args(argv)
-    for needed in (REPO_ROOT / "models" / "toy" / "toy_world.safetensors", REPO_ROOT / "models" / "saemnesia" / SAE):
+    models = REPO_ROOT / "models"
+    for needed in [models / "toy" / "toy_world.safetensors"] + [models / "saemnesia" / n for n in SAES.values()]:
         if not needed.exists():
             print(f"missing {needed}: regenerate the toy world with `python -m saemnesia_comfy.toy_build`")
             return 1
@@ -94,9 +105,10 @@ def main(argv=None) -> int:
     try:
         for i, (obj, style) in enumerate(CASES):
             text = f"An image of {obj} in {style} style."
-            choices = (None, {obj: OBJECT_GAMMA}, {style: STYLE_GAMMA}, {obj: OBJECT_GAMMA, style: STYLE_GAMMA})
+            o, s = {"object": {obj: GAMMAS["object"]}}, {"style": {style: GAMMAS["style"]}}
+            choices = ({}, o, s, {**o, **s})
             for col, erase in zip(COLUMNS, choices):
-                entry = server.run(toy_prompt(text, args.seed + i, erase))
+                entry = server.run(toy_prompt(text, args.seed, erase))
                 if entry["status"]["status_str"] != "success":
                     raise RuntimeError(f"prompt failed: {json.dumps(entry['status'])[:2000]}")
                 png = server.images(entry, "7")[0]

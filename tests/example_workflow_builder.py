@@ -16,6 +16,7 @@ from pathlib import Path
 
 TOY_MODEL = "toy_world.safetensors"
 SAE = "toy_saemnesia.safetensors"
+STYLE_SAE = "toy_saemnesia_styles.safetensors"  # the toy's styles are erased at its 16x16 decoder level (README)
 NEGATIVE = ""
 
 
@@ -45,7 +46,9 @@ def _base_links() -> list[tuple]:
     return [(1, 1, 3, "clip"), (1, 1, 4, "clip")]
 
 
-def _erase(concepts, prompt: str, note: str, erased_title: str, strength: float = -1.0) -> dict:
+def _erase(concepts, prompt: str, note: str, erased_title: str, strength: float = -1.0, styles=None,
+           style_strength: float = -1.0) -> dict:
+    """Original and erased side by side; with `styles`, a second Erase Concepts with the style SAE follows the first."""
     nodes = _toy_inputs(prompt) + [
         {"id": 6, "type": "SAEmnesiaEraseConcepts", "pos": [720, 220], "size": [330, 560],
          "widgets": {"concepts": json.dumps(concepts), "strength": strength}},
@@ -61,11 +64,20 @@ def _erase(concepts, prompt: str, note: str, erased_title: str, strength: float 
     links = _base_links() + [
         (1, 0, 7, "model"), (3, 0, 7, "positive"), (4, 0, 7, "negative"), (5, 0, 7, "latent_image"),
         (1, 0, 6, "model"), (2, 0, 6, "sae"),
-        (6, 0, 8, "model"), (3, 0, 8, "positive"), (4, 0, 8, "negative"), (5, 0, 8, "latent_image"),
+        (15 if styles else 6, 0, 8, "model"), (3, 0, 8, "positive"), (4, 0, 8, "negative"), (5, 0, 8, "latent_image"),
         (7, 0, 9, "samples"), (1, 2, 9, "vae"), (8, 0, 10, "samples"), (1, 2, 10, "vae"),
         (9, 0, 11, "images"), (10, 0, 12, "images"),
     ]
-    return {"nodes": nodes, "links": links}
+    if styles is None:
+        return {"nodes": nodes, "links": links}
+    for node in nodes[6:12]:  # samplers, decoders and images move right to make room for the second eraser
+        node["pos"] = [node["pos"][0] + 360, node["pos"][1]]
+    nodes += [{"id": 14, "type": "SAEmnesiaLoadSAE", "pos": [0, 540], "title": "Load SAE (styles)",
+               "widgets": {"sae_name": STYLE_SAE}},
+              {"id": 15, "type": "SAEmnesiaEraseConcepts", "pos": [1080, 220], "size": [330, 560],
+               "title": "Erase Concepts (styles)",
+               "widgets": {"concepts": json.dumps(styles), "strength": style_strength}}]
+    return {"nodes": nodes, "links": links + [(6, 0, 15, "model"), (14, 0, 15, "sae")]}
 
 
 EXAMPLES = {
@@ -76,10 +88,12 @@ EXAMPLES = {
         "strength box uses the node's strength (−5 here: on the toy model SAEmnesia's −1 is too gentle).",
         "KSampler (Hearts erased)", strength=-5.0),
     "erase_several_concepts": _erase(
-        {"Hearts": -5.0, "Stripes": -15.0}, "An image of Hearts in Stripes style.",
-        "An object and a style erased at once, each with its own strength (the boxes beside the ticks). "
-        "Concepts of both groups are edited in the same UNet block in one pass.",
-        "KSampler (Hearts and Stripes erased)"),
+        ["Hearts"], "An image of Hearts in Stripes style.",
+        "An object and a style erased at once by two chained Erase Concepts nodes (their edits compose): the "
+        "toy model decides objects at up_blocks.1 (toy_saemnesia, strength −5) and styles at up_blocks.2 "
+        "(toy_saemnesia_styles, strength −0.2: stronger wipes the image there). Each ticked concept may also "
+        "have its own strength (the box beside its tick).",
+        "KSampler (Hearts and Stripes erased)", strength=-5.0, styles=["Stripes"], style_strength=-0.2),
     "probe_concepts": {
         "nodes": _toy_inputs("An image of Hearts in Neon style.") + [
             {"id": 6, "type": "SAEmnesiaConceptProbe", "pos": [720, 220], "size": [330, 480],

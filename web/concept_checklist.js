@@ -209,7 +209,7 @@ class ConceptChecklist {
     if (this.strengths) {
       const own = this.selection.get(c.label);
       const strength = element("input", {
-        type: "number", step: "0.5", className: "saem-strength", placeholder: "node", value: own ?? "",
+        type: "number", step: "0.1", className: "saem-strength", placeholder: "node", value: own ?? "",
         title: "This concept's own strength γ; empty = the node's strength",
       });
       strength.addEventListener("change", () => {
