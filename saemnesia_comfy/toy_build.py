@@ -3,7 +3,7 @@ on the full grid → per SAE site (objects: up_blocks.1.attentions.1, styles: up
 activations → an unsupervised (SAeUron) SAE → the supervised (SAEmnesia) SAE fine-tuned from it → concept
 statistics on held-out prompts → the shipped files.
 
-    python -m saemnesia_comfy.toy_build                 # the shipped recipe (about 3 hours on 2 CPU cores)
+    python -m saemnesia_comfy.toy_build                 # the shipped recipe (about 4 hours on 2 CPU cores)
     python -m saemnesia_comfy.toy_build --smoke --out runs/toy_smoke   # every stage at toy-of-the-toy size (minutes)
 
 Stages whose output exists are skipped (delete a file to redo its stage); an interrupted model training
@@ -35,7 +35,7 @@ from .toy_sampling import PromptEncoder, generate
 
 # Where the SAEs read, and the files they ship as. Objects: SAeUron's and SAEmnesia's block (8x8 tokens).
 # Styles: the toy reads its styles from the text again in the 16x16 decoder level (swapping the prompt at the
-# 8x8 blocks alone leaves 7 of 8 styles; docs), so its style SAE sits at that level's last block, the last
+# 8x8 blocks alone leaves 7 of 8 styles; README), so its style SAE sits at that level's last block, the last
 # cross-attention before the image is drawn (SAeUron's style block for SD1.5, up.1.2, is the same kind of place).
 SAE_SITES = {
     "unet.up_blocks.1.attentions.1": ("toy_saemnesia.safetensors", "toy_saeuron.safetensors"),

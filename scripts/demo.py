@@ -27,8 +27,7 @@ SAES = {"object": "toy_saemnesia.safetensors", "style": "toy_saemnesia_styles.sa
 CASES = [("Circles", "Stripes"), ("Triangles", "Stripes"), ("Triangles", "Dots"), ("Hearts", "Stripes"),
          ("Squares", "Outline"), ("Crosses", "Stripes")]
 # Strengths γ: SAEmnesia's −1 is too gentle for objects at the toy's 8x8 block and far too strong for styles at
-# its 16x16 block (there it wipes the image); Stripes, Dots and Outline are the styles −0.2 erases cleanly
-# (README, "The toy world").
+# its 16x16 block (there it wipes the image); −0.2 erases Stripes cleanly, Dots and Outline in part (README).
 GAMMAS = {"object": -5.0, "style": -0.2}
 COLUMNS = ["original", "erase object", "erase style", "erase both"]
 
