@@ -68,7 +68,7 @@ def _erase(concepts, prompt: str, note: str, erased_title: str, strength: float 
         (7, 0, 9, "samples"), (1, 2, 9, "vae"), (8, 0, 10, "samples"), (1, 2, 10, "vae"),
         (9, 0, 11, "images"), (10, 0, 12, "images"),
     ]
-    if styles is None:
+    if not styles:
         return {"nodes": nodes, "links": links}
     for node in nodes[6:12]:  # samplers, decoders and images move right to make room for the second eraser
         node["pos"] = [node["pos"][0] + 360, node["pos"][1]]
