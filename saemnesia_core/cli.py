@@ -11,6 +11,7 @@ import argparse
 import json
 import sys
 from collections.abc import Callable
+from importlib.metadata import entry_points
 from pathlib import Path
 
 from . import __version__
@@ -46,25 +47,24 @@ def register_convert(subparsers) -> None:
     p.set_defaults(func=_convert)
 
 
-def register_eval(subparsers) -> None:
-    # The evaluation samples the toy model through ComfyUI (the nodes' own patch path), and saemnesia_core must
-    # never import ComfyUI: so this parser only forwards its arguments, and saemnesia_comfy.evaluate (which owns
-    # them, --help included) is imported when the command runs. prefix_chars="+" keeps argparse from reading
-    # the forwarded "--flags" itself.
-    p = subparsers.add_parser("eval", help="miniature UnlearnCanvas evaluation on the toy world (needs ComfyUI)",
-                              add_help=False, prefix_chars="+")
-    p.add_argument("argv", nargs="*")
-    p.set_defaults(func=_eval)
+PLUGIN_GROUP = "saemnesia.commands"
 
 
-def _eval(args) -> int:
-    from saemnesia_comfy.evaluate import main  # imports ComfyUI, hence here and not at the top
-
-    return main(args.argv)
+def register_plugin_commands(subparsers) -> None:
+    """Commands other installed packages register under the entry-point group PLUGIN_GROUP (`saemnesia eval` comes
+    from saemnesia_comfy, which needs ComfyUI): each is `main(argv) -> exit code`, loaded only when its command
+    runs, so this library never imports what a plugin needs. Arguments are passed through as they are
+    (prefix_chars="+" keeps argparse from reading "--flags" here; the plugin parses them, --help included)."""
+    for entry in sorted(entry_points(group=PLUGIN_GROUP), key=lambda e: e.name):
+        provider = entry.value.split(":")[0]
+        p = subparsers.add_parser(entry.name, help=f"provided by {provider}; see `saemnesia {entry.name} --help`",
+                                  add_help=False, prefix_chars="+")
+        p.add_argument("argv", nargs="*")
+        p.set_defaults(func=lambda args, entry=entry: entry.load()(args.argv))
 
 
 COMMAND_REGISTRARS: list[Callable[[argparse._SubParsersAction], None]] = [
-    register_inspect, register_convert, training_commands.register, register_eval]
+    register_inspect, register_convert, training_commands.register, register_plugin_commands]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,4 +1,4 @@
-"""Bring SAEs and concept statistics from other layouts into our SAE file (sae-libraries notes §3).
+"""Bring SAEs and concept statistics from other layouts into our SAE file (DESIGN §7.1).
 
 - our own .safetensors file;
 - a sparsify / SAeUron folder: `cfg.json` + `sae.safetensors`, given as the folder itself or as a parent holding
@@ -36,6 +36,8 @@ from .timesteps import bucket_index, ddim_timesteps, timestep_to_t
 
 CONFIG_FILES = ("cfg.json", "config.json")
 WEIGHT_FILES = ("sae.safetensors", "state_dict.pth")
+"""A checkpoint folder holds one config and one weights file of these names (sparsify / SAeUron: cfg.json +
+sae.safetensors; SAEmnesia: config.json + state_dict.pth). The importer and Load SAE's listing both use them."""
 DEFAULT_PERCENTILE = 99.999
 """SAeUron's percentile for styles: about one latent of 20480 per timestep."""
 
@@ -64,6 +66,12 @@ def load_any(path, hookpoint: str | None = None, model_family: str | None = None
     overrides = {k: v for k, v in (("hookpoint", hookpoint and _diffusers_hookpoint(hookpoint)),
                                    ("model_family", model_family)) if v}
     return dataclasses.replace(sae_file, **overrides) if overrides else sae_file
+
+
+def is_checkpoint_folder(file_names) -> bool:
+    """Whether a folder holding these file names is an importable checkpoint folder (a config and weights)."""
+    names = set(file_names)
+    return bool(names & set(CONFIG_FILES)) and bool(names & set(WEIGHT_FILES))
 
 
 def _config_file(folder: Path) -> Path | None:

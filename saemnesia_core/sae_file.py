@@ -13,16 +13,17 @@ from __future__ import annotations
 import json
 import math
 import os
-import struct
+import stat
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from .concepts import Concept, ConceptTables
+from .files import atomic_path
 from .sae import SAEConfig, TopKSAE
 
 FORMAT_VERSION = 1
@@ -39,6 +40,7 @@ TABLE_NAMES = ("concepts.latents", "concepts.mean_acts", "concepts.thresholds")
 _DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,
            "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
            "BOOL": torch.bool}
+"""safetensors dtype names we can check (the weights and tables use only some of them; _check_structure says which)."""
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 
 
@@ -107,16 +109,11 @@ def validate_sae_file(sae_file: SAEFile) -> None:
 
 
 def save_sae_file(sae_file: SAEFile, path) -> None:
-    """Validate, then write atomically (temporary file in the same folder + os.replace)."""
+    """Validate, then write whole or not at all (files.atomic_path)."""
     validate_sae_file(sae_file)
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     tensors = {name: t.detach().cpu().contiguous() for name, t in _tensors(sae_file).items()}
-    try:
+    with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata={METADATA_KEY: _metadata_json(sae_file.header)})
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def _tensors(sae_file: SAEFile) -> dict[str, Tensor]:
@@ -149,12 +146,10 @@ def _metadata_json(h: SAEHeader) -> str:
 
 def read_header(path) -> SAEHeader:
     """Metadata and concepts without reading any tensor data (fast enough for every UI refresh)."""
-    index = _read_safetensors_index(path)
-    metadata = index.pop("__metadata__", None)
-    if not isinstance(metadata, dict) or METADATA_KEY not in metadata:
+    metadata, entries = _read_index(path)
+    if METADATA_KEY not in metadata:
         raise SAEFileError(f"{path}: a safetensors file without SAEmnesia metadata; import it with "
                            "`saemnesia convert` (importers.load_any) instead")
-    entries = {name: (_DTYPES[e["dtype"]], tuple(e["shape"])) for name, e in index.items()}
     with _naming(path):
         header = _parse_metadata(metadata[METADATA_KEY], entries.get("encoder.weight", (None,))[0])
         _check_structure(header, entries)
@@ -163,7 +158,7 @@ def read_header(path) -> SAEHeader:
 
 def is_sae_file(path) -> bool:
     """Whether a safetensors file carries our metadata (a sparsify sae.safetensors does not)."""
-    return METADATA_KEY in (_read_safetensors_index(path).get("__metadata__") or {})
+    return METADATA_KEY in _read_index(path)[0]
 
 
 def load_sae_file(path) -> SAEFile:
@@ -190,58 +185,56 @@ def _naming(path):
         raise SAEFileError(f"{path}: {e}") from None
 
 
-def _read_safetensors_index(path) -> dict:
-    """The safetensors JSON header, parsed by hand so a hostile one is size-capped and checked before use.
+def _read_index(path) -> tuple[dict[str, str], dict[str, tuple[torch.dtype, tuple]]]:
+    """(string metadata, {tensor name: (dtype, shape)}) of a safetensors file, by safetensors' own reader.
 
-    Layout: 8-byte little-endian length N, N bytes of JSON, then the data; offsets are relative to the data.
+    The library checks the header's JSON, its size (up to 100 MB), the dtypes, and that the tensors' offsets
+    agree with their shapes and cover the data exactly. What it lacks, and this adds before opening the file:
+    a header cap suited to a request the UI makes on every refresh (MAX_HEADER_BYTES, 16 MiB, instead of
+    100 MB), a refusal of anything that is not a regular file (opening a FIFO blocks), and errors of our own
+    type whose messages say what is wrong.
     """
     try:
-        with open(path, "rb") as f:
-            file_size = os.fstat(f.fileno()).st_size
-            prefix = f.read(8)
-            if len(prefix) < 8:
-                raise SAEFileError(f"{path}: too short to be a safetensors file ({file_size} bytes)")
-            (n,) = struct.unpack("<Q", prefix)
-            if n > MAX_HEADER_BYTES:
-                raise SAEFileError(f"{path}: header of {n} bytes exceeds the {MAX_HEADER_BYTES}-byte limit")
-            if 8 + n > file_size:
-                raise SAEFileError(f"{path}: truncated: header claims {n} bytes, file has {file_size}")
-            raw = f.read(n)
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))  # a FIFO opens without waiting for a writer
+        try:
+            info = os.fstat(fd)
+            if not stat.S_ISREG(info.st_mode):
+                raise SAEFileError(f"{path}: not a regular file")
+            prefix = os.read(fd, 8)
+        finally:
+            os.close(fd)
     except OSError as e:
         raise SAEFileError(f"{path}: cannot read: {e}") from e
+    if len(prefix) < 8:
+        raise SAEFileError(f"{path}: too short to be a safetensors file ({info.st_size} bytes)")
+    header_bytes = int.from_bytes(prefix, "little")
+    if header_bytes > MAX_HEADER_BYTES:
+        raise SAEFileError(f"{path}: not a safetensors file, or one whose header of {header_bytes} bytes exceeds "
+                           f"the {MAX_HEADER_BYTES}-byte limit")
     try:
-        index = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError, RecursionError) as e:
-        raise SAEFileError(f"{path}: header is not valid JSON: {e}") from e
-    if not isinstance(index, dict):
-        raise SAEFileError(f"{path}: header is not a JSON object")
-    data_size = file_size - 8 - n
-    for name, entry in index.items():
-        if name == "__metadata__":
-            if not isinstance(entry, dict) or not all(isinstance(v, str) for v in entry.values()):
-                raise SAEFileError(f"{path}: __metadata__ must map strings to strings")
-            continue
-        _check_index_entry(path, name, entry, data_size)
-    return index
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+            index = {name: (f.get_slice(name).get_dtype(), tuple(f.get_slice(name).get_shape())) for name in f.keys()}
+    except Exception as e:  # the library's SafetensorError, or OSError
+        raise SAEFileError(f"{path}: {_library_error(e)}") from e
+    entries = {}
+    for name, (dtype, shape) in index.items():
+        if dtype not in _DTYPES:
+            raise SAEFileError(f"{path}: tensor {name!r} has dtype {dtype}, which SAE files do not use")
+        entries[name] = (_DTYPES[dtype], shape)
+    return metadata, entries
 
 
-def _check_index_entry(path, name: str, entry, data_size: int) -> None:
-    if not isinstance(entry, dict) or set(entry) != {"dtype", "shape", "data_offsets"}:
-        raise SAEFileError(f"{path}: tensor {name!r}: entry needs exactly dtype, shape, data_offsets")
-    dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
-    if not isinstance(dtype, str) or dtype not in _DTYPES:
-        raise SAEFileError(f"{path}: tensor {name!r}: unsupported dtype {dtype!r}")
-    if not isinstance(shape, list) or not all(_is_int(s) and s >= 0 for s in shape):
-        raise SAEFileError(f"{path}: tensor {name!r}: shape must be a list of non-negative ints, got {shape!r}")
-    if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_int(o) for o in offsets)
-            and 0 <= offsets[0] <= offsets[1]):
-        raise SAEFileError(f"{path}: tensor {name!r}: bad data_offsets {offsets!r}")
-    if offsets[1] > data_size:
-        raise SAEFileError(f"{path}: truncated: tensor {name!r} ends at byte {offsets[1]} of {data_size} data bytes")
-    nbytes = math.prod(shape) * _DTYPES[dtype].itemsize
-    if offsets[1] - offsets[0] != nbytes:
-        raise SAEFileError(f"{path}: tensor {name!r}: shape {shape} needs {nbytes} bytes, offsets span "
-                           f"{offsets[1] - offsets[0]}")
+def _library_error(e: Exception) -> str:
+    """safetensors' reader's message, said plainly."""
+    text = str(e)
+    if "not fully covered" in text:
+        return "truncated (or padded): the tensors listed in the header do not cover the file's data exactly"
+    if "invalid JSON" in text:
+        return f"header is not valid JSON or not a safetensors header ({text.split(': ', 1)[-1]})"
+    if "header too" in text:
+        return f"not a safetensors file ({text.split(': ', 1)[-1]})"
+    return f"not a valid safetensors file: {text}"
 
 
 def _parse_metadata(text: str, dtype: torch.dtype | None) -> SAEHeader:

@@ -8,7 +8,6 @@ generation artefacts; they must still score ≥ 98 % on clean held-out renders.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -134,7 +133,3 @@ def held_out_accuracy(judges: Judges, n=2000, seed=1000) -> dict:
         obj_acc = (judges.objects(images).argmax(1) == obj_labels).float().mean().item()
         sty_acc = (judges.styles(images).argmax(1) == sty_labels).float().mean().item()
     return {"object": obj_acc, "style": sty_acc, "n": n}
-
-
-def default_judges_path() -> Path:
-    return Path(__file__).resolve().parents[2] / "models" / "toy" / "toy_judges.safetensors"

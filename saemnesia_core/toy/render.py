@@ -16,16 +16,10 @@ from PIL import Image, ImageDraw, ImageFilter
 
 OBJECTS = ("Circles", "Squares", "Triangles", "Stars", "Hearts", "Crosses", "Rings", "Diamonds")
 STYLES = ("Stripes", "Dots", "Checker", "Outline", "Gradient", "Neon", "Pastel", "Noise")
-UNSTYLED = None  # prompts without a style: black shape on white
 
 SIZE = 32
 _SS = 4  # supersampling factor
 _C = SIZE * _SS
-
-
-def prompt_for(obj: str, style: str | None) -> str:
-    """The SAeUron prompt form."""
-    return f"An image of {obj}." if style is None else f"An image of {obj} in {style} style."
 
 
 @dataclass(frozen=True)

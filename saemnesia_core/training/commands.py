@@ -7,7 +7,6 @@ Every command runs as one process or under ``torchrun --nproc-per-node N`` (data
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path

@@ -30,6 +30,8 @@ import torch
 from safetensors.torch import load as load_safetensors_bytes
 from safetensors.torch import save as save_safetensors_bytes
 
+from ..files import remove_stale_temporaries, write_bytes_atomic, write_json_atomic
+
 INDEX_NAME = "index.json"
 FORMAT = "saemnesia-activations"
 VERSION = 1
@@ -67,19 +69,6 @@ class RecordBatch:
 
     def to_tensors(self) -> dict[str, torch.Tensor]:
         return {name: getattr(self, name).contiguous() for name in COLUMNS}
-
-
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def write_json_atomic(path: Path, obj) -> None:
-    _atomic_write_bytes(Path(path), (json.dumps(obj, indent=1, sort_keys=False) + "\n").encode())
 
 
 def _ranges(ids: Sequence[int]) -> list[list[int]]:
@@ -140,8 +129,7 @@ class ShardWriter:
             self.shards = index["shards"]
         else:
             self.shards = []
-        for stale in self.root.glob("*.tmp"):
-            stale.unlink()
+        remove_stale_temporaries(self.root)
         self._completed = _shard_samples(self.shards)
         self._pending: list[RecordBatch] = []
         self._pending_samples: list[int] = []
@@ -188,7 +176,7 @@ class ShardWriter:
         batch = RecordBatch.cat(self._pending)
         data = save_safetensors_bytes(batch.to_tensors())
         name = f"shard-{len(self.shards):06d}.safetensors"
-        _atomic_write_bytes(self.root / name, data)
+        write_bytes_atomic(self.root / name, data)
         self.shards.append({"file": name, "records": len(batch), "sha256": hashlib.sha256(data).hexdigest(),
                             "samples": _ranges(self._pending_samples)})
         self._completed.update(self._pending_samples)
@@ -302,63 +290,54 @@ class ActivationDataset:
                      drop_last: bool = False) -> Iterator[RecordBatch]:
         """Batches of whole records; ``where(batch) -> [R] bool`` filters rows (e.g. a validation split)."""
         gen = torch.Generator().manual_seed(seed * 1_000_003 + epoch + 1)
-        pending: list[RecordBatch] = []
-        count = 0
-
-        def drain(keep: int) -> Iterator[RecordBatch]:
-            nonlocal pending, count
-            merged = RecordBatch.cat(pending)
-            if shuffle:
-                merged = merged.select(torch.randperm(len(merged), generator=gen))
-            emit = (len(merged) - keep) // batch_records * batch_records
-            for start in range(0, emit, batch_records):
-                yield merged.select(slice(start, start + batch_records))
-            rest = merged.select(slice(emit, None))
-            pending, count = ([rest] if len(rest) else []), len(rest)
-
-        for shard in self._filtered_shards(self._shard_order(shuffle, seed, epoch), where):
-            pending.append(shard)
-            count += len(shard)
-            if count >= max(buffer_records, batch_records):
-                yield from drain(keep=buffer_records // 2 if shuffle else 0)
-        if pending:
-            yield from drain(keep=0)
-        if pending and not drop_last:
-            yield pending[0]
+        shards = self._filtered_shards(self._shard_order(shuffle, seed, epoch), where)
+        yield from _shuffle_buffer(shards, batch_records, buffer_records, shuffle, gen, RecordBatch.cat,
+                                   RecordBatch.select, keep_last=not drop_last)
 
     def iter_tokens(self, batch_tokens: int, *, shuffle: bool = True, seed: int = 0, epoch: int = 0,
                     buffer_tokens: int = 2**17, where: Callable[[RecordBatch], torch.Tensor] | None = None,
                     ) -> Iterator[torch.Tensor]:
         """Full batches of single tokens ``[batch_tokens, d]`` (store dtype), mixed across records and shards.
-
-        The buffer holds at most ``buffer_tokens`` plus one shard of tokens; when full it is shuffled and
-        all but half of it emitted. The last partial batch of an epoch is dropped.
-        """
+        The last partial batch of an epoch is dropped."""
         gen = torch.Generator().manual_seed(seed * 1_000_003 + epoch + 2)
-        pending: list[torch.Tensor] = []
-        count = 0
-
-        def drain(keep: int) -> Iterator[torch.Tensor]:
-            nonlocal pending, count
-            merged = torch.cat(pending)
-            if shuffle:
-                merged = merged[torch.randperm(len(merged), generator=gen)]
-            emit = (len(merged) - keep) // batch_tokens * batch_tokens
-            for start in range(0, emit, batch_tokens):
-                yield merged[start:start + batch_tokens]
-            pending, count = [merged[emit:]], len(merged) - emit
-
-        for shard in self._filtered_shards(self._shard_order(shuffle, seed, epoch), where):
-            pending.append(shard.acts.reshape(-1, self.d))
-            count += pending[-1].shape[0]
-            if count >= max(buffer_tokens, batch_tokens):
-                yield from drain(keep=buffer_tokens // 2 if shuffle else 0)
-        if pending:
-            yield from drain(keep=0)
+        tokens = (shard.acts.reshape(-1, self.d) for shard in
+                  self._filtered_shards(self._shard_order(shuffle, seed, epoch), where))
+        yield from _shuffle_buffer(tokens, batch_tokens, buffer_tokens, shuffle, gen, torch.cat,
+                                   lambda rows, index: rows[index], keep_last=False)
 
     def steps_per_epoch(self, batch_tokens: int) -> int:
         """Upper bound of full token batches per epoch (exact without a ``where`` filter)."""
         return self.num_tokens // batch_tokens
+
+
+def _shuffle_buffer(pieces: Iterator, batch: int, buffer: int, shuffle: bool, gen: torch.Generator, cat, take,
+                    keep_last: bool) -> Iterator:
+    """Batches of `batch` rows from `pieces` (row-indexable chunks: shards' records or tokens), mixed through a
+    buffer of at most `buffer` rows plus one piece: when full it is shuffled and all but half of it emitted, so
+    memory stays bounded and rows mix across pieces. `take(rows, index)` selects rows; the final partial batch
+    is yielded only with `keep_last`."""
+    pending, count = [], 0
+
+    def drain(keep: int) -> Iterator:
+        nonlocal pending, count
+        merged = cat(pending)
+        if shuffle:
+            merged = take(merged, torch.randperm(len(merged), generator=gen))
+        emit = (len(merged) - keep) // batch * batch
+        for start in range(0, emit, batch):
+            yield take(merged, slice(start, start + batch))
+        rest = take(merged, slice(emit, None))
+        pending, count = ([rest] if len(rest) else []), len(rest)
+
+    for piece in pieces:
+        pending.append(piece)
+        count += len(piece)
+        if count >= max(buffer, batch):
+            yield from drain(keep=buffer // 2 if shuffle else 0)
+    if pending:
+        yield from drain(keep=0)
+    if pending and keep_last:
+        yield pending[0]
 
 
 def as_dataset(data: "ActivationDataset | str | Path") -> ActivationDataset:

@@ -218,7 +218,7 @@ def compute_statistics(sae_file: SAEFile | str | Path, data, *, mode: str | None
     else:
         raise ValueError(f"unknown mode {mode!r} (saemnesia | saeuron)")
     provenance = {**sf.provenance, "statistics": {
-        "dataset": str(getattr(data, "root", data)), "mode": mode, "num_buckets": num_buckets,
+        "dataset": Path(getattr(data, "root", data)).name, "mode": mode, "num_buckets": num_buckets,
         **({"percentile": percentile} if mode == "saeuron" else {}),
         "records": int(acts.all_records.sum())}}
     result = SAEFile(sf.config, sf.weights, list(concepts), tables, sf.hookpoint, sf.model_family, num_buckets,

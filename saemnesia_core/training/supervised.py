@@ -301,7 +301,7 @@ def finetune_supervised(sae_file: SAEFile | str | Path, data, cfg: SupervisedCon
     selection = assigned_selection([c.latent for c in concepts], cfg.num_buckets)
     tables = build_tables(selection, after_acts.means()[order])
     provenance = {
-        "trainer": "saemnesia supervised", "unsupervised": sf.provenance, "dataset": str(ds.root),
+        "trainer": "saemnesia supervised", "unsupervised": sf.provenance, "dataset": ds.root.name,
         "model_id": ds.index["model_id"], "config": asdict(cfg), "epochs": len(history),
         "best_val_loss": best_val if cfg.val_fraction > 0 else None, "history": history,
         "selectivity_before": before, "selectivity_after": after,

@@ -15,7 +15,6 @@ uninterrupted run on the same machine.
 from __future__ import annotations
 
 import math
-import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -24,6 +23,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from saemnesia_core.files import atomic_path
 from saemnesia_core.sae import SAEConfig, TopKSAE, standardize
 from saemnesia_core.sae_file import SAEFile, save_sae_file
 from saemnesia_core.training.distributed import DistContext
@@ -106,11 +106,10 @@ def make_adam(params, lr: float) -> torch.optim.Optimizer:
 
 
 def save_checkpoint_atomic(path: Path, state: dict) -> None:
-    """torch.save to a temporary file in the same folder, then os.replace (never a half-written checkpoint)."""
+    """torch.save, whole or not at all (never a half-written checkpoint)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
 
 
 def load_checkpoint(path: Path) -> dict:
@@ -263,7 +262,7 @@ def train_unsupervised(data, cfg: TrainConfig | None = None, *, out: str | Path 
         save_sae_file(SAEFile(
             sae_cfg, {k: v.detach().cpu() for k, v in sae.state_dict().items()}, [], None, ds.hookpoint,
             model_family or ds.index["source"].get("model_family", "unknown"), 1, False,
-            {"trainer": "saemnesia unsupervised", "dataset": str(ds.root), "model_id": ds.index["model_id"],
+            {"trainer": "saemnesia unsupervised", "dataset": ds.root.name, "model_id": ds.index["model_id"],
              "tokens": step * cfg.batch_size, "steps": step, "train_config": asdict(cfg),
              "final": history[-1] if history else {}, "seconds": round(time.perf_counter() - started, 1)}),
             result.sae_file)

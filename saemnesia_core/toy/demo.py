@@ -1,0 +1,53 @@
+"""What the demo shows and how its rows are judged: shared by `scripts/demo.py` (the real ComfyUI server), the
+pool study that chose its rows (`benchmarks/studies/demo_pool.py`, in-process) and the example workflows.
+
+Each row is one prompt "An image of {object} in {style} style." at one seed, in four columns: the original, the
+object erased (with the object-site SAE), the style erased (with the style-site SAE), and both (two chained Erase
+Concepts nodes). The judges name the object and the style of every image.
+"""
+
+from __future__ import annotations
+
+COLUMNS = ("original", "erase object", "erase style", "erase both")
+SEED = 7
+# Strengths γ per group, one for every concept of the group: SAEmnesia's −1 is too gentle for objects at the toy's
+# 8x8 block and far too strong for styles at its 16x16 block, where it wipes the image; −0.2 erases some styles
+# cleanly there (benchmarks/studies/style_gamma_sweep.py).
+GAMMAS = {"object": -5.0, "style": -0.2}
+# Rows shown, chosen from the pool (every object × POOL_STYLES at SEED, judged by benchmarks/studies/demo_pool.py)
+CASES = (("Circles", "Stripes"), ("Triangles", "Stripes"), ("Triangles", "Dots"), ("Hearts", "Stripes"),
+         ("Squares", "Outline"), ("Crosses", "Stripes"))
+POOL_STYLES = ("Stripes", "Dots", "Outline", "Gradient")
+
+OUTCOMES = {
+    "original_recognised": "original: object and style recognised",
+    "object_gone_style_kept": "erase object: object gone, style kept",
+    "style_gone_object_kept": "erase style: style gone, object kept",
+    "both_gone": "erase both: object and style gone",
+}
+
+
+def prompt(obj: str, style: str) -> str:
+    return f"An image of {obj} in {style} style."
+
+
+def erasures(obj: str, style: str) -> dict[str, dict[str, dict[str, float]]]:
+    """Per column, what is erased: {group: {concept: γ}}."""
+    o, s = {"object": {obj: GAMMAS["object"]}}, {"style": {style: GAMMAS["style"]}}
+    return dict(zip(COLUMNS, ({}, o, s, {**o, **s})))
+
+
+def outcomes(obj: str, style: str, judged: dict[str, tuple[str, str]]) -> dict[str, bool]:
+    """A row's outcomes (OUTCOMES) from what the judges saw per column: {column: (object, style)}."""
+    def seen(column):
+        return judged[column][0] == obj, judged[column][1] == style
+
+    return {"original_recognised": seen("original") == (True, True),
+            "object_gone_style_kept": seen("erase object") == (False, True),
+            "style_gone_object_kept": seen("erase style") == (True, False),
+            "both_gone": seen("erase both") == (False, False)}
+
+
+def tally(rows: list[dict[str, bool]]) -> dict[str, int]:
+    """How many rows have each outcome."""
+    return {key: sum(row[key] for row in rows) for key in OUTCOMES}

@@ -1,0 +1,181 @@
+"""How evaluation results are shown: the summary table, the markdown report, the README snippet and the plots,
+all written from the results JSON (DESIGN §9)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from ...files import write_bytes_atomic, write_json_atomic
+from ..assets import REPO_ROOT
+from ..prompts import HELD_OUT_TEMPLATES
+from ..render import OBJECTS, STYLES
+from .metrics import DEFINITIONS
+from .protocol import LOOKS, METHODS, OBJECT, STYLE
+
+
+@dataclass
+class Results:
+    """Everything a run measured (`data`, written as JSON) and the example images for the figure."""
+
+    data: dict
+    examples: dict[str, list[tuple[str, np.ndarray]]] = field(default_factory=dict)
+
+
+def shown_path(path: Path) -> str:
+    """Repository-relative when inside the repository (reports are committed), else as given."""
+    try:
+        return str(Path(path).resolve().relative_to(REPO_ROOT))
+    except ValueError:
+        return str(path)
+
+
+def _pct(v) -> str:
+    return "—" if v is None else f"{100 * v:.1f}"
+
+
+def summary_table(data: dict) -> str:
+    groups = [g for g in (OBJECT, STYLE) if data["targets"].get(g)]
+    head = "| method | configs searched / concept | " + " | ".join(
+        f"{g.capitalize()} {m}" for g in groups for m in ("UA", "IRA", "CRA")) + " | Avg | UA, rephrased |"
+    lines = [head, "|" + "---|" * (4 + 3 * len(groups))]
+    for method, (label, _) in METHODS.items():
+        s = data["summary"][method]
+        cells = [_pct(s[g][m]) for g in groups for m in ("UA", "IRA", "CRA")]
+        searched = s["configurations_searched"] or "—"
+        lines.append(f"| {label} | {searched} | " + " | ".join(cells) + f" | {_pct(s['average'])} | "
+                     f"{_pct(s['rephrased_UA'])} |")
+    return "\n".join(lines)
+
+
+def protocol_text(data: dict) -> str:
+    P = data["protocol"]
+    sites = [f"{group} targets at `{sel['hookpoint']}` ({sel['num_latents']} latents; statistics from "
+             f"{sel['heldout_samples']} held-out samples; kept " + ", ".join(
+                 f"{m} at p = {v['percentile']:.4f}: measured {v['mean_latents_per_bucket']:.2f} latents/bucket"
+                 for m, v in sel["kept"].items()) + ")" for group, sel in data["saeuron_selection"].items()]
+    return "\n".join([
+        f"- mode **{data['mode']}**; targets: objects {', '.join(P['object_targets']) or 'none'}; "
+        f"styles {', '.join(P['style_targets']) or 'none'}",
+        f"- test set: the full grid ({len(OBJECTS)} objects × ({len(STYLES)} styles + unstyled)) × {P['test_seeds']} "
+        f"seed(s) per prompt = {len(OBJECTS) * len(LOOKS) * P['test_seeds']} images per configuration; Euler, "
+        f"{P['steps']} steps, CFG {P['cfg']}",
+        f"- selection set (other seeds): every image of the target + {P['select_others']} image(s) of each other "
+        f"concept of its group, × {P['select_seeds']} seed(s); score (UA + IRA)/2",
+        f"- γ grid {', '.join(f'{g:g}' for g in P['gammas'])}; SAEs and SAeUron selection: " + "; ".join(sites),
+        f"- rephrased prompts: the target's images in each of {len(HELD_OUT_TEMPLATES)} held-out wordings × "
+        f"{P['rephrase_seeds']} seed(s)",
+        f"- cost: {data['cost']['images_generated']} images generated, {data['cost']['images_from_cache']} from cache, "
+        f"{data['cost']['minutes']} min ({data['cost']['torch_threads']} torch threads, {data['cost']['cpus']} CPUs)",
+    ])
+
+
+def markdown_report(data: dict) -> str:
+    lines = ["# Miniature UnlearnCanvas on the toy world", "", summary_table(data), "", "## Protocol", "",
+             protocol_text(data), "", "## Definitions", "", "```", DEFINITIONS, "```", "", "## Per concept (test set, %)", "",
+             "| target | method | UA | IRA | CRA | UA rephrased | chosen |", "|---|---|---:|---:|---:|---:|---|"]
+    for group, per_concept in data["targets"].items():
+        for concept, t in per_concept.items():
+            for method, (label, _) in METHODS.items():
+                m = t["test"][method]
+                chosen = ""
+                if method == "saemnesia":
+                    chosen = f"γ = {t['chosen']['saemnesia']['gamma']:g}"
+                elif method == "saeuron":
+                    chosen = f"{t['chosen']['saeuron']['kept']} latent(s), γ = {t['chosen']['saeuron']['gamma']:g}"
+                lines.append(f"| {concept} ({group}) | {label} | {_pct(m['UA'])} | {_pct(m['IRA'])} | "
+                             f"{_pct(m['CRA'])} | {_pct(t['rephrased_UA'][method])} | {chosen} |")
+    seq = data["sequential"]
+    if seq["order"]:
+        lines += ["", "## Sequential erasure of objects (%)", "", f"Order: {', '.join(seq['order'])}.", "",
+                  "| erased | " + " | ".join(f"{METHODS[m][0]} {k}" for m in seq["rows"] for k in ("UA", "IRA", "CRA"))
+                  + " |", "|---|" + "---:|" * (3 * len(seq["rows"]))]
+        for j in range(len(seq["order"])):
+            cells = [_pct(seq["rows"][m][j][k]) for m in seq["rows"] for k in ("UA", "IRA", "CRA")]
+            lines.append(f"| {j + 1} | " + " | ".join(cells) + " |")
+    lines += ["", "![per concept](per_concept.png)", "", "![sequential](sequential.png)", "",
+              "![examples](examples.png)", ""]
+    return "\n".join(lines)
+
+
+def readme_snippet(data: dict, out: Path) -> str:
+    rel = shown_path(out)
+    return "\n".join([
+        f"### Erasure quality (miniature UnlearnCanvas, {data['mode']} mode)", "", summary_table(data), "",
+        protocol_text(data), "",
+        f"![per-concept UA/IRA/CRA]({rel}/per_concept.png)", f"![sequential erasure]({rel}/sequential.png)",
+        f"![examples, same seeds]({rel}/examples.png)", "",
+        f"Reproduce: `saemnesia eval{' --full' if data['mode'] == 'full' else ''}`.", ""])
+
+
+def plot(results: Results, out: Path) -> None:
+    """per_concept.png (grouped bars), sequential.png (curves), examples.png (same seeds, upscaled)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    data = results.data
+    colors = dict(zip(METHODS, ("0.6", "tab:blue", "tab:cyan", "tab:orange", "tab:green")))
+    groups = [g for g in (OBJECT, STYLE) if data["targets"].get(g)]
+    fig, axes = plt.subplots(len(groups), 3, figsize=(15, 3.6 * len(groups)), squeeze=False)
+    for row, group in zip(axes, groups):
+        concepts = list(data["targets"][group])
+        for ax, metric in zip(row, ("UA", "IRA", "CRA")):
+            width = 0.8 / len(METHODS)
+            for k, method in enumerate(METHODS):
+                values = [100 * (data["targets"][group][c]["test"][method][metric] or 0) for c in concepts]
+                ax.bar(np.arange(len(concepts)) + (k - (len(METHODS) - 1) / 2) * width, values, width,
+                       color=colors[method], label=METHODS[method][0])
+            ax.set_xticks(range(len(concepts)), concepts, rotation=30, fontsize=8)
+            ax.set_ylim(0, 105)
+            ax.set_title(f"{group} targets: {metric} (%)")
+    axes[0][0].legend(fontsize=7, loc="lower left")
+    fig.tight_layout()
+    fig.savefig(out / "per_concept.png", dpi=110)
+    plt.close(fig)
+
+    seq = data["sequential"]
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    x = np.arange(1, len(seq["order"]) + 1)
+    for ax, metric in zip(axes, ("UA", "IRA", "CRA")):
+        for method, rows in seq["rows"].items():
+            ax.plot(x, [np.nan if r[metric] is None else 100 * r[metric] for r in rows], "o-", color=colors[method],
+                    label=METHODS[method][0])
+        ax.set_xticks(x)
+        ax.set_xlabel("objects erased")
+        ax.set_ylim(0, 105)
+        ax.set_title({"UA": "UA over the erased objects (%)", "IRA": "retained object accuracy (%)",
+                      "CRA": "style accuracy (%)"}[metric])
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "sequential.png", dpi=110)
+    plt.close(fig)
+
+    methods = [m for m in METHODS if m in results.examples]
+    if not methods:
+        return
+    columns = len(results.examples[methods[0]])
+    fig, axes = plt.subplots(len(methods), columns, figsize=(1.3 * columns + 1.5, 1.45 * len(methods)), squeeze=False)
+    for r, method in enumerate(methods):
+        for c, (title, image) in enumerate(results.examples[method]):
+            ax = axes[r][c]
+            ax.imshow(image, interpolation="nearest")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if r == 0:
+                ax.set_title(title.replace(": ", ":\n"), fontsize=6)
+        axes[r][0].set_ylabel(METHODS[method][0].replace(" (", "\n("), fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / "examples.png", dpi=110)
+    plt.close(fig)
+
+
+def write_reports(results: Results, out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(out / "results.json", results.data)
+    write_bytes_atomic(out / "report.md", markdown_report(results.data).encode())
+    write_bytes_atomic(out / "README_snippet.md", readme_snippet(results.data, out).encode())
+    plot(results, out)
