@@ -8,7 +8,8 @@ from comfy_api.latest import io
 import comfy.model_management
 import folder_paths
 
-from saemnesia_comfy import sae_library, toy_model
+from saemnesia_comfy import sae_library
+from saemnesia_comfy.toy import model as toy_model
 
 CATEGORY = "SAEmnesia/toy world"
 

@@ -8,7 +8,7 @@ from saemnesia_core.concepts import ConceptTables
 from saemnesia_core.eraser import ConceptEraser
 
 from .patch import StepGate, check_block_width, comfy_block_name, patch_block_output
-from .sae_library import LoadedSAE
+from .sae_library import LoadedSAE, compute_dtype
 
 ADDITIONAL_MODELS_KEY = "saemnesia_sae"
 
@@ -60,6 +60,7 @@ def erase_concepts(model, loaded: LoadedSAE, concepts: dict[str, float | None], 
     With no concept chosen the clone is returned unpatched, in both modes: no node, no change.
     """
     strengths = {label: strength if s is None else s for label, s in concepts.items()}
+    loaded = loaded.for_dtype(compute_dtype(model))
     tables = loaded.file.tables if loaded.file.tables is not None else ConceptTables.empty(loaded.file.num_buckets)
     eraser = ConceptEraser(loaded.sae, loaded.file.concepts, tables, strengths, mode)  # checks the labels
     m = model.clone()

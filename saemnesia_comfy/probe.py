@@ -18,7 +18,7 @@ from saemnesia_core.timesteps import bucket_index
 
 from .erase import attach_sae_weights, target_block
 from .patch import COND, StepGate, item_branches, patch_block_output
-from .sae_library import LoadedSAE
+from .sae_library import LoadedSAE, compute_dtype
 
 
 class ProbeRecord:
@@ -73,6 +73,7 @@ def probe_concepts(model, loaded: LoadedSAE, labels: list[str], start_percent=0.
         raise UnknownConceptError(unknown, loaded.labels)
     if not labels:
         raise ValueError("choose at least one concept to probe")
+    loaded = loaded.for_dtype(compute_dtype(model))
     tables = loaded.file.tables if loaded.file.tables is not None else ConceptTables.empty(loaded.file.num_buckets)
     index = [loaded.labels.index(label) for label in labels]
     record = ProbeRecord(labels)

@@ -1,4 +1,5 @@
-"""Make ComfyUI importable for tools run outside a ComfyUI server (training, collection, evaluation)."""
+"""Where the ComfyUI host is, and importing it in-process: the one place tools, tests, scripts and benchmarks
+find ComfyUI when they run outside a ComfyUI server (inside one, ComfyUI is already imported)."""
 
 from __future__ import annotations
 
@@ -7,22 +8,25 @@ import sys
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+HOST_RECORD = REPO_ROOT / ".comfyui" / "comfyui_path"
+"""scripts/bootstrap.sh writes the host it set up (or $COMFYUI_PATH) here."""
 
 
 def comfyui_path() -> Path:
-    """$COMFYUI_PATH, else the host scripts/bootstrap.sh provisioned for this checkout."""
+    """$COMFYUI_PATH, else the host scripts/bootstrap.sh recorded for this checkout."""
     if os.environ.get("COMFYUI_PATH"):
         return Path(os.environ["COMFYUI_PATH"]).resolve()
-    recorded = REPO_ROOT / ".comfyui" / "comfyui_path"
-    return Path(recorded.read_text().strip()) if recorded.exists() else REPO_ROOT / ".comfyui" / "ComfyUI"
+    return Path(HOST_RECORD.read_text().strip()) if HOST_RECORD.exists() else REPO_ROOT / ".comfyui" / "ComfyUI"
 
 
-def import_comfy() -> None:
-    """Import ComfyUI once: inside a running ComfyUI this does nothing; elsewhere it uses the GPU if there
-    is one, else the CPU, with PyTorch attention (about 2.5x faster than ComfyUI's default on a CPU)."""
-    if "comfy.model_management" in sys.modules:
-        return
+def import_comfy(cpu: bool | None = None) -> Path:
+    """Make ComfyUI importable and choose its settings before anything reads them: PyTorch attention (about 2.5x
+    faster than ComfyUI's default on a CPU), and the CPU when `cpu` is True or when there is no GPU (`cpu=None`).
+    Only `comfy.cli_args` is imported here (cheap: no device is touched); `comfy.model_management` reads the
+    settings when a module first imports it. Inside a running ComfyUI this does nothing. Returns the host's folder."""
     root = comfyui_path()
+    if "comfy.model_management" in sys.modules:
+        return root
     if not (root / "comfy").is_dir():
         raise RuntimeError(f"ComfyUI not found at {root}: run scripts/bootstrap.sh or set COMFYUI_PATH")
     if str(root) not in sys.path:
@@ -30,6 +34,6 @@ def import_comfy() -> None:
     import torch
     import comfy.cli_args
 
-    comfy.cli_args.args.cpu = not torch.cuda.is_available()
+    comfy.cli_args.args.cpu = cpu if cpu is not None else not torch.cuda.is_available()
     comfy.cli_args.args.use_pytorch_cross_attention = True
-    import comfy.model_management  # noqa: F401  (reads the args above)
+    return root

@@ -1,8 +1,9 @@
 """Where SAE files live in ComfyUI, and loading them once.
 
 SAEs are listed from the `saemnesia` model folder (models/saemnesia/, any extra_model_paths.yaml entries,
-and this pack's own models/saemnesia/ with the toy-world SAEs). Entries are our .safetensors files and
-sparsify/SAeUron checkpoint folders (`cfg.json` + weights). Names from the outside (the UI, API prompts)
+and this pack's own models/saemnesia/ with the toy-world SAEs). Entries are our .safetensors files and the
+checkpoint folders the importer reads (sparsify / SAeUron `cfg.json` + `sae.safetensors`, SAEmnesia
+`config.json` + `state_dict.pth`; importers.CONFIG_FILES / WEIGHT_FILES). Names from the outside (the UI, API prompts)
 are only resolved if they are one of the listed entries, so `..` or absolute paths reach nothing.
 A loaded SAE keeps its weights once, in a ModelPatcher that ComfyUI's memory manager places.
 """
@@ -10,7 +11,7 @@ A loaded SAE keeps its weights once, in a ModelPatcher that ComfyUI's memory man
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -19,23 +20,22 @@ import comfy.model_management
 import comfy.model_patcher
 import folder_paths
 
-from saemnesia_core.importers import load_any
+from saemnesia_core.importers import WEIGHT_FILES, is_checkpoint_folder, load_any
 from saemnesia_core.sae import TopKSAE
 from saemnesia_core.sae_file import SAEFile, SAEHeader, read_header
-
-from .runtime import REPO_ROOT
+from saemnesia_core.toy import assets
 
 SAE_FOLDER = "saemnesia"
 TOY_FOLDER = "saemnesia_toy"
-PACK_MODELS = REPO_ROOT / "models"
-_CHECKPOINT_WEIGHTS = ("sae.safetensors", "state_dict.pth")
 
 
 def register_folders() -> None:
     """Add our model folders, keeping any paths extra_model_paths.yaml already gave them."""
     for name, paths, extensions in (
-        (SAE_FOLDER, [Path(folder_paths.models_dir) / "saemnesia", PACK_MODELS / "saemnesia"], {".safetensors"}),
-        (TOY_FOLDER, [Path(folder_paths.models_dir) / "saemnesia_toy", PACK_MODELS / "toy"], {".safetensors"}),
+        (SAE_FOLDER, [Path(folder_paths.models_dir) / "saemnesia", assets.MODELS / assets.SAE_FOLDER],
+         {".safetensors"}),
+        (TOY_FOLDER, [Path(folder_paths.models_dir) / "saemnesia_toy", assets.path(assets.MODEL).parent],
+         {".safetensors"}),
     ):
         for path in paths:
             folder_paths.add_model_folder_path(name, str(path))
@@ -43,13 +43,13 @@ def register_folders() -> None:
 
 
 def list_sae_entries() -> list[str]:
-    """Our .safetensors files and sparsify/SAeUron checkpoint folders, as names relative to their base folder."""
+    """Our .safetensors files and checkpoint folders, as names relative to their base folder."""
     entries = set(folder_paths.get_filename_list(SAE_FOLDER))
     for base in folder_paths.get_folder_paths(SAE_FOLDER):
         if not os.path.isdir(base):
             continue
         for dirpath, _, filenames in os.walk(base, followlinks=True):
-            if "cfg.json" in filenames and any(w in filenames for w in _CHECKPOINT_WEIGHTS):
+            if is_checkpoint_folder(filenames):
                 entries.add(Path(os.path.relpath(dirpath, base)).as_posix())
     entries.discard(".")
     return sorted(entries)
@@ -71,7 +71,7 @@ def resolve_sae(name: str) -> Path:
 def fingerprint(path: Path) -> str:
     """Size and mtime of the file (or a folder's weights): a replaced file under the same name reloads."""
     if path.is_dir():
-        path = next(path / w for w in _CHECKPOINT_WEIGHTS if (path / w).exists())
+        path = next(path / w for w in WEIGHT_FILES if (path / w).exists())
     stat = path.stat()
     return f"{stat.st_size}:{stat.st_mtime_ns}"
 
@@ -99,10 +99,36 @@ class LoadedSAE:
     file: SAEFile  # weights dropped: they live in `sae`
     sae: TopKSAE
     patcher: comfy.model_patcher.ModelPatcher
+    _by_dtype: dict = field(default_factory=dict, repr=False)
 
     @property
     def labels(self) -> list[str]:
         return [c.label for c in self.file.concepts]
+
+    def for_dtype(self, dtype: torch.dtype) -> "LoadedSAE":
+        """This SAE with its weights in `dtype`, the dtype the patched model computes in, held by a ModelPatcher of
+        its own: ComfyUI's memory manager places and offloads that copy like the model's weights, and the edit
+        casts nothing per call (an fp32 file on an fp16 model would otherwise copy the whole encoder each step).
+        Made once per dtype and shared by every model that computes in it."""
+        if dtype == self.sae.dtype:
+            return self
+        if dtype not in self._by_dtype:
+            offload = comfy.model_management.unet_offload_device()
+            sae = TopKSAE(self.sae.cfg, device="meta")
+            sae.load_state_dict({k: v.to(offload, dtype) for k, v in self.sae.state_dict().items()}, assign=True)
+            self._by_dtype[dtype] = LoadedSAE(self.name, self.file, sae.requires_grad_(False).eval(), _patcher(sae))
+        return self._by_dtype[dtype]
+
+
+def compute_dtype(model) -> torch.dtype:
+    """The dtype a ComfyUI MODEL's blocks compute in (and so the dtype of the activations the edit sees)."""
+    base = model.model
+    return base.manual_cast_dtype or base.get_dtype()
+
+
+def _patcher(sae: TopKSAE) -> comfy.model_patcher.ModelPatcher:
+    return comfy.model_patcher.ModelPatcher(SAEWeights(sae), load_device=comfy.model_management.get_torch_device(),
+                                            offload_device=comfy.model_management.unet_offload_device())
 
 
 _cache: dict[tuple[str, str], LoadedSAE] = {}
@@ -112,9 +138,7 @@ def load_sae_path(path: Path, name: str | None = None) -> LoadedSAE:
     """Load an SAE from any path (tools and tests; the nodes go through `load_sae`), uncached."""
     sae_file = load_any(path)
     sae = sae_file.build_sae().requires_grad_(False).eval()
-    patcher = comfy.model_patcher.ModelPatcher(SAEWeights(sae), load_device=comfy.model_management.get_torch_device(),
-                                               offload_device=comfy.model_management.unet_offload_device())
-    return LoadedSAE(name or Path(path).name, replace(sae_file, weights={}), sae, patcher)
+    return LoadedSAE(name or Path(path).name, replace(sae_file, weights={}), sae, _patcher(sae))
 
 
 def load_sae(name: str) -> LoadedSAE:

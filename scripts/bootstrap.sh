@@ -11,7 +11,7 @@ venv="$root/.venv"
 host_dir="$root/.comfyui"
 python=${SAEMNESIA_PYTHON:-python3}
 
-# torch and torchvision must be a matching pair or ComfyUI fails at import (notes/environment.md).
+# torch and torchvision must be a matching pair or ComfyUI fails at import (docs/ARCHITECTURE.md, "Hosts and set-up").
 case "$(uname -m)" in
   aarch64|arm64) torch_pins="torch==2.9.1 torchvision==0.24.1" ;;
   *)             torch_pins="torch==2.14.1 torchvision==0.29.1" ;;

@@ -4,7 +4,7 @@ The loss goes through `BaseModel.apply_model`, the exact function ComfyUI's samp
 trained is what ComfyUI samples. Checkpoints (every few minutes, atomically) hold the model, the EMA, the
 optimiser and every RNG state, so an interrupted run resumes where it stopped and gives the same result.
 
-    python -m saemnesia_comfy.toy_train --out runs/toy --minutes 90
+    python -m saemnesia_comfy.toy.train --out runs/toy --minutes 90
 """
 
 from __future__ import annotations
@@ -13,7 +13,6 @@ import argparse
 import copy
 import json
 import math
-import os
 import time
 import types
 from pathlib import Path
@@ -21,10 +20,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from saemnesia_core.toy import assets
 from saemnesia_core.toy.render import OBJECTS, STYLES, render_batch
 from saemnesia_core.toy.prompts import TRAIN_TEMPLATES, make_prompt
 
-from . import toy_model
+from saemnesia_core.files import atomic_path
+
+from . import model as toy_model
 
 ZERO_INIT = ("out_layers.3", "proj_out", "out.2")  # layers the UNet's authors start at zero
 
@@ -191,9 +193,8 @@ class ToyTrainer:
 
 
 def save_checkpoint(trainer: ToyTrainer, path: Path) -> None:
-    tmp = path.with_suffix(".tmp")
-    torch.save(trainer.state_dict(), tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        torch.save(trainer.state_dict(), tmp)
 
 
 def train(out: Path, steps: int, batch: int, lr: float, seed: int, weighting: str, stop_at: int | None = None,
@@ -264,7 +265,7 @@ def main(argv=None):
         torch.set_num_threads(args.threads)
     trainer = train(args.out, args.steps, args.batch, args.lr, args.seed, args.weighting, args.stop_at, args.init,
                     args.text_aux, export_every=args.export_every)
-    export(trainer, args.out / "toy_world.safetensors", {})
+    export(trainer, args.out / Path(assets.MODEL).name, {})
 
 
 if __name__ == "__main__":

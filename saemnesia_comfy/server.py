@@ -1,12 +1,13 @@
-"""A real ComfyUI server driven over HTTP (the demo and the end-to-end tests use it): `main.py --cpu` on a free
-loopback port, with this pack as its only custom node and its own base directory (models, input, output, user),
-so it never touches a real install. Needs only `requests`."""
+"""A real ComfyUI server driven over HTTP (the demo, the UI launcher and the end-to-end tests use it):
+`main.py --cpu` on a free loopback port, with this pack as its only custom node and its own base directory
+(models, input, output, user), so it never touches a real install. The nodes never import this module.
+
+    python -m saemnesia_comfy.server [--port 8188]     # ComfyUI with the pack, until Ctrl-C (scripts/comfyui.sh)
+"""
 
 from __future__ import annotations
 
-import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -15,18 +16,16 @@ from pathlib import Path
 
 import requests
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+from saemnesia_core.testing import free_port
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from .runtime import REPO_ROOT, comfyui_path
 
 
 class ComfyServer:
-    def __init__(self, comfy_root: Path, base: Path, port: int | None = None):
-        self.comfy_root, self.base = Path(comfy_root), Path(base)
+    """A ComfyUI process on loopback with its own base folder; `start()` waits until the pack's nodes answer."""
+
+    def __init__(self, base: Path, port: int | None = None, comfy_root: Path | None = None):
+        self.comfy_root, self.base = Path(comfy_root or comfyui_path()), Path(base)
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = self.base / "server.log"
@@ -110,10 +109,6 @@ class ComfyServer:
         raise RuntimeError("no VmRSS")
 
 
-def error_message(entry: dict) -> str:
-    return json.dumps(entry.get("status", {}).get("messages", []))[-2000:]
-
-
 def main(argv=None) -> int:
     """Run ComfyUI with the pack in the foreground until Ctrl-C (scripts/comfyui.sh)."""
     import argparse
@@ -123,8 +118,7 @@ def main(argv=None) -> int:
     p.add_argument("--base", type=Path, default=REPO_ROOT / "output" / "comfyui_ui",
                    help="ComfyUI base directory (models, input, output, user); the pack's toy assets are always there")
     args = p.parse_args(argv)
-    comfy_root = Path((REPO_ROOT / ".comfyui" / "comfyui_path").read_text().strip())
-    server = ComfyServer(comfy_root, args.base, args.port).start()
+    server = ComfyServer(args.base, args.port).start()
     print(f"ComfyUI with SAEmnesia: {server.url}  (log: {server.log_path}; Ctrl-C stops it)")
     try:
         server.proc.wait()

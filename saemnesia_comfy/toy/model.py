@@ -11,7 +11,6 @@ schedule. Everything here is what ComfyUI's own CLIPTextEncode, KSampler and VAE
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import torch
 from safetensors import safe_open
@@ -24,6 +23,8 @@ import comfy.model_patcher
 import comfy.sd
 import comfy.sd1_clip
 import comfy.supported_models_base
+
+from saemnesia_core.files import atomic_path
 
 FORMAT = "saemnesia-toy-world/1"
 IMAGE_SIZE = 32
@@ -85,14 +86,6 @@ def build_base_model(dtype=torch.float32, device=None) -> comfy.model_base.BaseM
     return config.get_model({}, device=device)
 
 
-def build_clip(dtype=torch.float32, device=None) -> comfy.sd.CLIP:
-    """A toy CLIP object (tokenizer + text encoder) as CLIPTextEncode expects it."""
-    options = {"dtype": dtype}
-    if device is not None:
-        options.update(load_device=device, offload_device=device, initial_device=device)
-    return comfy.sd.CLIP(target=ToyWorldConfig(UNET_CONFIG).clip_target(), model_options=options)
-
-
 def build_vae() -> comfy.sd.VAE:
     """ComfyUI's pixel-space VAE: decode maps [-1, 1] latents to [0, 1] images."""
     return comfy.sd.VAE(sd={"pixel_space_vae": torch.tensor(1.0)})
@@ -104,10 +97,8 @@ def save_toy_model(path, unet_state: dict, text_state: dict, provenance: dict, d
     tensors.update({f"text_encoder.{k}": v.detach().to(dtype).contiguous() for k, v in text_state.items()})
     meta = {"format": FORMAT, "unet_config": json.dumps(UNET_CONFIG), "text_config": json.dumps(TEXT_CONFIG),
             "sampling_settings": json.dumps(SAMPLING_SETTINGS), "provenance": json.dumps(provenance)}
-    path = Path(path)
-    tmp = path.with_suffix(".tmp")
-    save_file(tensors, str(tmp), metadata=meta)
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata=meta)
 
 
 def read_toy_file(path) -> tuple[dict, dict, dict]:

@@ -1,23 +1,33 @@
 """Makes example_workflows/*.json with the real frontend: each graph is built in the ComfyUI page (nodes created
-by the app, widgets set, links connected) and saved with app.graph.serialize(), so the files are exactly what
-this frontend version writes. Regenerate after a node's inputs change:
+by the app, widgets set, links connected) and exported as the app's Export writes it, so the files are exactly
+what this frontend version writes. The workflows use the shipped toy world (`saemnesia_core.toy.assets`) at the
+demo's strengths (`saemnesia_core.toy.demo`). Regenerate after a node's inputs change:
 
-    .venv/bin/python tests/example_workflow_builder.py
+    .venv/bin/python scripts/build_example_workflows.py
 
-(it starts a toy-world server with the test SAE, as the browser tests do)."""
+(it starts a headless ComfyUI server with the pack and a headless Chromium)."""
 
 from __future__ import annotations
 
 import json
-import sys
 import tempfile
 import uuid
 from pathlib import Path
 
-TOY_MODEL = "toy_world.safetensors"
-SAE = "toy_saemnesia.safetensors"
-STYLE_SAE = "toy_saemnesia_styles.safetensors"  # the toy's styles are erased at its 16x16 decoder level (README)
+from saemnesia_comfy.browser import comfy_page
+from saemnesia_comfy.server import ComfyServer
+from saemnesia_core.toy import assets, demo
+
+TOY_MODEL = Path(assets.MODEL).name
+SAE = assets.SITES["object"].saemnesia
+STYLE_SAE = assets.SITES["style"].saemnesia  # the toy's styles are erased at its 16x16 decoder level (README)
+OUT_DIR = assets.REPO_ROOT / "example_workflows"
 NEGATIVE = ""
+
+
+def _num(value: float) -> str:
+    """A number as the notes print it (a typographic minus)."""
+    return f"{value:g}".replace("-", "−")
 
 
 def _toy_inputs(prompt: str, x: int = 0) -> list[dict]:
@@ -85,15 +95,18 @@ EXAMPLES = {
         ["Hearts"], "An image of Hearts in Neon style.",
         "Same seed twice: the top sampler sees the plain toy model, the bottom one the model with the ticked "
         "concept erased by the SAE (Erase Concepts). Tick other concepts in the checklist; an empty "
-        "strength box uses the node's strength (−5 here: on the toy model SAEmnesia's −1 is too gentle).",
-        "KSampler (Hearts erased)", strength=-5.0),
+        f"strength box uses the node's strength ({_num(demo.GAMMAS['object'])} here: on the toy model SAEmnesia's −1 "
+        "is too gentle).",
+        "KSampler (Hearts erased)", strength=demo.GAMMAS["object"]),
     "erase_several_concepts": _erase(
         ["Hearts"], "An image of Hearts in Stripes style.",
         "An object and a style erased at once by two chained Erase Concepts nodes (their edits compose): the "
-        "toy model decides objects at up_blocks.1 (toy_saemnesia, strength −5) and styles at up_blocks.2 "
-        "(toy_saemnesia_styles, strength −0.2: stronger wipes the image there). Each ticked concept may also "
+        f"toy model decides objects at up_blocks.1 ({Path(SAE).stem}, strength {_num(demo.GAMMAS['object'])}) and styles at "
+        f"up_blocks.2 ({Path(STYLE_SAE).stem}, strength {_num(demo.GAMMAS['style'])}: stronger wipes the image there). "
+        "Each ticked concept may also "
         "have its own strength (the box beside its tick).",
-        "KSampler (Hearts and Stripes erased)", strength=-5.0, styles=["Stripes"], style_strength=-0.2),
+        "KSampler (Hearts and Stripes erased)", strength=demo.GAMMAS["object"], styles=["Stripes"],
+        style_strength=demo.GAMMAS["style"]),
     "probe_concepts": {
         "nodes": _toy_inputs("An image of Hearts in Neon style.") + [
             {"id": 6, "type": "SAEmnesiaConceptProbe", "pos": [720, 220], "size": [330, 480],
@@ -157,11 +170,7 @@ def build(page, name: str) -> dict:
 
 
 def main() -> None:
-    sys.path.insert(0, str(Path(__file__).parent))
-    from fixtures_server import EXAMPLES as OUT_DIR, start_toy_server
-    from helpers_browser import comfy_page
-
-    server = start_toy_server(Path(tempfile.mkdtemp(prefix="saemnesia_examples_")))
+    server = ComfyServer(Path(tempfile.mkdtemp(prefix="saemnesia_examples_"))).start()
     try:
         with comfy_page(server) as page:
             OUT_DIR.mkdir(exist_ok=True)

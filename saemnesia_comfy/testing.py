@@ -1,0 +1,56 @@
+"""Real ComfyUI models without downloads, for tests and benchmarks: ComfyUI's own UNet class with SD1.5's block
+layout (so SD1.5's hookpoints exist) at any width, with seeded random weights."""
+
+import torch
+
+import comfy.model_base
+import comfy.model_management
+import comfy.model_patcher
+import comfy.supported_models
+
+
+def sd15_unet_config(model_channels=32, context_dim=64, in_channels=4, full_res_attention=True, dtype=torch.float32,
+                     num_heads=4):
+    """SD1.5's UNet config at a small width; the block layout (and so the hookpoints) is SD1.5's."""
+    level0 = 1 if full_res_attention else 0
+    return {
+        "use_checkpoint": False, "image_size": 32, "in_channels": in_channels, "out_channels": in_channels,
+        "model_channels": model_channels, "num_res_blocks": [2, 2, 2, 2], "channel_mult": [1, 2, 4, 4],
+        "transformer_depth": [level0, level0, 1, 1, 1, 1, 0, 0], "transformer_depth_middle": 1,
+        "transformer_depth_output": [level0] * 3 + [1, 1, 1, 1, 1, 1, 0, 0, 0],
+        "use_spatial_transformer": True, "legacy": False, "use_linear_in_transformer": False,
+        "context_dim": context_dim, "num_heads": num_heads, "num_head_channels": -1, "adm_in_channels": None,
+        "use_temporal_attention": False, "use_temporal_resblock": False, "dtype": dtype,
+    }
+
+
+def init_random_weights(module: torch.nn.Module, seed: int) -> None:
+    """ComfyUI's ops leave weights uninitialised (torch.empty); give every layer torch's default init."""
+    gen_state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    for m in module.modules():
+        for torch_cls in (torch.nn.Linear, torch.nn.Conv2d, torch.nn.Embedding):
+            if isinstance(m, torch_cls):
+                torch_cls.reset_parameters(m)  # torch's own init; ComfyUI's override is a no-op
+        if isinstance(m, (torch.nn.GroupNorm, torch.nn.LayerNorm)):
+            if m.weight is not None:
+                torch.nn.init.ones_(m.weight)
+                torch.nn.init.zeros_(m.bias)
+    torch.random.set_rng_state(gen_state)
+
+
+def make_sd15_model(model_channels=32, context_dim=64, in_channels=4, seed=0, full_res_attention=True,
+                    dtype=torch.float32, num_heads=4):
+    """A ComfyUI MODEL (ModelPatcher over BaseModel, epsilon prediction) with SD1.5 topology, random weights,
+    stored and run in `dtype`. SD1.5's real size: model_channels=320, context_dim=768, num_heads=8."""
+    class TinySD15(comfy.supported_models.SD15):
+        unet_config = {}
+
+    config = TinySD15(sd15_unet_config(model_channels, context_dim, in_channels, full_res_attention, dtype,
+                                       num_heads))
+    config.set_inference_dtype(dtype, None)
+    base = comfy.model_base.BaseModel(config, model_type=comfy.model_base.ModelType.EPS, device="cpu")
+    init_random_weights(base.diffusion_model, seed)
+    base.eval()
+    dev = comfy.model_management.get_torch_device()
+    return comfy.model_patcher.ModelPatcher(base, load_device=dev, offload_device=comfy.model_management.unet_offload_device())

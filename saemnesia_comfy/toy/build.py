@@ -1,0 +1,254 @@
+"""Regenerate the whole toy world from scratch, deterministically: judges → text-to-image model → per SAE site
+(`saemnesia_core.toy.assets.SITES`) activations → an unsupervised (SAeUron) SAE → the supervised (SAEmnesia) SAE
+fine-tuned from it → concept statistics on held-out prompts → the shipped files → the build report.
+
+    python -m saemnesia_comfy.toy.build                 # the shipped recipe (about 4 hours on 2 CPU cores)
+    python -m saemnesia_comfy.toy.build --report-only   # rewrite models/toy/build_report.json (minutes)
+    python -m saemnesia_comfy.toy.build --smoke --out runs/toy_smoke/models   # every stage at a tiny size
+
+Stages whose output exists are skipped (delete a file to redo its stage); an interrupted model training resumes
+from its checkpoint. Everything is seeded; results repeat on the same machine and thread count.
+
+The report is written by `build_report` from the shipped files alone: what each stage recorded in its file's
+header (recipe, training provenance, timings) and what can be measured again from the files (the judges on
+their held-out renders, the model's quality on the grid). So the report can always be rebuilt without the
+4-hour training, and nothing in it is typed by hand.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from saemnesia_core.files import write_json_atomic
+from saemnesia_core.sae_file import read_header, save_sae_file
+from saemnesia_core.toy import assets
+from saemnesia_core.toy.judges import STYLE_CLASSES, Judges, held_out_accuracy, train_judges
+from saemnesia_core.toy.prompts import make_prompt
+from saemnesia_core.toy.render import OBJECTS, STYLES
+from saemnesia_core.training import (SupervisedConfig, TrainConfig, collect, compute_statistics,
+                                     finetune_supervised, saeuron_grid, train_unsupervised)
+from saemnesia_core.training.shards import ActivationDataset
+
+from ..capture import ComfyCaptureSource
+from . import model as toy_model
+from . import train as toy_train
+from .sampling import PromptEncoder, generate
+
+HELDOUT_SEED_OFFSET = 1_000_000   # held-out activations (the concept statistics) use recipe.seed + this
+JUDGES_HELDOUT_OFFSET = 1000      # the judges' held-out renders use recipe.seed + this (train_judges)
+QUALITY_SEED = 10_000             # the quality check's first seed
+
+
+@dataclass
+class Recipe:
+    """Every size and setting of a build; `smoke()` shrinks all of them."""
+
+    judge_pool: int = 12000
+    judge_steps: int = 1500
+    # Two phases. 1: Min-SNR-5 weighting learns palettes and textures fast, but objects stayed at chance: it
+    # starves the high-noise steps where shapes are decided, and CLIP's causal text encoder let its padding
+    # positions (most of what cross-attention sees) carry only the style. 2: plain v-loss weighting plus an
+    # auxiliary loss making the mean text embedding tell object and style.
+    # Each phase: (loss weighting, LR schedule length, stop at step, seed, text auxiliary loss weight).
+    model_phases: tuple = (("minsnr", 2400, 1516, 0, 0.0), ("v", 1500, 900, 1, 0.1))
+    model_batch: int = 64
+    model_lr: float = 8e-4
+    sample_steps: int = 25
+    cfg: float = 5.0
+    quality_seeds: int = 2          # images per (object, style) prompt in the quality check
+    train_repeats: int = 8          # copies of the labelled grid whose activations train the SAEs
+    heldout_repeats: int = 2        # copies for the concept statistics (other seeds)
+    expansion: int = 16
+    k: int = 8
+    sae_batch_tokens: int = 4096
+    sae_epochs: int = 10
+    supervised_lr: float = 1e-3
+    supervised_epochs: int = 40
+    supervised_batch: int = 128
+    buckets: int = 50
+    percentile: float = 99.9        # SAeUron selection: about 2 of 2048 latents
+    seed: int = 0
+
+    @classmethod
+    def smoke(cls) -> "Recipe":
+        return cls(judge_pool=400, judge_steps=20, model_phases=(("minsnr", 3, 2, 0, 0.0), ("v", 2, 2, 1, 0.1)),
+                   model_batch=8, sample_steps=2, quality_seeds=1, train_repeats=1, heldout_repeats=1, sae_epochs=1,
+                   supervised_epochs=2, supervised_batch=16, sae_batch_tokens=512, buckets=4, percentile=99.0)
+
+
+# ---------------------------------------------------------------------------------------------------- stages
+
+
+def build_judges(recipe: Recipe, path: Path) -> Judges:
+    if path.exists():
+        return Judges.load(path)
+    judges, _ = train_judges(recipe.judge_pool, recipe.judge_steps, seed=recipe.seed)
+    judges.save(path)
+    return judges
+
+
+def build_model(recipe: Recipe, path: Path, work: Path) -> None:
+    if path.exists():
+        return
+    t = time.time()
+    previous = None
+    for i, (weighting, schedule, stop_at, seed, text_aux) in enumerate(recipe.model_phases):
+        run = work / f"model_phase{i + 1}"
+        trainer = toy_train.train(run, schedule, recipe.model_batch, recipe.model_lr, seed, weighting, stop_at,
+                                  init=previous, text_aux=text_aux)
+        previous = run / "checkpoint.pt"
+    toy_train.export(trainer, path, {"recipe": "saemnesia_comfy.toy.build", "phases": recipe.model_phases,
+                                     "seconds_this_run": round(time.time() - t, 1)})
+
+
+def collect_activations(model, encoder, recipe: Recipe, hookpoint: str, out: Path, repeats: int, seed: int):
+    source = ComfyCaptureSource(model, lambda p: [[encoder(p), {}]], hookpoint=hookpoint, steps=recipe.sample_steps,
+                                cfg=recipe.cfg, sampler="euler", scheduler="normal", width=32, height=32,
+                                model_id="saemnesia-toy-world", model_family="toy")
+    return collect(source, saeuron_grid(list(OBJECTS), list(STYLES), repeats=repeats), out, seed=seed, batch_size=72)
+
+
+def build_saes(recipe: Recipe, models: Path, work: Path, model, encoder, site: assets.SAESite) -> None:
+    """Activations at the site → unsupervised SAE → supervised fine-tune → both files with statistics."""
+    outputs = [assets.path(site.sae(method), models) for method in ("saemnesia", "saeuron")]
+    if all(p.exists() for p in outputs):
+        return
+    work = work / site.hookpoint.removeprefix("unet.")
+    t = time.time()
+    train_data = collect_activations(model, encoder, recipe, site.hookpoint, work / "acts_train",
+                                     recipe.train_repeats, recipe.seed)
+    heldout = collect_activations(model, encoder, recipe, site.hookpoint, work / "acts_heldout",
+                                  recipe.heldout_repeats, recipe.seed + HELDOUT_SEED_OFFSET)
+    activations = {"seconds": round(time.time() - t, 1), "train_records": ActivationDataset(train_data).num_records,
+                   "heldout_records": ActivationDataset(heldout).num_records}
+    ds = ActivationDataset(train_data)
+    tokens_per_epoch = ds.num_records * ds.tokens_per_record  # dead = silent for a whole epoch (AuxK's threshold)
+    train_unsupervised(train_data, TrainConfig(
+        expansion_factor=recipe.expansion, k=recipe.k, batch_size=recipe.sae_batch_tokens, epochs=recipe.sae_epochs,
+        dead_tokens_threshold=tokens_per_epoch, seed=recipe.seed), out=work / "sae_unsupervised.safetensors",
+        checkpoint_dir=work / "sae_unsupervised_ckpt", model_family="toy")
+    finetune_supervised(work / "sae_unsupervised.safetensors", train_data, SupervisedConfig(
+        lr=recipe.supervised_lr, max_epochs=recipe.supervised_epochs, batch_records=recipe.supervised_batch,
+        num_buckets=recipe.buckets, seed=recipe.seed), out=work / "sae_supervised.safetensors",
+        checkpoint_dir=work / "sae_supervised_ckpt", model_family="toy")
+    outputs[0].parent.mkdir(parents=True, exist_ok=True)
+    for source, mode, out in ((work / "sae_supervised.safetensors", "saemnesia", outputs[0]),
+                              (work / "sae_unsupervised.safetensors", "saeuron", outputs[1])):
+        sae_file = compute_statistics(source, heldout, mode=mode, num_buckets=recipe.buckets,
+                                      percentile=recipe.percentile)
+        sae_file.provenance.update({"built_by": "saemnesia_comfy.toy.build", "recipe": asdict(recipe),
+                                    "activations": activations})
+        save_sae_file(sae_file, out)
+
+
+def build(models: Path, work: Path, recipe: Recipe) -> dict:
+    """Every stage whose file is missing, then the report."""
+    (models / "toy").mkdir(parents=True, exist_ok=True)
+    work.mkdir(parents=True, exist_ok=True)
+    build_judges(recipe, assets.path(assets.JUDGES, models))
+    model_path = assets.path(assets.MODEL, models)
+    build_model(recipe, model_path, work)
+    model, clip, _ = toy_model.load_toy_model(model_path)
+    for site in assets.SITES.values():
+        build_saes(recipe, models, work, model, PromptEncoder(clip), site)
+    return write_report(models)
+
+
+# ---------------------------------------------------------------------------------------------------- report
+
+
+def grid_accuracy(model, vae, encoder, judges: Judges, recipe: Recipe) -> dict:
+    """Object and style top-1 accuracy of the judges on the model's generations of the full grid."""
+    items = [(o, s) for o in OBJECTS for s in (*STYLES, None)] * recipe.quality_seeds
+    seeds = [QUALITY_SEED + i for i in range(len(items))]
+    images = generate(model, vae, encoder, [make_prompt(o, s) for o, s in items], seeds,
+                      steps=recipe.sample_steps, cfg=recipe.cfg)
+    objects, styles = judges.predict(images)
+    return {"object": sum(p == o for p, (o, _) in zip(objects, items)) / len(items),
+            "style": sum(p == (s or STYLE_CLASSES[-1]) for p, (_, s) in zip(styles, items)) / len(items),
+            "images": len(items), "first_seed": QUALITY_SEED, "steps": recipe.sample_steps, "cfg": recipe.cfg,
+            "sampler": "euler"}
+
+
+def _minutes(seconds) -> float | None:
+    return None if seconds is None else round(seconds / 60, 1)
+
+
+def sae_site_report(models: Path, site: assets.SAESite) -> dict:
+    """What the site's SAE files recorded about their training (DESIGN §4), from their headers."""
+    supervised = read_header(assets.path(site.saemnesia, models)).provenance
+    unsupervised = supervised["unsupervised"]
+    report = {"activations": supervised.get("activations"),
+              "unsupervised": {"steps": unsupervised["steps"], "tokens": unsupervised["tokens"],
+                               "final": unsupervised["final"], "minutes": _minutes(unsupervised.get("seconds"))},
+              "supervised": {"epochs": supervised["epochs"], "best_val_loss": supervised["best_val_loss"],
+                             "minutes": _minutes(supervised.get("seconds")),
+                             "selectivity_before": supervised["selectivity_before"],
+                             "selectivity_after": supervised["selectivity_after"]},
+              "statistics": {k: v for k, v in supervised["statistics"].items() if k != "dataset"},
+              "assigned_latent_auroc": {group: {when: _summary(supervised[f"selectivity_{when}"], group)
+                                                for when in ("before", "after")} for group in ("object", "style")}}
+    return {key: value for key, value in report.items() if value is not None}
+
+
+def _summary(selectivity: list[dict], group: str) -> dict:
+    """Mean and worst AUROC of a group's assigned latents for their own concept (from the trainer's record)."""
+    aurocs = [entry["auroc"] for entry in selectivity if entry["group"] == group]
+    return {"mean": round(sum(aurocs) / len(aurocs), 3), "worst": round(min(aurocs), 3), "concepts": len(aurocs)}
+
+
+def build_report(models: Path) -> dict:
+    """The build report of the files in `models`: their recorded provenance, and the judges' and the model's
+    accuracy measured again (deterministic on the same machine and thread count)."""
+    provenance = read_header(assets.path(assets.SITES["object"].saemnesia, models)).provenance
+    recipe = Recipe(**{**provenance["recipe"], "model_phases": tuple(map(tuple, provenance["recipe"]["model_phases"]))})
+    judges = Judges.load(assets.path(assets.JUDGES, models))
+    model_path = assets.path(assets.MODEL, models)
+    with safe_open(str(model_path), framework="pt") as f:
+        model_provenance = json.loads(f.metadata()["provenance"])
+    model, clip, vae = toy_model.load_toy_model(model_path)
+    return {
+        "written_by": "python -m saemnesia_comfy.toy.build --report-only",
+        "recipe": asdict(recipe),
+        "judges": {"held_out_renders": held_out_accuracy(judges, seed=recipe.seed + JUDGES_HELDOUT_OFFSET)},
+        "model": model_provenance,
+        "quality": grid_accuracy(model, vae, PromptEncoder(clip), judges, recipe),
+        "saes": {site.hookpoint: {"group": site.group, **sae_site_report(models, site)}
+                 for site in assets.SITES.values()},
+    }
+
+
+def write_report(models: Path) -> dict:
+    report = build_report(models)
+    write_json_atomic(assets.path(assets.BUILD_REPORT, models), report)
+    return report
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", type=Path, default=assets.MODELS, help="the models folder the shipped files go to")
+    p.add_argument("--work", type=Path, help="intermediate files (default: <out>/../runs/toy_build)")
+    p.add_argument("--smoke", action="store_true", help="every stage at a tiny size (for CI)")
+    p.add_argument("--report-only", action="store_true", help="only rewrite the build report from the shipped files")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.report_only:
+        report = write_report(args.out)
+    else:
+        recipe = Recipe.smoke() if args.smoke else Recipe()
+        work = args.work or (args.out.parent / "runs" / ("toy_build_smoke" if args.smoke else "toy_build"))
+        report = build(args.out, work, recipe)
+    print(json.dumps({k: v for k, v in report.items() if k not in ("recipe", "saes")}, indent=1))
+
+
+if __name__ == "__main__":
+    main()

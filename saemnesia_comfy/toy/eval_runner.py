@@ -1,0 +1,149 @@
+"""The evaluation's images: generated in-process through the Erase Concepts node's own patch path, cached on disk
+by content, and judged (DESIGN §9). What is generated is `saemnesia_core.toy.evaluation.protocol`'s business."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from saemnesia_core.concepts import build_tables, select_saeuron
+from saemnesia_core.files import atomic_path
+from saemnesia_core.toy import assets
+from saemnesia_core.toy.evaluation.protocol import (LOOKS, OBJECT, PAPER_PERCENTILES, SAE_METHODS, Item, Judged,
+                                                    Protocol, Setting, scaled_percentile)
+from saemnesia_core.toy.judges import Judges
+from saemnesia_core.toy.render import OBJECTS, SIZE, STYLES
+from saemnesia_core.training import concept_activations, saeuron_grid
+
+from ..capture import collect_from_comfy
+from ..erase import erase_concepts
+from ..sae_library import LoadedSAE, load_sae_path
+from .build import HELDOUT_SEED_OFFSET
+from .model import load_toy_model
+from .sampling import PromptEncoder, generate
+
+
+def asset_name(method: str, group: str) -> str:
+    """The name (and CLI flag) of the SAE file `method` erases `group`'s concepts with: saemnesia, saeuron,
+    saemnesia_styles, saeuron_styles."""
+    return method if group == OBJECT else f"{method}_{group}s"
+
+
+DEFAULT_ASSETS = {"model": assets.path(assets.MODEL), "judges": assets.path(assets.JUDGES),
+                  **{asset_name(method, group): assets.path(site.sae(method))
+                     for group, site in assets.SITES.items() for method in SAE_METHODS}}
+
+
+def _digest(value) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()[:24]
+
+
+def _file_digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+class Runner:
+    """Generates (cached) and judges the images of a setting, through the same patch path as the nodes."""
+
+    def __init__(self, paths: dict[str, Path], protocol: Protocol, cache: Path, progress: bool = True):
+        self.protocol, self.cache, self.progress = protocol, Path(cache), progress
+        missing = [f"{k}: {p}" for k, p in paths.items() if not Path(p).exists()]
+        if missing:
+            raise FileNotFoundError("missing evaluation assets (build them with python -m saemnesia_comfy.toy.build):"
+                                    "\n  " + "\n  ".join(missing))
+        self.assets = {k: Path(p) for k, p in paths.items()}
+        self.digests = {k: _file_digest(p) for k, p in self.assets.items()}
+        self.model, clip, self.vae = load_toy_model(self.assets["model"])
+        self.encoder = PromptEncoder(clip)
+        self.judges = Judges.load(self.assets["judges"])
+        self.saes = {(method, group): load_sae_path(self.assets[asset_name(method, group)])
+                     for group in assets.SITES for method in SAE_METHODS}
+        self.scores, self.means = {}, {}
+        self._saeuron_variants: dict[tuple, LoadedSAE] = {}
+        self.generated = self.cached = 0
+        self.bar = None
+
+    # SAeUron mode: latents re-selected by score at other percentiles from held-out activations
+    def prepare_saeuron(self, group: str) -> dict:
+        """Collect held-out activations at the group's SAeUron SAE's block (the build's own prompts, seeds and
+        settings when its recipe is in the file), compute μ and scores once; per setting only the selection changes."""
+        key = ("saeuron", group)
+        f = self.saes[key].file
+        recipe = f.provenance.get("recipe", {})
+        repeats, seed = recipe.get("heldout_repeats", 2), recipe.get("seed", 0) + HELDOUT_SEED_OFFSET
+        steps, cfg = recipe.get("sample_steps", 25), recipe.get("cfg", 5.0)
+        where = self.cache / f"heldout_acts_{_digest([self.digests['model'], f.hookpoint, repeats, seed, steps, cfg])}"
+        data = collect_from_comfy(self.model, lambda p: [[self.encoder(p), {}]],
+                                  saeuron_grid(list(OBJECTS), list(STYLES), repeats=repeats), where,
+                                  hookpoint=f.hookpoint, steps=steps, cfg=cfg, sampler="euler", scheduler="normal",
+                                  width=SIZE, height=SIZE, seed=seed, batch_size=72, model_id="saemnesia-toy-world",
+                                  model_family="toy", progress=self.progress)
+        sae = self.saes[key].sae.float()  # in place: the statistics need fp32, the edit casts anyway
+        acts = concept_activations(sae, data, num_buckets=f.num_buckets, progress=False)
+        if acts.concepts != [(c.group, c.label) for c in f.concepts]:
+            raise ValueError(f"{self.assets[asset_name(*key)]}: its concepts differ from the held-out labels "
+                             f"{acts.concepts}")
+        self.scores[group], self.means[group] = acts.scores(), acts.means()
+        n, scores = f.config.num_latents, self.scores[group]
+        return {"hookpoint": f.hookpoint, "num_latents": n, "heldout_samples": len(OBJECTS) * len(LOOKS) * repeats,
+                "heldout_seed": seed, "heldout_steps": steps, "kept": {
+                    m: {"percentile": scaled_percentile(n, m), "paper_percentile_at_20480": PAPER_PERCENTILES.get(m),
+                        "mean_latents_per_bucket": float((select_saeuron(scores, scaled_percentile(n, m)) >= 0)
+                                                         .sum(-1).float().mean())}
+                    for m in self.protocol.kept}}
+
+    def _saeuron_for(self, group: str, kept: dict[str, int]) -> LoadedSAE:
+        key = (group, *sorted(kept.items()))
+        if key not in self._saeuron_variants:
+            loaded = self.saes[("saeuron", group)]
+            n = loaded.file.config.num_latents
+            percentiles = [scaled_percentile(n, kept.get(c.label, 1)) for c in loaded.file.concepts]
+            tables = build_tables(select_saeuron(self.scores[group], percentiles), self.means[group])
+            self._saeuron_variants[key] = replace(loaded, file=replace(loaded.file, tables=tables))
+        return self._saeuron_variants[key]
+
+    def model_for(self, setting: Setting):
+        if setting.sae is None:
+            return self.model
+        method, group = setting.sae
+        strengths = {label: gamma for label, gamma, _ in setting.erase}
+        loaded = self.saes[setting.sae] if method == "saemnesia" else \
+            self._saeuron_for(group, {label: kept for label, _, kept in setting.erase})
+        return erase_concepts(self.model, loaded, strengths, -1.0)
+
+    def images(self, setting: Setting, items: list[Item]) -> np.ndarray:
+        """uint8 [N, 32, 32, 3]: every prompt of the setting in one sampling call, cached on disk."""
+        key = _digest({"model": self.digests["model"],
+                       "sae": self.digests[asset_name(*setting.sae)] if setting.sae else None,
+                       "setting": asdict(setting), "steps": self.protocol.steps, "cfg": self.protocol.cfg,
+                       "items": [(i.prompt, i.seed) for i in items]})
+        path = self.cache / "images" / f"{key}.npy"
+        if path.exists():
+            images = np.load(path, allow_pickle=False)
+            self.cached += len(items)
+        else:
+            out = generate(self.model_for(setting), self.vae, self.encoder, [i.prompt for i in items],
+                           [i.seed for i in items], negative=setting.negative, steps=self.protocol.steps,
+                           cfg=self.protocol.cfg)
+            images = (out.clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy()
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with atomic_path(path) as tmp:
+                np.save(tmp, images)
+            self.generated += len(items)
+        if self.bar is not None:
+            self.bar.update(len(items))
+        return images
+
+    def judge(self, setting: Setting, items: list[Item]) -> tuple[list[Judged], np.ndarray]:
+        images = self.images(setting, items)
+        objects, styles = self.judges.predict(torch.from_numpy(images).float() / 255)
+        return [Judged(i, o, s) for i, o, s in zip(items, objects, styles)], images
