@@ -1,8 +1,9 @@
-"""Shared fixtures: where the real ComfyUI host is, and loading it in-process (CPU, PyTorch attention)."""
+"""Shared fixtures: the real ComfyUI host imported in-process (CPU, PyTorch attention), with this pack loaded.
+
+Tests that need no ComfyUI (everything of saemnesia_core) never touch these fixtures, so they run without a host.
+"""
 
 import asyncio
-import os
-import sys
 from pathlib import Path
 
 import pytest
@@ -10,37 +11,15 @@ import pytest
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
-def comfyui_path() -> Path:
-    """The ComfyUI the tests run against: $COMFYUI_PATH, else the host scripts/bootstrap.sh provisioned."""
-    env = os.environ.get("COMFYUI_PATH")
-    if env:
-        return Path(env).resolve()
-    recorded = REPO_ROOT / ".comfyui" / "comfyui_path"
-    if recorded.exists():
-        return Path(recorded.read_text().strip())
-    return REPO_ROOT / ".comfyui" / "ComfyUI"
-
-
-def import_comfy_in_process() -> Path:
-    """Put ComfyUI on sys.path and import it for CPU use; idempotent."""
-    root = comfyui_path()
-    if not (root / "main.py").exists():
-        raise RuntimeError(f"no ComfyUI at {root}: run scripts/bootstrap.sh or set COMFYUI_PATH")
-    if str(root) not in sys.path:
-        sys.path.insert(0, str(root))
-    import comfy.cli_args
-
-    comfy.cli_args.args.cpu = True
-    comfy.cli_args.args.use_pytorch_cross_attention = True
-    import comfy.model_management  # noqa: F401  (must come after the args above)
-
-    return root
-
-
 @pytest.fixture(scope="session")
 def comfy():
-    """The real ComfyUI, imported in-process (no server)."""
-    return import_comfy_in_process()
+    """The real ComfyUI, imported in-process on the CPU (no server); its folder."""
+    from saemnesia_comfy.runtime import import_comfy
+
+    root = import_comfy(cpu=True)
+    import comfy.model_management  # noqa: F401  (reads the settings import_comfy chose)
+
+    return root
 
 
 @pytest.fixture(scope="session")

@@ -1,9 +1,10 @@
-"""The toy world on a live ComfyUI server: a test SAE fitted to the toy model's hooked block, a server whose
-models/saemnesia holds it, and API-format prompts for the toy workflow (with or without Erase Concepts).
+"""The toy world on a live ComfyUI server: a synthetic test SAE fitted to the toy model's hooked block, a server
+whose models/saemnesia holds it (beside the shipped SAEs, which the pack's own models folder provides), and
+API-format prompts for the toy workflow (with or without Erase Concepts).
 
-The SAE is made at test time (the trained ones may not exist yet): its concepts are the toy world's 8 objects
-and 8 styles, each owning one of the latents that fire most on the toy model's `output_blocks.4.1` (d = 128)
-while it samples toy prompts, so erasing any of them changes the image.
+The synthetic SAE has a name of its own, so it never hides a shipped file: its concepts are the toy world's 8
+objects and 8 styles, each owning one of the latents that fire most on the toy model's `output_blocks.4.1`
+(d = 128) while it samples toy prompts, so erasing any of them changes the image, at any strength.
 """
 
 from __future__ import annotations
@@ -17,10 +18,12 @@ import numpy as np
 import torch
 from PIL import Image
 
-from helpers_server import REPO_ROOT, ComfyServer
+from saemnesia_comfy.server import ComfyServer
+from saemnesia_core.toy import assets
 
-TOY_MODEL = "toy_world.safetensors"
-SAE_NAME = "toy_saemnesia.safetensors"  # the name the example workflows use
+REPO_ROOT = assets.REPO_ROOT
+TOY_MODEL = Path(assets.MODEL).name
+SAE_NAME = "synthetic_test_sae.safetensors"  # not a shipped name: the shipped SAEs stay visible and unshadowed
 BLOCK = "output_blocks.4.1"
 EXAMPLES = REPO_ROOT / "example_workflows"
 
@@ -37,7 +40,7 @@ def toy_labels() -> tuple[list[str], list[str]]:
 
 def make_toy_sae(folder: Path) -> Path:
     """Copy the test SAE into `folder` as SAE_NAME (made first if the cache has none for this toy model)."""
-    model = REPO_ROOT / "models" / "toy" / TOY_MODEL
+    model = assets.path(assets.MODEL)
     stat = model.stat()
     cached = SAE_CACHE / f"toy_sae_{SAE_RECIPE}_{stat.st_size}_{stat.st_mtime_ns}.safetensors"
     if not cached.exists():
@@ -49,11 +52,8 @@ def make_toy_sae(folder: Path) -> Path:
 
 
 def _build_toy_sae(model_path: Path, out: Path) -> None:
-    from conftest import import_comfy_in_process
-
-    import_comfy_in_process()
     from helpers_comfy import record_block_outputs, sae_file_for_activations, sample
-    from saemnesia_comfy.toy_model import load_toy_model
+    from saemnesia_comfy.toy.model import load_toy_model
     from saemnesia_core.sae import block_to_tokens
     from saemnesia_core.sae_file import save_sae_file
 
@@ -71,7 +71,7 @@ def _build_toy_sae(model_path: Path, out: Path) -> None:
 
 def start_toy_server(base: Path) -> ComfyServer:
     """A live server (this pack, the toy model, the test SAE and a corrupt SAE file in models/saemnesia)."""
-    server = ComfyServer(_comfy_root(), base)
+    server = ComfyServer(base)
     make_toy_sae(base / "models" / "saemnesia")
     header = b"{not a json header}"
     (base / "models" / "saemnesia" / "corrupt.safetensors").write_bytes(len(header).to_bytes(8, "little") + header)
@@ -80,12 +80,6 @@ def start_toy_server(base: Path) -> ComfyServer:
     except BaseException:
         server.stop()
         raise
-
-
-def _comfy_root() -> Path:
-    from conftest import comfyui_path
-
-    return comfyui_path()
 
 
 def toy_prompt(text: str = "An image of Hearts in Neon style.", seed: int = 0, steps: int = 4, cfg: float = 5.0,

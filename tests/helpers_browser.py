@@ -1,76 +1,13 @@
-"""The ComfyUI page in headless Chromium (Debian's /usr/bin/chromium driven by Python Playwright; Playwright's own
-browser download is never used), plus the few page-side calls the browser tests share."""
+"""Module-scoped fixtures shared by the browser test modules (import them by name: `from helpers_browser import
+page, server`): one live toy-world server and one page per module. The page helpers: saemnesia_comfy.browser."""
 
 from __future__ import annotations
 
-import json
-import os
-from contextlib import contextmanager
-
 import pytest
-import requests
 
-from helpers_server import ComfyServer
-
-CHROMIUM = os.environ.get("SAEMNESIA_CHROMIUM", "/usr/bin/chromium")
-# Playwright adds --headless and a fresh temporary --user-data-dir itself
-FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
-         "--disable-component-update", "--disable-sync"]
-# a returning user: no template browser on first start, no "try Nodes 2.0" banner over the canvas
-SETTINGS = {"Comfy.TutorialCompleted": True, "Comfy.VueNodes.Enabled": False}
+from saemnesia_comfy.browser import comfy_page
 
 
-@contextmanager
-def comfy_page(server: ComfyServer, viewport=(1600, 1000)):
-    """A page with the ComfyUI frontend loaded and this pack's nodes registered. page.errors collects uncaught
-    page errors."""
-    from playwright.sync_api import sync_playwright
-
-    requests.post(f"{server.url}/settings", json=SETTINGS, timeout=30).raise_for_status()
-    with sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=CHROMIUM, headless=True, args=FLAGS)
-        try:
-            page = browser.new_page(viewport={"width": viewport[0], "height": viewport[1]})
-            page.set_default_timeout(120_000)
-            page.errors = []
-            page.on("pageerror", lambda e: page.errors.append(str(e)))
-            page.add_init_script("localStorage.setItem('vueNodesBannerDismissed', 'true')")
-            page.goto(server.url, timeout=300_000)
-            page.wait_for_function("!!(window.app?.graph && window.LiteGraph?.registered_node_types?.SAEmnesiaEraseConcepts)",
-                                   timeout=300_000)
-            yield page
-        finally:
-            browser.close()
-
-
-def load_workflow(page, workflow: dict) -> None:
-    """Load a UI-format workflow as the app does when a file is opened, at zoom 1 (DOM widgets show)."""
-    page.evaluate("async (wf) => { await window.app.loadGraphData(wf); }", workflow)
-    page.evaluate("() => { const c = window.app.canvas; c.ds.scale = 1; c.setDirty(true, true); }")
-
-
-def wait_for_checklists(page, timeout_ms: int = 300_000) -> None:
-    """Until every checklist on the page has its concept list (or shows an error)."""
-    page.wait_for_function("""() => [...document.querySelectorAll('.saem-status')].every(
-        (s) => !s.textContent.startsWith('Loading'))""", timeout=timeout_ms)
-
-
-def queue_from_page(page) -> str:
-    """Queue the current graph through the frontend's own graph -> API prompt conversion; the prompt id."""
-    return page.evaluate("""async () => {
-        const { output, workflow } = await window.app.graphToPrompt();
-        const r = await window.comfyAPI.api.api.queuePrompt(0, { output, workflow });
-        return r.prompt_id;
-    }""")
-
-
-def exported_workflow(page) -> dict:
-    """The current graph as the app's Export writes it (graphToPrompt's workflow, JSON round-tripped)."""
-    return json.loads(page.evaluate("async () => JSON.stringify((await window.app.graphToPrompt()).workflow)"))
-
-
-# Module-scoped fixtures shared by the browser test modules (import them by name: `from helpers_browser import
-# page, server`): one live toy-world server and one page per module.
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     from fixtures_server import start_toy_server

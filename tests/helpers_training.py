@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import torch
 
-from conftest import comfyui_path
 
 
 def tiny_sd_pipeline(seed: int = 0, cross_attention_dim: int = 32):
@@ -29,7 +28,7 @@ def tiny_sd_pipeline(seed: int = 0, cross_attention_dim: int = 32):
     text_encoder = CLIPTextModel(CLIPTextConfig(hidden_size=cross_attention_dim, intermediate_size=37,
                                                 num_attention_heads=4, num_hidden_layers=2, vocab_size=49408,
                                                 max_position_embeddings=77))
-    tokenizer = CLIPTokenizer.from_pretrained(str(comfyui_path() / "comfy" / "sd1_tokenizer"), model_max_length=77)
+    tokenizer = CLIPTokenizer.from_pretrained(str(clip_tokenizer_folder()), model_max_length=77)
     pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
                                    scheduler=DDIMScheduler(steps_offset=1, clip_sample=False), safety_checker=None,
                                    feature_extractor=None, requires_safety_checker=False)
@@ -92,10 +91,17 @@ def tiny_sdxl_pipeline(seed: int = 0):
                         norm_num_groups=8, layers_per_block=1)
     text_config = dict(hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2,
                        vocab_size=49408, max_position_embeddings=77, projection_dim=32)
-    tokenizer = CLIPTokenizer.from_pretrained(str(comfyui_path() / "comfy" / "sd1_tokenizer"), model_max_length=77)
+    tokenizer = CLIPTokenizer.from_pretrained(str(clip_tokenizer_folder()), model_max_length=77)
     pipe = StableDiffusionXLPipeline(
         vae=vae, text_encoder=CLIPTextModel(CLIPTextConfig(**text_config)),
         text_encoder_2=CLIPTextModelWithProjection(CLIPTextConfig(**text_config)), tokenizer=tokenizer,
         tokenizer_2=tokenizer, unet=unet, scheduler=EulerDiscreteScheduler(steps_offset=1))
     pipe.set_progress_bar_config(disable=True)
     return pipe.to("cpu")
+
+
+def clip_tokenizer_folder():
+    """The real CLIP tokenizer that ComfyUI ships (transformers and diffusers ship none): only its files are read."""
+    from saemnesia_comfy.runtime import comfyui_path
+
+    return comfyui_path() / "comfy" / "sd1_tokenizer"

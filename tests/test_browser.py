@@ -10,8 +10,10 @@ import requests
 from PIL import Image
 
 from fixtures_server import execution_error, pixels, toy_labels
-from helpers_browser import load_workflow, page, server, wait_for_checklists  # noqa: F401 (page, server: fixtures)
-from helpers_server import REPO_ROOT
+from helpers_browser import page, server  # noqa: F401 (fixtures)
+from saemnesia_comfy.browser import load_workflow, wait_for_checklists
+from conftest import REPO_ROOT
+from saemnesia_core.toy import assets
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow, pytest.mark.timeout(3600)]
 
@@ -167,7 +169,7 @@ def test_the_list_follows_the_load_sae_node_and_shows_fetch_errors(server, page)
     assert ticked(page) == ["Hearts"]  # the selection is kept while the list cannot be read
     assert json.loads(concepts_string(page)) == ["Hearts"]
 
-    page.evaluate(pick, "toy_saemnesia.safetensors")
+    page.evaluate(pick, assets.SITES["object"].saemnesia)
     wait_for_checklists(page)
     assert status(page).startswith("1 of 16")
 

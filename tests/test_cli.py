@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers_core import make_random_sae_file, random_sae, synthetic_statistics, write_pickle, write_sparsify_folder
+from helpers_core import synthetic_statistics, write_pickle, write_sparsify_folder
+from saemnesia_core.testing import make_random_sae_file, random_sae
 from saemnesia_core import cli
 from saemnesia_core.sae_file import load_sae_file
 

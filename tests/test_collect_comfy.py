@@ -25,7 +25,7 @@ def fake_text_encoder(prompt: str):
 
 @pytest.fixture(scope="module")
 def model(comfy):
-    from helpers_comfy import make_sd15_model
+    from saemnesia_comfy.testing import make_sd15_model
 
     return make_sd15_model(model_channels=32, context_dim=CONTEXT_DIM, full_res_attention=False)
 

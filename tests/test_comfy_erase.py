@@ -15,7 +15,8 @@ BLOCK = "output_blocks.4.1"
 @pytest.fixture(scope="module")
 def world(comfy_nodes, tmp_path_factory):
     import folder_paths
-    from helpers_comfy import conditioning, make_sd15_model, record_block_outputs, sae_file_for_activations, sample
+    from helpers_comfy import conditioning, record_block_outputs, sae_file_for_activations, sample
+    from saemnesia_comfy.testing import make_sd15_model
     from saemnesia_comfy import sae_library
     from saemnesia_core.sae import block_to_tokens
     from saemnesia_core.sae_file import save_sae_file
@@ -155,7 +156,7 @@ def test_unknown_concepts_fail_listing_the_known_ones(world):
 
 
 def test_an_sae_for_another_width_fails_naming_both_widths(world, tmp_path):
-    from helpers_core import make_random_sae_file
+    from saemnesia_core.testing import make_random_sae_file
     from saemnesia_comfy.erase import erase_concepts
     from saemnesia_comfy.patch import HookpointError
     from saemnesia_comfy.sae_library import LoadedSAE
@@ -184,7 +185,7 @@ def _model_like(unet_config):
 
 
 def test_sd15_hookpoints_map_to_comfyui_blocks(comfy):
-    from helpers_comfy import sd15_unet_config
+    from saemnesia_comfy.testing import sd15_unet_config
     from saemnesia_comfy.patch import comfy_block_name
 
     cfg = sd15_unet_config(model_channels=320, context_dim=768)  # SD1.5's own layout and widths
@@ -208,3 +209,42 @@ def test_sdxl_hookpoints_map_to_comfyui_blocks(comfy):
         ["output_blocks.0.1", "output_blocks.1.1", "output_blocks.2.1"]
     assert comfy_block_name(model, "unet.up_blocks.1.attentions.1") == "output_blocks.4.1"
     assert comfy_block_name(model, "unet.down_blocks.2.attentions.1") == "input_blocks.8.1"
+
+
+@pytest.mark.parametrize("layout", ["sparsify", "saemnesia"])
+def test_load_sae_lists_and_loads_every_checkpoint_folder_layout_the_importer_reads(world, layout):
+    from helpers_core import write_openai_folder, write_sparsify_folder
+    from saemnesia_comfy import sae_library
+    from saemnesia_core.testing import random_sae
+
+    sae = random_sae(d=128, n=256, k=8, seed=3)
+    write = write_sparsify_folder if layout == "sparsify" else write_openai_folder
+    write(world.folder / f"{layout}_ckpt" / "unet.up_blocks.1.attentions.1", sae)
+    name = f"{layout}_ckpt/unet.up_blocks.1.attentions.1"
+    assert name in sae_library.list_sae_entries()
+    loaded = sae_library.load_sae(name)
+    assert loaded.file.hookpoint == "unet.up_blocks.1.attentions.1"
+    assert torch.equal(loaded.sae.W_dec, sae.W_dec)
+
+
+def test_an_fp32_sae_on_a_bf16_model_is_converted_once_held_by_its_own_patcher_and_shared(world):
+    from saemnesia_comfy.erase import ADDITIONAL_MODELS_KEY, erase_concepts
+    from saemnesia_comfy.testing import make_sd15_model
+    from saemnesia_core.eraser import ConceptEraser
+
+    model = make_sd15_model(model_channels=32, context_dim=64, in_channels=4, seed=0, dtype=torch.bfloat16)
+    first = erase_concepts(model, world.loaded, {"Hearts": -1.0}, -1.0)
+    chained = erase_concepts(first, world.loaded, {"Hearts": -2.0}, -1.0)
+    attached = chained.get_additional_models_with_key(ADDITIONAL_MODELS_KEY)
+    converted = world.loaded.for_dtype(torch.bfloat16)
+    assert world.loaded.sae.dtype == torch.float32 and converted.sae.dtype == torch.bfloat16
+    assert converted is world.loaded.for_dtype(torch.bfloat16)               # made once
+    assert {id(p.model.sae) for p in attached} == {id(converted.sae)}         # the only SAE the chain attaches
+    assert converted.patcher is not world.loaded.patcher                      # ComfyUI manages the copy itself
+    # the edit with the converted copy is the edit with the fp32 weights cast per call (up to bf16 rounding)
+    x = torch.randn(2, 128, 8, 8, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)
+    tables, concepts = world.loaded.file.tables, world.loaded.file.concepts
+    per_call = ConceptEraser(world.loaded.sae, concepts, tables, {"Hearts": -1.0})(x, 0.5)
+    once = ConceptEraser(converted.sae, concepts, tables, {"Hearts": -1.0})(x, 0.5)
+    assert not torch.equal(per_call, x)
+    torch.testing.assert_close(once.float(), per_call.float(), rtol=2e-2, atol=2e-2)

@@ -7,7 +7,6 @@ remains is float summation order, seen at ~1e-7.
 """
 
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -23,16 +22,11 @@ from saemnesia_core.sae_file import load_sae_file
 from saemnesia_core.training.collect import Capture, collect
 from saemnesia_core.training.distributed import DistContext
 from saemnesia_core.training.shards import ActivationDataset
+from saemnesia_core.testing import free_port
 from saemnesia_core.training.specs import PromptSpec
 
 TOLERANCE = 1e-5
 TORCHRUN = Path(sys.executable).with_name("torchrun")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def torchrun_cli(args: list[str]) -> None:

@@ -7,8 +7,8 @@ import pytest
 import requests
 
 from fixtures_server import EXAMPLES, execution_error
-from helpers_browser import (exported_workflow, load_workflow, page, queue_from_page, server,  # noqa: F401
-                             wait_for_checklists)  # page, server: fixtures
+from helpers_browser import page, server  # noqa: F401 (fixtures)
+from saemnesia_comfy.browser import exported_workflow, load_workflow, queue_from_page, wait_for_checklists
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow, pytest.mark.timeout(3600)]
 

@@ -1,4 +1,4 @@
-"""Import paths (sae-libraries notes §3): sparsify/SAeUron folders, SAEmnesia root checkpoints, state_dict.pth,
+"""Import paths (DESIGN §7.1): sparsify/SAeUron folders, SAEmnesia root checkpoints, state_dict.pth,
 concept-statistics pickles and class_params.pth — each from synthetic files in that layout — and hostile pickles."""
 
 import pickle
@@ -7,14 +7,13 @@ import pytest
 import torch
 
 from helpers_core import (
-    make_random_sae_file,
-    random_sae,
     released_saeuron_score,
     synthetic_statistics,
     write_openai_folder,
     write_pickle,
     write_sparsify_folder,
 )
+from saemnesia_core.testing import make_random_sae_file, random_sae
 from saemnesia_core.importers import import_concept_statistics, load_any, load_pickle
 from saemnesia_core.sae_file import SAEFileError, load_sae_file, save_sae_file
 

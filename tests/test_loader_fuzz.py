@@ -11,7 +11,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from helpers_core import make_random_sae_file
+from saemnesia_core.testing import make_random_sae_file
 from saemnesia_core.importers import import_concept_statistics, load_any
 from saemnesia_core.sae_file import METADATA_KEY, SAEFileError, load_sae_file, read_header, save_sae_file
 
@@ -42,19 +42,24 @@ def with_index(index: dict) -> bytes:
     return struct.pack("<Q", len(header)) + header + DATA
 
 
-def readers_raise_only_sae_file_error(data: bytes) -> None:
+def readers_raise_only_sae_file_error(data: bytes) -> list[str]:
+    """Every reader either returns or raises SAEFileError (anything else fails the test); the readers that
+    returned."""
+    loaded = []
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "f.safetensors"
         path.write_bytes(data)
         for read in (read_header, load_sae_file, load_any):
             try:
                 read(path)
+                loaded.append(read.__name__)
             except SAEFileError:
                 pass
+    return loaded
 
 
 def test_the_unmutated_rebuilt_file_loads():
-    readers_raise_only_sae_file_error(with_index(INDEX))
+    assert readers_raise_only_sae_file_error(with_index(INDEX)) == ["read_header", "load_sae_file", "load_any"]
     with tempfile.TemporaryDirectory() as tmp:
         (Path(tmp) / "f.safetensors").write_bytes(with_index(INDEX))
         save_sae_file(load_sae_file(Path(tmp) / "f.safetensors"), Path(tmp) / "g.safetensors")

@@ -1,6 +1,7 @@
 """The SAE file (DESIGN §7): round trips, the header-only reader, atomic saves, and one clear error per defect."""
 
 import dataclasses
+import os
 import json
 import struct
 
@@ -9,7 +10,7 @@ import torch
 from safetensors.torch import save_file
 
 import saemnesia_core.sae_file as sae_file_module
-from helpers_core import make_random_sae_file
+from saemnesia_core.testing import make_random_sae_file
 from saemnesia_core.sae_file import (
     FORMAT_VERSION,
     METADATA_KEY,
@@ -158,6 +159,21 @@ def test_oversized_header_is_refused_before_reading_it(tmp_path):
     bad.write_bytes(struct.pack("<Q", 1 << 40) + b"{}")
     with pytest.raises(SAEFileError, match="exceeds"):
         read_header(bad)
+
+
+def test_what_the_safetensors_reader_lacks_is_checked_before_it_opens_the_file(tmp_path):
+    from safetensors import safe_open
+
+    big = tmp_path / "big.safetensors"  # a valid file whose header (20 MB) the library reads, but a UI refresh should not
+    save_file({"W_dec": torch.zeros(2, 2)}, str(big), metadata={METADATA_KEY: "x" * 20_000_000})
+    with safe_open(str(big), framework="pt") as f:
+        assert len(f.metadata()[METADATA_KEY]) == 20_000_000
+    with pytest.raises(SAEFileError, match="exceeds"):
+        read_header(big)
+    fifo = tmp_path / "fifo.safetensors"  # opening a FIFO for reading blocks until a writer comes
+    os.mkfifo(fifo)
+    with pytest.raises(SAEFileError, match="not a regular file"):
+        read_header(fifo)
 
 
 def test_header_that_is_not_json_is_refused(tmp_path):

@@ -13,7 +13,7 @@ import time
 import pytest
 
 from fixtures_server import execution_error, saved_pixels, start_toy_server, toy_labels, toy_prompt
-from helpers_server import REPO_ROOT
+from conftest import REPO_ROOT
 
 pytestmark = [pytest.mark.server, pytest.mark.slow, pytest.mark.timeout(4 * 3600)]
 

@@ -2,6 +2,7 @@
 """Activation shards: index, columns, checksums, resumable writing, streaming readers."""
 
 import json
+from collections import Counter
 
 import pytest
 import torch
@@ -104,9 +105,8 @@ def test_token_stream_is_a_shuffled_permutation_that_never_repeats(tmp_path):
     assert len(batches) == ds.steps_per_epoch(8) == 108 // 8
     stream = torch.cat(batches)[:, 0].float()
     every = torch.cat([ds.load_shard(i).acts.reshape(-1, 4) for i in range(6)])[:, 0].float()
-    counts_stream = torch.unique(stream, return_counts=True)
-    counts_all = torch.unique(every, return_counts=True)
-    assert set(counts_stream[0].tolist()) <= set(counts_all[0].tolist())
+    seen, available = Counter(stream.tolist()), Counter(every.tolist())
+    assert all(seen[v] <= available[v] for v in seen)  # no token is emitted more often than it is stored
     assert stream.numel() == 104
     assert not torch.equal(stream, every[:104])  # shuffled
     again = torch.cat(list(ds.iter_tokens(8, seed=1, buffer_tokens=20)))

@@ -108,10 +108,20 @@ def test_finetuning_makes_each_assigned_latent_fire_selectively(planted_concepts
     assert bool((saved.tables.mean_acts > saved.tables.thresholds).all())  # μ_c above the all-concept mean
 
 
-def test_early_stopping_keeps_the_best_epoch(planted_concepts):
-    cfg = SupervisedConfig(**{**FINETUNE, "lr": 0.0, "max_epochs": 20, "patience": 2})  # validation never improves
-    result = finetune_supervised(planted_concepts / "unsupervised.safetensors", planted_concepts, cfg, progress=False)
-    assert len(result.history) == 3  # the first epoch sets the best, then 2 without improvement
+def test_early_stopping_stops_after_patience_epochs_and_restores_the_best_epochs_weights(planted_concepts):
+    def finetune(**overrides):
+        cfg = SupervisedConfig(**{**FINETUNE, "lr": 0.05, **overrides})  # a rate at which the validation loss wobbles
+        return finetune_supervised(planted_concepts / "unsupervised.safetensors", planted_concepts, cfg,
+                                   progress=False)
+
+    stopped = finetune(max_epochs=12, patience=1)
+    losses = [h["val_loss"] for h in stopped.history]
+    best = losses.index(min(losses))
+    assert len(set(losses)) == len(losses)          # every epoch changed the weights
+    assert len(losses) == best + 2 < 12             # stopped one epoch after the best, before max_epochs
+    until_best = finetune(max_epochs=best + 1, patience=100)  # the same run, ended at the best epoch
+    restored, expected = stopped.sae.state_dict(), until_best.sae.state_dict()
+    assert all(torch.equal(restored[k], expected[k]) for k in expected)  # not the last epoch's (its loss differs)
 
 
 def test_statistics_saeuron_mode_selects_by_score_per_bucket(planted_concepts, tmp_path):

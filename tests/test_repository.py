@@ -1,0 +1,108 @@
+"""The house rules that keep the repository readable (docs/DESIGN.md §2, docs/ARCHITECTURE.md): the library never
+imports ComfyUI, the design citations in the code lead somewhere, the toy world's files are named in one module,
+shared helpers are imported from packages, and no ComfyUI-side module grows past a readable size."""
+
+import ast
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+from saemnesia_core.toy import assets
+
+ROOT = assets.REPO_ROOT
+COMFY_SIDE = ("comfy", "comfy_api", "comfy_extras", "folder_paths", "nodes", "server", "execution",
+              "saemnesia_comfy")
+
+
+def tracked(*suffixes: str) -> list[Path]:
+    """The repository's files (tracked, or new and not ignored) with these suffixes."""
+    names = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
+                           capture_output=True, text=True, check=True).stdout.splitlines()
+    return sorted(ROOT / n for n in set(names) if Path(n).suffix in suffixes and (ROOT / n).is_file())
+
+
+def core_modules() -> list[str]:
+    return [".".join(p.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__")
+            for p in (ROOT / "saemnesia_core").rglob("*.py")]
+
+
+def test_every_core_module_imports_in_a_fresh_interpreter_that_cannot_import_comfyui():
+    # -I: no PYTHONPATH, no current folder on sys.path; the finder refuses everything of the ComfyUI side
+    code = f"""
+import importlib, sys
+class Refuse:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in {COMFY_SIDE!r}:
+            raise ImportError("saemnesia_core must not import " + name)
+sys.meta_path.insert(0, Refuse())
+for name in {core_modules()!r}:
+    importlib.import_module(name)
+loaded = sorted(m for m in sys.modules if m.split(".")[0] in {COMFY_SIDE!r})
+assert not loaded, loaded
+print(len({core_modules()!r}))
+"""
+    done = subprocess.run([sys.executable, "-I", "-c", code], capture_output=True, text=True, cwd="/")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert int(done.stdout.strip()) == len(core_modules()) >= 25
+
+
+def test_no_core_module_imports_the_comfyui_side_even_inside_a_function():
+    offenders = []
+    for path in (ROOT / "saemnesia_core").rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module or ""] if isinstance(node, ast.ImportFrom) and node.level == 0 else []
+            offenders += [f"{path.relative_to(ROOT)}:{node.lineno} {n}" for n in names if n.split(".")[0] in COMFY_SIDE]
+    assert offenders == []
+
+
+def test_design_citations_in_the_code_name_sections_of_docs_design():
+    headings = re.findall(r"^#{2,3} (\d+(?:\.\d+)?)\.? ", (ROOT / "docs" / "DESIGN.md").read_text(), re.MULTILINE)
+    cited, dangling = set(), []
+    for path in tracked(".py", ".sh", ".js"):
+        if path == Path(__file__).resolve():
+            continue
+        text = path.read_text()
+        if "notes/" in text or "notes §" in text:
+            dangling.append(f"{path.relative_to(ROOT)} cites notes that are not in the repository")
+        for first, last in re.findall(r"DESIGN §(\d+(?:\.\d+)?)(?:-(\d+(?:\.\d+)?))?", text):
+            for section in filter(None, (first, last)):
+                cited.add(section)
+                if section not in headings:
+                    dangling.append(f"{path.relative_to(ROOT)} cites DESIGN §{section}")
+    assert dangling == []
+    assert len(cited) >= 10  # the check looked at real citations
+
+
+def test_the_toy_worlds_file_names_appear_only_in_the_assets_module():
+    names = [Path(assets.MODEL).name, Path(assets.JUDGES).name] + \
+        [site.sae(m) for site in assets.SITES.values() for m in ("saemnesia", "saeuron")]
+    found = [f"{path.relative_to(ROOT)}: {name}" for path in tracked(".py", ".sh", ".js")
+             if path != ROOT / "saemnesia_core" / "toy" / "assets.py" for name in names if name in path.read_text()]
+    assert found == []
+
+
+def test_tests_benchmarks_and_scripts_import_shared_helpers_from_packages_not_by_editing_sys_path():
+    allowed = {ROOT / "__init__.py", ROOT / "saemnesia_comfy" / "runtime.py"}  # the pack's entry; the host finder
+    edits = [str(p.relative_to(ROOT)) for p in tracked(".py") if p not in allowed
+             and re.search(r"sys\.path\.(insert|append)|sys\.path\s*=", p.read_text())]
+    assert edits == []
+
+
+def test_no_comfyui_side_module_is_longer_than_400_lines():
+    long = {str(p.relative_to(ROOT)): n for p in (ROOT / "saemnesia_comfy").rglob("*.py")
+            if (n := len(p.read_text().splitlines())) > 400}
+    assert long == {}
+
+
+def test_the_readme_shows_the_evaluation_table_and_the_demo_caption_as_their_files_write_them():
+    import json
+
+    from saemnesia_core.toy.evaluation.report import summary_table
+
+    readme = (ROOT / "README.md").read_text()
+    results = json.loads((ROOT / "benchmarks" / "results" / "eval_quick" / "results.json").read_text())
+    assert summary_table(results) in readme
+    verdicts = json.loads((ROOT / "docs" / "demo" / "verdicts.json").read_text())
+    assert verdicts["caption"] in " ".join(readme.split())  # the README may wrap the caption's lines
