@@ -2,16 +2,17 @@
 released SAeUron/SAEmnesia hook, on the same inputs.
 
 d = 1280, n = 20480, k = 32; x = [2, 1280, 16, 16], i.e. one CFG step (cond + uncond) at 512 px. Random weights;
-one concept erased (SAEmnesia-style file: 20 concepts, 50 buckets, one latent each).
+one concept erased (SAEmnesia-style file: 20 concepts, 50 buckets, one latent each, μ = 1, θ = 0).
 
 Time: all variants run interleaved (one call of each per round), after warm-up; we report the median.
 Memory: the peak resident memory one call adds above its inputs, measured per variant in a fresh subprocess:
 Linux VmHWM after resetting it through /proc/self/clear_refs, with glibc's mmap threshold pinned at 64 KiB so
 that freed buffers go back to the OS instead of hiding in the heap.
 
-    python benchmarks/bench_edit.py [--repeats 15] [--dtype float32|bfloat16|float16]
+    python benchmarks/bench_edit.py [--repeats 15] [--dtype float32|bfloat16|float16] [--device cpu|cuda]
 
-Prints a table and writes benchmarks/results/bench_edit.json and .md.
+Prints a table and writes benchmarks/results/bench_edit.json and .md (--out-name changes the name). On CUDA the
+calls are synchronised for timing and the peak is the GPU memory one call allocates above its inputs.
 """
 
 from __future__ import annotations
@@ -29,69 +30,48 @@ from pathlib import Path
 
 import torch
 
-from saemnesia_core.concepts import Concept, ConceptTables
 from saemnesia_core.eraser import ConceptEraser
-from saemnesia_core.sae import SAEConfig, TopKSAE, block_to_tokens, tokens_to_block
+from saemnesia_core.files import write_bytes_atomic, write_json_atomic
+from saemnesia_core.sae import TopKSAE, block_to_tokens, tokens_to_block
+from saemnesia_core.sae_file import SAEFile
+from saemnesia_core.testing import random_sae, released_hook, sae_file_with_assigned_latents
 
 D, N_LATENTS, K = 1280, 20480, 32
 BATCH, H, W = 2, 16, 16
 CONCEPTS, BUCKETS = 20, 50
 ERASED, GAMMA, T = "concept_0", -1.0, 0.5
-BUCKET = int(T * BUCKETS)
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
-def setup(dtype: torch.dtype, seed: int = 0):
-    """The SAE, its concepts and tables, and the block activations, all seeded."""
-    torch.manual_seed(seed)
-    sae = TopKSAE(SAEConfig(D, N_LATENTS, K))
-    with torch.no_grad():
-        sae.encoder.bias.normal_(0, 0.05)
-        sae.b_dec.normal_(0, 0.05)
-    latents = torch.randperm(N_LATENTS)[:CONCEPTS]
-    concepts = [Concept(f"concept_{c}", "object", int(i)) for c, i in enumerate(latents)]
-    shape = (CONCEPTS, BUCKETS, 1)
-    tables = ConceptTables(latents.reshape(-1, 1, 1).expand(shape).clone(), torch.rand(shape) + 0.5,
-                           torch.zeros(shape))  # θ = 0: the latent is edited wherever it is in the top k
-    x = torch.randn(BATCH, D, H, W)
+def setup(dtype: torch.dtype, seed: int = 0, device: str = "cpu"):
+    """The SAE, its file (concepts and tables) and the block activations, all seeded."""
+    sae = random_sae(D, N_LATENTS, K, seed)
+    latents = torch.randperm(N_LATENTS, generator=torch.Generator().manual_seed(seed))[:CONCEPTS].tolist()
+    # θ = 0: the latent is edited wherever it is in the top k
+    sae_file = sae_file_with_assigned_latents(sae, latents, num_buckets=BUCKETS, made_by="benchmarks/bench_edit.py")
+    x = torch.randn(BATCH, D, H, W, generator=torch.Generator().manual_seed(seed + 1))
     direction = sae.encoder.weight[latents[0]].detach()
     x[:, :, :8] += 3 * direction[None, :, None, None] / direction.norm() * D**0.5  # the concept in half the image
-    return sae.to(dtype), concepts, tables, x.to(dtype)
+    return sae.to(device, dtype), sae_file, x.to(device, dtype)
 
 
-def dense_reference(sae: TopKSAE, tables: ConceptTables, x: torch.Tensor, bucket: int, exact: bool = False):
-    """The released hook's formulation: scatter the code to a dense [N, n] buffer, decode twice, add x̂ − x.
-
-    exact=True (for checking our exact mode only): x + (z' − z)·W_dec, computed densely.
-    """
-    tokens = block_to_tokens(x).reshape(-1, D)
-    pre = torch.relu((tokens - sae.b_dec) @ sae.encoder.weight.T + sae.encoder.bias)
-    acts, indices = pre.topk(K, dim=-1, sorted=False)
-    z = acts.new_zeros(acts.shape[0], N_LATENTS).scatter_(-1, indices, acts)
-    recon = z @ sae.W_dec + sae.b_dec
-    error = (recon - tokens).float()
-    idx = tables.latents[0, bucket]
-    z_before = z.clone() if exact else None
-    selected = z[:, idx]
-    scaling = GAMMA * tables.mean_acts[0, bucket].to(x.dtype)
-    z[:, idx] = torch.where(selected > tables.thresholds[0, bucket].to(x.dtype), selected * scaling, selected)
-    if exact:
-        out = (tokens.float() + ((z - z_before) @ sae.W_dec).float()).to(x.dtype)
-    else:
-        out = ((z @ sae.W_dec + sae.b_dec) + error).to(x.dtype)
-    return tokens_to_block(out.reshape(BATCH, H * W, D), H, W)
+def dense_reference(sae: TopKSAE, sae_file: SAEFile, x: torch.Tensor, exact: bool = False):
+    """The released hook's formulation (saemnesia_core.testing.released_hook) on the block x.
+    exact=True (for checking our exact mode only): x + (z' − z)·W_dec, computed densely."""
+    out = released_hook(sae, sae_file.concepts, sae_file.tables, block_to_tokens(x), T, {ERASED: GAMMA}, exact=exact)
+    return tokens_to_block(out, H, W)
 
 
-def variants(sae, concepts, tables, x):
-    exact = ConceptEraser(sae, concepts, tables, {ERASED: GAMMA}, mode="exact")
-    paper = ConceptEraser(sae, concepts, tables, {ERASED: GAMMA}, mode="paper")
+def variants(sae, sae_file, x):
+    exact = ConceptEraser(sae, sae_file.concepts, sae_file.tables, {ERASED: GAMMA}, mode="exact")
+    paper = ConceptEraser(sae, sae_file.concepts, sae_file.tables, {ERASED: GAMMA}, mode="paper")
 
     def encoder_only():
         tokens = block_to_tokens(x)
         return sae.pre_acts(tokens).topk(K, dim=-1, sorted=False)
 
     return {
-        "dense reference (released hook)": lambda: dense_reference(sae, tables, x, BUCKET),
+        "dense reference (released hook)": lambda: dense_reference(sae, sae_file, x),
         "ours, paper mode": lambda: paper(x, T),
         "ours, exact mode": lambda: exact(x, T),
         "encoder + top-k only (floor)": encoder_only,
@@ -101,6 +81,17 @@ def variants(sae, concepts, tables, x):
 def vm_bytes(key: str) -> int | None:
     match = re.search(rf"{key}:\s+(\d+) kB", Path("/proc/self/status").read_text())
     return int(match.group(1)) * 1024 if match else None
+
+
+def cuda_peak(fn) -> int:
+    """GPU memory one call allocates at its peak, above what was allocated before it."""
+    fn()
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    fn()
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() - base
 
 
 def measure_peak(name: str, dtype: torch.dtype) -> int | None:
@@ -129,6 +120,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--out-name", default="bench_edit", help="results file name (without .json / .md)")
     parser.add_argument("--peak-of", help=argparse.SUPPRESS)
     args = parser.parse_args()
     dtype = getattr(torch, args.dtype)
@@ -136,20 +129,25 @@ def main() -> None:
         print(json.dumps(measure_peak(args.peak_of, dtype)))
         return
 
-    sae, concepts, tables, x = setup(dtype)
-    fns = variants(sae, concepts, tables, x)
+    cuda = args.device == "cuda"
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    sae, sae_file, x = setup(dtype, device=args.device)
+    fns = variants(sae, sae_file, x)
     times = {name: [] for name in fns}
     with torch.no_grad():
         outputs = {name: fn() for name, fn in fns.items()}
-        exact_dense = dense_reference(sae, tables, x, BUCKET, exact=True)
+        exact_dense = dense_reference(sae, sae_file, x, exact=True)
         for _ in range(args.warmup):
             for fn in fns.values():
                 fn()
         for _ in range(args.repeats):
             for name, fn in fns.items():
+                sync()
                 start = time.perf_counter()
                 fn()
+                sync()
                 times[name].append(time.perf_counter() - start)
+        peaks = {name: cuda_peak(fn) if cuda else peak_in_subprocess(name, args.dtype) for name, fn in fns.items()}
     paper_diff = (outputs["ours, paper mode"].float() - outputs["dense reference (released hook)"].float()).abs().max()
     exact_diff = (outputs["ours, exact mode"].float() - exact_dense.float()).abs().max()
     edited = (outputs["ours, exact mode"] != x).any(1).float().mean()
@@ -159,24 +157,26 @@ def main() -> None:
     for name in fns:
         median = statistics.median(times[name])
         rows.append({"variant": name, "median_ms": 1e3 * median, "min_ms": 1e3 * min(times[name]),
-                     "speedup_vs_dense": reference / median, "peak_mb": _mb(peak_in_subprocess(name, args.dtype))})
+                     "speedup_vs_dense": reference / median, "peak_mb": _mb(peaks[name])})
     result = {
         "config": {"d": D, "n": N_LATENTS, "k": K, "x": [BATCH, D, H, W], "tokens": BATCH * H * W,
-                   "dtype": args.dtype, "erased_concepts": 1, "buckets": BUCKETS, "repeats": args.repeats,
+                   "dtype": args.dtype, "device": torch.cuda.get_device_name() if cuda else "CPU",
+                   "erased_concepts": 1, "buckets": BUCKETS, "repeats": args.repeats,
                    "warmup": args.warmup},
         "environment": {"torch": torch.__version__, "threads": torch.get_num_threads(), "cpus": os.cpu_count(),
                         "machine": platform.machine(), "python": platform.python_version(),
                         "load_average": os.getloadavg()},
         "checks": {"paper_vs_dense_max_abs_diff": float(paper_diff), "exact_vs_dense_max_abs_diff": float(exact_diff),
                    "tokens_edited_fraction": float(edited)},
-        "memory_method": "peak RSS one call adds above its inputs: VmHWM after /proc/self/clear_refs, fresh "
-                         "subprocess per variant, MALLOC_MMAP_THRESHOLD_=65536",
+        "memory_method": "peak GPU memory one call allocates above its inputs (torch.cuda.max_memory_allocated)"
+                         if cuda else "peak RSS one call adds above its inputs: VmHWM after /proc/self/clear_refs, "
+                         "fresh subprocess per variant, MALLOC_MMAP_THRESHOLD_=65536",
         "results": rows,
     }
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "bench_edit.json").write_text(json.dumps(result, indent=2) + "\n")
+    write_json_atomic(RESULTS / f"{args.out_name}.json", result, indent=2)
     table = _markdown(result)
-    (RESULTS / "bench_edit.md").write_text(table + "\n")
+    write_bytes_atomic(RESULTS / f"{args.out_name}.md", (table + "\n").encode())
     print(table)
 
 
@@ -188,7 +188,7 @@ def _markdown(result: dict) -> str:
     cfg, env, checks = result["config"], result["environment"], result["checks"]
     lines = [
         f"# Erasure edit at SD1.5 scale (d={cfg['d']}, n={cfg['n']}, k={cfg['k']}, {cfg['tokens']} tokens, "
-        f"{cfg['dtype']}, CPU)",
+        f"{cfg['dtype']}, {cfg['device']})",
         "",
         f"torch {env['torch']}, {env['threads']} threads on {env['cpus']} CPUs ({env['machine']}), "
         f"load average {env['load_average'][0]:.2f}; median of {cfg['repeats']} interleaved calls.",

@@ -8,26 +8,25 @@ Two models, each sampled by ComfyUI (`comfy.sample.sample`, Euler, CFG, so every
   256×256 (latent 32×32, so 8×8 tokens of d = 1280 at output_blocks.4.1), with a random SAE of the papers' size
   (d = 1280, n = 20480, k = 32; 20 concepts, 50 buckets, θ = 0 so the edit never skips a token).
 Variants: no erasure; Erase Concepts (exact mode, ours: `erase_concepts`, the node's code); the papers' dense hook
-(DESIGN §6.1: scatter the top-k code to a dense [tokens, n] buffer, edit, decode twice, add the error x̂ − x),
-as a patch on the same block. Time: variants interleaved round by round after a warm-up, median.
+(DESIGN §6.1: scatter the top-k code to a dense [tokens, n] buffer, edit, decode twice, add the error x̂ − x;
+`saemnesia_core.testing.released_hook`), as a patch on the same block. Time: variants interleaved round by round after a warm-up, median.
 FLOPs: one sampling step of each variant under torch's FlopCounterMode (with CPU attention counted, which it
 misses by default); edit FLOPs = variant − no erasure. The measured overhead is compared with that ratio.
 
     python benchmarks/bench_sampling.py [--models toy,sd15] [--repeats 3] [--toy-steps 25 --toy-batch 16]
                                         [--sd-steps 3 --sd-size 256]
 
-Prints a table and writes benchmarks/results/bench_sampling.json and .md. Timings are only comparable within a
-run (other processes share the CPU; the load average is recorded).
+Prints a table and writes benchmarks/results/bench_sampling.json and .md (--out-name changes the name). Timings are
+only comparable within a run (other processes share the CPU; the load average is recorded). ComfyUI samples on
+its device (a GPU when there is one: scripts/gpu_check.sh runs this at SD1.5 shape, 512 px).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -36,15 +35,18 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
 import saemnesia_comfy  # noqa: F401  (makes ComfyUI importable)
+import comfy.model_management
 import comfy.sample
 
-from saemnesia_comfy.erase import erase_concepts, target_block
+from saemnesia_comfy.erase import attach_sae_weights, erase_concepts, target_block
 from saemnesia_comfy.patch import StepGate, patch_block_output
 from saemnesia_comfy.sae_library import LoadedSAE, load_sae_path
-from saemnesia_core.concepts import Concept, ConceptTables
-from saemnesia_core.sae import SAEConfig, TopKSAE, block_to_tokens, tokens_to_block
+from saemnesia_comfy.testing import make_sd15_model
+from saemnesia_core.sae import block_to_tokens, tokens_to_block
 from saemnesia_core.sae_file import SAEFile, save_sae_file
-from saemnesia_core.timesteps import bucket_index
+from saemnesia_core.files import write_bytes_atomic, write_json_atomic
+from saemnesia_core.testing import random_sae, released_hook, sae_file_with_assigned_latents
+from saemnesia_core.toy import assets
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -57,17 +59,9 @@ CPU_SDPA = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu:
 
 def random_sae_file(d: int, n: int, k: int, concepts: int = 20, buckets: int = 50, seed: int = 0) -> SAEFile:
     """An SAEmnesia-style file with random weights: one latent per concept, θ = 0, μ = 1."""
-    torch.manual_seed(seed)
-    sae = TopKSAE(SAEConfig(d, n, k))
-    with torch.no_grad():
-        sae.encoder.bias.normal_(0, 0.05)
-        sae.b_dec.normal_(0, 0.05)
-    latents = torch.randperm(n)[:concepts]
-    shape = (concepts, buckets, 1)
-    tables = ConceptTables(latents.reshape(-1, 1, 1).expand(shape).clone(), torch.ones(shape), torch.zeros(shape))
-    return SAEFile(sae.cfg, {key: v.detach() for key, v in sae.state_dict().items()},
-                   [Concept(f"concept_{c}", "object", int(i)) for c, i in enumerate(latents)], tables, HOOKPOINT,
-                   "benchmark", buckets, True, {"made_by": "benchmarks/bench_sampling.py"})
+    latents = torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:concepts].tolist()
+    return sae_file_with_assigned_latents(random_sae(d, n, k, seed), latents, num_buckets=buckets,
+                                          model_family="benchmark", made_by="benchmarks/bench_sampling.py")
 
 
 def load_random_sae(sae_file: SAEFile, folder: Path) -> LoadedSAE:
@@ -79,29 +73,17 @@ def load_random_sae(sae_file: SAEFile, folder: Path) -> LoadedSAE:
 def dense_hook(model, loaded: LoadedSAE, concept: str, gamma: float):
     """A clone of `model` with the released hook's dense formulation on the SAE's block (the papers' reference)."""
     m = model.clone()
-    block = target_block(m, loaded)
     gate = StepGate(m, 0.0, 1.0, "both")
-    sae, tables = loaded.sae, loaded.file.tables
-    c = [x.label for x in loaded.file.concepts].index(concept)
-    n, k = sae.cfg.num_latents, sae.cfg.k
+    sae, f = loaded.sae, loaded.file
 
     def edit(out, options):
         _, t = gate.items(options, out.shape[0], out.device)
-        bucket = bucket_index(t, tables.num_buckets).cpu()
-        x = block_to_tokens(out)                                                   # [B, N, d]
-        pre = torch.relu((x - sae.b_dec) @ sae.encoder.weight.T + sae.encoder.bias)
-        acts, indices = pre.topk(k, dim=-1, sorted=False)
-        z = acts.new_zeros(*x.shape[:2], n).scatter_(-1, indices, acts)          # dense [B, N, n]
-        error = (z @ sae.W_dec + sae.b_dec) - x                                    # the released hooks' x̂ − x
-        latents = tables.latents[c, bucket].to(out.device)                         # [B, L]
-        index = latents[:, None, :].expand(-1, x.shape[1], -1)
-        selected = z.gather(-1, index)
-        scale = gamma * tables.mean_acts[c, bucket].to(out.device)[:, None, :]
-        theta = tables.thresholds[c, bucket].to(out.device)[:, None, :]
-        z.scatter_(-1, index, torch.where(selected > theta, selected * scale, selected))
-        return tokens_to_block(z @ sae.W_dec + sae.b_dec + error, *out.shape[2:])
+        x = block_to_tokens(out).to(sae.encoder.weight.dtype)
+        edited = released_hook(sae, f.concepts, f.tables, x, t.cpu(), {concept: gamma})
+        return tokens_to_block(edited.to(out.dtype), *out.shape[2:])
 
-    patch_block_output(m, block, edit)
+    patch_block_output(m, target_block(m, loaded), edit)
+    attach_sae_weights(m, loaded)  # ComfyUI places the SAE on the model's device, as for Erase Concepts
     return m
 
 
@@ -116,8 +98,8 @@ def variants(model, loaded: LoadedSAE, concept: str) -> dict:
 
 def toy_setup(args, folder: Path):
     """(sample(model, steps), loaded SAE, description) for the toy model."""
-    from saemnesia_comfy.toy_model import load_toy_model
-    from saemnesia_comfy.toy_sampling import PromptEncoder, generate
+    from saemnesia_comfy.toy.model import load_toy_model
+    from saemnesia_comfy.toy.sampling import PromptEncoder, generate
     from saemnesia_core.toy.prompts import make_prompt
     from saemnesia_core.toy.render import OBJECTS, STYLES
 
@@ -140,24 +122,9 @@ def toy_setup(args, folder: Path):
                             "sae": sae_note, "d": cfg.d_in, "n": cfg.num_latents, "k": cfg.k}
 
 
-def sd15_model():
-    """A ComfyUI MODEL: ComfyUI's UNet with SD1.5's real config (tests/helpers_comfy.py + 8 heads), random weights."""
-    sys.path.insert(0, str(ROOT / "tests"))
-    import comfy.model_base
-    import comfy.model_management
-    import comfy.model_patcher
-    import comfy.supported_models
-    from helpers_comfy import init_random_weights, sd15_unet_config
-
-    class SD15Config(comfy.supported_models.SD15):
-        unet_config = {}
-
-    unet = {**sd15_unet_config(model_channels=320, context_dim=768), "num_heads": 8}
-    base = comfy.model_base.BaseModel(SD15Config(unet), model_type=comfy.model_base.ModelType.EPS, device="cpu")
-    init_random_weights(base.diffusion_model, seed=0)
-    base.eval()
-    return comfy.model_patcher.ModelPatcher(base, load_device=comfy.model_management.get_torch_device(),
-                                            offload_device=comfy.model_management.unet_offload_device())
+def sd15_model(dtype=torch.float32):
+    """A ComfyUI MODEL: ComfyUI's UNet with SD1.5's real config, random weights, run in `dtype`."""
+    return make_sd15_model(model_channels=320, context_dim=768, num_heads=8, dtype=dtype)
 
 
 def sd15_sampler(pixels: int):
@@ -176,12 +143,12 @@ def sd15_sampler(pixels: int):
 
 
 def sd15_setup(args, folder: Path):
-    model = sd15_model()
+    model = sd15_model(getattr(torch, args.sd_dtype))
     loaded = load_random_sae(random_sae_file(1280, 20480, 32), folder)
     side = args.sd_size // 8
     params = sum(p.numel() for p in model.model.diffusion_model.parameters())
     return sd15_sampler(args.sd_size), variants(model, loaded, ERASED), {
-        "model": f"SD1.5 UNet config, random weights, {params / 1e6:.0f}M parameters",
+        "model": f"SD1.5 UNet config, random weights, {params / 1e6:.0f}M parameters, {args.sd_dtype}",
         "pixels": args.sd_size, "latent": [4, side, side], "tokens_at_block": (side // 4) ** 2, "batch": 1,
         "steps": args.sd_steps, "sae": "random, papers' size", "d": 1280, "n": 20480, "k": 32}
 
@@ -203,6 +170,7 @@ def count_flops(sample, models: dict) -> dict[str, int]:
 
 
 def time_variants(sample, models: dict, steps: int, repeats: int, warmup: int) -> dict[str, list[float]]:
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
     times = {name: [] for name in models}
     with torch.no_grad():
         for _ in range(warmup):
@@ -210,8 +178,10 @@ def time_variants(sample, models: dict, steps: int, repeats: int, warmup: int) -
                 sample(m, steps)
         for _ in range(repeats):
             for name, m in models.items():
+                sync()
                 start = time.perf_counter()
                 sample(m, steps)
+                sync()
                 times[name].append(time.perf_counter() - start)
     return times
 
@@ -240,12 +210,14 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--toy-steps", type=int, default=25)
     p.add_argument("--toy-batch", type=int, default=16, help="prompts per sampling call")
-    p.add_argument("--toy-model", type=Path, default=ROOT / "models" / "toy" / "toy_world.safetensors")
-    p.add_argument("--toy-sae", type=Path, default=ROOT / "models" / "saemnesia" / "toy_saemnesia.safetensors")
+    p.add_argument("--toy-model", type=Path, default=assets.path(assets.MODEL))
+    p.add_argument("--toy-sae", type=Path, default=assets.path(assets.SITES["object"].saemnesia))
     p.add_argument("--sd-steps", type=int, default=3)
     p.add_argument("--sd-size", type=int, default=256, help="pixels (latent = size/8; 512 gives 16x16 tokens)")
+    p.add_argument("--sd-dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--out", type=Path, default=RESULTS)
+    p.add_argument("--out-name", default="bench_sampling", help="results file name (without .json / .md)")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -254,20 +226,22 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as folder:
         for name in args.models.split(","):
             results[name] = run_model(name, args, Path(folder))
+    device = comfy.model_management.get_torch_device()
     result = {"environment": {"torch": torch.__version__, "threads": torch.get_num_threads(), "cpus": os.cpu_count(),
+                              "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU",
                               "machine": platform.machine(), "load_average_before": load_before,
                               "load_average_after": os.getloadavg()},
               "repeats": args.repeats, "warmup": args.warmup, "models": results}
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "bench_sampling.json").write_text(json.dumps(result, indent=2) + "\n")
+    write_json_atomic(args.out / f"{args.out_name}.json", result, indent=2)
     table = markdown(result)
-    (args.out / "bench_sampling.md").write_text(table + "\n")
+    write_bytes_atomic(args.out / f"{args.out_name}.md", (table + "\n").encode())
     print(table)
 
 
 def markdown(result: dict) -> str:
     env = result["environment"]
-    lines = ["# Sampling with vs without Erase Concepts (CPU)", "",
+    lines = [f"# Sampling with vs without Erase Concepts ({env.get('device', 'CPU')})", "",
              f"torch {env['torch']}, {env['threads']} threads on {env['cpus']} CPUs; load average "
              f"{env['load_average_before'][0]:.2f} before, {env['load_average_after'][0]:.2f} after; median of "
              f"{result['repeats']} interleaved repeats after {result['warmup']} warm-up. FLOPs: one sampling step "

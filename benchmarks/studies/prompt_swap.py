@@ -1,0 +1,103 @@
+# SPDX-License-Identifier: GPL-3.0-or-later
+"""Where does the toy model read its styles? Swap the styled prompt for its unstyled version inside the
+cross-attention of chosen blocks only, and count how often the judges still see the style.
+
+Every object in every style (64 prompts, one seed each; Euler, 25 steps, CFG 5). For each block set, the
+conditional branch's text conditioning at those blocks is replaced by that of "An image of {object}."; the
+unconditional branch and every other block are untouched. A style that survives the swap at a block set is read
+(also) somewhere else. This is why the toy world's style SAEs sit at the 16x16 decoder level
+(`saemnesia_core.toy.assets.SITES`).
+
+    .venv/bin/python benchmarks/studies/prompt_swap.py      # about 7 minutes on 2 cores
+
+Writes benchmarks/studies/results/prompt_swap.json and .md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import types
+from pathlib import Path
+
+import torch
+
+import saemnesia_comfy  # noqa: F401  (makes ComfyUI importable)
+from saemnesia_comfy.patch import comfy_block_name, item_branches
+from saemnesia_comfy.toy.model import load_toy_model
+from saemnesia_comfy.toy.sampling import PromptEncoder, generate
+from saemnesia_core.files import write_bytes_atomic, write_json_atomic
+from saemnesia_core.toy import assets
+from saemnesia_core.toy.judges import Judges
+from saemnesia_core.toy.prompts import make_prompt
+from saemnesia_core.toy.render import OBJECTS, STYLES
+
+RESULTS = Path(__file__).resolve().parent / "results"
+SEED = 5_000_000  # disjoint from the build's and the evaluation's seeds
+BLOCK_SETS = {  # diffusers names of the toy model's cross-attention blocks (SD1.5 layout, none at 32x32)
+    "none (no swap)": [],
+    "encoder (16x16 and 8x8)": ["down_blocks.1.attentions.0", "down_blocks.1.attentions.1",
+                                "down_blocks.2.attentions.0", "down_blocks.2.attentions.1"],
+    "middle block (4x4)": ["mid_block.attentions.0"],
+    "decoder 8x8 (up_blocks.1, the object SAEs' level)": [f"up_blocks.1.attentions.{i}" for i in range(3)],
+    "decoder 16x16 (up_blocks.2, the style SAEs' level)": [f"up_blocks.2.attentions.{i}" for i in range(3)],
+}
+BLOCK_SETS["everywhere"] = sorted({b for blocks in BLOCK_SETS.values() for b in blocks})
+
+
+def swap_context(model, blocks: list[str], unstyled: torch.Tensor):
+    """A clone of `model` whose `blocks` see `unstyled` [B, tokens, ctx] as the cond branch's text conditioning."""
+    m = model.clone()
+    for name in blocks:
+        block = comfy_block_name(m, f"unet.{name}")
+        module = m.get_model_object(f"diffusion_model.{block}")
+        previous = m.get_model_object(f"diffusion_model.{block}.forward")
+
+        def forward(self, x, context=None, transformer_options={}, previous=previous):
+            cond = item_branches(transformer_options, x.shape[0]) == 0  # cond and uncond may come in separate calls
+            if bool(cond.any()):
+                context = context.clone()
+                context[cond] = unstyled.to(context)
+            return previous(x, context, transformer_options)
+
+        m.add_object_patch(f"diffusion_model.{block}.forward", types.MethodType(forward, module))
+    return m
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", type=Path, default=RESULTS)
+    args = p.parse_args(argv)
+    model, clip, vae = load_toy_model(assets.path(assets.MODEL))
+    encoder, judges = PromptEncoder(clip), Judges.load(assets.path(assets.JUDGES))
+    cells = [(o, s) for s in STYLES for o in OBJECTS]
+    prompts = [make_prompt(o, s) for o, s in cells]
+    seeds = [SEED + i for i in range(len(cells))]
+    unstyled = encoder.batch([make_prompt(o, None) for o, _ in cells])
+    rows = []
+    for name, blocks in BLOCK_SETS.items():
+        images = generate(swap_context(model, blocks, unstyled), vae, encoder, prompts, seeds, batch_size=len(cells))
+        objects, styles = judges.predict(images)
+        style_kept = [p == s for p, (_, s) in zip(styles, cells)]
+        per_style = {s: sum(k for k, (_, cs) in zip(style_kept, cells) if cs == s) / len(OBJECTS) for s in STYLES}
+        rows.append({"blocks": name, "diffusers_names": blocks, "style_kept": sum(style_kept) / len(cells),
+                     "object_kept": sum(p == o for p, (o, _) in zip(objects, cells)) / len(cells),
+                     "style_kept_per_style": per_style})
+        print(f"{name:<52} style kept {100 * rows[-1]['style_kept']:5.1f} %  object kept "
+              f"{100 * rows[-1]['object_kept']:5.1f} %", flush=True)
+    result = {"written_by": "benchmarks/studies/prompt_swap.py", "images_per_row": len(cells), "seed_base": SEED,
+              "steps": 25, "cfg": 5.0, "sampler": "euler", "rows": rows}
+    args.out.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(args.out / "prompt_swap.json", result)
+    lines = ["# Where the toy model reads its styles: the styled prompt swapped for the unstyled one at some blocks",
+             "", f"{len(cells)} prompts (8 objects × 8 styles), one seed each; judged. Written by "
+             "`benchmarks/studies/prompt_swap.py`.", "",
+             "| swapped at | style kept (%) | object kept (%) | " + " | ".join(STYLES) + " |",
+             "|---|---:|---:|" + "---:|" * len(STYLES)]
+    for r in rows:
+        lines.append(f"| {r['blocks']} | {100 * r['style_kept']:.1f} | {100 * r['object_kept']:.1f} | "
+                     + " | ".join(f"{100 * r['style_kept_per_style'][s]:.0f}" for s in STYLES) + " |")
+    write_bytes_atomic(args.out / "prompt_swap.md", ("\n".join(lines) + "\n").encode())
+
+
+if __name__ == "__main__":
+    main()
