@@ -8,6 +8,7 @@ from comfy_api.latest import io
 
 from saemnesia_comfy import erase, probe as probing, sae_library
 from saemnesia_comfy.patch import BRANCHES
+from saemnesia_core.concepts import MAX_STRENGTH
 
 SAE = io.Custom("SAE")
 PROBE = io.Custom("SAEMNESIA_PROBE")
@@ -58,7 +59,7 @@ class EraseConcepts(io.ComfyNode):
                 io.Model.Input("model", tooltip="The diffusion model to patch (it is cloned, never modified)."),
                 SAE.Input("sae", tooltip="A concept SAE from Load SAE; its hookpoint must exist in this model."),
                 io.String.Input("concepts", default="[]", multiline=False, tooltip=CONCEPTS_TOOLTIP),
-                io.Float.Input("strength", default=-1.0, min=-100.0, max=100.0, step=0.1,
+                io.Float.Input("strength", default=-1.0, min=-MAX_STRENGTH, max=MAX_STRENGTH, step=0.1,
                                tooltip="γ: a firing concept latent z becomes z·γ·μ. Negative erases (−1 is "
                                        "SAEmnesia's single knob); positive amplifies (steering)."),
                 *_step_inputs(),

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from saemnesia_core.concepts import ConceptTables
+from saemnesia_core.concepts import MAX_STRENGTH, ConceptTables
 from saemnesia_core.eraser import ConceptEraser
 
 from .patch import StepGate, check_block_width, comfy_block_name, patch_block_output
@@ -16,26 +16,39 @@ ADDITIONAL_MODELS_KEY = "saemnesia_sae"
 def parse_concepts(text: str) -> dict[str, float | None]:
     """The `concepts` string: a JSON list of labels, or an object {label: strength or null}; empty = none.
 
-    A null strength means "the node's strength". This is what the checklist widget writes and what API
-    prompts may send by hand.
+    A null strength means "the node's strength"; a number must lie in the node's own range (±MAX_STRENGTH). A label
+    given twice is an error (JSON objects would otherwise keep the last silently). This is what the checklist
+    widget writes and what API prompts may send by hand.
     """
     text = (text or "").strip()
     if not text:
         return {}
     try:
-        value = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"concepts must be JSON (a list of labels or an object label -> strength): {e}") from None
+        value = json.loads(text, object_pairs_hook=_refuse_duplicates)
+    except (json.JSONDecodeError, RecursionError) as e:
+        reason = "nested too deeply" if isinstance(e, RecursionError) else str(e)
+        raise ValueError(f"concepts must be JSON (a list of labels or an object label -> strength): {reason}") from None
     if isinstance(value, list) and all(isinstance(v, str) for v in value):
+        if len(set(value)) != len(value):
+            raise ValueError(f"concepts lists a label twice: {sorted({v for v in value if value.count(v) > 1})}")
         return {label: None for label in value}
     if isinstance(value, dict) and all(isinstance(k, str) for k in value):
         out = {}
         for label, strength in value.items():
-            if strength is not None and (isinstance(strength, bool) or not isinstance(strength, (int, float))):
-                raise ValueError(f"strength of {label!r} must be a number or null, got {strength!r}")
+            if strength is not None and (isinstance(strength, bool) or not isinstance(strength, (int, float))
+                                         or not abs(strength) <= MAX_STRENGTH):
+                raise ValueError(f"strength of {label!r} must be null or a number from -{MAX_STRENGTH:g} to "
+                                 f"{MAX_STRENGTH:g}, got {strength!r}")
             out[label] = None if strength is None else float(strength)
         return out
     raise ValueError("concepts must be a JSON list of labels or an object {label: strength}")
+
+
+def _refuse_duplicates(pairs: list[tuple[str, object]]) -> dict:
+    keys = [k for k, _ in pairs]
+    if len(set(keys)) != len(keys):
+        raise ValueError(f"concepts gives a label twice: {sorted({k for k in keys if keys.count(k) > 1})}")
+    return dict(pairs)
 
 
 def attach_sae_weights(model, loaded: LoadedSAE) -> None:

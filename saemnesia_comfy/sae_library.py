@@ -20,7 +20,7 @@ import comfy.model_management
 import comfy.model_patcher
 import folder_paths
 
-from saemnesia_core.importers import WEIGHT_FILES, is_checkpoint_folder, load_any
+from saemnesia_core.importers import CONFIG_FILES, WEIGHT_FILES, is_checkpoint_folder, load_any
 from saemnesia_core.sae import TopKSAE
 from saemnesia_core.sae_file import SAEFile, SAEHeader, read_header
 from saemnesia_core.toy import assets
@@ -43,27 +43,53 @@ def register_folders() -> None:
 
 
 def list_sae_entries() -> list[str]:
-    """Our .safetensors files and checkpoint folders, as names relative to their base folder."""
-    entries = set(folder_paths.get_filename_list(SAE_FOLDER))
+    """Our .safetensors files and checkpoint folders, as names relative to their base folder.
+
+    The walk follows links but visits each real folder once (a link back into the folder cannot make it loop,
+    as ComfyUI's own listing would), never leaves the saemnesia folders (a folder or file that links outside is
+    not listed), and lists only regular files (a FIFO named *.safetensors is not)."""
+    roots = _roots()
+    entries, seen = set(), set()
     for base in folder_paths.get_folder_paths(SAE_FOLDER):
         if not os.path.isdir(base):
             continue
-        for dirpath, _, filenames in os.walk(base, followlinks=True):
-            if is_checkpoint_folder(filenames):
-                entries.add(Path(os.path.relpath(dirpath, base)).as_posix())
-    entries.discard(".")
+        for dirpath, dirnames, filenames in os.walk(base, followlinks=True):
+            real = os.path.realpath(dirpath)
+            if real in seen or not _inside(real, roots):
+                dirnames[:] = []
+                continue
+            seen.add(real)
+            here = [f for f in filenames if os.path.isfile(os.path.join(dirpath, f))
+                    and _inside(os.path.join(dirpath, f), roots)]
+            rel = Path(os.path.relpath(dirpath, base))
+            if is_checkpoint_folder(here) and rel != Path("."):
+                entries.add(rel.as_posix())
+            entries.update((rel / f).as_posix() for f in here if f.endswith(".safetensors"))
     return sorted(entries)
 
 
+def _roots() -> list[str]:
+    return [os.path.realpath(b) for b in folder_paths.get_folder_paths(SAE_FOLDER) if os.path.isdir(b)]
+
+
+def _inside(path: str, roots: list[str]) -> bool:
+    """Whether `path`, links resolved, lies in one of the saemnesia folders."""
+    real = os.path.realpath(path)
+    return any(real == root or real.startswith(root + os.sep) for root in roots)
+
+
 def resolve_sae(name: str) -> Path:
-    """The path of a listed entry; anything else (unknown, `..`, absolute) is refused with ValueError."""
+    """The path of a listed entry; anything else (unknown, `..`, absolute, leading out of the saemnesia folders,
+    itself or through a file inside it) is refused with ValueError or FileNotFoundError."""
     if not name or os.path.isabs(name) or ".." in Path(name).parts or "\\" in name:
         raise ValueError(f"invalid SAE name {name!r}: give a name from the saemnesia model folder")
     if name not in list_sae_entries():
         raise FileNotFoundError(f"no SAE named {name!r} in the saemnesia model folders")
+    roots = _roots()
     for base in folder_paths.get_folder_paths(SAE_FOLDER):
         path = Path(base) / name
-        if path.exists() and Path(os.path.realpath(path)).is_relative_to(os.path.realpath(base)):
+        inner = [path / f for f in (*CONFIG_FILES, *WEIGHT_FILES) if (path / f).exists()] if path.is_dir() else []
+        if path.exists() and all(_inside(str(p), roots) for p in (path, *inner)):
             return path
     raise FileNotFoundError(f"no SAE named {name!r} in the saemnesia model folders")
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import unicodedata
 from collections.abc import Callable
 from importlib.metadata import entry_points
 from pathlib import Path
@@ -81,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args) or 0
     except (SAEFileError, UnknownConceptError) as e:
-        print(f"saemnesia {args.command}: error: {e}", file=sys.stderr)
+        print(f"saemnesia {args.command}: error: {printable(str(e))}", file=sys.stderr)
         return 1
 
 
@@ -127,6 +128,12 @@ def describe(f: SAEFile) -> dict:
     }
 
 
+def printable(text: str) -> str:
+    """Control and format characters escaped: what a file says must not drive the terminal (ANSI escapes)."""
+    return "".join(ch.encode("unicode_escape").decode() if unicodedata.category(ch).startswith("C") else ch
+                   for ch in text)
+
+
 def _format(info: dict) -> str:
     lines = [
         f"format        {info['format']}",
@@ -146,7 +153,7 @@ def _format(info: dict) -> str:
         else:
             where = f"latents {', '.join(map(str, c['selected_latents']))} (by score, across buckets)"
         lines.append(f"  {c['label']:<{width}}  {c['group']:<8} {where}  strength {c['default_strength']:g}")
-    return "\n".join(lines)
+    return "\n".join(map(printable, lines))
 
 
 if __name__ == "__main__":

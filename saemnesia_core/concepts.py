@@ -12,6 +12,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+MAX_STRENGTH = 100.0
+"""|γ| above this is refused everywhere (the Erase Concepts node's own range): a strength that overflows the
+activations' dtype would turn an image into NaNs instead of an error."""
 SCORE_EPS = 1e-8
 """δ in the score's denominators (SAeUron's `compute_feature_importance`)."""
 

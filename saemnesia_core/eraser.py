@@ -9,14 +9,13 @@ Only the encoder's dense pre-activations are n wide; x̂ and the change are gath
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
-from .concepts import Concept, ConceptTables
+from .concepts import MAX_STRENGTH, Concept, ConceptTables
 from .sae import TopKSAE, block_to_tokens, pre_activations, sparse_decode, standardize
 from .timesteps import bucket_index
 
@@ -98,13 +97,13 @@ class ConceptEraser:
 
     def _merge(self, chosen: list[int]) -> _EditTables:
         T = self.tables.num_buckets
-        if not chosen:
+        if not chosen or self.tables.latents.shape[2] == 0:  # nothing to edit (tables without latent slots too)
             return _EditTables(torch.full((T, 1), -1), torch.zeros(T, 1), torch.zeros(T, 1),
                                torch.zeros(T, 1, dtype=torch.int64), torch.zeros(1, dtype=torch.int64))
         gamma = torch.tensor(list(self.strengths.values()), dtype=torch.float32)[:, None, None]
 
         def per_bucket(t: Tensor) -> Tensor:  # chosen concepts' [C', T, L] -> [T, C'·L]
-            return t.cpu().transpose(0, 1).reshape(T, -1)
+            return t.cpu().transpose(0, 1).reshape(T, t.shape[0] * t.shape[2])
 
         latents = per_bucket(self.tables.latents[chosen])
         scale = per_bucket(gamma * self.tables.mean_acts[chosen].float().cpu())
@@ -181,8 +180,9 @@ def concept_activation_maps(sae: TopKSAE, concepts: list[Concept], tables: Conce
 
 def _strength(concept: Concept, gamma: float | None) -> float:
     gamma = float(concept.default_strength if gamma is None else gamma)
-    if not math.isfinite(gamma):
-        raise ValueError(f"strength of {concept.label!r} must be finite, got {gamma}")
+    if not abs(gamma) <= MAX_STRENGTH:  # NaN fails too
+        raise ValueError(f"strength of {concept.label!r} must be a number from -{MAX_STRENGTH:g} to "
+                         f"{MAX_STRENGTH:g}, got {gamma}")
     return gamma
 
 

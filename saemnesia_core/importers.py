@@ -31,13 +31,19 @@ from torch import Tensor
 
 from .concepts import Concept, build_tables, saeuron_scores, select_saeuron
 from .sae import SAEConfig
-from .sae_file import WEIGHT_NAMES, SAEFile, SAEFileError, is_sae_file, load_sae_file, validate_sae_file
+from .sae_file import (MAX_BUCKETS, WEIGHT_NAMES, SAEFile, SAEFileError, is_clean_name, is_sae_file, load_sae_file,
+                       validate_sae_file)
 from .timesteps import bucket_index, ddim_timesteps, timestep_to_t
 
 CONFIG_FILES = ("cfg.json", "config.json")
 WEIGHT_FILES = ("sae.safetensors", "state_dict.pth")
 """A checkpoint folder holds one config and one weights file of these names (sparsify / SAeUron: cfg.json +
 sae.safetensors; SAEmnesia: config.json + state_dict.pth). The importer and Load SAE's listing both use them."""
+MAX_WIDTH, MAX_LATENTS = 2**16, 2**24
+"""Largest d_in and num_latents a checkpoint config may ask for (SD-size SAEs: 1280 and 20480; Flux: 3072 and
+about 10^5)."""
+MAX_TABLE_VALUES = 2**28
+"""Largest concepts × steps × latents an import of concept statistics may build (1 GiB of float32)."""
 DEFAULT_PERCENTILE = 99.999
 """SAeUron's percentile for styles: about one latent of 20480 per timestep."""
 
@@ -116,6 +122,9 @@ def import_checkpoint_folder(folder, hookpoint: str | None = None) -> SAEFile:
         raise SAEFileError(f"{folder}: no {' or '.join(CONFIG_FILES)}")
     cfg = _read_json(cfg_path)
     config = _config_from_checkpoint(cfg, cfg_path)
+    weight_file = next((folder / name for name in WEIGHT_FILES if (folder / name).is_file()), None)
+    if weight_file is not None:
+        _check_weights_can_hold(config, weight_file)
     if (folder / "sae.safetensors").is_file():
         source = "sparsify"
         try:
@@ -154,20 +163,39 @@ def _read_json(path: Path) -> dict:
 
 
 def _config_from_checkpoint(cfg: dict, where: Path) -> SAEConfig:
-    """sparsify's cfg.json, SAEmnesia's aliases (d_model, n_dirs_local) and num_latents = 0 (expansion factor)."""
+    """sparsify's cfg.json, SAEmnesia's aliases (d_model, n_dirs_local) and num_latents = 0 (expansion factor).
+    Every field's type and range is checked before any arithmetic."""
     if cfg.get("activation", "topk") != "topk":
         raise SAEFileError(f"{where}: activation {cfg['activation']!r} is not supported (only topk)")
     if cfg.get("skip_connection") or cfg.get("transcode"):
         raise SAEFileError(f"{where}: skip connections and transcoders are not supported")
-    d_in = cfg.get("d_in") or cfg.get("d_model")
-    num_latents = cfg.get("num_latents") or cfg.get("n_dirs_local")
-    try:
-        if not num_latents:
-            num_latents = d_in * cfg["expansion_factor"]
-        return SAEConfig(d_in, num_latents, cfg["k"], cfg.get("input_unit_norm", False))
-    except (KeyError, TypeError, ValueError) as e:
-        raise SAEFileError(f"{where}: incomplete or invalid SAE config ({e!r}); needs d_in (or d_model), "
-                           "num_latents (or n_dirs_local, or expansion_factor) and k") from e
+
+    def field(names: tuple[str, ...], limit: int, required: bool = True) -> int | None:
+        value = next((cfg[n] for n in names if cfg.get(n)), None)
+        if value is None and not required:
+            return None
+        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= limit:
+            raise SAEFileError(f"{where}: {' or '.join(names)} must be an int from 1 to {limit}, got {value!r}; "
+                               "needs d_in (or d_model), num_latents (or n_dirs_local, or expansion_factor) and k")
+        return value
+
+    d_in = field(("d_in", "d_model"), MAX_WIDTH)
+    num_latents = field(("num_latents", "n_dirs_local"), MAX_LATENTS, required=False)
+    if num_latents is None:
+        num_latents = d_in * field(("expansion_factor",), MAX_LATENTS // d_in or 1)
+    unit_norm = cfg.get("input_unit_norm", False)
+    if not isinstance(unit_norm, bool):
+        raise SAEFileError(f"{where}: input_unit_norm must be true or false, got {unit_norm!r}")
+    return SAEConfig(d_in, num_latents, field(("k",), num_latents), unit_norm)
+
+
+def _check_weights_can_hold(config: SAEConfig, weights: Path) -> None:
+    """Refuse a config that the weights file is too small to hold (encoder and decoder at 2 bytes a value at
+    least), before anything of that size is read or built."""
+    needed = 2 * config.num_latents * config.d_in * 2
+    if weights.stat().st_size < needed:
+        raise SAEFileError(f"{weights}: the config asks for {config.num_latents} latents × {config.d_in} dims, which "
+                           f"need at least {needed} bytes, but the file has {weights.stat().st_size}")
 
 
 def _remap_openai_state_dict(sd, where: Path) -> dict[str, Tensor]:
@@ -225,7 +253,9 @@ def load_pickle(path):
         with open(path, "rb") as f:
             return _TensorUnpickler(f).load()
     except Exception as e:  # unpickling can fail in many ways; all of them mean "not a file we accept"
-        raise SAEFileError(f"{path}: cannot load safely (only tensors, dicts and numbers are accepted): {e}") from e
+        reason = " ".join(str(e).split())[:300]  # torch's loader writes paragraphs: one line is enough
+        raise SAEFileError(f"{path}: cannot load safely (only tensors, dicts and numbers are accepted): "
+                           f"{type(e).__name__}: {reason}") from e
 
 
 def import_concept_statistics(sae_file: SAEFile, concept_stats_pkl, class_params_pth=None,
@@ -268,21 +298,32 @@ def import_concept_statistics(sae_file: SAEFile, concept_stats_pkl, class_params
 
 
 def _read_concept_stats(stats, num_latents: int, where) -> dict[str, Tensor]:
+    """Shapes, storage and values checked before any computation: a tensor whose shape claims more values than its
+    storage holds (an expanded or overlapping view) could make every later step allocate without bound."""
     if not isinstance(stats, dict) or not stats:
         raise SAEFileError(f"{where}: expected a non-empty dict {{concept: tensor[n_prompts, steps, n_latents]}}")
     steps = None
     for label, t in stats.items():
-        if not isinstance(label, str) or not label:
-            raise SAEFileError(f"{where}: concept names must be non-empty strings, got {label!r}")
-        if not isinstance(t, Tensor) or t.dim() != 3 or not t.is_floating_point() or t.shape[0] == 0:
-            raise SAEFileError(f"{where}: {label!r} must be a float tensor [n_prompts ≥ 1, steps, n_latents]")
+        if not isinstance(label, str) or not is_clean_name(label):
+            raise SAEFileError(f"{where}: concept names must be non-empty strings without spaces around them or "
+                               f"control characters, got {label!r}")
+        if not isinstance(t, Tensor) or t.dim() != 3 or not t.is_floating_point() or min(t.shape[:2]) == 0:
+            raise SAEFileError(f"{where}: {label!r} must be a float tensor [n_prompts ≥ 1, steps ≥ 1, n_latents]")
+        if t.untyped_storage().nbytes() < t.numel() * t.element_size():
+            raise SAEFileError(f"{where}: {label!r} claims shape {list(t.shape)} but its storage holds fewer values "
+                               "(an expanded or overlapping view)")
         if t.shape[2] != num_latents:
             raise SAEFileError(f"{where}: {label!r} has {t.shape[2]} latents, the SAE has {num_latents}")
         if steps is not None and t.shape[1] != steps:
             raise SAEFileError(f"{where}: {label!r} has {t.shape[1]} steps, others have {steps}")
         steps = t.shape[1]
+        if steps > MAX_BUCKETS:
+            raise SAEFileError(f"{where}: {steps} steps; at most {MAX_BUCKETS} are supported")
         if not bool(torch.isfinite(t).all()):
             raise SAEFileError(f"{where}: {label!r} contains NaN or Inf")
+    if len(stats) * steps * num_latents > MAX_TABLE_VALUES:
+        raise SAEFileError(f"{where}: {len(stats)} concepts × {steps} steps × {num_latents} latents exceed the "
+                           f"{MAX_TABLE_VALUES} values an import may build")
     return stats
 
 

@@ -11,9 +11,9 @@ Every problem with a file raises `SAEFileError` with a message that says what is
 from __future__ import annotations
 
 import json
-import math
 import os
 import stat
+import unicodedata
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -22,14 +22,17 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from .concepts import Concept, ConceptTables
+from .concepts import MAX_STRENGTH, Concept, ConceptTables
 from .files import atomic_path
 from .sae import SAEConfig, TopKSAE
 
 FORMAT_VERSION = 1
 METADATA_KEY = "saemnesia"
 MAX_HEADER_BYTES = 16 * 1024 * 1024
-"""Larger headers are refused before reading them: thousands of concepts fit in well under 1 MiB."""
+"""Larger headers are refused before reading them (and never written): thousands of concepts fit in well under
+1 MiB."""
+MAX_BUCKETS = 10_000
+"""Timestep buckets a file may have: the papers use 50 or 100; the tables and the eraser grow with the count."""
 
 SELECTION_MODES = ("saemnesia", "saeuron")
 """saemnesia: each concept's assigned latent in every bucket; saeuron: latents selected by score per bucket."""
@@ -106,6 +109,10 @@ def validate_sae_file(sae_file: SAEFile) -> None:
     """Raise SAEFileError unless `sae_file` would make a valid file (what save and load both check)."""
     _check_structure(sae_file.header, {name: (t.dtype, tuple(t.shape)) for name, t in _tensors(sae_file).items()})
     _check_values(sae_file)
+    header_bytes = len(_metadata_json(sae_file.header).encode()) + 256 * len(_tensors(sae_file))
+    if header_bytes > MAX_HEADER_BYTES:  # what we write, we can read
+        raise SAEFileError(f"the header would take about {header_bytes} bytes, more than the {MAX_HEADER_BYTES} bytes "
+                           "a reader accepts: shorten the provenance or the concept list")
 
 
 def save_sae_file(sae_file: SAEFile, path) -> None:
@@ -295,6 +302,12 @@ class _Getter:
         return value
 
 
+def is_clean_name(text: str) -> bool:
+    """A label or group name people can read and type: not empty, no spaces around it, no control or format
+    characters (ANSI escapes, zero-width or direction marks)."""
+    return bool(text) and text == text.strip() and not any(unicodedata.category(ch).startswith("C") for ch in text)
+
+
 def _is_int(v) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
@@ -306,10 +319,11 @@ def _check_structure(h: SAEHeader, tensors: dict[str, tuple[torch.dtype, tuple]]
     """Metadata fields and tensor names/dtypes/shapes agree with each other (no tensor values needed)."""
     cfg, C, T = h.config, len(h.concepts), h.num_buckets
     for name in ("hookpoint", "model_family"):
-        if not isinstance(getattr(h, name), str) or not getattr(h, name):
-            raise SAEFileError(f"{name} must be a non-empty string, got {getattr(h, name)!r}")
-    if not _is_int(T) or T < 1:
-        raise SAEFileError(f"num_buckets must be a positive int, got {T!r}")
+        if not isinstance(getattr(h, name), str) or not is_clean_name(getattr(h, name)):
+            raise SAEFileError(f"{name} must be a non-empty string without spaces around it or control characters, "
+                               f"got {getattr(h, name)!r}")
+    if not _is_int(T) or not 1 <= T <= MAX_BUCKETS:
+        raise SAEFileError(f"num_buckets must be an int from 1 to {MAX_BUCKETS}, got {T!r}")
     if not isinstance(h.supervised, bool) or not isinstance(h.provenance, dict):
         raise SAEFileError("supervised must be a bool and provenance a dict")
     if h.selection_mode not in SELECTION_MODES:
@@ -317,14 +331,18 @@ def _check_structure(h: SAEHeader, tensors: dict[str, tuple[torch.dtype, tuple]]
     labels = [c.label for c in h.concepts]
     if any(not isinstance(c.label, str) or not isinstance(c.group, str) for c in h.concepts):
         raise SAEFileError("concept labels and groups must be strings")
-    if any(not label for label in labels) or len(set(labels)) != len(labels):
-        raise SAEFileError(f"concept labels must be non-empty and unique, got {labels}")
+    for text in (*labels, *(c.group for c in h.concepts)):
+        if not is_clean_name(text):
+            raise SAEFileError(f"concept label or group {text!r} is empty, has spaces around it or control characters")
+    if len(set(labels)) != len(labels):
+        raise SAEFileError(f"concept labels must be unique, got {labels}")
     for c in h.concepts:
         if c.latent is not None and not (_is_int(c.latent) and 0 <= c.latent < cfg.num_latents):
             raise SAEFileError(f"concept {c.label!r} points at latent {c.latent}, but the SAE has "
                                f"{cfg.num_latents} latents")
-        if not isinstance(c.default_strength, (int, float)) or not math.isfinite(c.default_strength):
-            raise SAEFileError(f"concept {c.label!r}: default strength {c.default_strength} is not finite")
+        if not isinstance(c.default_strength, (int, float)) or not abs(c.default_strength) <= MAX_STRENGTH:
+            raise SAEFileError(f"concept {c.label!r}: default strength {c.default_strength} is outside "
+                               f"[-{MAX_STRENGTH:g}, {MAX_STRENGTH:g}]")
         if h.selection_mode == "saemnesia" and c.latent is None:
             raise SAEFileError(f"concept {c.label!r} has no assigned latent, required by selection mode saemnesia")
 

@@ -218,7 +218,8 @@ def test_hostile_torch_save_archives_run_nothing(tmp_path, sae):
     with pytest.raises(SAEFileError, match="cannot load safely"):
         load_pickle(tmp_path / "class_params.pth")
     folder = write_openai_folder(tmp_path / HOOK, sae)
-    torch.save({"pre_bias": CreatesMarker(marker)}, folder / "state_dict.pth")
+    # padded past the size check, so that the unpickler itself meets the hostile object
+    torch.save({"pre_bias": CreatesMarker(marker), "pad": torch.zeros(4096)}, folder / "state_dict.pth")
     with pytest.raises(SAEFileError, match="cannot load safely"):
         load_any(folder)
     assert not marker.exists()

@@ -50,6 +50,17 @@ def test_per_concept_strengths_change_the_image(server):
     assert (own != node).any()
 
 
+@pytest.mark.parametrize("concepts, message", [
+    ('{"Hearts": -1e300}', "from -100 to 100"),                 # once an all-black image, no error
+    ('{"Hearts": -1, "Hearts": -5}', "a label twice"),
+    ("[" * 100_000 + "]" * 100_000, "nested too deeply"),
+])
+def test_hostile_concepts_strings_fail_the_prompt_with_a_clear_message(server, concepts, message):
+    entry = server.run(toy_prompt(concepts=concepts, prefix="hostile"))
+    assert entry["status"]["status_str"] == "error"
+    assert message in execution_error(entry)
+
+
 def test_an_unknown_concept_fails_with_a_message_listing_the_known_ones(server):
     entry = server.run(toy_prompt(concepts=["Dogs"], prefix="unknown"))
     assert entry["status"]["status_str"] == "error"
