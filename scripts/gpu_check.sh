@@ -31,7 +31,7 @@ status=0
 rm -f "$log"
 cat "$results/gpu_tests.md"
 "$python" benchmarks/bench_edit.py --device cuda --dtype float16 --repeats 50 --warmup 5 --out-name gpu_edit
-"$python" benchmarks/bench_sampling.py --models sd15 --sd-size 512 --sd-steps 10 --sd-dtype float16 --repeats 3 \
-  --out-name gpu_sampling
+"$python" benchmarks/bench_sampling.py --models sd15 --sd-size 512 --sd-steps 20 --sd-dtype float16 --repeats 10 \
+  --warmup 2 --out-name gpu_sampling
 echo "gpu_check: wrote $results/gpu_tests.md, gpu_edit.{json,md}, gpu_sampling.{json,md}"
 exit $status

@@ -48,7 +48,7 @@ def test_exact_mode_on_cuda_is_the_identity_bit_for_bit_when_nothing_is_chosen(d
 
 def test_erase_concepts_samples_on_the_gpu_with_the_sae_placed_there(comfy_gpu):
     from helpers_comfy import conditioning, record_block_outputs, sae_file_for_activations, sample
-    from saemnesia_comfy.erase import erase_concepts
+    from saemnesia_comfy.erase import ADDITIONAL_MODELS_KEY, erase_concepts
     from saemnesia_comfy.patch import patch_block_output
     from saemnesia_comfy.sae_library import load_sae_path
     from saemnesia_comfy.testing import make_sd15_model
@@ -65,10 +65,14 @@ def test_erase_concepts_samples_on_the_gpu_with_the_sae_placed_there(comfy_gpu):
     path = comfy_gpu / "gpu_test_sae.safetensors"
     save_sae_file(sae_file_for_activations(acts), path)
     loaded = load_sae_path(path)
-    watched, devices = erase_concepts(model, loaded, {"Hearts": -1.0}, -1.0).clone(), []
-    patch_block_output(watched, "output_blocks.4.1", lambda out, options: devices.append(loaded.sae.W_dec.device) or out)
+    erased = erase_concepts(model, loaded, {"Hearts": -1.0}, -1.0)
+    (attached,) = erased.get_additional_models_with_key(ADDITIONAL_MODELS_KEY)
+    assert attached.model.sae.dtype == torch.float16  # the fp32 file is held in the model's dtype
+    watched, seen_on = erased.clone(), []
+    patch_block_output(watched, "output_blocks.4.1",
+                       lambda out, options: seen_on.append((attached.model.sae.W_dec.device, out.device)) or out)
     sample(watched, pos, neg, latent)
-    assert devices and all(d.type == "cuda" for d in devices)  # ComfyUI placed the SAE's patcher on the GPU
+    assert seen_on and all(w.type == "cuda" and a.type == "cuda" for w, a in seen_on)  # ComfyUI placed it on the GPU
     plain = sample(model, pos, neg, latent)
     assert torch.equal(sample(erase_concepts(model, loaded, {}, -1.0), pos, neg, latent), plain)
     assert not torch.equal(sample(erase_concepts(model, loaded, {"Hearts": -1.0}, -1.0), pos, neg, latent), plain)

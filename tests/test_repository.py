@@ -3,10 +3,13 @@ imports ComfyUI, the design citations in the code lead somewhere, the toy world'
 shared helpers are imported from packages, and no ComfyUI-side module grows past a readable size."""
 
 import ast
+import os
 import re
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 from saemnesia_core.toy import assets
 
@@ -106,3 +109,13 @@ def test_the_readme_shows_the_evaluation_table_and_the_demo_caption_as_their_fil
     assert summary_table(results) in readme
     verdicts = json.loads((ROOT / "docs" / "demo" / "verdicts.json").read_text())
     assert verdicts["caption"] in " ".join(readme.split())  # the README may wrap the caption's lines
+
+
+def test_the_gpu_check_says_there_is_no_cuda_and_succeeds_on_a_machine_without_one():
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA machine: the script runs the GPU path there (scripts/gpu_check.sh, tests/test_gpu.py)")
+    done = subprocess.run(["bash", str(ROOT / "scripts" / "gpu_check.sh")], capture_output=True, text=True,
+                          env={**os.environ, "SAEMNESIA_PYTHON": sys.executable}, timeout=120)
+    assert done.returncode == 0 and "no CUDA device" in done.stdout
