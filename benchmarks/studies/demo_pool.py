@@ -19,11 +19,9 @@ from pathlib import Path
 import saemnesia_comfy  # noqa: F401  (makes ComfyUI importable)
 from saemnesia_comfy.erase import erase_concepts
 from saemnesia_comfy.sae_library import load_sae_path
-from saemnesia_comfy.toy.model import load_toy_model
-from saemnesia_comfy.toy.sampling import PromptEncoder, generate
+from saemnesia_comfy.toy.sampling import generate, load_toy_world
 from saemnesia_core.files import write_bytes_atomic, write_json_atomic
 from saemnesia_core.toy import assets, demo
-from saemnesia_core.toy.judges import Judges
 from saemnesia_core.toy.render import OBJECTS
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -33,8 +31,7 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", type=Path, default=RESULTS)
     args = p.parse_args(argv)
-    model, clip, vae = load_toy_model(assets.path(assets.MODEL))
-    encoder, judges = PromptEncoder(clip), Judges.load(assets.path(assets.JUDGES))
+    model, vae, encoder, judges = load_toy_world()
     saes = {group: load_sae_path(assets.path(site.saemnesia)) for group, site in assets.SITES.items()}
     rows = []
     for style in demo.POOL_STYLES:

@@ -23,11 +23,8 @@ import torch
 
 import saemnesia_comfy  # noqa: F401  (makes ComfyUI importable)
 from saemnesia_comfy.patch import comfy_block_name, item_branches
-from saemnesia_comfy.toy.model import load_toy_model
-from saemnesia_comfy.toy.sampling import PromptEncoder, generate
+from saemnesia_comfy.toy.sampling import generate, load_toy_world
 from saemnesia_core.files import write_bytes_atomic, write_json_atomic
-from saemnesia_core.toy import assets
-from saemnesia_core.toy.judges import Judges
 from saemnesia_core.toy.prompts import make_prompt
 from saemnesia_core.toy.render import OBJECTS, STYLES
 
@@ -67,8 +64,7 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", type=Path, default=RESULTS)
     args = p.parse_args(argv)
-    model, clip, vae = load_toy_model(assets.path(assets.MODEL))
-    encoder, judges = PromptEncoder(clip), Judges.load(assets.path(assets.JUDGES))
+    model, vae, encoder, judges = load_toy_world()
     cells = [(o, s) for s in STYLES for o in OBJECTS]
     prompts = [make_prompt(o, s) for o, s in cells]
     seeds = [SEED + i for i in range(len(cells))]

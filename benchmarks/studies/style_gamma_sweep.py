@@ -19,11 +19,9 @@ from pathlib import Path
 import saemnesia_comfy  # noqa: F401  (makes ComfyUI importable)
 from saemnesia_comfy.erase import erase_concepts
 from saemnesia_comfy.sae_library import load_sae_path
-from saemnesia_comfy.toy.model import load_toy_model
-from saemnesia_comfy.toy.sampling import PromptEncoder, generate
+from saemnesia_comfy.toy.sampling import generate, load_toy_world
 from saemnesia_core.files import write_bytes_atomic, write_json_atomic
 from saemnesia_core.toy import assets
-from saemnesia_core.toy.judges import Judges
 from saemnesia_core.toy.prompts import make_prompt
 from saemnesia_core.toy.render import OBJECTS, STYLES
 
@@ -36,8 +34,7 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", type=Path, default=RESULTS)
     args = p.parse_args(argv)
-    model, clip, vae = load_toy_model(assets.path(assets.MODEL))
-    encoder, judges = PromptEncoder(clip), Judges.load(assets.path(assets.JUDGES))
+    model, vae, encoder, judges = load_toy_world()
     sae = load_sae_path(assets.path(assets.SITES["style"].saemnesia))
     seeds = [SEED + i for i in range(len(OBJECTS))]
     rows = []

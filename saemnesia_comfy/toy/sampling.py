@@ -8,7 +8,11 @@ import torch
 
 import comfy.sample
 
+from saemnesia_core.toy import assets
+from saemnesia_core.toy.judges import Judges
 from saemnesia_core.toy.render import SIZE
+
+from .model import load_toy_model
 
 DEFAULT_STEPS, DEFAULT_CFG, DEFAULT_SAMPLER, DEFAULT_SCHEDULER = 25, 5.0, "euler", "normal"
 
@@ -49,3 +53,9 @@ def generate(model, vae, encoder: PromptEncoder, prompts: list[str], seeds: list
                                       [[encoder.batch(n), {}]], latent, disable_pbar=True, seed=int(s[0]))
         out.append(vae.decode(samples))
     return torch.cat(out)
+
+
+def load_toy_world(models=assets.MODELS):
+    """The shipped toy world, ready to generate and judge: (MODEL, VAE, a PromptEncoder, the Judges)."""
+    model, clip, vae = load_toy_model(assets.path(assets.MODEL, models))
+    return model, vae, PromptEncoder(clip), Judges.load(assets.path(assets.JUDGES, models))
