@@ -24,9 +24,9 @@ def import_comfy(cpu: bool | None = None) -> Path:
     faster than ComfyUI's default on a CPU), and the CPU when `cpu` is True or when there is no GPU (`cpu=None`).
     Only `comfy.cli_args` is imported here (cheap: no device is touched); `comfy.model_management` reads the
     settings when a module first imports it. Inside a running ComfyUI this does nothing. Returns the host's folder."""
+    if "comfy.model_management" in sys.modules:  # ComfyUI is running (or was imported): nothing to choose
+        return Path(sys.modules["comfy.model_management"].__file__).resolve().parents[1]
     root = comfyui_path()
-    if "comfy.model_management" in sys.modules:
-        return root
     if not (root / "comfy").is_dir():
         raise RuntimeError(f"ComfyUI not found at {root}: run scripts/bootstrap.sh or set COMFYUI_PATH")
     if str(root) not in sys.path:
