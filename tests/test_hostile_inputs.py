@@ -246,3 +246,20 @@ def test_the_loader_refuses_control_characters_in_the_hookpoint_and_family(tmp_p
     raw_file(path, make_random_sae_file(d=8, n=16, k=2, concepts=("a",)), model_family="toy\x1b[0m")
     with pytest.raises(SAEFileError, match="control characters"):
         read_header(path)
+
+
+@pytest.mark.comfy
+@pytest.mark.parametrize("text, message", [
+    ('{"Hearts": -1e300}', "from -100 to 100"),
+    ('{"Hearts": 1e999}', "from -100 to 100"),               # JSON's way to write infinity
+    ('{"Hearts": -1, "Hearts": -5}', "a label twice"),
+    ('["Hearts", "Hearts"]', "a label twice"),
+    ("[" * 100_000 + "]" * 100_000, "nested too deeply"),
+])
+def test_the_erase_nodes_concepts_text_refuses_hostile_json_with_a_value_error(comfy, text, message):
+    from saemnesia_comfy.erase import parse_concepts
+
+    with pytest.raises(ValueError, match=message) as caught:
+        parse_concepts(text)
+    assert type(caught.value) is ValueError
+    one_line(caught.value)
