@@ -60,8 +60,10 @@ class EraseConcepts(io.ComfyNode):
                 SAE.Input("sae", tooltip="A concept SAE from Load SAE; its hookpoint must exist in this model."),
                 io.String.Input("concepts", default="[]", multiline=False, tooltip=CONCEPTS_TOOLTIP),
                 io.Float.Input("strength", default=-1.0, min=-MAX_STRENGTH, max=MAX_STRENGTH, step=0.1,
-                               tooltip="γ: a firing concept latent z becomes z·γ·μ. Negative erases (−1 is "
-                                       "SAEmnesia's single knob); positive amplifies (steering)."),
+                               tooltip="How strongly to erase. Negative erases: −1 is SAEmnesia's single knob; the toy "
+                                       "world's examples use −5 for objects and −0.2 for styles (stronger wipes the "
+                                       "image there). 0 changes nothing; positive amplifies the concept (steering). "
+                                       "Formula (γ): a firing concept latent z becomes z·γ·μ."),
                 *_step_inputs(),
                 io.Combo.Input("branches", options=list(BRANCHES), default="both",
                                tooltip="Which classifier-free-guidance branch to edit: both (as the papers), "

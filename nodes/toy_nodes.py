@@ -14,6 +14,12 @@ from saemnesia_comfy.toy import model as toy_model
 CATEGORY = "SAEmnesia/toy world"
 
 
+def toy_model_names() -> list[str]:
+    """The files of the toy folder that are toy-world models (not the judges beside them)."""
+    names = folder_paths.get_filename_list(sae_library.TOY_FOLDER)
+    return [n for n in names if toy_model.is_toy_model_file(folder_paths.get_full_path(sae_library.TOY_FOLDER, n))]
+
+
 class ToyModelLoader(io.ComfyNode):
     @classmethod
     def define_schema(cls):
@@ -21,7 +27,7 @@ class ToyModelLoader(io.ComfyNode):
             node_id="SAEmnesiaToyModelLoader", display_name="Load Toy World Model (SAEmnesia)", category=CATEGORY,
             description="The toy world's small text-to-image model (SD1.5 block layout, 32×32 pixel space), for "
                         "trying concept erasure on a CPU. Use it with CLIPTextEncode, KSampler and VAEDecode.",
-            inputs=[io.Combo.Input("model_name", options=folder_paths.get_filename_list(sae_library.TOY_FOLDER),
+            inputs=[io.Combo.Input("model_name", options=toy_model_names(),
                                    tooltip="A toy-world model file (models/saemnesia_toy or the pack's models/toy).")],
             outputs=[io.Model.Output(tooltip="The toy diffusion model (v-prediction, pixel space)."),
                      io.Clip.Output(tooltip="Its text encoder on the CLIP tokenizer."),

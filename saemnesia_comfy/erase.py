@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import json
+import logging
 
 from saemnesia_core.concepts import MAX_STRENGTH, ConceptTables
 from saemnesia_core.eraser import ConceptEraser
 
-from .patch import StepGate, check_block_width, comfy_block_name, patch_block_output
+from comfy.patcher_extension import CallbacksMP
+
+from .patch import UNCOND, StepGate, check_block_width, comfy_block_name, patch_block_output
 from .sae_library import LoadedSAE, compute_dtype
 
 ADDITIONAL_MODELS_KEY = "saemnesia_sae"
@@ -82,10 +85,24 @@ def erase_concepts(model, loaded: LoadedSAE, concepts: dict[str, float | None], 
     block = target_block(m, loaded)
     gate = StepGate(m, start_percent, end_percent, branches)
 
+    uncond_seen = [False]  # in the current sampling run
+
     def edit(out, options):
+        uncond_seen[0] |= UNCOND in (options.get("cond_or_uncond") or ())
         mask, t = gate.items(options, out.shape[0], out.device)
         return eraser(out, t, mask) if bool(mask.any()) else out
 
     patch_block_output(m, block, edit)
     attach_sae_weights(m, loaded)
+    if branches == "uncond":  # at cfg 1 ComfyUI skips the unconditional pass: nothing would be erased, silently
+        def forget(_patcher):
+            uncond_seen[0] = False
+
+        def warn_if_unseen(_patcher):
+            if not uncond_seen[0]:
+                logging.warning("Erase Concepts (branches = uncond) erased nothing: this sampling had no "
+                                "unconditional pass (cfg 1?)")
+
+        m.add_callback_with_key(CallbacksMP.ON_PRE_RUN, ADDITIONAL_MODELS_KEY, forget)
+        m.add_callback_with_key(CallbacksMP.ON_CLEANUP, ADDITIONAL_MODELS_KEY, warn_if_unseen)
     return m

@@ -11,6 +11,7 @@ A loaded SAE keeps its weights once, in a ModelPatcher that ComfyUI's memory man
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -22,7 +23,7 @@ import folder_paths
 
 from saemnesia_core.importers import CONFIG_FILES, WEIGHT_FILES, is_checkpoint_folder, load_any
 from saemnesia_core.sae import TopKSAE
-from saemnesia_core.sae_file import SAEFile, SAEHeader, read_header
+from saemnesia_core.sae_file import SAEFile, SAEFileError, SAEHeader, read_header
 from saemnesia_core.toy import assets
 
 SAE_FOLDER = "saemnesia"
@@ -105,7 +106,17 @@ def fingerprint(path: Path) -> str:
 def read_entry_header(name: str) -> SAEHeader | None:
     """The header of an entry without reading tensors (None for checkpoint folders, which have no concepts)."""
     path = resolve_sae(name)
-    return None if path.is_dir() else read_header(path)
+    with _naming_the_entry(name, path):
+        return None if path.is_dir() else read_header(path)
+
+
+@contextmanager
+def _naming_the_entry(name: str, path: Path):
+    """Errors name the entry the user chose, not where the server keeps it."""
+    try:
+        yield
+    except SAEFileError as e:
+        raise SAEFileError(str(e).replace(str(path), name)) from None
 
 
 class SAEWeights(torch.nn.Module):
@@ -174,5 +185,6 @@ def load_sae(name: str) -> LoadedSAE:
     if key not in _cache:
         for stale in [k for k in _cache if k[0] == key[0]]:
             del _cache[stale]
-        _cache[key] = load_sae_path(path, name)
+        with _naming_the_entry(name, path):
+            _cache[key] = load_sae_path(path, name)
     return _cache[key]

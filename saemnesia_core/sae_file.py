@@ -215,9 +215,11 @@ def _read_index(path) -> tuple[dict[str, str], dict[str, tuple[torch.dtype, tupl
     if len(prefix) < 8:
         raise SAEFileError(f"{path}: too short to be a safetensors file ({info.st_size} bytes)")
     header_bytes = int.from_bytes(prefix, "little")
+    if header_bytes > info.st_size - 8:
+        raise SAEFileError(f"{path}: not a safetensors file (its first 8 bytes do not give a header length that fits "
+                           f"in its {info.st_size} bytes)")
     if header_bytes > MAX_HEADER_BYTES:
-        raise SAEFileError(f"{path}: not a safetensors file, or one whose header of {header_bytes} bytes exceeds "
-                           f"the {MAX_HEADER_BYTES}-byte limit")
+        raise SAEFileError(f"{path}: header of {header_bytes} bytes exceeds the {MAX_HEADER_BYTES}-byte limit")
     try:
         with safe_open(str(path), framework="pt") as f:
             metadata = f.metadata() or {}

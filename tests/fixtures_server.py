@@ -83,7 +83,8 @@ def start_toy_server(base: Path) -> ComfyServer:
 
 
 def toy_prompt(text: str = "An image of Hearts in Neon style.", seed: int = 0, steps: int = 4, cfg: float = 5.0,
-               concepts=None, strength: float = -1.0, prefix: str = "toy") -> dict:
+               concepts=None, strength: float = -1.0, prefix: str = "toy", branches: str = "both",
+               sae: str = SAE_NAME) -> dict:
     """The toy workflow in API format; with `concepts` (a JSON string, a list or a dict) Load SAE + Erase
     Concepts sit between the model and the sampler."""
     prompt = {
@@ -99,11 +100,11 @@ def toy_prompt(text: str = "An image of Hearts in Neon style.", seed: int = 0, s
         "9": {"class_type": "SaveImage", "inputs": {"images": ["6", 0], "filename_prefix": prefix}},
     }
     if concepts is not None:
-        prompt["7"] = {"class_type": "SAEmnesiaLoadSAE", "inputs": {"sae_name": SAE_NAME}}
+        prompt["7"] = {"class_type": "SAEmnesiaLoadSAE", "inputs": {"sae_name": sae}}
         prompt["8"] = {"class_type": "SAEmnesiaEraseConcepts", "inputs": {
             "model": ["1", 0], "sae": ["7", 0],
             "concepts": concepts if isinstance(concepts, str) else json.dumps(concepts),
-            "strength": strength, "start_percent": 0.0, "end_percent": 1.0, "branches": "both", "mode": "exact"}}
+            "strength": strength, "start_percent": 0.0, "end_percent": 1.0, "branches": branches, "mode": "exact"}}
         prompt["5"]["inputs"]["model"] = ["8", 0]
     return prompt
 

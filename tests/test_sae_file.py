@@ -13,6 +13,7 @@ import saemnesia_core.sae_file as sae_file_module
 from saemnesia_core.testing import make_random_sae_file
 from saemnesia_core.sae_file import (
     FORMAT_VERSION,
+    MAX_HEADER_BYTES,
     METADATA_KEY,
     SAEFileError,
     load_sae_file,
@@ -154,9 +155,17 @@ def test_each_defect_raises_sae_file_error_saying_what_is_wrong(saved, tmp_path,
         load_sae_file(bad)
 
 
+def test_a_file_that_is_not_safetensors_says_so_without_quoting_an_absurd_header_length(tmp_path):
+    bad = tmp_path / "notes.safetensors"
+    bad.write_text("These are my notes, not an SAE.\n" * 10)
+    with pytest.raises(SAEFileError, match="not a safetensors file") as caught:
+        read_header(bad)
+    assert str(int.from_bytes(b"These ar", "little")) not in str(caught.value)
+
+
 def test_oversized_header_is_refused_before_reading_it(tmp_path):
     bad = tmp_path / "bad.safetensors"
-    bad.write_bytes(struct.pack("<Q", 1 << 40) + b"{}")
+    bad.write_bytes(struct.pack("<Q", MAX_HEADER_BYTES + 1) + b" " * (MAX_HEADER_BYTES + 1))
     with pytest.raises(SAEFileError, match="exceeds"):
         read_header(bad)
 

@@ -1,9 +1,12 @@
 """The pack in a live ComfyUI server (`main.py --cpu`): its nodes in /object_info, API-format prompts on the toy
 model with and without erasure, and the concept route with its refusals."""
 
+from pathlib import Path
+
 import pytest
 
 from fixtures_server import SAE_NAME, execution_error, saved_pixels, start_toy_server, toy_labels, toy_prompt
+from saemnesia_core.toy import assets
 
 pytestmark = [pytest.mark.server, pytest.mark.slow, pytest.mark.timeout(3600)]
 
@@ -104,3 +107,28 @@ def test_the_concept_route_refuses_an_absolute_path_even_to_a_real_sae_file(serv
     path = server.base / "models" / "saemnesia" / SAE_NAME
     r = server.get("/saemnesia/concepts", params={"name": str(path)})
     assert r.status_code == 400, r.text
+
+
+def test_the_toy_loader_lists_the_toy_world_models_and_not_the_judges_beside_them(server):
+    info = server.get("/object_info/SAEmnesiaToyModelLoader").json()["SAEmnesiaToyModelLoader"]
+    assert info["input"]["required"]["model_name"][1]["options"] == [Path(assets.MODEL).name]
+
+
+def test_errors_name_the_entry_the_user_chose_not_where_the_server_keeps_it(server):
+    folder = server.base / "models" / "saemnesia"
+    (folder / "notes.safetensors").write_text("These are my notes, not an SAE.\n" * 10)
+    for name, says in (("corrupt.safetensors", "not valid JSON"), ("notes.safetensors", "not a safetensors file")):
+        entry = server.run(toy_prompt(concepts=["Hearts"], sae=name, prefix="broken"))
+        assert entry["status"]["status_str"] == "error"
+        message = execution_error(entry)
+        route = server.get("/saemnesia/concepts", params={"name": name}).json()["error"]
+        for text in (message, route):
+            assert name in text and says in text and str(folder) not in text, text
+
+
+def test_erasing_only_the_uncond_branch_at_cfg_1_logs_a_one_line_warning(server):
+    run_ok(server, toy_prompt(cfg=1.0, concepts=["Hearts"], branches="uncond", prefix="uncond_cfg1"))
+    assert "Erase Concepts (branches = uncond) erased nothing" in server.log_text()
+    before = server.log_text().count("erased nothing")
+    run_ok(server, toy_prompt(cfg=5.0, seed=1, concepts=["Hearts"], branches="uncond", prefix="uncond_cfg5"))
+    assert server.log_text().count("erased nothing") == before  # with an unconditional pass, no warning

@@ -11,6 +11,7 @@ schedule. Everything here is what ComfyUI's own CLIPTextEncode, KSampler and VAE
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import torch
 from safetensors import safe_open
@@ -99,6 +100,17 @@ def save_toy_model(path, unet_state: dict, text_state: dict, provenance: dict, d
             "sampling_settings": json.dumps(SAMPLING_SETTINGS), "provenance": json.dumps(provenance)}
     with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata=meta)
+
+
+def is_toy_model_file(path) -> bool:
+    """Whether `path` is a toy-world model file (its header says so; the judges, in the same folder, are not)."""
+    if not Path(path).is_file():  # a FIFO would block the reader
+        return False
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return (f.metadata() or {}).get("format") == FORMAT
+    except Exception:  # not a safetensors file, unreadable, a FIFO…: not a model to offer
+        return False
 
 
 def read_toy_file(path) -> tuple[dict, dict, dict]:
