@@ -150,20 +150,23 @@ def test_a_tick_and_a_strength_reach_the_queued_prompt_the_saved_image_and_a_rel
     assert json.loads(concepts_string(page)) == selection
 
 
-def test_concepts_the_sae_does_not_know_stay_visible_and_selected(server, page):
+def test_concepts_the_sae_does_not_know_stay_visible_selected_and_first_in_the_error_colour(server, page):
     open_workflow(page, example(server, "erase_one_concept", concepts='["Hearts", "Dogs"]'))
     assert row(page, "Dogs").get_attribute("class").split() == ["saem-row", "saem-unknown"]
-    assert "Dogs" in ticked(page)
-    assert "1 unknown" in status(page)
+    assert shown(page)[0] == "Dogs" and "Dogs" in ticked(page)
+    assert "1 unknown to this SAE (listed first)" in status(page)
+    assert "saem-error" in checklist(page).locator(".saem-status").get_attribute("class").split()
     row(page, "Circles").locator("input[type=checkbox]").click()
     assert json.loads(concepts_string(page)) == ["Circles", "Hearts", "Dogs"]
 
 
 def test_the_filter_limits_the_list_and_all_or_none_apply_to_what_it_shows(server, page):
     open_workflow(page, example(server, "erase_one_concept"))
-    labels, groups = shipped_concepts()
-    checklist(page).locator(".saem-filter").fill("style")  # a group name shows the whole group
-    assert shown(page) == [label for label, group in zip(labels, groups) if group == "style"]
+    labels, _ = shipped_concepts()
+    checklist(page).locator(".saem-filter").fill("st")  # labels only: not every style through the group's name
+    assert shown(page) == in_file_order({label for label in labels if "st" in label.lower()}) != []
+    checklist(page).locator(".saem-filter").fill("style")
+    assert shown(page) == []
     checklist(page).locator(".saem-filter").fill("RI")
     assert shown(page) == in_file_order({"Triangles", "Rings", "Stripes"})
     checklist(page).get_by_role("button", name="all").click()
@@ -196,3 +199,25 @@ def test_the_probe_checklist_has_no_strengths(server, page):
     open_workflow(page, example(server, "probe_concepts"))
     assert ticked(page) == in_file_order({"Stars", "Hearts", "Neon"})
     assert checklist(page).locator(".saem-strength").count() == 0
+
+
+def test_an_empty_strength_box_shows_the_value_it_inherits_and_a_typed_one_stays_in_the_nodes_range(server, page):
+    open_workflow(page, example(server, "erase_one_concept"))  # the node's strength is -5 there
+    box = row(page, "Neon").locator(".saem-strength")
+    assert box.get_attribute("placeholder") == "node (-5)"
+    assert (box.get_attribute("min"), box.get_attribute("max")) == ("-100", "100")
+    row(page, "Neon").locator("input[type=checkbox]").click()
+    box.fill("-500")
+    box.press("Tab")
+    assert json.loads(concepts_string(page)) == {"Hearts": None, "Neon": -100}
+
+
+def test_a_tick_followed_at_once_by_a_reload_is_kept(server, page):
+    open_workflow(page, example(server, "erase_one_concept"))
+    row(page, "Circles").locator("input[type=checkbox]").click()  # a real click, then nothing else
+    page.reload()
+    page.wait_for_function("!!(window.app?.graph && window.LiteGraph?.registered_node_types?.SAEmnesiaEraseConcepts)")
+    page.wait_for_function("(id) => !!window.app.graph.getNodeById(id)", arg=ERASE)
+    wait_for_checklists(page)
+    assert json.loads(concepts_string(page)) == in_file_order({"Circles", "Hearts"})
+    assert ticked(page) == in_file_order({"Circles", "Hearts"})

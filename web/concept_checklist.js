@@ -44,6 +44,13 @@ function element(tag, props = {}, ...children) {
   return el;
 }
 
+/** Tell the frontend's change tracker that the graph changed: it records the workflow on mouseup, before a
+ * checkbox's change reaches the `concepts` widget, so without this a tick followed by a reload would be lost. */
+function noteGraphChanged() {
+  const workflow = app.extensionManager?.workflow?.activeWorkflow ?? app.workflowManager?.activeWorkflow;
+  workflow?.changeTracker?.checkState?.();
+}
+
 function loadStylesheet() {
   if (document.getElementById("saemnesia-checklist-css")) return;
   document.head.append(element("link", {
@@ -108,6 +115,12 @@ class ConceptChecklist {
     this.invalid = null;
     this.node.setDirtyCanvas(true, true);
     this.render();
+    noteGraphChanged();
+  }
+
+  /** The node's own strength widget (Erase Concepts), whose value an empty per-concept box inherits. */
+  strengthWidget() {
+    return this.node.widgets.find((w) => w.name === "strength");
   }
 
   /** The sae_name of the Load SAE node feeding the `sae` input, or {problem} when there is none. */
@@ -162,24 +175,26 @@ class ConceptChecklist {
     return [...this.list.querySelectorAll(".saem-row")].map((row) => row.dataset.label);
   }
 
-  matches(...texts) {
+  /** The filter matches labels only (typing "st" must not select every style through the group's name). */
+  matches(label) {
     const q = this.filter.value.trim().toLowerCase();
-    return !q || texts.some((t) => t.toLowerCase().includes(q));
+    return !q || label.toLowerCase().includes(q);
   }
 
   render() {
     const known = new Set(this.concepts.map((c) => c.label));
     const groups = new Map();
-    for (const c of this.concepts) {
-      const group = c.group || "concepts";
-      if (!this.matches(c.label, group)) continue;
-      if (!groups.has(group)) groups.set(group, []);
-      groups.get(group).push(c);
-    }
-    const unknown = [...this.selection.keys()].filter((l) => !known.has(l) && this.matches(l, "unknown"));
+    // labels the SAE does not know come first, in the error colour: running fails until they are unticked
+    const unknown = [...this.selection.keys()].filter((l) => !known.has(l) && this.matches(l));
     if (unknown.length) {
       groups.set(this.sae && !this.loading && !this.error ? "unknown to this SAE" : "selected (SAE not loaded)",
         unknown.map((label) => ({ label, unknown: true })));
+    }
+    for (const c of this.concepts) {
+      const group = c.group || "concepts";
+      if (!this.matches(c.label)) continue;
+      if (!groups.has(group)) groups.set(group, []);
+      groups.get(group).push(c);
     }
     this.list.replaceChildren(...[...groups].map(([group, concepts]) => element("div", { className: "saem-group" },
       element("div", { className: "saem-group-header", textContent: group }),
@@ -187,11 +202,13 @@ class ConceptChecklist {
 
     const ticked = this.concepts.filter((c) => this.selection.has(c.label)).length;
     const strangers = this.selection.size - ticked;
+    const blocking = strangers && this.sae && !this.loading && !this.error;
     const messages = [this.invalid, this.error, this.note].filter(Boolean);
-    this.status.classList.toggle("saem-error", Boolean(this.invalid || this.error));
+    this.status.classList.toggle("saem-error", Boolean(this.invalid || this.error || blocking));
     this.status.textContent = messages.length ? messages.join(" ")
       : this.loading ? `Loading the concepts of ${this.sae}…`
-      : `${ticked} of ${this.concepts.length} concepts ticked` + (strangers ? `, ${strangers} unknown` : "");
+      : `${ticked} of ${this.concepts.length} concepts ticked` + (strangers ? `, ${strangers} unknown` +
+        (blocking ? " to this SAE (listed first): untick them, or running fails" : "") : "");
     this.status.title = this.sae ?? "";
   }
 
@@ -208,13 +225,18 @@ class ConceptChecklist {
     row.dataset.label = c.label;
     if (this.strengths) {
       const own = this.selection.get(c.label);
+      const node = this.strengthWidget();
+      const [min, max] = [node?.options?.min ?? -100, node?.options?.max ?? 100];
       const strength = element("input", {
-        type: "number", step: "0.1", className: "saem-strength", placeholder: "node", value: own ?? "",
-        title: "This concept's own strength γ; empty = the node's strength",
+        type: "number", step: "0.1", min, max, className: "saem-strength", value: own ?? "",
+        placeholder: `node (${node?.value ?? "?"})`,
+        title: `This concept's own strength γ, from ${min} to ${max}; empty = the node's strength ` +
+          `(now ${node?.value ?? "?"})`,
       });
       strength.addEventListener("change", () => {
         const value = strength.value.trim() === "" ? null : Number(strength.value);
-        this.selection.set(c.label, Number.isFinite(value) ? value : null);
+        // the node refuses strengths outside its own range: keep the box inside it
+        this.selection.set(c.label, Number.isFinite(value) ? Math.min(max, Math.max(min, value)) : null);
         this.writeString();
       });
       row.append(strength);
@@ -251,6 +273,8 @@ app.registerExtension({
       const checklist = (node.saemnesiaChecklist = new ConceptChecklist(node, kind));
       node.setSize([Math.max(node.size[0], 300), node.size[1] + 160]); // room for a list (a loaded workflow sets its own)
       chain(node, "onConfigure", () => checklist.readString());
+      const strength = checklist.strengthWidget();
+      if (strength) chain(strength, "callback", () => checklist.render()); // placeholders show the node's value
       chain(node, "onConnectionsChange", () => queueMicrotask(() => checklist.refresh()));
       queueMicrotask(() => checklist.refresh());
     } else if (node.comfyClass === LOADER) {
