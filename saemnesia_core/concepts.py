@@ -29,6 +29,13 @@ class Concept:
     """SAEmnesia's assigned latent i_c; None when latents are found by score (SAeUron)."""
     default_strength: float = -1.0
     """γ used when the caller gives none (−1 is SAEmnesia's single knob)."""
+    erasure: dict | None = None
+    """How well this SAE erases the concept, as measured when the file was made (None: not measured): on `images`
+    images showing it, erased at `strength`, the judges saw it in `seen_without` of them without erasure and no
+    longer saw it in `gone`; `other_kept` counts those where the other group's concept survived (MEASURED_KEYS)."""
+
+
+MEASURED_KEYS = ("strength", "images", "seen_without", "gone", "other_kept")
 
 
 @dataclass

@@ -22,7 +22,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from .concepts import MAX_STRENGTH, Concept, ConceptTables
+from .concepts import MAX_STRENGTH, MEASURED_KEYS, Concept, ConceptTables
 from .files import atomic_path
 from .sae import SAEConfig, TopKSAE
 
@@ -139,7 +139,8 @@ def _metadata_json(h: SAEHeader) -> str:
         "hookpoint": h.hookpoint, "model_family": h.model_family, "num_buckets": h.num_buckets,
         "supervised": h.supervised, "selection_mode": h.selection_mode,
         "concepts": [{"label": c.label, "group": c.group, "latent": c.latent,
-                      "default_strength": float(c.default_strength)} for c in h.concepts],
+                      "default_strength": float(c.default_strength),
+                      **({"erasure": c.erasure} if c.erasure is not None else {})} for c in h.concepts],
         "provenance": h.provenance,
     }
     try:
@@ -280,7 +281,22 @@ def _parse_concept(entry, i: int) -> Concept:
         strength = float(get("default_strength", float))
     except OverflowError as e:
         raise SAEFileError(f"concepts[{i}]: default_strength out of range") from e
-    return Concept(get("label", str), get("group", str), latent, strength)
+    erasure = entry.get("erasure")
+    if erasure is not None and not _is_erasure_record(erasure):
+        raise SAEFileError(f"concepts[{i}]: erasure must be {{{', '.join(MEASURED_KEYS)}}} with counts from 0 to "
+                           f"images, got {erasure!r}")
+    return Concept(get("label", str), get("group", str), latent, strength, erasure)
+
+
+def _is_erasure_record(record) -> bool:
+    """The measured erasure of a concept (Concept.erasure): its keys, a finite strength, consistent counts."""
+    if not isinstance(record, dict) or set(record) != set(MEASURED_KEYS):
+        return False
+    images = record["images"]
+    counts = [record[k] for k in ("seen_without", "gone", "other_kept")]
+    return (isinstance(record["strength"], (int, float)) and not isinstance(record["strength"], bool)
+            and abs(record["strength"]) <= MAX_STRENGTH and _is_int(images) and 0 < images <= 10_000
+            and all(_is_int(c) and 0 <= c <= images for c in counts))
 
 
 class _Getter:
@@ -339,6 +355,9 @@ def _check_structure(h: SAEHeader, tensors: dict[str, tuple[torch.dtype, tuple]]
     if len(set(labels)) != len(labels):
         raise SAEFileError(f"concept labels must be unique, got {labels}")
     for c in h.concepts:
+        if c.erasure is not None and not _is_erasure_record(c.erasure):
+            raise SAEFileError(f"concept {c.label!r}: erasure record {c.erasure!r} is not {list(MEASURED_KEYS)} "
+                               "with counts from 0 to images")
         if c.latent is not None and not (_is_int(c.latent) and 0 <= c.latent < cfg.num_latents):
             raise SAEFileError(f"concept {c.label!r} points at latent {c.latent}, but the SAE has "
                                f"{cfg.num_latents} latents")

@@ -1,20 +1,26 @@
-"""Makes example_workflows/*.json with the real frontend: each graph is built in the ComfyUI page (nodes created
-by the app, widgets set, links connected) and exported as the app's Export writes it, so the files are exactly
-what this frontend version writes. The workflows use the shipped toy world (`saemnesia_core.toy.assets`) at the
-demo's strengths (`saemnesia_core.toy.demo`). Regenerate after a node's inputs change:
+"""Makes the example workflows ComfyUI lists as templates, with the real frontend: each graph is built in the
+ComfyUI page (nodes created by the app, widgets set, links connected) and exported as the app's Export writes it,
+so the files are exactly what this frontend version writes. The workflows use the shipped toy world
+(`saemnesia_core.toy.assets`) at the demo's strengths (`saemnesia_core.toy.demo`), enlarge their 32×32 images ×8
+(nearest neighbour) for display, and open with every node in view. Each is then run once, and its images make
+the template's thumbnail (example_workflows/<name>.jpg). Last, screenshots of the templates dialog and of an
+Erase Concepts node go to docs/images/. Regenerate after a node's inputs change:
 
     .venv/bin/python scripts/build_example_workflows.py
 
-(it starts a headless ComfyUI server with the pack and a headless Chromium)."""
+(it starts a headless ComfyUI server with the pack and a headless Chromium; about two minutes)."""
 
 from __future__ import annotations
 
+import io
 import json
 import tempfile
 import uuid
 from pathlib import Path
 
-from saemnesia_comfy.browser import comfy_page
+from PIL import Image, ImageDraw, ImageFont
+
+from saemnesia_comfy.browser import comfy_page, load_workflow, queue_from_page, wait_for_checklists
 from saemnesia_comfy.server import ComfyServer
 from saemnesia_core.toy import assets, demo
 
@@ -22,7 +28,13 @@ TOY_MODEL = Path(assets.MODEL).name
 SAE = assets.SITES["object"].saemnesia
 STYLE_SAE = assets.SITES["style"].saemnesia  # the toy's styles are erased at its 16x16 decoder level (README)
 OUT_DIR = assets.REPO_ROOT / "example_workflows"
+SCREENSHOTS = assets.REPO_ROOT / "docs" / "images"
 NEGATIVE = ""
+ENLARGE = 8  # the toy's 32×32 images, shown at 256×256
+VIEW = (1280, 720)  # the canvas size every example must fit at first sight (a laptop's browser window)
+# The template browser shows a custom pack's template by its file name (title and description alike)
+ERASE_ONE, ERASE_BOTH, PROBE = ("Erase an object with the same seed", "Erase an object and a style at once",
+                                "Probe where each concept fires")
 
 
 def _num(value: float) -> str:
@@ -48,6 +60,11 @@ def _sampler(node_id: int, pos, title: str, seed: int = 42) -> dict:
                         "sampler_name": "euler", "scheduler": "normal", "denoise": 1.0}}
 
 
+def _enlarge(node_id: int, pos) -> dict:
+    return {"id": node_id, "type": "ImageScaleBy", "pos": pos, "title": f"Enlarge ×{ENLARGE} (for display)",
+            "widgets": {"upscale_method": "nearest-exact", "scale_by": float(ENLARGE)}}
+
+
 def _note(node_id: int, pos, text: str) -> dict:
     return {"id": node_id, "type": "Note", "pos": pos, "size": [330, 150], "widgets": {"text": text}}
 
@@ -65,9 +82,11 @@ def _erase(concepts, prompt: str, note: str, erased_title: str, strength: float 
         _sampler(7, [1100, 0], "KSampler (original)"),
         _sampler(8, [1100, 320], erased_title),
         {"id": 9, "type": "VAEDecode", "pos": [1450, 0]},
-        {"id": 10, "type": "VAEDecode", "pos": [1450, 320]},
-        {"id": 11, "type": "PreviewImage", "pos": [1700, 0], "size": [260, 280], "title": "Original"},
-        {"id": 12, "type": "SaveImage", "pos": [1700, 320], "size": [260, 320], "title": "Erased",
+        {"id": 10, "type": "VAEDecode", "pos": [1450, 360]},
+        _enlarge(16, [1450, 110]),
+        _enlarge(17, [1450, 470]),
+        {"id": 11, "type": "PreviewImage", "pos": [1750, 0], "size": [290, 330], "title": "Original"},
+        {"id": 12, "type": "SaveImage", "pos": [1750, 360], "size": [290, 360], "title": "Erased",
          "widgets": {"filename_prefix": "saemnesia/erased"}},
         _note(13, [0, 360], note),
     ]
@@ -76,11 +95,11 @@ def _erase(concepts, prompt: str, note: str, erased_title: str, strength: float 
         (1, 0, 6, "model"), (2, 0, 6, "sae"),
         (15 if styles else 6, 0, 8, "model"), (3, 0, 8, "positive"), (4, 0, 8, "negative"), (5, 0, 8, "latent_image"),
         (7, 0, 9, "samples"), (1, 2, 9, "vae"), (8, 0, 10, "samples"), (1, 2, 10, "vae"),
-        (9, 0, 11, "images"), (10, 0, 12, "images"),
+        (9, 0, 16, "image"), (10, 0, 17, "image"), (16, 0, 11, "images"), (17, 0, 12, "images"),
     ]
     if not styles:
         return {"nodes": nodes, "links": links}
-    for node in nodes[6:12]:  # samplers, decoders and images move right to make room for the second eraser
+    for node in nodes[6:14]:  # samplers, decoders and images move right to make room for the second eraser
         node["pos"] = [node["pos"][0] + 360, node["pos"][1]]
     nodes += [{"id": 14, "type": "SAEmnesiaLoadSAE", "pos": [0, 540], "title": "Load SAE (styles)",
                "widgets": {"sae_name": STYLE_SAE}},
@@ -91,14 +110,14 @@ def _erase(concepts, prompt: str, note: str, erased_title: str, strength: float 
 
 
 EXAMPLES = {
-    "erase_one_concept": _erase(
+    ERASE_ONE: _erase(
         ["Hearts"], "An image of Hearts in Neon style.",
         "Same seed twice: the top sampler sees the plain toy model, the bottom one the model with the ticked "
         "concept erased by the SAE (Erase Concepts). Tick other concepts in the checklist; an empty "
         f"strength box uses the node's strength ({_num(demo.GAMMAS['object'])} here: on the toy model SAEmnesia's −1 "
         "is too gentle).",
         "KSampler (Hearts erased)", strength=demo.GAMMAS["object"]),
-    "erase_several_concepts": _erase(
+    ERASE_BOTH: _erase(
         ["Hearts"], "An image of Hearts in Stripes style.",
         "An object and a style erased at once by two chained Erase Concepts nodes (their edits compose): the "
         f"toy model decides objects at up_blocks.1 ({Path(SAE).stem}, strength {_num(demo.GAMMAS['object'])}) and styles at "
@@ -107,17 +126,19 @@ EXAMPLES = {
         "have its own strength (the box beside its tick).",
         "KSampler (Hearts and Stripes erased)", strength=demo.GAMMAS["object"], styles=["Stripes"],
         style_strength=demo.GAMMAS["style"]),
-    "probe_concepts": {
+    PROBE: {
         "nodes": _toy_inputs("An image of Hearts in Neon style.") + [
             {"id": 6, "type": "SAEmnesiaConceptProbe", "pos": [720, 220], "size": [330, 480],
              "widgets": {"concepts": json.dumps(["Hearts", "Neon", "Stars"])}},
             _sampler(7, [1100, 0], "KSampler"),
             {"id": 8, "type": "VAEDecode", "pos": [1450, 0]},
-            {"id": 9, "type": "SAEmnesiaProbeReport", "pos": [1450, 120]},
-            {"id": 10, "type": "PreviewImage", "pos": [1750, 0], "size": [260, 280], "title": "Image"},
-            {"id": 11, "type": "SaveImage", "pos": [1750, 320], "size": [300, 320], "title": "Where each concept fired",
+            {"id": 9, "type": "SAEmnesiaProbeReport", "pos": [1450, 230]},
+            _enlarge(14, [1450, 110]),
+            _enlarge(15, [1750, 360]),
+            {"id": 10, "type": "PreviewImage", "pos": [1750, 0], "size": [290, 330], "title": "Image"},
+            {"id": 11, "type": "SaveImage", "pos": [2050, 0], "size": [290, 360], "title": "Where each concept fired",
              "widgets": {"filename_prefix": "saemnesia/probe"}},
-            {"id": 12, "type": "PreviewAny", "pos": [1450, 320], "size": [280, 300], "title": "Presence scores"},
+            {"id": 12, "type": "PreviewAny", "pos": [1450, 400], "size": [280, 300], "title": "Presence scores"},
             _note(13, [0, 360], "Concept Probe edits nothing: it records where each ticked concept's latent "
                                 "fires while the model samples. Probe Report overlays those maps on the image "
                                 "(one image per concept) and scores each concept's presence."),
@@ -127,7 +148,8 @@ EXAMPLES = {
             (6, 0, 7, "model"), (3, 0, 7, "positive"), (4, 0, 7, "negative"), (5, 0, 7, "latent_image"),
             (7, 0, 8, "samples"), (1, 2, 8, "vae"),
             (6, 1, 9, "probe"), (8, 0, 9, "images"),
-            (8, 0, 10, "images"), (9, 0, 11, "images"), (9, 1, 12, "source"),
+            (8, 0, 14, "image"), (14, 0, 10, "images"), (9, 0, 15, "image"), (15, 0, 11, "images"),
+            (9, 1, 12, "source"),
         ],
     },
 }
@@ -158,15 +180,71 @@ BUILD_JS = """async (spec) => {
         if (index < 0) throw new Error(`${target.type} has no input ${input}`);
         if (!byId[from].connect(slot, target, index)) throw new Error(`cannot link ${from}:${slot} -> ${to}.${input}`);
     }
+    // open with every node in view on a VIEW-sized canvas: the bounding box of the nodes (titles included)
+    const title = window.LiteGraph.NODE_TITLE_HEIGHT, nodes = app.graph._nodes;
+    const [x0, y0] = [Math.min(...nodes.map((n) => n.pos[0])), Math.min(...nodes.map((n) => n.pos[1] - title))];
+    const x1 = Math.max(...nodes.map((n) => n.pos[0] + n.size[0])), y1 = Math.max(...nodes.map((n) => n.pos[1] + n.size[1]));
+    const [w, h] = spec.view, margin = 30;
+    const scale = Math.min(1, (w - 2 * margin) / (x1 - x0), (h - 2 * margin) / (y1 - y0));
+    app.canvas.ds.scale = scale;
+    app.canvas.ds.offset = [margin / scale - x0, margin / scale - y0];
     return JSON.stringify((await app.graphToPrompt()).workflow);  // what the app's Export writes
 }"""
 
 
 def build(page, name: str) -> dict:
-    workflow = json.loads(page.evaluate(BUILD_JS, EXAMPLES[name]))
+    workflow = json.loads(page.evaluate(BUILD_JS, {**EXAMPLES[name], "view": VIEW}))
     workflow["id"] = str(uuid.uuid5(uuid.NAMESPACE_URL, f"saemnesia/example_workflows/{name}"))
-    workflow["extra"]["ds"] = {"scale": 0.75, "offset": [60, 80]}  # opens with every node in view
+    ds = workflow["extra"]["ds"]
+    workflow["extra"]["ds"] = {"scale": round(ds["scale"], 4), "offset": [round(v, 1) for v in ds["offset"]]}
     return workflow
+
+
+THUMBNAIL_IMAGES = {ERASE_ONE: ((11, "original"), (12, "Hearts erased")),
+                    ERASE_BOTH: ((11, "original"), (12, "Hearts and Stripes erased")),
+                    PROBE: ((10, "image"), (11, "where Hearts fired"))}
+
+
+def thumbnail(server, page, workflow: dict, name: str) -> Image.Image:
+    """The workflow run once in the page; its images side by side, labelled (the template's thumbnail)."""
+    load_workflow(page, workflow)
+    wait_for_checklists(page)
+    entry = server.wait(queue_from_page(page), timeout=1800)
+    if entry["status"]["status_str"] != "success":
+        raise RuntimeError(f"{name} failed: {json.dumps(entry['status'])[:2000]}")
+    tiles = []
+    for node_id, label in THUMBNAIL_IMAGES[name]:
+        (png, *_) = server.images(entry, str(node_id))
+        tile = Image.open(io.BytesIO(png)).convert("RGB")
+        ImageDraw.Draw(tile).text((8, 6), label, fill="black", stroke_width=3, stroke_fill="white",
+                                  font=ImageFont.load_default(size=20))
+        tiles.append(tile)
+    sheet = Image.new("RGB", (sum(t.width for t in tiles) + 8 * (len(tiles) - 1), max(t.height for t in tiles)), "white")
+    x = 0
+    for tile in tiles:
+        sheet.paste(tile, (x, 0))
+        x += tile.width + 8
+    return sheet
+
+
+def screenshots(page, erase_one: dict) -> None:
+    """The templates dialog on this pack's page, and the Erase Concepts node with its checklist."""
+    page.evaluate("async () => { await window.app.extensionManager.command.execute('Comfy.BrowseTemplates'); }")
+    page.get_by_text("saemnesia", exact=True).first.click()
+    page.wait_for_function("""() => [...document.querySelectorAll('[role=dialog] img')].filter(
+        (i) => !i.src.includes('default-template') && i.complete && i.naturalWidth > 0).length === 3""")
+    page.screenshot(path=str(SCREENSHOTS / "templates_dialog.png"))
+    page.reload()  # a fresh page, without the dialog
+    page.wait_for_function("!!(window.app?.graph && window.LiteGraph?.registered_node_types?.SAEmnesiaEraseConcepts)")
+    load_workflow(page, erase_one)
+    wait_for_checklists(page)
+    box = page.evaluate("""() => {
+        const n = window.app.graph.getNodeById(6), title = window.LiteGraph.NODE_TITLE_HEIGHT;
+        const [x, y] = window.app.canvasPosToClientPos([n.pos[0], n.pos[1] - title]);
+        const s = window.app.canvas.ds.scale;
+        return { x: x - 10, y: y - 10, width: n.size[0] * s + 20, height: (n.size[1] + title) * s + 20 };
+    }""")
+    page.screenshot(path=str(SCREENSHOTS / "erase_node.png"), clip=box)
 
 
 def main() -> None:
@@ -174,10 +252,16 @@ def main() -> None:
     try:
         with comfy_page(server) as page:
             OUT_DIR.mkdir(exist_ok=True)
+            built = {}
             for name in EXAMPLES:
-                workflow = build(page, name)
-                (OUT_DIR / f"{name}.json").write_text(json.dumps(workflow, indent=2) + "\n")
+                built[name] = build(page, name)
+                (OUT_DIR / f"{name}.json").write_text(json.dumps(built[name], indent=2) + "\n")
                 print("wrote", OUT_DIR / f"{name}.json")
+            for name, workflow in built.items():
+                thumbnail(server, page, workflow, name).save(OUT_DIR / f"{name}.jpg", quality=90)
+                print("wrote", OUT_DIR / f"{name}.jpg")
+            screenshots(page, built[ERASE_ONE])
+            print("wrote", SCREENSHOTS / "templates_dialog.png", SCREENSHOTS / "erase_node.png")
     finally:
         server.stop()
 

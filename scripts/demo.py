@@ -133,7 +133,7 @@ def main(argv=None) -> int:
     print(f"\n{verdicts['caption']}\n\nimages: {args.out / 'images'}\ngrid:   {grid_path}\n"
           f"verdicts: {args.out / 'verdicts.json'}\n({time.time() - started:.0f} s in all)")
     print("To play with the concept checklist in the UI: ./scripts/comfyui.sh, then open http://127.0.0.1:8188 "
-          "and load the template 'saemnesia' › erase_one_concept (Workflow › Browse Templates).")
+          "and open Templates › saemnesia › \"Erase an object with the same seed\".")
     return 0
 
 

@@ -4,6 +4,7 @@ when it is loaded again. Writes output/screenshots/checklist.png (the Erase Conc
 
 import io
 import json
+from urllib.parse import quote
 
 import pytest
 import requests
@@ -18,6 +19,7 @@ from saemnesia_core.toy import assets
 pytestmark = [pytest.mark.browser, pytest.mark.slow, pytest.mark.timeout(3600)]
 
 ERASE = 6  # the Erase Concepts / Concept Probe node in every example workflow
+ERASE_ONE, PROBE = "Erase an object with the same seed", "Probe where each concept fires"  # example workflows
 SCREENSHOT = REPO_ROOT / "output" / "screenshots" / "checklist.png"
 
 
@@ -30,7 +32,7 @@ def no_page_errors(page):
 
 def example(server, name: str, concepts: str | None = None) -> dict:
     """An example workflow as ComfyUI serves it to the template browser (optionally with other concepts)."""
-    r = requests.get(f"{server.url}/api/workflow_templates/saemnesia/{name}.json", timeout=30)
+    r = requests.get(f"{server.url}/api/workflow_templates/saemnesia/{quote(name)}.json", timeout=30)
     r.raise_for_status()
     workflow = r.json()
     if concepts is not None:
@@ -106,7 +108,7 @@ def in_file_order(chosen) -> list[str]:
 
 
 def test_the_checklist_lists_the_sae_concepts_under_their_group_headers(server, page):
-    open_workflow(page, example(server, "erase_one_concept"))
+    open_workflow(page, example(server, ERASE_ONE))
     labels, groups = shipped_concepts()
     headers = checklist(page).locator(".saem-group-header").evaluate_all("(hs) => hs.map((h) => h.textContent)")
     assert headers == ["object", "style"] == list(dict.fromkeys(groups))
@@ -118,7 +120,7 @@ def test_the_checklist_lists_the_sae_concepts_under_their_group_headers(server, 
 
 
 def test_a_tick_and_a_strength_reach_the_queued_prompt_the_saved_image_and_a_reload(server, page):
-    open_workflow(page, example(server, "erase_one_concept"))
+    open_workflow(page, example(server, ERASE_ONE))
     row(page, "Neon").locator("input[type=checkbox]").click()
     row(page, "Neon").locator(".saem-strength").fill("-2.5")
     row(page, "Neon").locator(".saem-strength").press("Tab")
@@ -151,7 +153,7 @@ def test_a_tick_and_a_strength_reach_the_queued_prompt_the_saved_image_and_a_rel
 
 
 def test_concepts_the_sae_does_not_know_stay_visible_selected_and_first_in_the_error_colour(server, page):
-    open_workflow(page, example(server, "erase_one_concept", concepts='["Hearts", "Dogs"]'))
+    open_workflow(page, example(server, ERASE_ONE, concepts='["Hearts", "Dogs"]'))
     assert row(page, "Dogs").get_attribute("class").split() == ["saem-row", "saem-unknown"]
     assert shown(page)[0] == "Dogs" and "Dogs" in ticked(page)
     assert "1 unknown to this SAE (listed first)" in status(page)
@@ -161,7 +163,7 @@ def test_concepts_the_sae_does_not_know_stay_visible_selected_and_first_in_the_e
 
 
 def test_the_filter_limits_the_list_and_all_or_none_apply_to_what_it_shows(server, page):
-    open_workflow(page, example(server, "erase_one_concept"))
+    open_workflow(page, example(server, ERASE_ONE))
     labels, _ = shipped_concepts()
     checklist(page).locator(".saem-filter").fill("st")  # labels only: not every style through the group's name
     assert shown(page) == in_file_order({label for label in labels if "st" in label.lower()}) != []
@@ -177,7 +179,7 @@ def test_the_filter_limits_the_list_and_all_or_none_apply_to_what_it_shows(serve
 
 
 def test_the_list_follows_the_load_sae_node_and_shows_fetch_errors(server, page):
-    open_workflow(page, example(server, "erase_one_concept"))
+    open_workflow(page, example(server, ERASE_ONE))
     pick = """(name) => { const w = window.app.graph.getNodeById(2).widgets[0]; w.value = name; w.callback?.(name); }"""
     page.evaluate(pick, "corrupt.safetensors")
     page.wait_for_function("() => document.querySelector('.saem-status').classList.contains('saem-error')")
@@ -196,15 +198,15 @@ def test_the_list_follows_the_load_sae_node_and_shows_fetch_errors(server, page)
 
 
 def test_the_probe_checklist_has_no_strengths(server, page):
-    open_workflow(page, example(server, "probe_concepts"))
+    open_workflow(page, example(server, PROBE))
     assert ticked(page) == in_file_order({"Stars", "Hearts", "Neon"})
     assert checklist(page).locator(".saem-strength").count() == 0
 
 
 def test_an_empty_strength_box_shows_the_value_it_inherits_and_a_typed_one_stays_in_the_nodes_range(server, page):
-    open_workflow(page, example(server, "erase_one_concept"))  # the node's strength is -5 there
+    open_workflow(page, example(server, ERASE_ONE))  # the node's strength is -5 there
     box = row(page, "Neon").locator(".saem-strength")
-    assert box.get_attribute("placeholder") == "node (-5)"
+    assert box.get_attribute("placeholder") == "node -5"
     assert (box.get_attribute("min"), box.get_attribute("max")) == ("-100", "100")
     row(page, "Neon").locator("input[type=checkbox]").click()
     box.fill("-500")
@@ -213,7 +215,7 @@ def test_an_empty_strength_box_shows_the_value_it_inherits_and_a_typed_one_stays
 
 
 def test_a_tick_followed_at_once_by_a_reload_is_kept(server, page):
-    open_workflow(page, example(server, "erase_one_concept"))
+    open_workflow(page, example(server, ERASE_ONE))
     row(page, "Circles").locator("input[type=checkbox]").click()  # a real click, then nothing else
     page.reload()
     page.wait_for_function("!!(window.app?.graph && window.LiteGraph?.registered_node_types?.SAEmnesiaEraseConcepts)")
@@ -221,3 +223,18 @@ def test_a_tick_followed_at_once_by_a_reload_is_kept(server, page):
     wait_for_checklists(page)
     assert json.loads(concepts_string(page)) == in_file_order({"Circles", "Hearts"})
     assert ticked(page) == in_file_order({"Circles", "Hearts"})
+
+
+def test_each_concept_shows_how_well_this_sae_erased_it_and_those_it_does_not_erase_are_greyed(server, page):
+    from saemnesia_core.sae_file import read_header
+
+    open_workflow(page, example(server, ERASE_ONE))
+    concepts = read_header(assets.path(assets.SITES["object"].saemnesia)).concepts
+    assert all(c.erasure for c in concepts)  # the build measured every concept
+    weak = {}
+    for c in concepts:
+        e = c.erasure
+        assert row(page, c.label).locator(".saem-badge").inner_text() == f"{e['gone']}/{e['images']}"
+        weak[c.label] = "saem-weak" in row(page, c.label).get_attribute("class").split()
+        assert weak[c.label] == (e["gone"] <= e["images"] - e["seen_without"])
+    assert not all(weak.values()) and any(weak.values())  # regression threshold: it acts on some, not on others

@@ -1,10 +1,14 @@
-"""Every example workflow is served as a template, loads in the real frontend unchanged, and runs in the real
-ComfyUI after the frontend's own graph -> API prompt conversion."""
+"""Every example workflow is served as a template with its thumbnail, is listed with it in the templates dialog,
+opens with every node in view, loads in the real frontend unchanged, and runs in the real ComfyUI after the
+frontend's own graph -> API prompt conversion, showing its images enlarged."""
 
+import io
 import json
+from urllib.parse import quote
 
 import pytest
 import requests
+from PIL import Image
 
 from fixtures_server import EXAMPLES, execution_error
 from helpers_browser import page, server  # noqa: F401 (fixtures)
@@ -15,14 +19,46 @@ pytestmark = [pytest.mark.browser, pytest.mark.slow, pytest.mark.timeout(3600)]
 NAMES = sorted(p.stem for p in EXAMPLES.glob("*.json"))
 
 
-def test_the_three_examples_exist_and_are_listed_as_templates(server):
-    assert NAMES == ["erase_one_concept", "erase_several_concepts", "probe_concepts"]
+def test_the_three_examples_are_listed_as_templates_with_human_titles_and_thumbnails(server, page):
+    assert NAMES == ["Erase an object and a style at once", "Erase an object with the same seed",
+                     "Probe where each concept fires"]
     assert sorted(server.get("/workflow_templates").json()["saemnesia"]) == NAMES
+    for name in NAMES:
+        r = requests.get(f"{server.url}/api/workflow_templates/saemnesia/{quote(name)}.jpg", timeout=30)
+        assert r.ok and r.headers["Content-Type"] == "image/jpeg"
+    page.evaluate("async () => { await window.app.extensionManager.command.execute('Comfy.BrowseTemplates'); }")
+    page.get_by_text("saemnesia", exact=True).first.click()
+    page.wait_for_function("""() => [...document.querySelectorAll('[role=dialog] img')].filter(
+        (i) => !i.src.includes('default-template') && i.complete && i.naturalWidth > 0).length === 3""")
+    cards = page.evaluate("() => [...document.querySelectorAll('[role=dialog] img')].map((i) => i.alt)")
+    assert sorted(cards) == NAMES
+    page.reload()  # a fresh page, without the dialog, for the tests that follow
+    page.wait_for_function("!!(window.app?.graph && window.LiteGraph?.registered_node_types?.SAEmnesiaEraseConcepts)")
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_an_example_opens_with_every_node_in_a_laptop_sized_view(server, page, name):
+    workflow = requests.get(f"{server.url}/api/workflow_templates/saemnesia/{quote(name)}.json", timeout=30).json()
+    page.set_viewport_size({"width": 1280 + 60, "height": 720 + 120})  # the canvas, plus the app's side bar and menu
+    try:
+        page.evaluate("async (wf) => { await window.app.loadGraphData(wf); }", workflow)
+        outside = page.evaluate("""() => {
+            const canvas = window.app.canvas.canvas.getBoundingClientRect(), title = window.LiteGraph.NODE_TITLE_HEIGHT;
+            const s = window.app.canvas.ds.scale;
+            return window.app.graph._nodes.filter((n) => {
+                const [x, y] = window.app.canvasPosToClientPos([n.pos[0], n.pos[1] - title]);
+                return x < canvas.left || y < canvas.top || x + n.size[0] * s > canvas.left + 1280
+                    || y + (n.size[1] + title) * s > canvas.top + 720;
+            }).map((n) => n.title);
+        }""")
+        assert outside == []
+    finally:
+        page.set_viewport_size({"width": 1600, "height": 1000})
 
 
 @pytest.mark.parametrize("name", NAMES)
 def test_an_example_loads_unchanged_and_runs(server, page, name):
-    workflow = requests.get(f"{server.url}/api/workflow_templates/saemnesia/{name}.json", timeout=30).json()
+    workflow = requests.get(f"{server.url}/api/workflow_templates/saemnesia/{quote(name)}.json", timeout=30).json()
     assert workflow == json.loads((EXAMPLES / f"{name}.json").read_text())
     ours = [n for n in workflow["nodes"] if n["type"].startswith("SAEmnesia")]
     assert ours and all(n["properties"]["cnr_id"] == "saemnesia" for n in ours)
@@ -41,4 +77,6 @@ def test_an_example_loads_unchanged_and_runs(server, page, name):
     images = [n["id"] for n in workflow["nodes"] if n["type"] in ("SaveImage", "PreviewImage")]
     for node_id in images:
         assert entry["outputs"][str(node_id)]["images"], f"{name}: node {node_id} has no image"
+        (png, *_) = server.images(entry, str(node_id))
+        assert Image.open(io.BytesIO(png)).size == (256, 256)  # the toy's 32×32, enlarged ×8 for display
     assert page.errors == []

@@ -212,6 +212,16 @@ class ConceptChecklist {
     this.status.title = this.sae ?? "";
   }
 
+  /** How well this SAE erased the concept when the file was made (the `erasure` record of its header). */
+  badge(c, weak) {
+    const e = c.erasure;
+    const title = (weak ? `This SAE does not erase ${c.label} at its block. ` : "") +
+      `Measured when the file was made, at strength ${e.strength}: ${c.label} was gone from ` +
+      `${e.gone} of ${e.images} test images (without erasure the judges saw it in ${e.seen_without}); ` +
+      `the other concept in the image survived in ${e.other_kept}.`;
+    return element("span", { className: "saem-badge", textContent: `${e.gone}/${e.images}`, title });
+  }
+
   row(c) {
     const tick = element("input", { type: "checkbox", checked: this.selection.has(c.label) });
     tick.addEventListener("change", () => {
@@ -219,17 +229,19 @@ class ConceptChecklist {
       else this.selection.delete(c.label);
       this.writeString();
     });
-    const row = element("label", { className: "saem-row" + (c.unknown ? " saem-unknown" : "") }, tick,
-      element("span", { className: "saem-label", textContent: c.label,
+    const weak = c.erasure && c.erasure.gone <= c.erasure.images - c.erasure.seen_without;
+    const row = element("label", { className: "saem-row" + (c.unknown ? " saem-unknown" : "") + (weak ? " saem-weak" : "") },
+      tick, element("span", { className: "saem-label", textContent: c.label,
         title: c.unknown ? "Not a concept of this SAE: running fails until you untick it" : `latent ${c.latent ?? "by score"}` }));
     row.dataset.label = c.label;
+    if (c.erasure) row.append(this.badge(c, weak));
     if (this.strengths) {
       const own = this.selection.get(c.label);
       const node = this.strengthWidget();
       const [min, max] = [node?.options?.min ?? -100, node?.options?.max ?? 100];
       const strength = element("input", {
         type: "number", step: "0.1", min, max, className: "saem-strength", value: own ?? "",
-        placeholder: `node (${node?.value ?? "?"})`,
+        placeholder: `node ${node?.value ?? "?"}`,
         title: `This concept's own strength γ, from ${min} to ${max}; empty = the node's strength ` +
           `(now ${node?.value ?? "?"})`,
       });

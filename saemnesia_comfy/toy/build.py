@@ -20,15 +20,16 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
+from tqdm.auto import tqdm
 
 from saemnesia_core.files import write_json_atomic
-from saemnesia_core.sae_file import read_header, save_sae_file
-from saemnesia_core.toy import assets
+from saemnesia_core.sae_file import load_sae_file, read_header, save_sae_file
+from saemnesia_core.toy import assets, demo
 from saemnesia_core.toy.judges import STYLE_CLASSES, Judges, held_out_accuracy, train_judges
 from saemnesia_core.toy.prompts import make_prompt
 from saemnesia_core.toy.render import OBJECTS, STYLES
@@ -37,6 +38,8 @@ from saemnesia_core.training import (SupervisedConfig, TrainConfig, collect, com
 from saemnesia_core.training.shards import ActivationDataset
 
 from ..capture import ComfyCaptureSource
+from ..erase import erase_concepts
+from ..sae_library import load_sae_path
 from . import model as toy_model
 from . import train as toy_train
 from .sampling import PromptEncoder, generate
@@ -44,6 +47,7 @@ from .sampling import PromptEncoder, generate
 HELDOUT_SEED_OFFSET = 1_000_000   # held-out activations (the concept statistics) use recipe.seed + this
 JUDGES_HELDOUT_OFFSET = 1000      # the judges' held-out renders use recipe.seed + this (train_judges)
 QUALITY_SEED = 10_000             # the quality check's first seed
+ERASURE_SEED = 7_000_000          # the per-concept erasure measurement's first seed
 
 
 @dataclass
@@ -148,16 +152,49 @@ def build_saes(recipe: Recipe, models: Path, work: Path, model, encoder, site: a
         save_sae_file(sae_file, out)
 
 
+def measure_erasure(recipe: Recipe, sae_path: Path, strength: float, model, vae, encoder: PromptEncoder,
+                    judges: Judges, seen_without: dict) -> None:
+    """Store in the SAE file, per concept, how well it erases that concept at `strength` (Concept.erasure): 8 images
+    showing the concept (an object in every style, a style on every object), judged without and with the erasure.
+    The checklist shows it, so people see which concepts this SAE acts on. Skipped when recorded."""
+    sae_file = load_sae_file(sae_path)
+    if all(c.erasure is not None and c.erasure["strength"] == strength for c in sae_file.concepts):
+        return
+    loaded = load_sae_path(sae_path)
+
+    def judged(m, cells):
+        images = generate(m, vae, encoder, [make_prompt(o, s) for o, s in cells],
+                          [ERASURE_SEED + i for i in range(len(cells))], steps=recipe.sample_steps, cfg=recipe.cfg)
+        return list(zip(*judges.predict(images)))
+
+    measured = []
+    for c in tqdm(sae_file.concepts, desc=f"erasure per concept ({sae_path.name})"):
+        cells = [(c.label, s) for s in STYLES] if c.group == "object" else [(o, c.label) for o in OBJECTS]
+        own, other = (0, 1) if c.group == "object" else (1, 0)  # where the concept / the other group sit in a cell
+        if c.label not in seen_without:
+            seen_without[c.label] = sum(j[own] == cell[own] for j, cell in zip(judged(model, cells), cells))
+        after = judged(erase_concepts(model, loaded, {c.label: strength}, strength), cells)
+        measured.append(replace(c, erasure={
+            "strength": strength, "images": len(cells), "seen_without": seen_without[c.label],
+            "gone": sum(j[own] != cell[own] for j, cell in zip(after, cells)),
+            "other_kept": sum(j[other] == cell[other] for j, cell in zip(after, cells))}))
+    save_sae_file(replace(sae_file, concepts=measured), sae_path)
+
+
 def build(models: Path, work: Path, recipe: Recipe) -> dict:
-    """Every stage whose file is missing, then the report."""
+    """Every stage whose file is missing (or, for the erasure records, whose records are), then the report."""
     (models / "toy").mkdir(parents=True, exist_ok=True)
     work.mkdir(parents=True, exist_ok=True)
-    build_judges(recipe, assets.path(assets.JUDGES, models))
+    judges = build_judges(recipe, assets.path(assets.JUDGES, models))
     model_path = assets.path(assets.MODEL, models)
     build_model(recipe, model_path, work)
-    model, clip, _ = toy_model.load_toy_model(model_path)
+    model, clip, vae = toy_model.load_toy_model(model_path)
+    encoder, seen_without = PromptEncoder(clip), {}
     for site in assets.SITES.values():
-        build_saes(recipe, models, work, model, PromptEncoder(clip), site)
+        build_saes(recipe, models, work, model, encoder, site)
+        for method in ("saemnesia", "saeuron"):  # at the strength the toy world's demo and examples use at this site
+            measure_erasure(recipe, assets.path(site.sae(method), models), demo.GAMMAS[site.group], model, vae,
+                            encoder, judges, seen_without)
     return write_report(models)
 
 
