@@ -13,6 +13,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
+FILE_MODE = 0o644
 TEMPORARY_MARK = ".partial-"
 """In the names of temporary files (`.<stem>.partial-<pid><suffix>`), so a writer can sweep up stale ones."""
 
@@ -33,6 +34,7 @@ def atomic_path(path) -> Iterator[Path]:
             os.fsync(fd)
         finally:
             os.close(fd)
+        os.chmod(tmp, FILE_MODE)  # some writers create private files; what we publish is readable like any other
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
