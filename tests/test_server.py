@@ -74,14 +74,16 @@ def test_an_unknown_concept_fails_with_a_message_listing_the_known_ones(server):
 
 @pytest.mark.parametrize("prefix", ["", "/api"])
 def test_the_concept_route_lists_the_concepts_from_the_file_header(server, prefix):
+    from dataclasses import asdict
+
     from saemnesia_core.sae_file import read_header
 
     r = server.get(f"{prefix}/saemnesia/concepts", params={"name": SAE_NAME})
     assert r.status_code == 200, r.text
     body = r.json()
     header = read_header(server.base / "models" / "saemnesia" / SAE_NAME)
-    assert body["concepts"] == [{"label": c.label, "group": c.group, "latent": c.latent,
-                                 "default_strength": c.default_strength} for c in header.concepts]
+    assert body["concepts"] == [asdict(c) for c in header.concepts]
+    assert all(c["erasure"] is None for c in body["concepts"])  # a synthetic SAE carries no measured erasure
     labels, groups = toy_labels()
     assert [c["label"] for c in body["concepts"]] == labels
     assert [c["group"] for c in body["concepts"]] == groups
