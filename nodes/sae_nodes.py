@@ -9,6 +9,7 @@ from comfy_api.latest import io
 from saemnesia_comfy import erase, probe as probing, sae_library
 from saemnesia_comfy.patch import BRANCHES
 from saemnesia_core.concepts import MAX_STRENGTH
+from saemnesia_core.eraser import MODES
 
 SAE = io.Custom("SAE")
 PROBE = io.Custom("SAEMNESIA_PROBE")
@@ -68,18 +69,23 @@ class EraseConcepts(io.ComfyNode):
                 io.Combo.Input("branches", options=list(BRANCHES), default="both",
                                tooltip="Which classifier-free-guidance branch to edit: both (as the papers), "
                                        "cond only, or uncond only."),
-                io.Combo.Input("mode", options=["exact", "paper"], default="exact",
+                io.Combo.Input("mode", options=list(MODES), default="exact",
                                tooltip="exact: add only the change of the erased latents (identity elsewhere). "
-                                       "paper: the released hooks' formula, to reproduce published numbers."),
+                                       "paper: the released hooks' formula, to reproduce published numbers. "
+                                       "replace: the SAE only detects the concept's tokens, which are replaced by "
+                                       "the nearest tokens that do not carry it (strength: how far, |strength| "
+                                       "capped at 1)."),
+                io.Mask.Input("mask", optional=True,
+                              tooltip="Erase only inside this mask (white = erase); without it, everywhere."),
             ],
             outputs=[io.Model.Output(tooltip="The model with the concepts erased during sampling.")],
         )
 
     @classmethod
-    def execute(cls, model, sae, concepts, strength, start_percent, end_percent, branches, mode):
+    def execute(cls, model, sae, concepts, strength, start_percent, end_percent, branches, mode, mask=None):
         chosen = erase.parse_concepts(concepts)
         return io.NodeOutput(erase.erase_concepts(model, sae, chosen, strength, start_percent, end_percent,
-                                                  branches, mode))
+                                                  branches, mode, mask))
 
 
 class ConceptProbe(io.ComfyNode):

@@ -7,10 +7,11 @@ import logging
 
 from saemnesia_core.concepts import MAX_STRENGTH, ConceptTables
 from saemnesia_core.eraser import ConceptEraser
+from saemnesia_core.regions import item_weights, token_weights
 
 from comfy.patcher_extension import CallbacksMP
 
-from .patch import UNCOND, StepGate, check_block_width, comfy_block_name, patch_block_output
+from .patch import UNCOND, StepGate, check_block_width, comfy_block_name, item_latent_index, patch_block_output
 from .sae_library import LoadedSAE, compute_dtype
 
 ADDITIONAL_MODELS_KEY = "saemnesia_sae"
@@ -70,15 +71,19 @@ def target_block(model, loaded: LoadedSAE) -> str:
 
 def erase_concepts(model, loaded: LoadedSAE, concepts: dict[str, float | None], strength: float,
                    start_percent: float = 0.0, end_percent: float = 1.0, branches: str = "both",
-                   mode: str = "exact"):
-    """A clone of `model` whose hooked block erases `concepts` (label → strength, None = `strength`).
+                   mode: str = "exact", mask=None, detection: str = "topk"):
+    """A clone of `model` whose hooked block erases `concepts` (label → strength, None = `strength`), only inside
+    `mask` (a ComfyUI MASK, [B, H, W] or [H, W]) when one is given. `detection`: ConceptEraser's (top-k, or the
+    chosen latents' threshold alone).
 
-    With no concept chosen the clone is returned unpatched, in both modes: no node, no change.
+    With no concept chosen the clone is returned unpatched, in every mode: no node, no change.
     """
+    if mask is not None:
+        token_weights(mask, (1, 1))  # shape and range, before anything is patched
     strengths = {label: strength if s is None else s for label, s in concepts.items()}
     loaded = loaded.for_dtype(compute_dtype(model))
     tables = loaded.file.tables if loaded.file.tables is not None else ConceptTables.empty(loaded.file.num_buckets)
-    eraser = ConceptEraser(loaded.sae, loaded.file.concepts, tables, strengths, mode)  # checks the labels
+    eraser = ConceptEraser(loaded.sae, loaded.file.concepts, tables, strengths, mode, detection)  # checks the labels
     m = model.clone()
     if not strengths:
         return m
@@ -87,10 +92,20 @@ def erase_concepts(model, loaded: LoadedSAE, concepts: dict[str, float | None], 
 
     uncond_seen = [False]  # in the current sampling run
 
+    regions = {}  # the mask's token weights per (grid, device)
+
+    def region(out, options):
+        if mask is None:
+            return None
+        key = (tuple(out.shape[2:]), out.device)
+        if key not in regions:
+            regions[key] = token_weights(mask, key[0]).to(out.device)
+        return item_weights(regions[key], item_latent_index(options, out.shape[0]))
+
     def edit(out, options):
         uncond_seen[0] |= UNCOND in (options.get("cond_or_uncond") or ())
-        mask, t = gate.items(options, out.shape[0], out.device)
-        return eraser(out, t, mask) if bool(mask.any()) else out
+        items, t = gate.items(options, out.shape[0], out.device)
+        return eraser(out, t, items, region(out, options)) if bool(items.any()) else out
 
     patch_block_output(m, block, edit)
     attach_sae_weights(m, loaded)

@@ -4,7 +4,12 @@ Per token and erased concept c with strength γ_c, for each selected latent i �
     z = TopK(pre(x));  z'_i = z_i·γ_c·μ_c(i, t) if z_i > θ(i, t) else z_i
     exact:  out = x + Σ_i (z'_i − z_i)·W_dec[i]               (x itself, bit for bit, where nothing changes)
     paper:  out = 2·x̂ − x + Σ_i (z'_i − z_i)·W_dec[i]         (what the released SAeUron/SAEmnesia hooks return)
+    replace: the latents only detect (z_i > θ); a detected token becomes x + α·(x_src − x), x_src the nearest
+             undetected token of the same feature map, α = min(1, |γ_c|)   (DESIGN §6.4, after "Look But Don't Touch")
 Only the encoder's dense pre-activations are n wide; x̂ and the change are gathers of a few decoder rows.
+detection="threshold" (exact and replace modes) computes only the chosen latents' pre-activations and drops the
+top-k membership test: m dot products per token instead of n (DESIGN §6.4).
+A region (per item and token, weights in [0, 1]) limits any mode: out = x + w·(edited − x), x itself where w = 0.
 """
 
 from __future__ import annotations
@@ -19,7 +24,8 @@ from .concepts import MAX_STRENGTH, Concept, ConceptTables
 from .sae import TopKSAE, block_to_tokens, pre_activations, sparse_decode, standardize
 from .timesteps import bucket_index
 
-MODES = ("exact", "paper")
+MODES = ("exact", "paper", "replace")
+DETECTIONS = ("topk", "threshold")
 
 
 class UnknownConceptError(KeyError, ValueError):
@@ -51,6 +57,8 @@ class _EditTables(NamedTuple):
     """[T, S] float32 γ_c·μ_c(i, t)."""
     thresholds: Tensor
     """[T, S] float32 θ(i, t)."""
+    blend: Tensor
+    """[T, S] float32 min(1, |γ_c|): how far replace mode moves a detected token towards its source."""
     slots: Tensor
     """[T, S] int64 position of each latent in `rows`."""
     rows: Tensor
@@ -78,27 +86,31 @@ class ConceptEraser:
     """
 
     def __init__(self, sae: TopKSAE, concepts: list[Concept], tables: ConceptTables,
-                 strengths: dict[str, float | None], mode: str = "exact"):
+                 strengths: dict[str, float | None], mode: str = "exact", detection: str = "topk"):
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        if detection not in DETECTIONS or (detection == "threshold" and mode == "paper"):
+            raise ValueError(f"detection must be one of {DETECTIONS} ('threshold' needs exact or replace mode: paper "
+                             f"mode decodes the whole code), got {detection!r} in {mode} mode")
         if tables.latents.shape[0] != len(concepts):
             raise ValueError(f"{len(concepts)} concepts but tables for {tables.latents.shape[0]}")
-        self.sae, self.concepts, self.tables, self.mode = sae, list(concepts), tables, mode
+        self.sae, self.concepts, self.tables, self.mode, self.detection = sae, list(concepts), tables, mode, detection
         chosen = sorted(_concept_indices(concepts, list(strengths)))
         self.strengths = {concepts[i].label: _strength(concepts[i], strengths[concepts[i].label]) for i in chosen}
         self._tables = {torch.device("cpu"): self._merge(chosen)}
 
     @classmethod
     def from_file(cls, sae_file, strengths: dict[str, float | None], mode: str = "exact",
-                  sae: TopKSAE | None = None) -> ConceptEraser:
+                  sae: TopKSAE | None = None, detection: str = "topk") -> ConceptEraser:
         """From a loaded SAEFile; builds the TopKSAE unless the caller already placed one."""
         tables = sae_file.tables if sae_file.tables is not None else ConceptTables.empty(sae_file.num_buckets)
-        return cls(sae if sae is not None else sae_file.build_sae(), sae_file.concepts, tables, strengths, mode)
+        return cls(sae if sae is not None else sae_file.build_sae(), sae_file.concepts, tables, strengths, mode,
+                   detection)
 
     def _merge(self, chosen: list[int]) -> _EditTables:
         T = self.tables.num_buckets
         if not chosen or self.tables.latents.shape[2] == 0:  # nothing to edit (tables without latent slots too)
-            return _EditTables(torch.full((T, 1), -1), torch.zeros(T, 1), torch.zeros(T, 1),
+            return _EditTables(torch.full((T, 1), -1), torch.zeros(T, 1), torch.zeros(T, 1), torch.zeros(T, 1),
                                torch.zeros(T, 1, dtype=torch.int64), torch.zeros(1, dtype=torch.int64))
         gamma = torch.tensor(list(self.strengths.values()), dtype=torch.float32)[:, None, None]
 
@@ -108,6 +120,7 @@ class ConceptEraser:
         latents = per_bucket(self.tables.latents[chosen])
         scale = per_bucket(gamma * self.tables.mean_acts[chosen].float().cpu())
         thresholds = per_bucket(self.tables.thresholds[chosen].float())
+        blend = per_bucket(gamma.abs().clamp(max=1).expand_as(self.tables.mean_acts[chosen]).float())
         # A latent listed again by a later concept is dropped from the earlier one (later overwrites).
         S = latents.shape[1]
         later = torch.ones(S, S, dtype=torch.bool).triu(1)
@@ -116,9 +129,9 @@ class ConceptEraser:
         # Move padding to the end and drop columns that are padding in every bucket.
         order = (latents < 0).to(torch.uint8).argsort(dim=1, stable=True)
         width = max(1, int((latents >= 0).sum(1).max()))
-        latents, scale, thresholds = (t.gather(1, order)[:, :width] for t in (latents, scale, thresholds))
+        latents, scale, thresholds, blend = (t.gather(1, order)[:, :width] for t in (latents, scale, thresholds, blend))
         rows, slots = torch.unique(latents.clamp(min=0), return_inverse=True)
-        return _EditTables(latents, scale, thresholds, slots, rows)
+        return _EditTables(latents, scale, thresholds, blend, slots, rows)
 
     def _tables_on(self, device: torch.device) -> _EditTables:
         if device not in self._tables:
@@ -126,38 +139,78 @@ class ConceptEraser:
         return self._tables[device]
 
     @torch.no_grad()
-    def __call__(self, x: Tensor, t: Tensor | float, edit_mask: Tensor | None = None) -> Tensor:
+    def __call__(self, x: Tensor, t: Tensor | float, edit_mask: Tensor | None = None,
+                 region: Tensor | None = None) -> Tensor:
         """x [B, C, H, W] block output or [B, N, d] tokens; t ∈ [0, 1] (float or [B]); edit_mask bool [B]
-        (None = every item). Returns the edited activations, same shape and dtype; unedited items are x's values.
-        In exact mode with no concept chosen, returns x itself."""
+        (None = every item); region [B, N] or [B, H, W] weights in [0, 1] (None = everywhere, DESIGN §6.5).
+        Returns the edited activations, same shape and dtype; unedited items and tokens are x's values.
+        In exact and replace mode with no concept chosen, returns x itself."""
         tokens = _tokens(x, self.sae.cfg.d_in)
         items = _items(edit_mask, tokens.shape[0], x.device)
-        if (self.mode == "exact" and not self.strengths) or not bool(items.any()):
+        weights = _region(region, tokens.shape[:2], x.device)
+        if weights is not None:
+            items = items & (weights > 0).any(1)
+        if (self.mode != "paper" and not self.strengths) or not bool(items.any()):
             return x
         tab = self._tables_on(x.device)
         buckets = bucket_index(t, self.tables.num_buckets).to(x.device).expand(tokens.shape[0])[items]
         x_in = tokens[items]                                                  # [b, N, d]
-        code = _encode(self.sae, x_in)
         lat = tab.latents[buckets]                                            # [b, S]
-        z = _selected_acts(code, lat)                                         # [b, N, S] fp32
-        fires = (z > tab.thresholds[buckets][:, None]) & (lat >= 0)[:, None]
-        dz = torch.where(fires, z * tab.scale[buckets][:, None] - z, 0.0)   # z'_i − z_i
-        rows = self.sae.W_dec[self._tables_on(self.sae.W_dec.device).rows].to(x.device, torch.float32)
-        delta = sparse_decode(dz, tab.slots[buckets][:, None].expand_as(dz), rows)   # [b, N, d] fp32
-        if self.mode == "exact":
-            if code.std is not None:
-                delta = delta * code.std.float()
-            changed = (dz != 0).any(-1, keepdim=True)
-            edited = torch.where(changed, (x_in.float() + delta).to(x.dtype), x_in)
+        if self.detection == "threshold":
+            pre, std = _chosen_pre_activations(self.sae, x_in, self._tables_on(self.sae.W_dec.device).rows)
+            slots = tab.slots[buckets][:, None].expand(*pre.shape[:2], -1)
+            z = pre.float().gather(2, slots)                                  # [b, N, S] fp32
         else:
-            # The released hooks add error = x̂ − x to the edited reconstruction (x − x̂ would give back x), hence
-            # 2·x̂ − x. They never undo input_unit_norm either, so x̂ and the change stay in the standardised space.
-            W_dec, b_dec = (p.to(x.device, x.dtype) for p in (self.sae.W_dec, self.sae.b_dec))
-            x_hat = sparse_decode(code.acts, code.indices, W_dec) + b_dec
-            edited = (2 * x_hat.float() - x_in.float() + delta).to(x.dtype)
+            code = _encode(self.sae, x_in)
+            z, std = _selected_acts(code, lat), code.std                      # [b, N, S] fp32
+        fires = (z > tab.thresholds[buckets][:, None]) & (lat >= 0)[:, None]
+        if self.mode == "replace":
+            alpha = (fires * tab.blend[buckets][:, None]).amax(-1)            # [b, N]
+            source = nearest_undetected(alpha > 0, x.shape[2:] if x.dim() == 4 else (1, x.shape[1]))
+            x_src = x_in.gather(1, source.clamp(min=0)[..., None].expand_as(x_in))
+            edited = _blend(x_in, x_src, torch.where(source >= 0, alpha, 0.0))
+        else:
+            dz = torch.where(fires, z * tab.scale[buckets][:, None] - z, 0.0)   # z'_i − z_i
+            rows = self.sae.W_dec[self._tables_on(self.sae.W_dec.device).rows].to(x.device, torch.float32)
+            delta = sparse_decode(dz, tab.slots[buckets][:, None].expand_as(dz), rows)   # [b, N, d] fp32
+            if self.mode == "exact":
+                if std is not None:
+                    delta = delta * std.float()
+                changed = (dz != 0).any(-1, keepdim=True)
+                edited = torch.where(changed, (x_in.float() + delta).to(x.dtype), x_in)
+            else:
+                # The released hooks add error = x̂ − x to the edited reconstruction (x − x̂ would give back x),
+                # hence 2·x̂ − x. They never undo input_unit_norm either, so x̂ and the change stay in the
+                # standardised space.
+                W_dec, b_dec = (p.to(x.device, x.dtype) for p in (self.sae.W_dec, self.sae.b_dec))
+                x_hat = sparse_decode(code.acts, code.indices, W_dec) + b_dec
+                edited = (2 * x_hat.float() - x_in.float() + delta).to(x.dtype)
+        if weights is not None:
+            edited = _blend(x_in, edited, weights[items])
         out = x.clone()
         _tokens(out, self.sae.cfg.d_in)[items] = edited
         return out
+
+
+def nearest_undetected(detected: Tensor, grid: Sequence[int]) -> Tensor:
+    """For each detected token, the index of the nearest undetected token of its feature map (Euclidean distance on
+    the H×W grid, ties to the lowest index); −1 for undetected tokens and where every token is detected.
+
+    detected bool [b, N] with N = H·W -> int64 [b, N]. Cost O(detected × undetected) per item, no N×N table.
+    """
+    H, W = (int(g) for g in grid)
+    if detected.shape[1] != H * W:
+        raise ValueError(f"{detected.shape[1]} tokens do not fill a {H}×{W} grid")
+    position = torch.arange(H * W, device=detected.device)
+    row, col = (position // W).float(), (position % W).float()
+    source = torch.full(detected.shape, -1, dtype=torch.int64, device=detected.device)
+    for item, mask in enumerate(detected):
+        targets, candidates = mask.nonzero()[:, 0], (~mask).nonzero()[:, 0]
+        if len(targets) == 0 or len(candidates) == 0:
+            continue
+        d2 = ((row[targets, None] - row[None, candidates]) ** 2 + (col[targets, None] - col[None, candidates]) ** 2)
+        source[item, targets] = candidates[d2.argmin(1)]
+    return source
 
 
 def concept_activation_maps(sae: TopKSAE, concepts: list[Concept], tables: ConceptTables, x: Tensor,
@@ -204,6 +257,28 @@ def _items(edit_mask: Tensor | None, batch: int, device) -> Tensor:
     return mask
 
 
+def _region(region: Tensor | None, shape: Sequence[int], device) -> Tensor | None:
+    """Region weights as float32 [B, N], checked; None stays None."""
+    if region is None:
+        return None
+    B, N = shape
+    weights = torch.as_tensor(region, device=device).float()
+    if weights.shape[0] != B or weights[0].numel() != N:
+        raise ValueError(f"region must hold one weight per token of each item ([{B}, {N}] or [{B}, H, W]), "
+                         f"got shape {list(weights.shape)}")
+    weights = weights.reshape(B, N)
+    if not bool(((weights >= 0) & (weights <= 1)).all()):  # NaN fails too
+        raise ValueError("region weights must lie in [0, 1]")
+    return weights
+
+
+def _blend(x: Tensor, target: Tensor, w: Tensor) -> Tensor:
+    """x + w·(target − x) per token (w [b, N]): x itself where w = 0, target itself where w = 1."""
+    w = w[..., None]
+    mixed = (x.float() + w * (target.float() - x.float())).to(x.dtype)
+    return torch.where(w <= 0, x, torch.where(w >= 1, target, mixed))
+
+
 def _encode(sae: TopKSAE, tokens: Tensor) -> _Code:
     """TopK code of [b, N, d] tokens with the weights cast to the tokens' dtype and device."""
     W_enc, b_enc, b_dec = (p.to(tokens.device, tokens.dtype) for p in (sae.encoder.weight, sae.encoder.bias, sae.b_dec))
@@ -212,6 +287,16 @@ def _encode(sae: TopKSAE, tokens: Tensor) -> _Code:
         sae_in, _, std = standardize(tokens)
     acts, indices = pre_activations(sae_in, W_enc, b_enc, b_dec).topk(sae.cfg.k, dim=-1, sorted=False)
     return _Code(acts, indices, std)
+
+
+def _chosen_pre_activations(sae: TopKSAE, tokens: Tensor, rows: Tensor) -> tuple[Tensor, Tensor | None]:
+    """ReLU pre-activations of the latents `rows` [U] only -> ([b, N, U], the tokens' std under input_unit_norm)."""
+    rows = rows.to(sae.encoder.weight.device)
+    W_enc, b_enc = (p[rows].to(tokens.device, tokens.dtype) for p in (sae.encoder.weight, sae.encoder.bias))
+    sae_in, std = tokens, None
+    if sae.cfg.input_unit_norm:
+        sae_in, _, std = standardize(tokens)
+    return pre_activations(sae_in, W_enc, b_enc, sae.b_dec.to(tokens.device, tokens.dtype)), std
 
 
 def _selected_acts(code: _Code, latents: Tensor) -> Tensor:

@@ -248,3 +248,73 @@ def test_an_fp32_sae_on_a_bf16_model_is_converted_once_held_by_its_own_patcher_a
     once = ConceptEraser(converted.sae, concepts, tables, {"Hearts": -1.0})(x, 0.5)
     assert not torch.equal(per_call, x)
     torch.testing.assert_close(once.float(), per_call.float(), rtol=2e-2, atol=2e-2)
+
+
+# ---------------------------------------------------------------------------------------------- replace mode, masks
+
+
+def erase_on(model, world, concepts, **kw):
+    from saemnesia_comfy.erase import erase_concepts
+
+    return erase_concepts(model, world.loaded, concepts, kw.pop("strength", -1.0), **kw)
+
+
+def edits_seen(world, patched_from, latent=None, pos=None):
+    """(block output before the edit, after it, transformer_options) per block call while sampling the model that
+    `patched_from(model)` makes from a clone that records before; a second recorder on top sees after."""
+    from saemnesia_comfy.patch import patch_block_output
+
+    before, after = [], []
+    inner = world.model.clone()
+    patch_block_output(inner, BLOCK, lambda out, options: before.append(out.clone()) or out)
+    outer = patched_from(inner).clone()
+    patch_block_output(outer, BLOCK, lambda out, options: after.append((out.clone(), dict(options))) or out)
+    run(world, outer, **({"latent": latent} if latent is not None else {}), **({"pos": pos} if pos is not None else {}))
+    return [(b, a, o) for b, (a, o) in zip(before, after, strict=True)]
+
+
+def test_replace_mode_changes_the_image_and_is_the_identity_when_nothing_is_detected(world):
+    plain = run(world, world.model)
+    assert not torch.allclose(run(world, erase(world, {"Hearts": None}, mode="replace")), plain, atol=1e-3)
+    assert torch.equal(run(world, erase(world, {"Neon": None}, mode="replace")), plain)
+    calls = edits_seen(world, lambda m: erase_on(m, world, {"Hearts": None}, mode="replace"))
+    changed = torch.stack([(a != b).any(1) for b, a, _ in calls])  # tokens replaced, per call
+    assert changed.any() and not changed.all()
+
+
+@pytest.mark.parametrize("mode", ["exact", "paper", "replace"])
+def test_a_mask_limits_the_edit_to_its_region_in_every_mode(world, mode):
+    mask = torch.zeros(1, 256, 256)  # image size of the 32×32 latent
+    mask[:, :, :128] = 1.0           # the left half
+    calls = edits_seen(world, lambda m: erase_on(m, world, {"Hearts": None}, mode=mode, mask=mask))
+    for before, after, _ in calls:
+        half = before.shape[3] // 2
+        assert torch.equal(after[..., half:], before[..., half:])
+    assert any((after[..., : before.shape[3] // 2] != before[..., : before.shape[3] // 2]).any() for before, after, _ in calls)
+    everywhere = run(world, erase(world, {"Hearts": None}, mode=mode, mask=torch.ones(256, 256)))
+    assert torch.equal(everywhere, run(world, erase(world, {"Hearts": None}, mode=mode)))
+    assert torch.equal(run(world, erase(world, {"Hearts": None}, mode=mode, mask=torch.zeros(1, 64, 64))),
+                       run(world, world.model))
+
+
+def test_each_image_of_a_batch_takes_its_own_mask_in_both_cfg_branches(world):
+    latent = torch.zeros(2, 4, 32, 32)
+    pos = [[world.pos[0][0].expand(2, -1, -1), {}]]
+    mask = torch.zeros(2, 256, 256)
+    mask[0, :, :128] = 1.0  # image 0: the left half; image 1: the right half
+    mask[1, :, 128:] = 1.0
+    calls = edits_seen(world, lambda m: erase_on(m, world, {"Hearts": None}, mask=mask), latent=latent, pos=pos)
+    for before, after, options in calls:
+        half = before.shape[3] // 2
+        for i in range(before.shape[0]):
+            image = i % 2  # chunk-major: [cond images…, uncond images…]
+            kept = slice(half, None) if image == 0 else slice(None, half)
+            assert torch.equal(after[i, ..., kept], before[i, ..., kept])
+    assert {len(o["cond_or_uncond"]) for _, _, o in calls} == {2}
+
+
+def test_a_mask_of_the_wrong_shape_or_range_fails_before_anything_is_patched(world):
+    with pytest.raises(ValueError, match=r"\[B, H, W\]"):
+        erase(world, {"Hearts": None}, mask=torch.ones(1, 1, 8, 8))
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        erase(world, {"Hearts": None}, mask=torch.full((8, 8), 2.0))

@@ -285,6 +285,18 @@ def test_the_only_dense_latent_tensor_is_the_encoders_pre_activations(mode):
     assert recorder.ops.count("relu_") == 1 and sum(op in ("addmm", "mm") for op in recorder.ops) == 1
 
 
+@pytest.mark.parametrize("mode", ["exact", "replace"])
+def test_threshold_detection_makes_no_latent_wide_tensor_at_all(mode):
+    sae_file = make_random_sae_file(n=512, k=8)
+    sae = sae_file.build_sae()
+    x = torch.randn(2, 30, 16) * 3
+    eraser = ConceptEraser.from_file(sae_file, {"Cats": -1.0, "Dogs": -1.0}, mode=mode, sae=sae, detection="threshold")
+    recorder = LargeOutputs(numel=x.shape[0] * x.shape[1] * 512)
+    with recorder:
+        out = eraser(x, 0.5)
+    assert (out != x).any() and recorder.ops == []
+
+
 # ---------------------------------------------------------------------------------------------- activation maps
 
 
