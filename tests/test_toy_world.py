@@ -132,5 +132,6 @@ def test_the_regeneration_command_runs_end_to_end_in_smoke_mode(comfy, tmp_path)
             header = read_header(assets.path(site.sae(method), out))
             assert header.hookpoint == site.hookpoint and header.supervised == supervised
             assert {c.label for c in header.concepts} == set(OBJECTS) | set(STYLES)
+            assert all(c.erasure is not None and c.erasure["images"] == 1 for c in header.concepts)
     report = json.loads((out / "toy" / "build_report.json").read_text())
     assert 0 <= report["quality"]["object"] <= 1

@@ -67,6 +67,7 @@ class Recipe:
     sample_steps: int = 25
     cfg: float = 5.0
     quality_seeds: int = 2          # images per (object, style) prompt in the quality check
+    erasure_images: int = 8         # images per concept in the per-concept erasure record (all its grid cells)
     train_repeats: int = 8          # copies of the labelled grid whose activations train the SAEs
     heldout_repeats: int = 2        # copies for the concept statistics (other seeds)
     expansion: int = 16
@@ -83,8 +84,9 @@ class Recipe:
     @classmethod
     def smoke(cls) -> "Recipe":
         return cls(judge_pool=400, judge_steps=20, model_phases=(("minsnr", 3, 2, 0, 0.0), ("v", 2, 2, 1, 0.1)),
-                   model_batch=8, sample_steps=2, quality_seeds=1, train_repeats=1, heldout_repeats=1, sae_epochs=1,
-                   supervised_epochs=2, supervised_batch=16, sae_batch_tokens=512, buckets=4, percentile=99.0)
+                   model_batch=8, sample_steps=2, quality_seeds=1, erasure_images=1, train_repeats=1,
+                   heldout_repeats=1, sae_epochs=1, supervised_epochs=2, supervised_batch=16, sae_batch_tokens=512,
+                   buckets=4, percentile=99.0)
 
 
 # ---------------------------------------------------------------------------------------------------- stages
@@ -154,8 +156,9 @@ def build_saes(recipe: Recipe, models: Path, work: Path, model, encoder, site: a
 
 def measure_erasure(recipe: Recipe, sae_path: Path, strength: float, model, vae, encoder: PromptEncoder,
                     judges: Judges, seen_without: dict) -> None:
-    """Store in the SAE file, per concept, how well it erases that concept at `strength` (Concept.erasure): 8 images
-    showing the concept (an object in every style, a style on every object), judged without and with the erasure.
+    """Store in the SAE file, per concept, how well it erases that concept at `strength` (Concept.erasure): up to 8
+    images showing the concept (an object in every style, a style on every object), judged without and with the
+    erasure.
     The checklist shows it, so people see which concepts this SAE acts on. Skipped when recorded."""
     sae_file = load_sae_file(sae_path)
     if all(c.erasure is not None and c.erasure["strength"] == strength for c in sae_file.concepts):
@@ -170,6 +173,7 @@ def measure_erasure(recipe: Recipe, sae_path: Path, strength: float, model, vae,
     measured = []
     for c in tqdm(sae_file.concepts, desc=f"erasure per concept ({sae_path.name})"):
         cells = [(c.label, s) for s in STYLES] if c.group == "object" else [(o, c.label) for o in OBJECTS]
+        cells = cells[: recipe.erasure_images]
         own, other = (0, 1) if c.group == "object" else (1, 0)  # where the concept / the other group sit in a cell
         if c.label not in seen_without:
             seen_without[c.label] = sum(j[own] == cell[own] for j, cell in zip(judged(model, cells), cells))
