@@ -15,7 +15,8 @@ from saemnesia_core.concepts import build_tables, select_saeuron
 from saemnesia_core.files import atomic_path
 from saemnesia_core.toy import assets
 from saemnesia_core.toy.evaluation.protocol import (LOOKS, OBJECT, PAPER_PERCENTILES, SAE_METHODS, Item, Judged,
-                                                    Protocol, Setting, scaled_percentile)
+                                                    Protocol, Setting, quality_items, scaled_percentile)
+from saemnesia_core.toy.evaluation.quality import ArtifactJudge
 from saemnesia_core.toy.judges import Judges
 from saemnesia_core.toy.render import OBJECTS, SIZE, STYLES
 from saemnesia_core.training import concept_activations, saeuron_grid
@@ -69,6 +70,7 @@ class Runner:
                      for group in assets.SITES for method in SAE_METHODS}
         self.scores, self.means = {}, {}
         self._saeuron_variants: dict[tuple, LoadedSAE] = {}
+        self._artifact_judge: ArtifactJudge | None = None
         self.generated = self.cached = 0
         self.bar = None
 
@@ -118,7 +120,7 @@ class Runner:
         strengths = {label: gamma for label, gamma, _ in setting.erase}
         loaded = self.saes[setting.sae] if method == "saemnesia" else \
             self._saeuron_for(group, {label: kept for label, _, kept in setting.erase})
-        return erase_concepts(self.model, loaded, strengths, -1.0)
+        return erase_concepts(self.model, loaded, strengths, -1.0, mode=setting.mode)
 
     def images(self, setting: Setting, items: list[Item]) -> np.ndarray:
         """uint8 [N, 32, 32, 3]: every prompt of the setting in one sampling call, cached on disk."""
@@ -142,6 +144,14 @@ class Runner:
         if self.bar is not None:
             self.bar.update(len(items))
         return images
+
+    def artifact_judge(self) -> ArtifactJudge:
+        """Fitted once per run on renders and the model's own un-erased images of the quality set."""
+        if self._artifact_judge is None:
+            fit, calibration = quality_items()
+            self._artifact_judge = ArtifactJudge.fit(self.judges, (self.images(Setting(), fit), fit),
+                                                     self.images(Setting(), calibration))
+        return self._artifact_judge
 
     def judge(self, setting: Setting, items: list[Item]) -> tuple[list[Judged], np.ndarray]:
         images = self.images(setting, items)

@@ -29,6 +29,7 @@ from saemnesia_core.toy.evaluation.metrics import best_candidate, erasure_metric
 from saemnesia_core.toy.evaluation.protocol import (FULL, OBJECT, QUICK, SAE_METHODS, STYLE, Item, Protocol, Setting,
                                                     example_cells, grid_items, planned_images, rephrase_items,
                                                     selection_items)
+from saemnesia_core.toy.evaluation.quality import quality_metrics
 from saemnesia_core.toy.evaluation.report import Results, shown_path, summary_table, write_reports
 from saemnesia_core.toy.render import OBJECTS, STYLES
 
@@ -45,6 +46,7 @@ def evaluate(runner: Runner, mode: str = "custom") -> Results:
     results.data["saeuron_selection"] = {g: runner.prepare_saeuron(g) for g, _ in P.targets()}
     runner.bar = tqdm(total=planned_images(P), desc="eval images", unit="img", disable=not runner.progress,
                       smoothing=0.05)
+    results.data["artifact_judge"] = {"threshold": runner.artifact_judge().threshold}
     tests = grid_items(P.test_seeds)
     no_erasure = runner.judge(Setting(), tests)
     targets, chosen = {OBJECT: {}, STYLE: {}}, {}
@@ -80,11 +82,13 @@ def evaluate_target(runner: Runner, group: str, concept: str, tests: list[Item],
     settings = {"none": Setting(), "saemnesia": Setting(sae["saemnesia"], (chosen["saemnesia"],)),
                 "saemnesia_gamma1": Setting(sae["saemnesia"], ((concept, -1.0, 0),)),
                 "saeuron": Setting(sae["saeuron"], (chosen["saeuron"],)),
+                "replace": Setting(sae["saemnesia"], ((concept, -1.0, 0),), mode="replace"),
                 "negative": Setting(negative=concept)}
     test, rephrased = {}, {}
     for method, setting in settings.items():
         judged, images = no_erasure if method == "none" else runner.judge(setting, tests)
-        test[method] = erasure_metrics(judged, group, {concept})
+        test[method] = {**erasure_metrics(judged, group, {concept}),
+                        **quality_metrics(runner.artifact_judge(), tests, images, group, {concept})}
         for cell in example_cells(group, concept):
             pos = next(k for k, j in enumerate(judged) if (j.item.obj, j.item.style) == cell)
             examples.setdefault(method, []).append((f"{concept}: {cell[0]}/{cell[1] or 'unstyled'}", images[pos]))

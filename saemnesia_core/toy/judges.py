@@ -38,6 +38,10 @@ class JudgeCNN(torch.nn.Module):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(images * 2 - 1))
 
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        """The penultimate activations [B, 128]: what the last layer reads."""
+        return self.head[:-1](self.features(images * 2 - 1))
+
 
 @dataclass
 class Judges:
@@ -52,6 +56,12 @@ class Judges:
         obj = self.objects(x).argmax(1).tolist()
         sty = self.styles(x).argmax(1).tolist()
         return [OBJECTS[i] for i in obj], [STYLE_CLASSES[i] for i in sty]
+
+    @torch.no_grad()
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        """Both judges' penultimate activations side by side, [B, 256] (the artifact judge's and KID's features)."""
+        x = _as_nchw(images)
+        return torch.cat([self.objects.embed(x), self.styles.embed(x)], dim=1)
 
     def save(self, path) -> None:
         tensors = {f"objects.{k}": v for k, v in self.objects.state_dict().items()}
@@ -86,7 +96,7 @@ def render_labelled(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, torc
     return torch.from_numpy(imgs).permute(0, 3, 1, 2).float() / 255, torch.from_numpy(obj), torch.from_numpy(sty)
 
 
-def _augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+def augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     """Mild noise, blur and contrast jitter: what a generator's imperfections look like."""
     b = x.shape[0]
     contrast = 1 + 0.15 * (torch.rand(b, 1, 1, 1, generator=gen) * 2 - 1)
@@ -115,7 +125,7 @@ def train_judges(pool_size=12000, steps=1500, batch=128, seed=0, progress=True) 
     judges.styles.train()
     for _ in tqdm(range(steps), desc="judges", disable=not progress):
         idx = torch.randint(0, pool_size, (batch,), generator=gen)
-        x = _augment(images[idx].clone(), gen)
+        x = augment(images[idx].clone(), gen)
         loss = F.cross_entropy(judges.objects(x), obj_labels[idx]) + F.cross_entropy(judges.styles(x), sty_labels[idx])
         opt.zero_grad()
         loss.backward()

@@ -74,11 +74,13 @@ _SHAPES = {
 }
 
 
-def shape_mask(obj: str, p: Placement) -> np.ndarray:
-    """Float mask [C, C] in {0, 1} on the supersampled canvas."""
+def shape_mask(obj: str | None, p: Placement) -> np.ndarray:
+    """Float mask [C, C] in {0, 1} on the supersampled canvas (all 0 for None: an empty scene)."""
     img = Image.new("L", (_C, _C), 0)
     draw = ImageDraw.Draw(img)
-    if obj in ("Circles", "Rings"):
+    if obj is None:
+        pass
+    elif obj in ("Circles", "Rings"):
         r = p.radius * 0.9
         draw.ellipse([p.cx - r, p.cy - r, p.cx + r, p.cy + r], fill=255)
         if obj == "Rings":
@@ -138,8 +140,8 @@ def _style_layers(style: str | None, mask: np.ndarray, rng: np.random.Generator)
     raise ValueError(f"unknown style {style!r}; known: {', '.join(STYLES)} or None")
 
 
-def render(obj: str, style: str | None, seed: int) -> np.ndarray:
-    """One image, uint8 [32, 32, 3]. Same arguments, same pixels."""
+def render(obj: str | None, style: str | None, seed: int) -> np.ndarray:
+    """One image, uint8 [32, 32, 3]; obj None: the style's background alone. Same arguments, same pixels."""
     rng = np.random.default_rng(seed)
     placement = random_placement(rng)
     mask = shape_mask(obj, placement)

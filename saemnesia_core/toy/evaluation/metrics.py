@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from .protocol import METHODS, OBJECT, STYLE, Judged, Protocol, configurations_searched
+from .protocol import METHODS, OBJECT, QUALITY_METRICS, STYLE, Judged, Protocol, configurations_searched
 
 DEFINITIONS = """\
 object target c:  UA  = share of c's images (every style and unstyled) not judged c
@@ -12,7 +12,9 @@ object target c:  UA  = share of c's images (every style and unstyled) not judge
 style target s:   UA  = share of s's images not judged s
                   IRA = style accuracy on the other styles' images (unstyled images excluded)
                   CRA = object accuracy on every image (SAeUron counts only the unstyled ones)
-several erased concepts (sequential): UA pools the erased concepts' images, IRA the rest of the group's"""
+several erased concepts (sequential): UA pools the erased concepts' images, IRA the rest of the group's
+image quality:    AR  = share of the target's images the artifact judge flags as broken (quality.py)
+                  KID = kernel inception distance (×10³ in tables) of the other images to renders of their prompts"""
 
 METRICS = ("UA", "IRA", "CRA")
 
@@ -48,7 +50,7 @@ def best_candidate(candidates: list[dict]) -> dict:
 
 
 def average(rows: list[dict]) -> dict[str, float | None]:
-    return {m: mean(r[m] for r in rows if r[m] is not None) for m in METRICS}
+    return {m: mean(r[m] for r in rows if r.get(m) is not None) for m in METRICS + QUALITY_METRICS}
 
 
 def summarize(targets: dict, protocol: Protocol) -> dict:
@@ -59,7 +61,7 @@ def summarize(targets: dict, protocol: Protocol) -> dict:
         for group, per_concept in targets.items():
             if per_concept:
                 entry[group] = average([t["test"][method] for t in per_concept.values()])
-        values = [v for g in (OBJECT, STYLE) if g in entry for v in entry[g].values() if v is not None]
+        values = [entry[g][m] for g in (OBJECT, STYLE) if g in entry for m in METRICS if entry[g][m] is not None]
         entry["average"] = mean(values)
         entry["rephrased_UA"] = mean(t["rephrased_UA"][method] for pc in targets.values() for t in pc.values()
                                      if t["rephrased_UA"][method] is not None)

@@ -9,7 +9,13 @@ unstyled, the papers' prompt form) with fixed seeds. Methods, side by side:
   selection set (other seeds), and the single γ = −1 for every concept;
 - SAeUron mode: the unsupervised SAE, latents by score at the percentiles that keep 1, 2 and 3 latents per
   bucket (as 99.999 / 99.995 / 99.99 do of 20480, DESIGN §5.2) × the same γ grid, chosen the same way;
+- SAEmnesia, replace: the same SAE as a detector only; detected tokens take the nearest undetected token's
+  activations (DESIGN §6.4), one setting for every concept (strength −1: replace fully), no search;
 - negative prompt: the concept's word as ComfyUI's negative conditioning, no patch.
+
+Every method is also scored for image quality (quality.py): an artifact rate on the target's images, and KID of
+the other images against renders of their prompts. The artifact judge is fitted on the model's own un-erased
+images of the quality set (its own seeds).
 """
 
 from __future__ import annotations
@@ -25,7 +31,8 @@ LOOKS = (*STYLES, None)  # a grid row: the object in every style, then unstyled
 GAMMAS = (-1.0, -5.0, -10.0, -15.0, -20.0, -25.0, -30.0)
 PAPER_PERCENTILES = {1: 99.999, 2: 99.995, 3: 99.99}  # SAeUron latents per bucket each keeps of 20480
 # Seed bases, disjoint from the toy build's (SAE training 0…, held-out statistics 1e6…, quality check 1e4…)
-TEST_SEED, SELECT_SEED, REPHRASE_SEED = 2_000_000, 3_000_000, 4_000_000
+TEST_SEED, SELECT_SEED, REPHRASE_SEED, QUALITY_SEED = 2_000_000, 3_000_000, 4_000_000, 7_000_000
+QUALITY_FIT_SEEDS = 2  # un-erased images per grid prompt the artifact judge is fitted on (one more calibrates it)
 
 SAE_METHODS = ("saemnesia", "saeuron")
 METHODS = {  # name -> (label in reports, configurations searched per concept)
@@ -33,8 +40,10 @@ METHODS = {  # name -> (label in reports, configurations searched per concept)
     "saemnesia": ("SAEmnesia (γ tuned)", "gammas"),
     "saemnesia_gamma1": ("SAEmnesia (γ = −1)", 1),
     "saeuron": ("SAeUron mode (tuned)", "kept×gammas"),
+    "replace": ("SAEmnesia, replace", 1),
     "negative": ("negative prompt", 1),
 }
+QUALITY_METRICS = ("AR", "KID")
 
 
 @dataclass(frozen=True)
@@ -76,6 +85,7 @@ class Setting:
     sae: tuple[str, str] | None = None
     erase: tuple[tuple[str, float, int], ...] = ()
     negative: str = ""
+    mode: str = "exact"  # the eraser's mode (DESIGN §6)
 
 
 @dataclass(frozen=True)
@@ -136,6 +146,13 @@ def selection_items(group: str, concept: str, protocol: Protocol) -> list[Item]:
     return [_item(o, s, r, SELECT_SEED) for r in range(protocol.select_seeds) for o, s in cells]
 
 
+def quality_items() -> tuple[list[Item], list[Item]]:
+    """The artifact judge's own un-erased images: (fit: QUALITY_FIT_SEEDS per grid prompt, calibration: one more)."""
+    items = [_item(o, s, r, QUALITY_SEED) for r in range(QUALITY_FIT_SEEDS + 1) for o in OBJECTS for s in LOOKS]
+    fit = QUALITY_FIT_SEEDS * len(OBJECTS) * len(LOOKS)
+    return items[:fit], items[fit:]
+
+
 def rephrase_items(group: str, concept: str, seeds: int) -> list[Item]:
     """The target's cells worded with every held-out template (never seen in training)."""
     return [_item(o, s, r, REPHRASE_SEED, t) for r in range(seeds) for t in range(len(HELD_OUT_TEMPLATES))
@@ -166,7 +183,8 @@ def configurations_searched(method: str, protocol: Protocol) -> int:
 def planned_images(protocol: Protocol) -> int:
     """Images the run generates at most (cache hits and shared settings make it fewer)."""
     per_target = lambda g, c: (len(selection_items(g, c, protocol)) * len(protocol.gammas) * (1 + len(protocol.kept))
-                               + 4 * len(grid_items(protocol.test_seeds))
+                               + (len(METHODS) - 1) * len(grid_items(protocol.test_seeds))
                                + len(METHODS) * len(rephrase_items(g, c, protocol.rephrase_seeds)))
     total = len(grid_items(protocol.test_seeds)) * (1 + 2 * len(protocol.object_targets))  # none + sequential
+    total += sum(map(len, quality_items()))
     return total + sum(per_target(g, c) for g, targets in protocol.targets() for c in targets)

@@ -13,7 +13,7 @@ from ..assets import REPO_ROOT
 from ..prompts import HELD_OUT_TEMPLATES
 from ..render import OBJECTS, STYLES
 from .metrics import DEFINITIONS
-from .protocol import LOOKS, METHODS, OBJECT, STYLE
+from .protocol import LOOKS, METHODS, OBJECT, QUALITY_FIT_SEEDS, STYLE
 
 
 @dataclass
@@ -36,17 +36,24 @@ def _pct(v) -> str:
     return "—" if v is None else f"{100 * v:.1f}"
 
 
+def _kid(v) -> str:
+    return "—" if v is None else f"{1e3 * v:.1f}"
+
+
 def summary_table(data: dict) -> str:
     groups = [g for g in (OBJECT, STYLE) if data["targets"].get(g)]
     head = "| method | configs searched / concept | " + " | ".join(
-        f"{g.capitalize()} {m}" for g in groups for m in ("UA", "IRA", "CRA")) + " | Avg | UA, rephrased |"
-    lines = [head, "|" + "---|" * (4 + 3 * len(groups))]
+        f"{g.capitalize()} {m}" for g in groups for m in ("UA", "IRA", "CRA")) + " | Avg | UA, rephrased | " + \
+        " | ".join(f"{g.capitalize()} AR" for g in groups) + " | KID ×10³ |"
+    lines = [head, "|" + "---|" * (5 + 4 * len(groups))]
     for method, (label, _) in METHODS.items():
         s = data["summary"][method]
         cells = [_pct(s[g][m]) for g in groups for m in ("UA", "IRA", "CRA")]
         searched = s["configurations_searched"] or "—"
+        kids = [s[g]["KID"] for g in groups if s[g].get("KID") is not None]
         lines.append(f"| {label} | {searched} | " + " | ".join(cells) + f" | {_pct(s['average'])} | "
-                     f"{_pct(s['rephrased_UA'])} |")
+                     f"{_pct(s['rephrased_UA'])} | " + " | ".join(_pct(s[g].get("AR")) for g in groups) +
+                     f" | {_kid(sum(kids) / len(kids) if kids else None)} |")
     return "\n".join(lines)
 
 
@@ -67,6 +74,10 @@ def protocol_text(data: dict) -> str:
         f"- γ grid {', '.join(f'{g:g}' for g in P['gammas'])}; SAEs and SAeUron selection: " + "; ".join(sites),
         f"- rephrased prompts: the target's images in each of {len(HELD_OUT_TEMPLATES)} held-out wordings × "
         f"{P['rephrase_seeds']} seed(s)",
+        f"- image quality: AR = the target's test images flagged by the artifact judge (fitted on renders and "
+        f"{QUALITY_FIT_SEEDS} un-erased images per prompt, calibrated on one more; threshold "
+        f"{data['artifact_judge']['threshold']:.0f}; validated in benchmarks/studies/artifact_judge.py); KID of the "
+        f"other test images against renders of their prompts",
         f"- cost: {data['cost']['images_generated']} images generated, {data['cost']['images_from_cache']} from cache, "
         f"{data['cost']['minutes']} min ({data['cost']['torch_threads']} torch threads, {data['cost']['cpus']} CPUs)",
     ])
@@ -75,7 +86,8 @@ def protocol_text(data: dict) -> str:
 def markdown_report(data: dict) -> str:
     lines = ["# Miniature UnlearnCanvas on the toy world", "", summary_table(data), "", "## Protocol", "",
              protocol_text(data), "", "## Definitions", "", "```", DEFINITIONS, "```", "", "## Per concept (test set, %)", "",
-             "| target | method | UA | IRA | CRA | UA rephrased | chosen |", "|---|---|---:|---:|---:|---:|---|"]
+             "| target | method | UA | IRA | CRA | UA rephrased | AR | KID ×10³ | chosen |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---|"]
     for group, per_concept in data["targets"].items():
         for concept, t in per_concept.items():
             for method, (label, _) in METHODS.items():
@@ -86,7 +98,8 @@ def markdown_report(data: dict) -> str:
                 elif method == "saeuron":
                     chosen = f"{t['chosen']['saeuron']['kept']} latent(s), γ = {t['chosen']['saeuron']['gamma']:g}"
                 lines.append(f"| {concept} ({group}) | {label} | {_pct(m['UA'])} | {_pct(m['IRA'])} | "
-                             f"{_pct(m['CRA'])} | {_pct(t['rephrased_UA'][method])} | {chosen} |")
+                             f"{_pct(m['CRA'])} | {_pct(t['rephrased_UA'][method])} | {_pct(m.get('AR'))} | "
+                             f"{_kid(m.get('KID'))} | {chosen} |")
     seq = data["sequential"]
     if seq["order"]:
         lines += ["", "## Sequential erasure of objects (%)", "", f"Order: {', '.join(seq['order'])}.", "",
@@ -118,7 +131,7 @@ def plot(results: Results, out: Path) -> None:
     import matplotlib.pyplot as plt
 
     data = results.data
-    colors = dict(zip(METHODS, ("0.6", "tab:blue", "tab:cyan", "tab:orange", "tab:green")))
+    colors = dict(zip(METHODS, ("0.6", "tab:blue", "tab:cyan", "tab:orange", "tab:purple", "tab:green")))
     groups = [g for g in (OBJECT, STYLE) if data["targets"].get(g)]
     fig, axes = plt.subplots(len(groups), 3, figsize=(15, 3.6 * len(groups)), squeeze=False)
     for row, group in zip(axes, groups):

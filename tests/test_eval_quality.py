@@ -1,0 +1,72 @@
+"""The evaluation's image-quality measures (DESIGN §9.1) on the shipped judges: the artifact judge flags broken
+images and spares clean ones, empty backgrounds included; KID separates distributions and is unbiased."""
+
+import numpy as np
+import pytest
+import torch
+
+from saemnesia_core.toy import assets
+from saemnesia_core.toy.evaluation.protocol import LOOKS, Item
+from saemnesia_core.toy.evaluation.quality import ArtifactJudge, kid, quality_metrics
+from saemnesia_core.toy.judges import Judges
+from saemnesia_core.toy.render import OBJECTS, render_batch
+
+
+@pytest.fixture(scope="module")
+def judges():
+    return Judges.load(assets.path(assets.JUDGES))
+
+
+def renders(n, seed, empty=False):
+    rng = np.random.default_rng(seed)
+    items = [(None if empty else OBJECTS[i % len(OBJECTS)], LOOKS[(i // len(OBJECTS)) % len(LOOKS)]) for i in range(n)]
+    return render_batch(items, rng.integers(0, 2**31 - 1, n)), items
+
+
+@pytest.fixture(scope="module")
+def artifact_judge(judges):
+    """Fitted as the evaluation does, with renders standing in for the model's own images (a test has no model)."""
+    own, cells = renders(144, 1)
+    return ArtifactJudge.fit(judges, (own, [Item(o, s, 0) for o, s in cells]), renders(72, 2)[0], per_class=4)
+
+
+def test_the_artifact_judge_spares_clean_renders_and_empty_backgrounds(artifact_judge):
+    clean, _ = renders(200, 3)
+    empty, _ = renders(72, 4, empty=True)
+    assert artifact_judge.rate(clean) <= 0.05
+    assert artifact_judge.rate(empty) <= 0.05
+
+
+def test_the_artifact_judge_flags_noise_fields_and_shuffled_tiles(artifact_judge):
+    """(Blends of two renders are not flagged: benchmarks/studies/artifact_judge.py reports that limit.)"""
+    base, _ = renders(72, 5)
+    rng = np.random.default_rng(0)
+    noise = base.copy()
+    noise[:, :, 16:] = rng.integers(0, 256, size=(72, 32, 16, 3))
+    tiles = base.reshape(72, 4, 8, 4, 8, 3).transpose(0, 1, 3, 2, 4, 5).reshape(72, 16, 8, 8, 3)
+    shuffled = np.stack([t[rng.permutation(16)] for t in tiles]).reshape(72, 4, 4, 8, 8, 3)
+    shuffled = shuffled.transpose(0, 1, 3, 2, 4, 5).reshape(72, 32, 32, 3)
+    for broken in (noise, shuffled):
+        assert artifact_judge.rate(broken) >= 0.6  # regression threshold (0.89 and 0.76 when written)
+
+
+def test_kid_is_near_zero_for_one_distribution_and_large_between_two(artifact_judge):
+    a, cells = renders(96, 7)
+    b, _ = renders(96, 8)   # the same prompts, other seeds
+    noise = np.random.default_rng(1).integers(0, 256, size=(96, 32, 32, 3), dtype=np.uint8)
+    same, apart = kid(artifact_judge, a, b, cells), kid(artifact_judge, a, noise, cells)
+    assert abs(same) < 0.05 * apart
+    assert kid(artifact_judge, a, b) < same  # pairs of one prompt across the sets, uncounted, would bias it low
+    assert kid(artifact_judge, a[:1], b) is None
+
+
+def test_quality_metrics_score_artifacts_on_the_targets_images_and_kid_on_the_others(artifact_judge):
+    images, cells = renders(72, 9)
+    items = [Item(o, s, k) for k, (o, s) in enumerate(cells)]
+    broken = images.copy()
+    hearts = [k for k, i in enumerate(items) if i.obj == "Hearts"]
+    broken[hearts, :, 16:] = 255 - broken[hearts, :, 16:][:, ::-1, ::-1]
+    clean, damaged = (quality_metrics(artifact_judge, items, x, "object", {"Hearts"}) for x in (images, broken))
+    assert clean["AR"] == 0.0 and damaged["AR"] >= 0.8
+    assert damaged["KID"] == pytest.approx(clean["KID"])  # the other images did not change
+    assert torch.is_tensor(artifact_judge.scores(images))
