@@ -1,5 +1,5 @@
-"""The erasure edit at SD1.5 scale: our ConceptEraser (exact and paper mode) against the dense formulation of the
-released SAeUron/SAEmnesia hook, on the same inputs.
+"""The erasure edit at SD1.5 scale: our ConceptEraser (exact, paper and replace mode; top-k or threshold detection,
+DESIGN §6.4) against the dense formulation of the released SAeUron/SAEmnesia hook, on the same inputs.
 
 d = 1280, n = 20480, k = 32; x = [2, 1280, 16, 16], i.e. one CFG step (cond + uncond) at 512 px. Random weights;
 one concept erased (SAEmnesia-style file: 20 concepts, 50 buckets, one latent each, μ = 1, θ = 0).
@@ -63,8 +63,11 @@ def dense_reference(sae: TopKSAE, sae_file: SAEFile, x: torch.Tensor, exact: boo
 
 
 def variants(sae, sae_file, x):
-    exact = ConceptEraser(sae, sae_file.concepts, sae_file.tables, {ERASED: GAMMA}, mode="exact")
-    paper = ConceptEraser(sae, sae_file.concepts, sae_file.tables, {ERASED: GAMMA}, mode="paper")
+    def eraser(mode, detection="topk"):
+        return ConceptEraser(sae, sae_file.concepts, sae_file.tables, {ERASED: GAMMA}, mode=mode, detection=detection)
+
+    exact, paper, replace = eraser("exact"), eraser("paper"), eraser("replace")
+    exact_fast, replace_fast = eraser("exact", "threshold"), eraser("replace", "threshold")
 
     def encoder_only():
         tokens = block_to_tokens(x)
@@ -74,6 +77,9 @@ def variants(sae, sae_file, x):
         "dense reference (released hook)": lambda: dense_reference(sae, sae_file, x),
         "ours, paper mode": lambda: paper(x, T),
         "ours, exact mode": lambda: exact(x, T),
+        "ours, replace mode": lambda: replace(x, T),
+        "ours, exact mode, threshold detection": lambda: exact_fast(x, T),
+        "ours, replace mode, threshold detection": lambda: replace_fast(x, T),
         "encoder + top-k only (floor)": encoder_only,
     }
 

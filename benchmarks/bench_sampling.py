@@ -7,7 +7,8 @@ Two models, each sampled by ComfyUI (`comfy.sample.sample`, Euler, CFG, so every
 - sd15: ComfyUI's UNet with SD1.5's real config (model_channels 320, context 768, 8 heads), random weights, at
   256×256 (latent 32×32, so 8×8 tokens of d = 1280 at output_blocks.4.1), with a random SAE of the papers' size
   (d = 1280, n = 20480, k = 32; 20 concepts, 50 buckets, θ = 0 so the edit never skips a token).
-Variants: no erasure; Erase Concepts (exact mode, ours: `erase_concepts`, the node's code); the papers' dense hook
+Variants: no erasure; Erase Concepts (ours: `erase_concepts`, the node's code) in exact and replace mode, each with
+top-k and with threshold detection (DESIGN §6.4); the papers' dense hook
 (DESIGN §6.1: scatter the top-k code to a dense [tokens, n] buffer, edit, decode twice, add the error x̂ − x;
 `saemnesia_core.testing.released_hook`), as a patch on the same block. Time: variants interleaved round by round after a warm-up, median.
 FLOPs: one sampling step of each variant under torch's FlopCounterMode (with CPU attention counted, which it
@@ -88,8 +89,14 @@ def dense_hook(model, loaded: LoadedSAE, concept: str, gamma: float):
 
 
 def variants(model, loaded: LoadedSAE, concept: str) -> dict:
+    def ours(mode, detection="topk"):
+        return erase_concepts(model, loaded, {concept: GAMMA}, GAMMA, mode=mode, detection=detection)
+
     return {"no erasure": model,
-            "Erase Concepts, exact (ours)": erase_concepts(model, loaded, {concept: GAMMA}, GAMMA),
+            "Erase Concepts, exact (ours)": ours("exact"),
+            "Erase Concepts, replace (ours)": ours("replace"),
+            "Erase Concepts, exact, threshold detection (ours)": ours("exact", "threshold"),
+            "Erase Concepts, replace, threshold detection (ours)": ours("replace", "threshold"),
             "dense hook (papers' formulation)": dense_hook(model, loaded, concept, GAMMA)}
 
 
@@ -255,7 +262,7 @@ def markdown(result: dict) -> str:
         for row in r["rows"]:
             lines.append(f"| {row['variant']} | {row['median_s']:.2f} | {row['per_step_ms']:.0f} | "
                          f"{100 * row['measured_overhead']:+.1f} % | {row['flops_per_step'] / 1e9:.2f} | "
-                         f"{row['edit_flops_per_step'] / 1e9:.3f} | {100 * row['flop_overhead']:+.2f} % |")
+                         f"{row['edit_flops_per_step'] / 1e9:.4f} | {100 * row['flop_overhead']:+.3f} % |")
     return "\n".join(lines)
 
 

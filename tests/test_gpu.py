@@ -22,15 +22,20 @@ def concept_activations(sae_file, sae):
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("mode", ["exact", "paper"])
-def test_the_edit_on_cuda_in_half_precision_matches_the_fp32_result_on_the_cpu(dtype, mode):
+@pytest.mark.parametrize("mode, detection", [("exact", "topk"), ("paper", "topk"), ("replace", "topk"),
+                                             ("exact", "threshold"), ("replace", "threshold")])
+def test_the_edit_on_cuda_in_half_precision_matches_the_fp32_result_on_the_cpu(dtype, mode, detection):
     sae_file = make_random_sae_file()
     strengths = {"Cats": -1.0, "Dogs": -5.0}
     cpu_sae = sae_file.build_sae()
-    x = concept_activations(sae_file, cpu_sae)
-    expected = ConceptEraser.from_file(sae_file, strengths, mode=mode, sae=cpu_sae)(x, T)
-    gpu = ConceptEraser.from_file(sae_file, strengths, mode=mode, sae=sae_file.build_sae(device="cuda"))
-    out = gpu(x.to("cuda", dtype), T.cuda())
+    x = concept_activations(sae_file, cpu_sae).reshape(4, 3, 4, -1).permute(0, 3, 1, 2)  # [B, d, 3, 4] blocks
+    region = torch.ones(4, 3, 4)
+    region[:, :, 3] = 0.5  # a soft mask edge, on the device too
+    kw = dict(mode=mode, detection=detection)
+    expected = ConceptEraser.from_file(sae_file, strengths, sae=cpu_sae, **kw)(x, T, region=region)
+    gpu = ConceptEraser.from_file(sae_file, strengths, sae=sae_file.build_sae(device="cuda"), **kw)
+    out = gpu(x.to("cuda", dtype), T.cuda(), region=region.cuda())
+    out, expected, x = (block.flatten(2).transpose(1, 2) for block in (out, expected, x))
     assert out.device.type == "cuda" and out.dtype == dtype
     tol = 5e-2 if dtype == torch.float16 else 2e-1
     close = torch.isclose(out.float().cpu(), expected, rtol=tol, atol=tol).all(-1)
