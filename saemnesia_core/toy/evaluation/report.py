@@ -40,20 +40,34 @@ def _kid(v) -> str:
     return "—" if v is None else f"{1e3 * v:.1f}"
 
 
+def _methods(data: dict) -> list[str]:
+    """The methods a results file measured, in METHODS order (reports of older runs have fewer)."""
+    return [m for m in METHODS if m in data["summary"]]
+
+
+def _has_quality(data: dict) -> bool:
+    return "artifact_judge" in data
+
+
 def summary_table(data: dict) -> str:
     groups = [g for g in (OBJECT, STYLE) if data["targets"].get(g)]
+    quality = _has_quality(data)
     head = "| method | configs searched / concept | " + " | ".join(
-        f"{g.capitalize()} {m}" for g in groups for m in ("UA", "IRA", "CRA")) + " | Avg | UA, rephrased | " + \
-        " | ".join(f"{g.capitalize()} AR" for g in groups) + " | KID ×10³ |"
-    lines = [head, "|" + "---|" * (5 + 4 * len(groups))]
-    for method, (label, _) in METHODS.items():
+        f"{g.capitalize()} {m}" for g in groups for m in ("UA", "IRA", "CRA")) + " | Avg | UA, rephrased |"
+    if quality:
+        head += " " + " | ".join(f"{g.capitalize()} AR" for g in groups) + " | KID ×10³ |"
+    lines = [head, "|" + "---|" * (4 + 3 * len(groups) + (len(groups) + 1 if quality else 0))]
+    for method in _methods(data):
         s = data["summary"][method]
         cells = [_pct(s[g][m]) for g in groups for m in ("UA", "IRA", "CRA")]
         searched = s["configurations_searched"] or "—"
-        kids = [s[g]["KID"] for g in groups if s[g].get("KID") is not None]
-        lines.append(f"| {label} | {searched} | " + " | ".join(cells) + f" | {_pct(s['average'])} | "
-                     f"{_pct(s['rephrased_UA'])} | " + " | ".join(_pct(s[g].get("AR")) for g in groups) +
-                     f" | {_kid(sum(kids) / len(kids) if kids else None)} |")
+        row = (f"| {METHODS[method][0]} | {searched} | " + " | ".join(cells) + f" | {_pct(s['average'])} | "
+               f"{_pct(s['rephrased_UA'])} |")
+        if quality:
+            kids = [s[g]["KID"] for g in groups if s[g].get("KID") is not None]
+            row += " " + " | ".join(_pct(s[g].get("AR")) for g in groups) + \
+                f" | {_kid(sum(kids) / len(kids) if kids else None)} |"
+        lines.append(row)
     return "\n".join(lines)
 
 
@@ -74,10 +88,10 @@ def protocol_text(data: dict) -> str:
         f"- γ grid {', '.join(f'{g:g}' for g in P['gammas'])}; SAEs and SAeUron selection: " + "; ".join(sites),
         f"- rephrased prompts: the target's images in each of {len(HELD_OUT_TEMPLATES)} held-out wordings × "
         f"{P['rephrase_seeds']} seed(s)",
-        f"- image quality: AR = the target's test images flagged by the artifact judge (fitted on renders and "
-        f"{QUALITY_FIT_SEEDS} un-erased images per prompt, calibrated on one more; threshold "
-        f"{data['artifact_judge']['threshold']:.0f}; validated in benchmarks/studies/artifact_judge.py); KID of the "
-        f"other test images against renders of their prompts",
+        *([f"- image quality: AR = the target's test images flagged by the artifact judge (fitted on renders and "
+           f"{QUALITY_FIT_SEEDS} un-erased images per prompt, calibrated on one more; threshold "
+           f"{data['artifact_judge']['threshold']:.0f}; validated in benchmarks/studies/artifact_judge.py); KID of "
+           f"the other test images against renders of their prompts"] if _has_quality(data) else []),
         f"- cost: {data['cost']['images_generated']} images generated, {data['cost']['images_from_cache']} from cache, "
         f"{data['cost']['minutes']} min ({data['cost']['torch_threads']} torch threads, {data['cost']['cpus']} CPUs)",
     ])
@@ -90,8 +104,8 @@ def markdown_report(data: dict) -> str:
              "|---|---|---:|---:|---:|---:|---:|---:|---|"]
     for group, per_concept in data["targets"].items():
         for concept, t in per_concept.items():
-            for method, (label, _) in METHODS.items():
-                m = t["test"][method]
+            for method in _methods(data):
+                label, m = METHODS[method][0], t["test"][method]
                 chosen = ""
                 if method == "saemnesia":
                     chosen = f"γ = {t['chosen']['saemnesia']['gamma']:g}"
@@ -137,10 +151,10 @@ def plot(results: Results, out: Path) -> None:
     for row, group in zip(axes, groups):
         concepts = list(data["targets"][group])
         for ax, metric in zip(row, ("UA", "IRA", "CRA")):
-            width = 0.8 / len(METHODS)
-            for k, method in enumerate(METHODS):
+            width = 0.8 / len(_methods(data))
+            for k, method in enumerate(_methods(data)):
                 values = [100 * (data["targets"][group][c]["test"][method][metric] or 0) for c in concepts]
-                ax.bar(np.arange(len(concepts)) + (k - (len(METHODS) - 1) / 2) * width, values, width,
+                ax.bar(np.arange(len(concepts)) + (k - (len(_methods(data)) - 1) / 2) * width, values, width,
                        color=colors[method], label=METHODS[method][0])
             ax.set_xticks(range(len(concepts)), concepts, rotation=30, fontsize=8)
             ax.set_ylim(0, 105)
