@@ -33,8 +33,8 @@ NEGATIVE = ""
 ENLARGE = 8  # the toy's 32×32 images, shown at 256×256
 VIEW = (1280, 720)  # the canvas size every example must fit at first sight (a laptop's browser window)
 # The template browser shows a custom pack's template by its file name (title and description alike)
-ERASE_ONE, ERASE_BOTH, PROBE = ("Erase an object with the same seed", "Erase an object and a style at once",
-                                "Probe where each concept fires")
+ERASE_ONE, ERASE_BOTH, PROBE, REGION = ("Erase an object with the same seed", "Erase an object and a style at once",
+                                        "Probe where each concept fires", "Erase only inside a mask")
 
 
 def _num(value: float) -> str:
@@ -126,6 +126,24 @@ EXAMPLES = {
         "have its own strength (the box beside its tick).",
         "KSampler (Hearts and Stripes erased)", strength=demo.GAMMAS["object"], styles=["Stripes"],
         style_strength=demo.GAMMAS["style"]),
+    REGION: {
+        "nodes": [n for n in _erase(["Hearts"], "An image of Hearts in Neon style.", "",
+                                    "KSampler (Hearts erased, left half)", strength=demo.GAMMAS["object"])["nodes"]
+                  if n["id"] != 13] + [
+            {"id": 18, "type": "SolidMask", "pos": [360, 420], "title": "Whole image (0 = keep)",
+             "widgets": {"value": 0.0, "width": 32, "height": 32}},
+            {"id": 19, "type": "SolidMask", "pos": [360, 560], "title": "Left half (1 = erase)",
+             "widgets": {"value": 1.0, "width": 16, "height": 32}},
+            {"id": 20, "type": "MaskComposite", "pos": [360, 700], "title": "Mask: erase the left half",
+             "widgets": {"x": 0, "y": 0, "operation": "add"}},
+            _note(13, [0, 360], "Erase Concepts edits only the block's tokens under the white part of its mask: "
+                                "here the left half (two Solid Masks composited; any MASK works, e.g. one painted "
+                                "on a Load Image in ComfyUI's mask editor). The layers after the block still mix "
+                                "the image, so on this 32×32 toy the change spreads past the mask's edge."),
+        ],
+        "links": _erase(["Hearts"], "", "", "")["links"] + [
+            (18, 0, 20, "destination"), (19, 0, 20, "source"), (20, 0, 6, "mask")],
+    },
     PROBE: {
         "nodes": _toy_inputs("An image of Hearts in Neon style.") + [
             {"id": 6, "type": "SAEmnesiaConceptProbe", "pos": [720, 220], "size": [330, 480],
@@ -202,7 +220,8 @@ def build(page, name: str) -> dict:
 
 THUMBNAIL_IMAGES = {ERASE_ONE: ((11, "original"), (12, "Hearts erased")),
                     ERASE_BOTH: ((11, "original"), (12, "Hearts and Stripes erased")),
-                    PROBE: ((10, "image"), (11, "where Hearts fired"))}
+                    PROBE: ((10, "image"), (11, "where Hearts fired")),
+                    REGION: ((11, "original"), (12, "Hearts erased, left half"))}
 
 
 def thumbnail(server, page, workflow: dict, name: str) -> Image.Image:
@@ -232,7 +251,7 @@ def screenshots(page, erase_one: dict) -> None:
     page.evaluate("async () => { await window.app.extensionManager.command.execute('Comfy.BrowseTemplates'); }")
     page.get_by_text("saemnesia", exact=True).first.click()
     page.wait_for_function("""() => [...document.querySelectorAll('[role=dialog] img')].filter(
-        (i) => !i.src.includes('default-template') && i.complete && i.naturalWidth > 0).length === 3""")
+        (i) => !i.src.includes('default-template') && i.complete && i.naturalWidth > 0).length === %d""" % len(EXAMPLES))
     page.screenshot(path=str(SCREENSHOTS / "templates_dialog.png"))
     page.reload()  # a fresh page, without the dialog
     page.wait_for_function("!!(window.app?.graph && window.LiteGraph?.registered_node_types?.SAEmnesiaEraseConcepts)")
