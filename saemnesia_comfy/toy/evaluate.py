@@ -6,7 +6,7 @@ Concepts node's own patch path, `evaluate` chooses each method's setting on the 
 on the test set, plus sequential erasure of the objects and the targets under rephrased prompts. Both SAE
 methods erase objects with the SAEs at one block and styles with those at another (`saemnesia_core.toy.assets`).
 
-    saemnesia eval                  # quick (QUICK; about 40 minutes on 2 idle cores)
+    saemnesia eval                  # quick (QUICK; 3,168 images at most, about an hour on 2 idle cores)
     saemnesia eval --full           # every concept, 5 test seeds per prompt (hours; resumable)
 
 Generated images are cached by content (model, SAE files, setting, prompts, seeds, steps) under --cache, so a
