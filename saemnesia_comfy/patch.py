@@ -97,17 +97,21 @@ def item_sigmas(sigmas: torch.Tensor, batch: int) -> torch.Tensor:
     return sigmas.repeat(batch // sigmas.numel())
 
 
-def item_latent_index(options: dict, batch: int) -> torch.Tensor:
-    """Each batch item's index in the latent batch: the call holds one copy of it per cond/uncond chunk."""
-    chunks = len(options.get("cond_or_uncond") or [COND])
-    if batch % chunks:
-        raise ValueError(f"batch of {batch} does not split into {chunks} cond/uncond chunks")
-    return torch.arange(batch // chunks).repeat(chunks)
-
-
-def item_branches(options: dict, batch: int) -> torch.Tensor:
-    """0 (cond) or 1 (uncond) per batch item: `cond_or_uncond` has one entry per equal chunk of the batch."""
+def _chunks(options: dict, batch: int) -> list[int]:
+    """`cond_or_uncond`: one entry (0 cond, 1 uncond) per equal chunk of the batch, chunk-major."""
     chunks = options.get("cond_or_uncond") or [COND]
     if batch % len(chunks):
         raise ValueError(f"batch of {batch} does not split into {len(chunks)} cond/uncond chunks")
+    return chunks
+
+
+def item_latent_index(options: dict, batch: int) -> torch.Tensor:
+    """Each batch item's index in the latent batch: the call holds one copy of it per cond/uncond chunk."""
+    chunks = _chunks(options, batch)
+    return torch.arange(batch // len(chunks)).repeat(len(chunks))
+
+
+def item_branches(options: dict, batch: int) -> torch.Tensor:
+    """0 (cond) or 1 (uncond) per batch item."""
+    chunks = _chunks(options, batch)
     return torch.tensor(chunks).repeat_interleave(batch // len(chunks))

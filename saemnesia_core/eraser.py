@@ -157,7 +157,7 @@ class ConceptEraser:
         x_in = tokens[items]                                                  # [b, N, d]
         lat = tab.latents[buckets]                                            # [b, S]
         if self.detection == "threshold":
-            pre, std = _chosen_pre_activations(self.sae, x_in, self._tables_on(self.sae.W_dec.device).rows)
+            pre, std = _pre_activations(self.sae, x_in, self._tables_on(self.sae.W_dec.device).rows)
             slots = tab.slots[buckets][:, None].expand(*pre.shape[:2], -1)
             z = pre.float().gather(2, slots)                                  # [b, N, S] fp32
         else:
@@ -281,22 +281,23 @@ def _blend(x: Tensor, target: Tensor, w: Tensor) -> Tensor:
 
 def _encode(sae: TopKSAE, tokens: Tensor) -> _Code:
     """TopK code of [b, N, d] tokens with the weights cast to the tokens' dtype and device."""
-    W_enc, b_enc, b_dec = (p.to(tokens.device, tokens.dtype) for p in (sae.encoder.weight, sae.encoder.bias, sae.b_dec))
-    sae_in, std = tokens, None
-    if sae.cfg.input_unit_norm:
-        sae_in, _, std = standardize(tokens)
-    acts, indices = pre_activations(sae_in, W_enc, b_enc, b_dec).topk(sae.cfg.k, dim=-1, sorted=False)
+    pre, std = _pre_activations(sae, tokens)
+    acts, indices = pre.topk(sae.cfg.k, dim=-1, sorted=False)
     return _Code(acts, indices, std)
 
 
-def _chosen_pre_activations(sae: TopKSAE, tokens: Tensor, rows: Tensor) -> tuple[Tensor, Tensor | None]:
-    """ReLU pre-activations of the latents `rows` [U] only -> ([b, N, U], the tokens' std under input_unit_norm)."""
-    rows = rows.to(sae.encoder.weight.device)
-    W_enc, b_enc = (p[rows].to(tokens.device, tokens.dtype) for p in (sae.encoder.weight, sae.encoder.bias))
+def _pre_activations(sae: TopKSAE, tokens: Tensor, rows: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+    """ReLU pre-activations of every latent, or of the latents `rows` [U] only -> ([b, N, n or U], the tokens' std
+    under input_unit_norm, else None); the weights are cast to the tokens' dtype and device."""
+    W_enc, b_enc = sae.encoder.weight, sae.encoder.bias
+    if rows is not None:
+        rows = rows.to(W_enc.device)
+        W_enc, b_enc = W_enc[rows], b_enc[rows]
+    W_enc, b_enc, b_dec = (p.to(tokens.device, tokens.dtype) for p in (W_enc, b_enc, sae.b_dec))
     sae_in, std = tokens, None
     if sae.cfg.input_unit_norm:
         sae_in, _, std = standardize(tokens)
-    return pre_activations(sae_in, W_enc, b_enc, sae.b_dec.to(tokens.device, tokens.dtype)), std
+    return pre_activations(sae_in, W_enc, b_enc, b_dec), std
 
 
 def _selected_acts(code: _Code, latents: Tensor) -> Tensor:
