@@ -7,7 +7,7 @@ import torch
 
 from saemnesia_core.toy import assets
 from saemnesia_core.toy.evaluation.protocol import LOOKS, Item
-from saemnesia_core.toy.evaluation.quality import ArtifactJudge, kid, quality_metrics
+from saemnesia_core.toy.evaluation.quality import ArtifactJudge, kid, quality_metrics, scene_cues
 from saemnesia_core.toy.judges import Judges
 from saemnesia_core.toy.render import OBJECTS, render_batch
 
@@ -48,6 +48,39 @@ def test_the_artifact_judge_flags_noise_fields_and_shuffled_tiles(artifact_judge
     shuffled = shuffled.transpose(0, 1, 3, 2, 4, 5).reshape(72, 32, 32, 3)
     for broken in (noise, shuffled):
         assert artifact_judge.rate(broken) >= 0.6  # regression threshold (0.89 and 0.76 when written)
+
+
+def test_scene_cues_are_zero_on_renders_and_read_a_stray_piece_and_a_dirty_border():
+    clean, _ = renders(144, 10)
+    cues = scene_cues(clean)
+    assert cues[:, 1].max() == 0 and (cues[:, 0] > 0).double().mean() <= 0.05  # (objects may touch the border)
+    flat = np.full((1, 32, 32, 3), 200, np.uint8)
+    one = flat.copy()
+    one[0, 10:20, 10:20] = (20, 40, 200)        # one object: nothing stray
+    two = one.copy()
+    two[0, 24:28, 4:9] = (20, 40, 200)          # a second piece: 20 pixels, 16 after the median filter
+    speck = one.copy()
+    speck[0, 25, 5] = (20, 40, 200)             # a single pixel: removed by the median filter
+    dirty = one.copy()
+    dirty[0, :, :2] = (0, 0, 0)                 # the left border is not the background's colour
+    cues = scene_cues(np.concatenate([one, two, speck, dirty]))
+    assert cues[:, 1].tolist() == [0, 16, 0, 64]  # the dirty border is a piece of its own
+    assert cues[0, 0] == cues[1, 0] == 0 and cues[3, 0] == pytest.approx(64 / (2 * 32 * 2 + 2 * 28 * 2))
+
+
+def test_the_structural_cues_flag_smears_and_fragments_that_the_features_miss(artifact_judge):
+    """A smear keeps the look's colours (the features stay near a class) but drags the object into the border;
+    fragments keep the object's texture in two pieces."""
+    base, _ = renders(72, 11)
+    smear = np.stack([np.cumsum(i.astype(np.float64), axis=1) / np.arange(1, 33)[None, :, None] for i in base])
+    smear = smear.round().astype(np.uint8)
+    pieces = base.copy()
+    pieces[:, 22:32, 0:10] = base[:, 11:21, 11:21]  # a piece of the object pasted into a corner
+    for broken in (smear, pieces):
+        flagged = artifact_judge.flags(broken)
+        cue_flagged = (scene_cues(broken) > torch.tensor(artifact_judge.cue_thresholds)).any(1)
+        assert flagged.double().mean() >= 0.5 and bool((cue_flagged & ~(artifact_judge.scores(broken) >
+                                                                          artifact_judge.threshold)).any())
 
 
 def test_kid_is_near_zero_for_one_distribution_and_large_between_two(artifact_judge):

@@ -28,6 +28,7 @@ from saemnesia_comfy.toy.eval_runner import DEFAULT_ASSETS, Runner
 from saemnesia_core.files import write_bytes_atomic, write_json_atomic
 from saemnesia_core.toy.assets import REPO_ROOT
 from saemnesia_core.toy.evaluation.protocol import LOOKS, OBJECT, QUICK, Setting, grid_items
+from saemnesia_core.toy.evaluation.quality import scene_cues
 from saemnesia_core.toy.render import OBJECTS, render_batch
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -75,16 +76,26 @@ def main() -> None:
                                ("exact, γ = −30", Setting(("saemnesia", OBJECT), ((concept, -30.0, 0),))),
                                ("replace", Setting(("saemnesia", OBJECT), ((concept, -1.0, 0),), mode="replace"))):
             sets[f"edited: {concept} erased, {label}"] = runner.images(setting, tests)[rows]
-    flags = {name: judge.flags(images).numpy() for name, images in sets.items()}
-    rates = {name: {"images": int(len(f)), "flagged": int(f.sum()), "rate": float(f.mean())} for name, f in flags.items()}
-    result = {"threshold": judge.threshold, "sets": rates,
+    flags, rates = {}, {}
+    for name, images in sets.items():
+        semantic = (judge.scores(images) > judge.threshold).numpy()
+        border, stray = (scene_cues(images) > torch.tensor(judge.cue_thresholds, dtype=torch.float64)).numpy().T
+        flags[name] = semantic | border | stray
+        rates[name] = {"images": len(images), "flagged": int(flags[name].sum()), "rate": float(flags[name].mean()),
+                       **{f"rate_{cue}": float(f.mean()) for cue, f in
+                          (("semantic", semantic), ("border", border), ("stray", stray))}}
+    result = {"threshold": judge.threshold, "cue_thresholds": list(judge.cue_thresholds), "sets": rates,
               "method": "benchmarks/studies/artifact_judge.py; judge fitted as in saemnesia eval (quick protocol)"}
     RESULTS.mkdir(parents=True, exist_ok=True)
     write_json_atomic(RESULTS / "artifact_judge.json", result, indent=2)
-    lines = ["# The artifact judge, validated", "", f"Threshold {judge.threshold:.0f} (squared Mahalanobis distance "
-             "to the nearest class). Flagged = judged broken.", "", "| image set | images | flagged | rate |",
-             "|---|---:|---:|---:|"]
-    lines += [f"| {n} | {r['images']} | {r['flagged']} | {100 * r['rate']:.1f} % |" for n, r in rates.items()]
+    lines = ["# The artifact judge, validated", "", f"Flagged = judged broken: squared Mahalanobis distance to the "
+             f"nearest class above {judge.threshold:.0f}, or more than {judge.cue_thresholds[0]:.3f} of the border "
+             f"off the background's colour, or more than {judge.cue_thresholds[1]:.0f} object pixels outside the "
+             "object's largest piece. The last three columns: each score alone.", "",
+             "| image set | images | flagged | rate | semantic | border | stray pieces |", "|---|---:|---:|---:|---:|---:|---:|"]
+    lines += [f"| {n} | {r['images']} | {r['flagged']} | {100 * r['rate']:.1f} % | "
+              + " | ".join(f"{100 * r[f'rate_{cue}']:.1f} %" for cue in ("semantic", "border", "stray")) + " |"
+              for n, r in rates.items()]
     lines += ["", "![flagged (red) and unflagged (green) examples](artifact_judge.png)", ""]
     write_bytes_atomic(RESULTS / "artifact_judge.md", "\n".join(lines).encode())
     plot(sets, flags, RESULTS / "artifact_judge.png")
@@ -100,9 +111,9 @@ def plot(sets: dict, flags: dict, path: Path, columns: int = 12) -> None:
 
     fig, axes = plt.subplots(len(sets), columns, figsize=(columns * 0.75 + 3.2, len(sets) * 0.8), squeeze=False)
     for row, (name, images) in zip(axes, sets.items()):
-        order = np.concatenate([np.flatnonzero(flags[name]), np.flatnonzero(~flags[name])])
-        picks = np.concatenate([order[: columns // 2], np.flatnonzero(~flags[name])[: columns - columns // 2]])
-        picks = list(dict.fromkeys(picks.tolist()))[:columns]
+        flagged, clean = np.flatnonzero(flags[name]).tolist(), np.flatnonzero(~flags[name]).tolist()
+        shown = min(len(flagged), max(columns // 2, columns - len(clean)))  # half each where both have enough
+        picks = flagged[:shown] + clean[: columns - shown]
         for ax in row:
             ax.axis("off")
         for ax, k in zip(row, picks):

@@ -46,7 +46,10 @@ def evaluate(runner: Runner, mode: str = "custom") -> Results:
     results.data["saeuron_selection"] = {g: runner.prepare_saeuron(g) for g, _ in P.targets()}
     runner.bar = tqdm(total=planned_images(P), desc="eval images", unit="img", disable=not runner.progress,
                       smoothing=0.05)
-    results.data["artifact_judge"] = {"threshold": runner.artifact_judge().threshold}
+    artifacts = runner.artifact_judge()
+    results.data["artifact_judge"] = {"threshold": artifacts.threshold,
+                                      "border_off_colour": artifacts.cue_thresholds[0],
+                                      "stray_object_pixels": artifacts.cue_thresholds[1]}
     tests = grid_items(P.test_seeds)
     no_erasure = runner.judge(Setting(), tests)
     targets, chosen = {OBJECT: {}, STYLE: {}}, {}

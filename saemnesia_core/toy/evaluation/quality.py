@@ -1,14 +1,16 @@
-"""Image quality in the evaluation (DESIGN §9.1): an artifact rate (AR) and a distribution distance (KID), both
-over the judges' penultimate features.
+"""Image quality in the evaluation (DESIGN §9.1): an artifact rate (AR) and a distribution distance (KID).
 
-The artifact judge asks whether an image looks like *something the toy world shows*: a render of any object in
-any look, a look's background with no object at all (what a clean erasure leaves), or what the model itself makes
-of a prompt when nothing is erased (its own imperfections are not artifacts). It fits one Gaussian per such class
-(renders with the judges' training noise; the model's un-erased images per prompt), with one shared covariance,
-and scores an image by its Mahalanobis distance to the nearest class. An image is flagged as broken when its
-score exceeds what 99 % of fresh renders and of fresh un-erased images (other seeds) stay below: fragments,
-smears and noise fields sit far from every class, whatever the object judge would call them. `benchmarks/studies/artifact_judge.py` validates it
-(renders, the model's own images, broken images) and shows flagged and unflagged examples side by side.
+The artifact judge asks whether an image looks like *something the toy world shows*, with two kinds of evidence:
+- semantic: the judges' penultimate features near a render of any object in any look, a look's background with
+  no object at all (what a clean erasure leaves), or what the model itself makes of a prompt when nothing is
+  erased (its own imperfections are not artifacts). One Gaussian per such class, one shared covariance; the score
+  is the Mahalanobis distance to the nearest class.
+- structural (`scene_cues`): every toy image is one flat background with at most one connected object, so a
+  border that is not one colour (noise fields, smears, torn images) or object pixels in more than one piece
+  (fragments) is broken whatever the judges' features say. The global features alone missed most of these.
+An image is flagged when any score exceeds what 99 % of fresh renders and of the model's un-erased images stay
+below. `benchmarks/studies/artifact_judge.py` validates it (renders, the model's own images, deliberately broken
+images, edited images) and shows flagged and unflagged examples side by side.
 
 KID (Bińkowski et al. 2018, unbiased, cubic polynomial kernel) compares generated images with renders of the same
 prompts; unlike FID it has no bias at the few dozen images per setting the quick evaluation makes.
@@ -27,7 +29,10 @@ from .protocol import LOOKS, Item
 
 REFERENCE_SEED = 8_000_000  # render seeds of the fit (+1e6: the calibration), apart from every other seed base
 PER_CLASS = 16              # renders per class for the fit, and again for the calibration
-FLAGGED_QUANTILE = 0.99     # fresh renders scoring above the threshold: 1 %
+FLAGGED_QUANTILE = 0.99     # fresh renders scoring above a threshold: 1 %
+COLOUR_TOLERANCE = 0.12     # max channel difference (in [0, 1]) that still counts as the background's colour
+BORDER = 2                  # pixels of the border that must show only background
+MIN_PIECE = 3               # pieces of the object smaller than this (pixels) are speckle, not fragments
 KID_RENDER_SEED = 10_000_000
 
 
@@ -56,6 +61,7 @@ class ArtifactJudge:
     means: torch.Tensor       # [K, F] class means of the features
     precision: torch.Tensor   # [F, F] inverse of the shared covariance (ridge-regularised)
     threshold: float          # scores above it are flagged
+    cue_thresholds: tuple[float, float] = (float("inf"), float("inf"))  # for scene_cues' two columns
     center: torch.Tensor | None = None  # [F] mean of the fitted features, and their RMS around it:
     scale: float = 1.0                   # KID reads (feature − center) / scale
 
@@ -78,8 +84,10 @@ class ArtifactJudge:
         center = features.mean(0)
         judge = cls(judges, means, precision, float("inf"), center, float((features - center).pow(2).mean().sqrt()))
         fresh, _ = reference_renders(per_class, seed + 1_000_000)
-        judge.threshold = max(float(torch.quantile(judge.scores(part), FLAGGED_QUANTILE))
-                              for part in (fresh, own_calibration))
+        judge.threshold = max(_quantile(judge.scores(part)) for part in (fresh, own_calibration))
+        own_all = torch.cat([_as_unit(own[0]), _as_unit(own_calibration)])  # the cues fit nothing: use every image
+        cues = [scene_cues(part) for part in (fresh, own_all)]
+        judge.cue_thresholds = tuple(max(_quantile(c[:, j]) for c in cues) for j in range(2))
         return judge
 
     def features(self, images) -> torch.Tensor:
@@ -92,12 +100,47 @@ class ArtifactJudge:
         return torch.einsum("nkf,fg,nkg->nk", diff, self.precision, diff).min(1).values
 
     def flags(self, images) -> torch.Tensor:
-        """bool [N]: the image looks broken."""
-        return self.scores(images) > self.threshold
+        """bool [N]: the image looks broken (any score above its threshold)."""
+        cues = scene_cues(images) > torch.tensor(self.cue_thresholds, dtype=torch.float64)
+        return (self.scores(images) > self.threshold) | cues.any(1)
 
     def rate(self, images) -> float | None:
         """Share of `images` flagged (None for no images)."""
         return float(self.flags(images).double().mean()) if len(images) else None
+
+
+def _quantile(scores: torch.Tensor) -> float:
+    return float(torch.quantile(scores.double(), FLAGGED_QUANTILE))
+
+
+def scene_cues(images) -> torch.Tensor:
+    """[N, 2] float64 per image: (share of the border not in the background's colour, object pixels outside the
+    object's largest connected piece). Both are 0 on a render: one flat background, one connected object.
+
+    Read after a 3×3 median filter, which removes the Noise look's confetti and the model's speckle but not a
+    noise field or a fragment. The background's colour is the border's median; object pixels differ from it by
+    more than COLOUR_TOLERANCE in some channel, and are closed (3×3) before their pieces are counted (8-connected),
+    so an outline or a dotted texture stays one piece.
+    """
+    from scipy import ndimage  # the evaluation's dependency only (installed with ComfyUI and the test extra)
+
+    x = ndimage.median_filter(_as_unit(images).double().numpy(), size=(1, 3, 3, 1), mode="nearest")
+    n = len(x)
+    border = np.concatenate([x[:, :BORDER].reshape(n, -1, 3), x[:, -BORDER:].reshape(n, -1, 3),
+                             x[:, BORDER:-BORDER, :BORDER].reshape(n, -1, 3),
+                             x[:, BORDER:-BORDER, -BORDER:].reshape(n, -1, 3)], axis=1)
+    background = np.median(border, axis=1)                                              # [N, 3]
+    off_border = (np.abs(border - background[:, None]).max(-1) > COLOUR_TOLERANCE).mean(1)
+    foreground = np.abs(x - background[:, None, None]).max(-1) > COLOUR_TOLERANCE      # [N, H, W]
+    stray = np.zeros(n)
+    for k in range(n):
+        square = np.ones((3, 3))  # closing that does not erode at the image's edge (outside counts as set)
+        closed = ndimage.binary_erosion(ndimage.binary_dilation(foreground[k], square), square, border_value=1)
+        pieces, _ = ndimage.label(closed, square)
+        sizes = np.bincount(pieces.ravel())[1:]
+        sizes = sizes[sizes >= MIN_PIECE]
+        stray[k] = sizes.sum() - sizes.max() if len(sizes) else 0
+    return torch.from_numpy(np.stack([off_border, stray], axis=1))
 
 
 def renders_of(items: list[Item]) -> torch.Tensor:

@@ -89,9 +89,11 @@ def protocol_text(data: dict) -> str:
         f"- rephrased prompts: the target's images in each of {len(HELD_OUT_TEMPLATES)} held-out wordings × "
         f"{P['rephrase_seeds']} seed(s)",
         *([f"- image quality: AR = the target's test images flagged by the artifact judge (fitted on renders and "
-           f"{QUALITY_FIT_SEEDS} un-erased images per prompt, calibrated on one more; threshold "
-           f"{data['artifact_judge']['threshold']:.0f}; validated in benchmarks/studies/artifact_judge.py); KID of "
-           f"the other test images against renders of their prompts"] if _has_quality(data) else []),
+           f"{QUALITY_FIT_SEEDS} un-erased images per prompt, calibrated on one more: Mahalanobis threshold "
+           f"{A['threshold']:.0f}, border off colour > {A['border_off_colour']:.3f}, stray object "
+           f"pixels > {A['stray_object_pixels']:.0f}; validated in "
+           f"benchmarks/studies/artifact_judge.py); KID of the other test images against renders of their prompts"]
+          if (A := data.get("artifact_judge")) else []),
         f"- cost: {data['cost']['images_generated']} images generated, {data['cost']['images_from_cache']} from cache, "
         f"{data['cost']['minutes']} min ({data['cost']['torch_threads']} torch threads, {data['cost']['cpus']} CPUs)",
     ])
