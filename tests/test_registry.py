@@ -1,0 +1,111 @@
+"""The pack as the Comfy Registry sees it: the archive's file list (git-tracked files minus .comfyignore, plus
+[tool.comfy] includes, as comfy-cli builds it), pyproject's required fields and icon, and no call in the shipped
+code that the registry's scan forbids or flags (its ruff rules S102/S307/E702, process spawning, dynamic imports,
+eval in the web extension)."""
+
+from __future__ import annotations
+
+import ast
+import io
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+from urllib.parse import urlparse
+
+import pathspec
+import pytest
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
+REGISTRY_RULES = "S102,S307,E702"          # what `comfy node validate` runs ruff with
+SPAWN_RULES = "S602,S603,S604,S605,S606,S607"  # subprocess, os.system, os.popen and kin
+DYNAMIC = {("importlib", "import_module"), ("builtins", "__import__")}
+BARE = {"eval", "exec", "compile", "__import__"}
+
+
+def archive_files() -> list[Path]:
+    """What `comfy node pack` puts in the archive from a git checkout."""
+    tracked = subprocess.run(["git", "ls-files", "-z"], cwd=ROOT, capture_output=True, check=True).stdout
+    files = {f for f in tracked.decode().split("\0") if f and (ROOT / f).is_file()}
+    ignore = pathspec.GitIgnoreSpec.from_lines((ROOT / ".comfyignore").read_text().splitlines())
+    files = {f for f in files if not ignore.match_file(f)}
+    for include in PYPROJECT["tool"]["comfy"]["includes"]:
+        files |= {str(p.relative_to(ROOT)) for p in (ROOT / include).rglob("*") if p.is_file()}
+    return sorted(ROOT / f for f in files)
+
+
+def flagged_calls(source: str) -> list[str]:
+    """Dynamic imports and eval/exec/compile by name or through importlib/builtins, as 'line: call'."""
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        if not isinstance(node, ast.Call):
+            continue
+        f = node.func
+        if isinstance(f, ast.Name) and f.id in BARE:
+            found.append(f"{node.lineno}: {f.id}")
+        elif isinstance(f, ast.Attribute) and isinstance(f.value, ast.Name) and (f.value.id, f.attr) in DYNAMIC:
+            found.append(f"{node.lineno}: {f.value.id}.{f.attr}")
+    return found
+
+
+def ruff(rules: str, files: list[Path]) -> str:
+    return subprocess.run([sys.executable, "-m", "ruff", "check", "-q", "--no-cache", "--isolated", "--select", rules,
+                           "--output-format", "concise", "--exit-zero", *map(str, files)],
+                          cwd=ROOT, capture_output=True, text=True, check=True).stdout
+
+
+@pytest.fixture(scope="module")
+def shipped_python():
+    return [f for f in archive_files() if f.suffix == ".py"]
+
+
+def test_the_archive_ships_the_pack_and_not_the_dev_tools():
+    files = {str(f.relative_to(ROOT)) for f in archive_files()}
+    for needed in ("__init__.py", "nodes/__init__.py", "saemnesia_core/eraser.py", "web/concept_checklist.js",
+                   "pyproject.toml", "LICENSE", "web/icon.png"):
+        assert needed in files
+    assert any(f.startswith("models/") for f in files) and any(f.startswith("example_workflows/") for f in files)
+    for dev in ("saemnesia_comfy/server.py", "saemnesia_comfy/browser.py", "scripts/demo.py", "tests/conftest.py"):
+        assert dev not in files
+
+
+def test_the_shipped_python_has_nothing_the_registry_forbids_or_flags(shipped_python):
+    assert len(shipped_python) > 20
+    assert ruff(f"{REGISTRY_RULES},{SPAWN_RULES}", shipped_python) == ""
+    found = {str(f.relative_to(ROOT)): flagged_calls(f.read_text()) for f in shipped_python}
+    assert {f: calls for f, calls in found.items() if calls} == {}
+    for f in shipped_python:
+        assert "pip install" not in f.read_text(), f  # no installs at run time
+
+
+def test_the_checks_see_what_they_look_for():
+    """The same checks find the dev tools' process spawning and every kind of flagged call written in a file."""
+    assert "S603" in ruff(SPAWN_RULES, [ROOT / "saemnesia_comfy" / "server.py"])
+    source = ("import importlib, builtins\nimportlib.import_module('os')\n__import__('os')\nbuiltins.__import__('os')\n"
+              "eval('1')\nexec('x = 1')\ncompile('1', 'f', 'eval')\nprint(model.eval())\n")
+    assert flagged_calls(source) == ["2: importlib.import_module", "3: __import__", "4: builtins.__import__",
+                                     "5: eval", "6: exec", "7: compile"]
+
+
+def test_the_web_extension_evaluates_no_strings():
+    for js in (ROOT / "web").glob("*.js"):
+        text = js.read_text()
+        assert "eval(" not in text and "new Function(" not in text, js
+
+
+def test_pyproject_has_the_registry_fields_and_a_real_icon():
+    project, comfy = PYPROJECT["project"], PYPROJECT["tool"]["comfy"]
+    for field in ("name", "version", "description", "license"):
+        assert project[field], field
+    for field in ("PublisherId", "DisplayName", "Icon", "requires-comfyui", "includes"):
+        assert comfy[field], field
+    repository = urlparse(project["urls"]["Repository"])
+    icon = urlparse(comfy["Icon"])
+    owner_repo = repository.path.strip("/")
+    assert icon.netloc == "raw.githubusercontent.com" and icon.path.startswith(f"/{owner_repo}/main/")
+    path = ROOT / icon.path.removeprefix(f"/{owner_repo}/main/")
+    image = Image.open(io.BytesIO(path.read_bytes()))
+    assert image.format == "PNG" and image.size[0] == image.size[1] <= 400
+    assert str(path.relative_to(ROOT)) in {str(f.relative_to(ROOT)) for f in archive_files()}
