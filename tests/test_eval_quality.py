@@ -83,6 +83,18 @@ def test_the_structural_cues_flag_smears_and_fragments_that_the_features_miss(ar
                                                                           artifact_judge.threshold)).any())
 
 
+def test_the_artifact_judge_saved_and_loaded_flags_the_same_images(artifact_judge, judges, tmp_path):
+    base, _ = renders(72, 12)
+    broken = base.copy()
+    broken[:36, :, 16:] = np.random.default_rng(2).integers(0, 256, size=(36, 32, 16, 3))
+    assert artifact_judge.center.ndim == 1 and artifact_judge.scale > 1  # KID's centring and scale were fitted
+    artifact_judge.save(tmp_path / "judge.safetensors")
+    loaded = ArtifactJudge.load(tmp_path / "judge.safetensors", judges)
+    assert loaded.cue_thresholds == artifact_judge.cue_thresholds and loaded.threshold == artifact_judge.threshold
+    assert torch.equal(loaded.flags(broken), artifact_judge.flags(broken))
+    assert torch.allclose(loaded.scores(broken), artifact_judge.scores(broken), rtol=1e-4)
+
+
 def test_kid_is_near_zero_for_one_distribution_and_large_between_two(artifact_judge):
     a, cells = renders(96, 7)
     b, _ = renders(96, 8)   # the same prompts, other seeds

@@ -174,6 +174,7 @@ def main(argv: list[str] | None = None) -> int:
     runner = Runner(assets, protocol, args.cache, progress=not args.no_progress)
     results = evaluate(runner, args.mode)
     write_reports(results, out)
+    runner.artifact_judge().save(out / "artifact_judge.safetensors")  # the demo flags its images with it
     print(summary_table(results.data))
     print(f"wrote {out}/results.json, report.md, README_snippet.md and plots ({results.data['cost']['minutes']} min)")
     return 0

@@ -18,10 +18,13 @@ prompts; unlike FID it has no bias at the few dozen images per setting the quick
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 
 import numpy as np
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 from ..judges import Judges, augment
 from ..render import OBJECTS, render_batch
@@ -82,13 +85,29 @@ class ArtifactJudge:
         ridge = 1e-3 * covariance.diagonal().mean()
         precision = torch.linalg.inv(covariance + ridge * torch.eye(len(covariance), dtype=covariance.dtype))
         center = features.mean(0)
-        judge = cls(judges, means, precision, float("inf"), center, float((features - center).pow(2).mean().sqrt()))
+        judge = cls(judges, means, precision, float("inf"), center=center,
+                    scale=float((features - center).pow(2).mean().sqrt()))
         fresh, _ = reference_renders(per_class, seed + 1_000_000)
         judge.threshold = max(_quantile(judge.scores(part)) for part in (fresh, own_calibration))
         own_all = torch.cat([_as_unit(own[0]), _as_unit(own_calibration)])  # the cues fit nothing: use every image
         cues = [scene_cues(part) for part in (fresh, own_all)]
         judge.cue_thresholds = tuple(max(_quantile(c[:, j]) for c in cues) for j in range(2))
         return judge
+
+    def save(self, path) -> None:
+        """The fitted state, float32 (the judges are the toy world's own file): the evaluation writes it beside its
+        report so the demo flags images with the judge its AR came from."""
+        tensors = {"means": self.means, "precision": self.precision, "center": self.center}
+        save_file({k: v.float().contiguous() for k, v in tensors.items()}, str(path), metadata={"fit": json.dumps(
+            {"threshold": self.threshold, "cue_thresholds": list(self.cue_thresholds), "scale": self.scale})})
+
+    @classmethod
+    def load(cls, path, judges: Judges) -> ArtifactJudge:
+        with safe_open(str(path), framework="pt") as f:
+            t = {k: f.get_tensor(k).double() for k in ("means", "precision", "center")}
+            fit = json.loads(f.metadata()["fit"])
+        return cls(judges, t["means"], t["precision"], fit["threshold"], tuple(fit["cue_thresholds"]),
+                   center=t["center"], scale=fit["scale"])
 
     def features(self, images) -> torch.Tensor:
         """The judges' features, centred and scaled as the fitted ones (zero mean, unit RMS there), [N, F] float64."""
