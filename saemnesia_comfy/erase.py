@@ -62,6 +62,15 @@ def attach_sae_weights(model, loaded: LoadedSAE) -> None:
         model.set_additional_models(ADDITIONAL_MODELS_KEY, attached + [loaded.patcher])
 
 
+def sae_weights_of(model, loaded: LoadedSAE):
+    """The copy of `loaded`'s SAE that `model` carries: its own, or on a MultiGPU copy of the model the one ComfyUI
+    made with it for that device (a copy of the same patcher shares its clone_base_uuid)."""
+    for patcher in model.get_additional_models_with_key(ADDITIONAL_MODELS_KEY):
+        if patcher.clone_base_uuid == loaded.patcher.clone_base_uuid:
+            return patcher.model.sae
+    raise RuntimeError(f"this model carries no copy of the SAE {loaded.name!r}")
+
+
 def target_block(model, loaded: LoadedSAE) -> str:
     """The ComfyUI block of the SAE's hookpoint, checked against the SAE's width."""
     block = comfy_block_name(model, loaded.file.hookpoint)
@@ -83,7 +92,10 @@ def erase_concepts(model, loaded: LoadedSAE, concepts: dict[str, float | None], 
     strengths = {label: strength if s is None else s for label, s in concepts.items()}
     loaded = loaded.for_dtype(compute_dtype(model))
     tables = loaded.file.tables if loaded.file.tables is not None else ConceptTables.empty(loaded.file.num_buckets)
-    eraser = ConceptEraser(loaded.sae, loaded.file.concepts, tables, strengths, mode, detection)  # checks the labels
+    def make_eraser(sae):
+        return ConceptEraser(sae, loaded.file.concepts, tables, strengths, mode, detection)
+
+    eraser = make_eraser(loaded.sae)  # checks the labels
     m = model.clone()
     if not strengths:
         return m
@@ -102,12 +114,17 @@ def erase_concepts(model, loaded: LoadedSAE, concepts: dict[str, float | None], 
             regions[key] = token_weights(mask, key[0]).to(out.device)
         return item_weights(regions[key], item_latent_index(options, out.shape[0]))
 
-    def edit(out, options):
-        uncond_seen[0] |= UNCOND in (options.get("cond_or_uncond") or ())
-        items, t = gate.items(options, out.shape[0], out.device)
-        return eraser(out, t, items, region(out, options)) if bool(items.any()) else out
+    def edit_with(eraser):
+        def edit(out, options):
+            uncond_seen[0] |= UNCOND in (options.get("cond_or_uncond") or ())
+            items, t = gate.items(options, out.shape[0], out.device)
+            return eraser(out, t, items, region(out, options)) if bool(items.any()) else out
+        return edit
 
-    patch_block_output(m, block, edit)
+    def edit_for_copy(copy):  # a MultiGPU copy of the model erases with its own copy of the SAE's weights
+        return edit_with(make_eraser(sae_weights_of(copy, loaded)))
+
+    patch_block_output(m, block, edit_with(eraser), edit_for_copy)
     attach_sae_weights(m, loaded)
     if branches == "uncond":  # at cfg 1 ComfyUI skips the unconditional pass: nothing would be erased, silently
         def forget(_patcher):

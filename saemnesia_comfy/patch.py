@@ -15,6 +15,7 @@ from typing import Callable
 import torch
 
 import comfy.utils
+from comfy.patcher_extension import CallbacksMP
 
 COND, UNCOND = 0, 1
 BRANCHES = {"both": (COND, UNCOND), "cond": (COND,), "uncond": (UNCOND,)}
@@ -43,18 +44,60 @@ def check_block_width(model, block: str, d_in: int, hookpoint: str) -> None:
                              f"{block} has {channels} channels: the SAE was trained for another model")
 
 
-def patch_block_output(model, block: str, edit: Callable[[torch.Tensor, dict], torch.Tensor]) -> None:
-    """Make `edit(output, transformer_options)` see and replace the output of `diffusion_model.<block>` in `model`."""
+class BlockOutputPatch:
+    """The object patch on a block's `forward`: runs what was there before (the block's own forward, or an
+    earlier patch), then `edit(output, transformer_options)`.
+
+    It remembers how it was made so that a MultiGPU clone (ComfyUI 0.23+: a fresh copy of the model per device)
+    can rebuild it on that copy's own block with that copy's own weights (`rebind`): ComfyUI copies object
+    patches to such clones as they are, still bound to the original device's module.
+    """
+
+    def __init__(self, module, previous: Callable, edit: Callable, make_edit: Callable):
+        self.module, self.previous, self.edit, self.make_edit = module, previous, edit, make_edit
+
+    def __call__(self, x, *args, **kwargs):
+        out = self.previous(x, *args, **kwargs)
+        options = kwargs.get("transformer_options", args[1] if len(args) > 1 else None) or {}
+        return self.edit(out, options)
+
+    def rebind(self, model, module) -> BlockOutputPatch:
+        """This patch on `model`, whose block is `module`."""
+        previous = self.previous
+        if isinstance(previous, BlockOutputPatch):
+            previous = previous.rebind(model, module)
+        elif getattr(previous, "__self__", None) is self.module:  # the block's own (or another pack's) method
+            previous = types.MethodType(previous.__func__, module)
+        return BlockOutputPatch(module, previous, self.make_edit(model), self.make_edit)
+
+
+def patch_block_output(model, block: str, edit: Callable[[torch.Tensor, dict], torch.Tensor],
+                       make_edit: Callable[[object], Callable] | None = None) -> None:
+    """Make `edit(output, transformer_options)` see and replace the output of `diffusion_model.<block>` in `model`.
+    An edit that holds weights of its own gives `make_edit(model_copy)`, which makes the edit for a MultiGPU copy
+    of the model (with that copy's weights); without it, copies share `edit`."""
     key = f"diffusion_model.{block}.forward"
     module = model.get_model_object(f"diffusion_model.{block}")
     previous = model.get_model_object(key)  # the block's own forward, or an earlier patch in this clone chain
+    model.add_object_patch(key, BlockOutputPatch(module, previous, edit, make_edit or (lambda _copy: edit)))
+    for hook in MULTIGPU_CALLBACKS:  # one registration however many patches (rebinding covers the whole chain)
+        model.remove_callbacks_with_key(hook, _REBIND_KEY)
+        model.add_callback_with_key(hook, _REBIND_KEY, _rebind_block_patches)
 
-    def forward(self, x, *args, **kwargs):
-        out = previous(x, *args, **kwargs)
-        options = kwargs.get("transformer_options", args[1] if len(args) > 1 else None) or {}
-        return edit(out, options)
 
-    model.add_object_patch(key, types.MethodType(forward, module))
+_REBIND_KEY = "saemnesia_block_patches"
+# ComfyUI's callbacks when it makes or matches a MultiGPU copy of a model (none before 0.23)
+MULTIGPU_CALLBACKS = [getattr(CallbacksMP, name) for name in ("ON_DEEPCLONE_MULTIGPU", "ON_MATCH_MULTIGPU_CLONES")
+                      if hasattr(CallbacksMP, name)]
+
+
+def _rebind_block_patches(_original, copy) -> None:
+    """Rebuild our block patches of a MultiGPU copy on the copy's own modules (ComfyUI copied them unchanged)."""
+    for key, value in list(copy.object_patches.items()):
+        if isinstance(value, BlockOutputPatch):
+            module = copy.get_model_object(key.removesuffix(".forward"))
+            if value.module is not module:
+                copy.object_patches[key] = value.rebind(copy, module)
 
 
 class StepGate:

@@ -10,6 +10,7 @@ A loaded SAE keeps its weights once, in a ModelPatcher that ComfyUI's memory man
 
 from __future__ import annotations
 
+import copy
 import os
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
@@ -164,8 +165,16 @@ def compute_dtype(model) -> torch.dtype:
 
 
 def _patcher(sae: TopKSAE) -> comfy.model_patcher.ModelPatcher:
-    return comfy.model_patcher.ModelPatcher(SAEWeights(sae), load_device=comfy.model_management.get_torch_device(),
-                                            offload_device=comfy.model_management.unet_offload_device())
+    """The SAE's ModelPatcher. Its `cached_patcher_init` (ComfyUI 0.23+) makes a fresh one with a copy of the
+    weights, which is how ComfyUI gives each device of a MultiGPU run its own SAE (`deepclone_multigpu`)."""
+    patcher = comfy.model_patcher.ModelPatcher(SAEWeights(sae), load_device=comfy.model_management.get_torch_device(),
+                                               offload_device=comfy.model_management.unet_offload_device())
+    patcher.cached_patcher_init = (_copy_patcher, (sae,))
+    return patcher
+
+
+def _copy_patcher(sae: TopKSAE, **_options) -> comfy.model_patcher.ModelPatcher:
+    return _patcher(copy.deepcopy(sae))  # (options such as disable_dynamic: this patcher is never dynamic)
 
 
 _cache: dict[tuple[str, str], LoadedSAE] = {}

@@ -131,7 +131,19 @@ def read_toy_file(path) -> tuple[dict, dict, dict]:
 
 def load_toy_model(path):
     """(MODEL, CLIP, VAE) for ComfyUI from a toy model file, placed by ComfyUI's memory manager."""
-    unet_state, text_state, _ = read_toy_file(path)
+    model = load_toy_unet(path)
+    _, text_state, _ = read_toy_file(path)
+    clip = comfy.sd.CLIP(target=ToyWorldConfig(UNET_CONFIG).clip_target())
+    missing, unexpected = clip.load_sd(text_state)
+    if missing or unexpected:
+        raise ValueError(f"text encoder weights do not fit: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    return model, clip, build_vae()
+
+
+def load_toy_unet(path, **_options):
+    """The MODEL alone, with the `cached_patcher_init` ComfyUI's own loaders register (0.23+): MultiGPU work units
+    call it to load a fresh copy per device (options such as disable_dynamic: this patcher is never dynamic)."""
+    unet_state, _, _ = read_toy_file(path)
     load_device = comfy.model_management.get_torch_device()
     dtype = comfy.model_management.unet_dtype(model_params=sum(v.numel() for v in unet_state.values()),
                                               supported_dtypes=ToyWorldConfig.supported_inference_dtypes)
@@ -142,8 +154,5 @@ def load_toy_model(path):
     base.load_model_weights(unet_state, "")
     model = comfy.model_patcher.ModelPatcher(base, load_device=load_device,
                                              offload_device=comfy.model_management.unet_offload_device())
-    clip = comfy.sd.CLIP(target=config.clip_target())
-    missing, unexpected = clip.load_sd(text_state)
-    if missing or unexpected:
-        raise ValueError(f"text encoder weights do not fit: missing {missing[:3]}, unexpected {unexpected[:3]}")
-    return model, clip, build_vae()
+    model.cached_patcher_init = (load_toy_unet, (str(path),))
+    return model
