@@ -9,14 +9,18 @@ from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 HOST_RECORD = REPO_ROOT / ".comfyui" / "comfyui_path"
-"""scripts/bootstrap.sh writes the host it set up (or $COMFYUI_PATH) here."""
+"""scripts/bootstrap.sh writes the host it set up (or $COMFYUI_PATH) here, and into each venv it builds."""
 
 
 def comfyui_path() -> Path:
-    """$COMFYUI_PATH, else the host scripts/bootstrap.sh recorded for this checkout."""
+    """$COMFYUI_PATH, else the host scripts/bootstrap.sh recorded for the running venv (a second host has a venv
+    of its own), else the one it recorded for this checkout."""
     if os.environ.get("COMFYUI_PATH"):
         return Path(os.environ["COMFYUI_PATH"]).resolve()
-    return Path(HOST_RECORD.read_text().strip()) if HOST_RECORD.exists() else REPO_ROOT / ".comfyui" / "ComfyUI"
+    for record in (Path(sys.prefix) / "comfyui_path", HOST_RECORD):
+        if record.exists():
+            return Path(record.read_text().strip())
+    return REPO_ROOT / ".comfyui" / "ComfyUI"
 
 
 def import_comfy(cpu: bool | None = None) -> Path:
