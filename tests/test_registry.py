@@ -109,3 +109,19 @@ def test_pyproject_has_the_registry_fields_and_a_real_icon():
     image = Image.open(io.BytesIO(path.read_bytes()))
     assert image.format == "PNG" and image.size[0] == image.size[1] <= 400
     assert str(path.relative_to(ROOT)) in {str(f.relative_to(ROOT)) for f in archive_files()}
+
+
+def test_the_readme_and_requires_comfyui_name_the_hosts_the_suite_runs_on():
+    """The host this run of the suite uses is one the README names, and requires-comfyui starts at the oldest."""
+    import re
+
+    from saemnesia_comfy.runtime import comfyui_path
+
+    readme = " ".join((ROOT / "README.md").read_text().split())
+    named = re.search(r"The suite runs on ComfyUI ([\d.]+) and ([\d.]+)", readme)
+    assert named, "the README's compatibility line"
+    version = re.search(r'__version__ = "([\d.]+)"', (comfyui_path() / "comfyui_version.py").read_text()).group(1)
+    assert version in named.groups()
+    oldest = min(named.groups(), key=lambda v: tuple(map(int, v.split("."))))
+    assert PYPROJECT["tool"]["comfy"]["requires-comfyui"] == f">={oldest}"
+    assert f"`requires-comfyui` declares `>={oldest}`" in readme
