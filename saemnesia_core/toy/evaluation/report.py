@@ -100,7 +100,9 @@ def protocol_text(data: dict) -> str:
 
 
 def markdown_report(data: dict) -> str:
-    lines = ["# Miniature UnlearnCanvas on the toy world", "", summary_table(data), "", "## Protocol", "",
+    findings = replace_findings(data)
+    lines = ["# Miniature UnlearnCanvas on the toy world", "", summary_table(data), "",
+             *([findings, ""] if findings else []), "## Protocol", "",
              protocol_text(data), "", "## Definitions", "", "```", DEFINITIONS, "```", "", "## Per concept (test set, %)", "",
              "| target | method | UA | IRA | CRA | UA rephrased | AR | KID ×10³ | chosen |",
              "|---|---|---:|---:|---:|---:|---:|---:|---|"]
@@ -129,11 +131,28 @@ def markdown_report(data: dict) -> str:
     return "\n".join(lines)
 
 
+def replace_findings(data: dict) -> str:
+    """Replace mode (one setting) against latent scaling with γ tuned per concept and against no erasure, per
+    group, on the measures of the clean-erasure targets (UA, IRA, AR). Empty for runs without both."""
+    S = data["summary"]
+    if "replace" not in S or not _has_quality(data):
+        return ""
+    lines = []
+    for group in (g for g in (OBJECT, STYLE) if data["targets"].get(g)):
+        r, t, n = S["replace"][group], S["saemnesia"][group], S["none"][group]
+        lines.append(f"- {group}s: replace mode (one setting, no search) UA {_pct(r['UA'])} %, IRA {_pct(r['IRA'])} % "
+                     f"(no erasure {_pct(n['IRA'])} %), AR {_pct(r['AR'])} %; SAEmnesia with γ tuned UA "
+                     f"{_pct(t['UA'])} %, IRA {_pct(t['IRA'])} %, AR {_pct(t['AR'])} %; the un-erased target images "
+                     f"AR {_pct(n['AR'])} %.")
+    return "\n".join(lines)
+
+
 def readme_snippet(data: dict, out: Path) -> str:
     rel = shown_path(out)
+    findings = replace_findings(data)
     return "\n".join([
         f"### Erasure quality (miniature UnlearnCanvas, {data['mode']} mode)", "", summary_table(data), "",
-        protocol_text(data), "",
+        *([findings, ""] if findings else []), protocol_text(data), "",
         f"![per-concept UA/IRA/CRA]({rel}/per_concept.png)", f"![sequential erasure]({rel}/sequential.png)",
         f"![examples, same seeds]({rel}/examples.png)", "",
         f"Reproduce: `saemnesia eval{' --full' if data['mode'] == 'full' else ''}`.", ""])
