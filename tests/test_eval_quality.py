@@ -107,11 +107,17 @@ def test_kid_is_near_zero_for_one_distribution_and_large_between_two(artifact_ju
 
 def test_quality_metrics_score_artifacts_on_the_targets_images_and_kid_on_the_others(artifact_judge):
     images, cells = renders(72, 9)
+    reference = dict(zip(cells, renders(72, 13)[0]))  # the same prompts at other seeds (cells are distinct)
     items = [Item(o, s, k) for k, (o, s) in enumerate(cells)]
     broken = images.copy()
     hearts = [k for k, i in enumerate(items) if i.obj == "Hearts"]
     broken[hearts, :, 16:] = 255 - broken[hearts, :, 16:][:, ::-1, ::-1]
-    clean, damaged = (quality_metrics(artifact_judge, items, x, "object", {"Hearts"}) for x in (images, broken))
+    clean, damaged = (quality_metrics(artifact_judge, items, x, "object", {"Hearts"}, reference)
+                      for x in (images, broken))
     assert clean["AR"] == 0.0 and damaged["AR"] >= 0.8
     assert damaged["KID"] == pytest.approx(clean["KID"])  # the other images did not change
-    assert torch.is_tensor(artifact_judge.scores(images))
+    smeared = images.copy()
+    others = [k for k in range(72) if k not in hearts]
+    smeared[others, :, 16:] = 255 - smeared[others, :, 16:][:, ::-1, ::-1]
+    assert quality_metrics(artifact_judge, items, smeared, "object", {"Hearts"}, reference)["KID"] > \
+        10 * abs(clean["KID"])  # the edit damaged the others: KID grows

@@ -11,9 +11,11 @@ set). It is then scored on images it never saw:
   sideways), and two renders blended half and half;
 - the model's images under each edit of the evaluation for the object targets of the quick evaluation (exact
   latent scaling at γ = −5 and −30, replace mode), for a reader to compare with the grid.
+Last, KID's two candidate references (renders of the prompts, the model's own images at another seed): the spread
+of KID over random subsets of the un-erased test grid against each.
 Writes benchmarks/studies/results/artifact_judge.json, .md and artifact_judge.png (flagged images framed in red).
 
-    .venv/bin/python benchmarks/studies/artifact_judge.py    # about 15 minutes on 2 cores (images cached)
+    .venv/bin/python benchmarks/studies/artifact_judge.py    # a few minutes once the evaluation's images are cached
 """
 
 from __future__ import annotations
@@ -28,12 +30,14 @@ from saemnesia_comfy.toy.eval_runner import DEFAULT_ASSETS, Runner
 from saemnesia_core.files import write_bytes_atomic, write_json_atomic
 from saemnesia_core.toy.assets import REPO_ROOT
 from saemnesia_core.toy.evaluation.protocol import LOOKS, OBJECT, QUICK, Setting, grid_items
-from saemnesia_core.toy.evaluation.quality import scene_cues
+from saemnesia_core.toy.evaluation.quality import kid, renders_of, scene_cues
 from saemnesia_core.toy.render import OBJECTS, render_batch
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SEED = 11_000_000  # fresh renders, apart from every other seed base
 PER_SET = 144
+OWN = "clean: the model's own images (test grid, no erasure)"
+SUBSETS, SUBSET_SIZE = 20, 64  # KID's spread: random subsets of the test grid's prompts
 
 
 def fresh_renders(n: int, seed: int, empty: bool = False) -> np.ndarray:
@@ -67,7 +71,7 @@ def main() -> None:
     judge = runner.artifact_judge()
     tests = grid_items(QUICK.test_seeds)
     sets = {"clean: fresh renders": fresh_renders(500, SEED),
-            "clean: the model's own images (test grid, no erasure)": runner.images(Setting(), tests),
+            OWN: runner.images(Setting(), tests),
             "clean: empty backgrounds": fresh_renders(PER_SET, SEED + 10, empty=True),
             **{f"broken: {k}": v for k, v in broken_sets(SEED + 20).items()}}
     for concept in QUICK.object_targets:
@@ -84,7 +88,9 @@ def main() -> None:
         rates[name] = {"images": len(images), "flagged": int(flags[name].sum()), "rate": float(flags[name].mean()),
                        **{f"rate_{cue}": float(f.mean()) for cue, f in
                           (("semantic", semantic), ("border", border), ("stray", stray))}}
+    kid_references = compare_kid_references(runner, judge, tests, sets[OWN])
     result = {"threshold": judge.threshold, "cue_thresholds": list(judge.cue_thresholds), "sets": rates,
+              "kid_references": kid_references,
               "method": "benchmarks/studies/artifact_judge.py; judge fitted as in saemnesia eval (quick protocol)"}
     RESULTS.mkdir(parents=True, exist_ok=True)
     write_json_atomic(RESULTS / "artifact_judge.json", result, indent=2)
@@ -96,10 +102,34 @@ def main() -> None:
     lines += [f"| {n} | {r['images']} | {r['flagged']} | {100 * r['rate']:.1f} % | "
               + " | ".join(f"{100 * r[f'rate_{cue}']:.1f} %" for cue in ("semantic", "border", "stray")) + " |"
               for n, r in rates.items()]
-    lines += ["", "![flagged (red) and unflagged (green) examples](artifact_judge.png)", ""]
+    lines += ["", "![flagged (red) and unflagged (green) examples](artifact_judge.png)", "",
+              "## KID's reference", "", f"KID ×10³ of the model's un-erased test images against each reference, over "
+              f"{SUBSETS} random subsets of {SUBSET_SIZE} prompts (the evaluation uses the second):", "",
+              "| reference | mean | sd | min | max |", "|---|---:|---:|---:|---:|"]
+    lines += [f"| {name} | " + " | ".join(f"{1e3 * r[k]:.1f}" for k in ("mean", "sd", "min", "max")) + " |"
+              for name, r in kid_references.items()]
+    lines += [""]
     write_bytes_atomic(RESULTS / "artifact_judge.md", "\n".join(lines).encode())
     plot(sets, flags, RESULTS / "artifact_judge.png")
     print("\n".join(lines))
+
+
+def compare_kid_references(runner: Runner, judge, tests: list, own: np.ndarray) -> dict:
+    """KID of the model's un-erased test images against renders of their prompts and against its own un-erased
+    images of the same prompts at another seed (the evaluation's reference), over random subsets."""
+    own_other_seed = runner.kid_reference()
+    prompts = [(i.obj, i.style) for i in tests]
+    references = {"renders of the same prompts": renders_of(tests).numpy(),
+                  "the model's own images of the same prompts, another seed":
+                      np.stack([own_other_seed[p] for p in prompts])}
+    rng = np.random.default_rng(SEED + 30)
+    subsets = [rng.choice(len(tests), SUBSET_SIZE, replace=False) for _ in range(SUBSETS)]
+    out = {}
+    for name, reference in references.items():
+        values = [kid(judge, own[k], reference[k], [prompts[j] for j in k]) for k in subsets]
+        out[name] = {"mean": float(np.mean(values)), "sd": float(np.std(values)), "min": min(values),
+                     "max": max(values)}
+    return out
 
 
 def plot(sets: dict, flags: dict, path: Path, columns: int = 12) -> None:

@@ -153,6 +153,12 @@ class Runner:
                                                      self.images(Setting(), calibration))
         return self._artifact_judge
 
+    def kid_reference(self) -> dict:
+        """KID's reference: {(object, look): the model's un-erased image of that prompt} at the quality set's
+        calibration seed (never a test seed)."""
+        _, calibration = quality_items()
+        return {(i.obj, i.style): image for i, image in zip(calibration, self.images(Setting(), calibration))}
+
     def judge(self, setting: Setting, items: list[Item]) -> tuple[list[Judged], np.ndarray]:
         images = self.images(setting, items)
         objects, styles = self.judges.predict(torch.from_numpy(images).float() / 255)

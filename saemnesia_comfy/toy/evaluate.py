@@ -52,11 +52,12 @@ def evaluate(runner: Runner, mode: str = "custom") -> Results:
                                       "stray_object_pixels": artifacts.cue_thresholds[1]}
     tests = grid_items(P.test_seeds)
     no_erasure = runner.judge(Setting(), tests)
+    reference = runner.kid_reference()
     targets, chosen = {OBJECT: {}, STYLE: {}}, {}
     for group, concepts in P.targets():
         for concept in concepts:
             targets[group][concept], chosen[concept] = evaluate_target(runner, group, concept, tests, no_erasure,
-                                                                       results.examples)
+                                                                       reference, results.examples)
     results.data["targets"] = targets
     results.data["sequential"] = sequential(runner, chosen, tests)
     runner.bar.close()
@@ -67,7 +68,8 @@ def evaluate(runner: Runner, mode: str = "custom") -> Results:
     return results
 
 
-def evaluate_target(runner: Runner, group: str, concept: str, tests: list[Item], no_erasure, examples: dict):
+def evaluate_target(runner: Runner, group: str, concept: str, tests: list[Item], no_erasure, reference: dict,
+                    examples: dict):
     """One target: γ (and SAeUron's latents per bucket) chosen by (UA + IRA)/2 on the selection set, then every
     method on the test set and on rephrased prompts. Returns the target's results and the chosen erase entries."""
     P = runner.protocol
@@ -91,7 +93,7 @@ def evaluate_target(runner: Runner, group: str, concept: str, tests: list[Item],
     for method, setting in settings.items():
         judged, images = no_erasure if method == "none" else runner.judge(setting, tests)
         test[method] = {**erasure_metrics(judged, group, {concept}),
-                        **quality_metrics(runner.artifact_judge(), tests, images, group, {concept})}
+                        **quality_metrics(runner.artifact_judge(), tests, images, group, {concept}, reference)}
         for cell in example_cells(group, concept):
             pos = next(k for k, j in enumerate(judged) if (j.item.obj, j.item.style) == cell)
             examples.setdefault(method, []).append((f"{concept}: {cell[0]}/{cell[1] or 'unstyled'}", images[pos]))

@@ -14,6 +14,11 @@ SEED = 7
 # 8x8 block and far too strong for styles at its 16x16 block, where it wipes the image; −0.2 erases some styles
 # cleanly there (benchmarks/studies/style_gamma_sweep.py).
 GAMMAS = {"object": -5.0, "style": -0.2}
+# Edit mode per group (saemnesia_core.eraser.MODES), the one the quick evaluation found serves users best
+# (README, "Evaluation"); in replace mode any strength of magnitude ≥ 1 replaces every detected token fully.
+MODES = {"object": "exact", "style": "exact"}
+# The evaluation's fitted artifact judge (written by `saemnesia eval`): the demo flags broken images with it.
+ARTIFACT_JUDGE = "benchmarks/results/eval_quick/artifact_judge.safetensors"
 # Rows shown, chosen from the pool (every object × POOL_STYLES at SEED, judged by benchmarks/studies/demo_pool.py)
 CASES = (("Circles", "Stripes"), ("Triangles", "Stripes"), ("Triangles", "Dots"), ("Hearts", "Stripes"),
          ("Squares", "Outline"), ("Crosses", "Stripes"))

@@ -92,7 +92,8 @@ def protocol_text(data: dict) -> str:
            f"{QUALITY_FIT_SEEDS} un-erased images per prompt, calibrated on one more: Mahalanobis threshold "
            f"{A['threshold']:.0f}, border off colour > {A['border_off_colour']:.3f}, stray object "
            f"pixels > {A['stray_object_pixels']:.0f}; validated in "
-           f"benchmarks/studies/artifact_judge.py); KID of the other test images against renders of their prompts"]
+           f"benchmarks/studies/artifact_judge.py); KID of the other test images against the model's own un-erased "
+           f"images of their prompts at another seed (the quality set's calibration seed)"]
           if (A := data.get("artifact_judge")) else []),
         f"- cost: {data['cost']['images_generated']} images generated, {data['cost']['images_from_cache']} from cache, "
         f"{data['cost']['minutes']} min ({data['cost']['torch_threads']} torch threads, {data['cost']['cpus']} CPUs)",
