@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from saemnesia_core.toy import assets
-from saemnesia_core.toy.evaluation.protocol import LOOKS, Item
+from saemnesia_core.toy.evaluation.protocol import LOOKS, Item, Judged
 from saemnesia_core.toy.evaluation.quality import ArtifactJudge, kid, quality_metrics, scene_cues
 from saemnesia_core.toy.judges import Judges
 from saemnesia_core.toy.render import OBJECTS, render_batch
@@ -109,15 +109,19 @@ def test_quality_metrics_score_artifacts_on_the_targets_images_and_kid_on_the_ot
     images, cells = renders(72, 9)
     reference = dict(zip(cells, renders(72, 13)[0]))  # the same prompts at other seeds (cells are distinct)
     items = [Item(o, s, k) for k, (o, s) in enumerate(cells)]
-    broken = images.copy()
     hearts = [k for k, i in enumerate(items) if i.obj == "Hearts"]
+    # the judges' verdicts, as the evaluation has them: Hearts gone from all but the first Hearts image
+    judged = [Judged(i, "Circles" if k in hearts[1:] else i.obj, i.style or "Unstyled") for k, i in enumerate(items)]
+    broken = images.copy()
     broken[hearts, :, 16:] = 255 - broken[hearts, :, 16:][:, ::-1, ::-1]
-    clean, damaged = (quality_metrics(artifact_judge, items, x, "object", {"Hearts"}, reference)
+    clean, damaged = (quality_metrics(artifact_judge, judged, x, "object", {"Hearts"}, reference)
                       for x in (images, broken))
     assert clean["AR"] == 0.0 and damaged["AR"] >= 0.8
+    assert clean["CE"] == pytest.approx((len(hearts) - 1) / len(hearts))  # gone, and not broken
+    assert damaged["CE"] <= 1 - damaged["AR"]
     assert damaged["KID"] == pytest.approx(clean["KID"])  # the other images did not change
     smeared = images.copy()
     others = [k for k in range(72) if k not in hearts]
     smeared[others, :, 16:] = 255 - smeared[others, :, 16:][:, ::-1, ::-1]
-    assert quality_metrics(artifact_judge, items, smeared, "object", {"Hearts"}, reference)["KID"] > \
+    assert quality_metrics(artifact_judge, judged, smeared, "object", {"Hearts"}, reference)["KID"] > \
         10 * abs(clean["KID"])  # the edit damaged the others: KID grows

@@ -61,7 +61,7 @@ def test_a_tiny_eval_run_writes_json_markdown_and_plots_and_reruns_from_cache(ev
     single = data["targets"]["object"]["Circles"]["test"]["saeuron"]
     assert rows["saeuron"][0] == {"erased": ["Circles"], **{k: single[k] for k in ("UA", "IRA", "CRA")}}
     for m in data["targets"]["object"]["Circles"]["test"].values():  # image quality, for every method
-        assert 0 <= m["AR"] <= 1 and m["KID"] is not None
+        assert 0 <= m["CE"] <= min(m["UA"], 1 - m["AR"]) and m["KID"] is not None
     assert "| SAEmnesia (γ tuned) | 2 |" in (out / "report.md").read_text()
     assert {g: v["hookpoint"] for g, v in data["saeuron_selection"].items()} == {
         "object": "unet.up_blocks.1.attentions.1", "style": "unet.up_blocks.2.attentions.2"}

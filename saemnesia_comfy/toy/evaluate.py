@@ -93,7 +93,7 @@ def evaluate_target(runner: Runner, group: str, concept: str, tests: list[Item],
     for method, setting in settings.items():
         judged, images = no_erasure if method == "none" else runner.judge(setting, tests)
         test[method] = {**erasure_metrics(judged, group, {concept}),
-                        **quality_metrics(runner.artifact_judge(), tests, images, group, {concept}, reference)}
+                        **quality_metrics(runner.artifact_judge(), judged, images, group, {concept}, reference)}
         for cell in example_cells(group, concept):
             pos = next(k for k, j in enumerate(judged) if (j.item.obj, j.item.style) == cell)
             examples.setdefault(method, []).append((f"{concept}: {cell[0]}/{cell[1] or 'unstyled'}", images[pos]))

@@ -14,7 +14,9 @@ style target s:   UA  = share of s's images not judged s
                   CRA = object accuracy on every image (SAeUron counts only the unstyled ones)
 several erased concepts (sequential): UA pools the erased concepts' images, IRA the rest of the group's
 image quality:    AR  = share of the target's images the artifact judge flags as broken (quality.py)
-                  KID = kernel inception distance (×10³ in tables) of the other images to renders of their prompts"""
+                  CE  = clean erasure: share of the target's images with the target gone and not flagged
+                  KID = kernel inception distance (×10³ in tables) of the other images to the model's own
+                        un-erased images of their prompts at another seed"""
 
 METRICS = ("UA", "IRA", "CRA")
 

@@ -43,7 +43,7 @@ METHODS = {  # name -> (label in reports, configurations searched per concept)
     "replace": ("SAEmnesia, replace", 1),
     "negative": ("negative prompt", 1),
 }
-QUALITY_METRICS = ("AR", "KID")
+QUALITY_METRICS = ("AR", "CE", "KID")
 
 
 @dataclass(frozen=True)

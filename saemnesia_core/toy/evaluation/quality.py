@@ -31,7 +31,7 @@ from safetensors.torch import save_file
 
 from ..judges import Judges, augment
 from ..render import OBJECTS, render_batch
-from .protocol import LOOKS, Item
+from .protocol import LOOKS, Item, Judged
 
 REFERENCE_SEED = 8_000_000  # render seeds of the fit (+1e6: the calibration), apart from every other seed base
 PER_CLASS = 16              # renders per class for the fit, and again for the calibration
@@ -194,14 +194,19 @@ def kid(artifacts: ArtifactJudge, images, reference, prompts: list | None = None
     return float(kernel(x, x, within_x) + kernel(y, y, within_y) - 2 * kernel(x, y, across))
 
 
-def quality_metrics(artifacts: ArtifactJudge, items: list[Item], images, group: str, erased,
+def quality_metrics(artifacts: ArtifactJudge, judged: list[Judged], images, group: str, erased,
                     reference: dict) -> dict:
-    """AR over the erased concepts' images; KID of the other images against `reference`: {(object, look): the
-    model's un-erased image of that prompt at another seed}."""
+    """On the erased concepts' images: AR, and CE (clean erasure: the concept gone and the image not flagged);
+    KID of the other images against `reference`: {(object, look): the model's un-erased image of that prompt at
+    another seed}."""
     images = _as_unit(images)
-    target = [k for k, i in enumerate(items) if i.concept(group) in set(erased)]
-    rest = [k for k, i in enumerate(items) if i.concept(group) not in set(erased)]
-    prompts = [(items[k].obj, items[k].style) for k in rest]
+    erased = set(erased)
+    target = [k for k, j in enumerate(judged) if j.item.concept(group) in erased]
+    rest = [k for k, j in enumerate(judged) if j.item.concept(group) not in erased]
+    flags = artifacts.flags(images[target])
+    gone = torch.tensor([judged[k].predicted(group) != judged[k].item.concept(group) for k in target])
+    prompts = [(judged[k].item.obj, judged[k].item.style) for k in rest]
     others = _as_unit(np.stack([np.asarray(reference[p]) for p in prompts])) if len(rest) >= 2 else None
-    return {"AR": artifacts.rate(images[target]),
+    return {"AR": float(flags.double().mean()) if target else None,
+            "CE": float((gone & ~flags).double().mean()) if target else None,
             "KID": kid(artifacts, images[rest], others, prompts) if others is not None else None}

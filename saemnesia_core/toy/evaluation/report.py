@@ -55,8 +55,8 @@ def summary_table(data: dict) -> str:
     head = "| method | configs searched / concept | " + " | ".join(
         f"{g.capitalize()} {m}" for g in groups for m in ("UA", "IRA", "CRA")) + " | Avg | UA, rephrased |"
     if quality:
-        head += " " + " | ".join(f"{g.capitalize()} AR" for g in groups) + " | KID ×10³ |"
-    lines = [head, "|" + "---|" * (4 + 3 * len(groups) + (len(groups) + 1 if quality else 0))]
+        head += " " + " | ".join(f"{g.capitalize()} {m}" for g in groups for m in ("AR", "CE")) + " | KID ×10³ |"
+    lines = [head, "|" + "---|" * (4 + 3 * len(groups) + (2 * len(groups) + 1 if quality else 0))]
     for method in _methods(data):
         s = data["summary"][method]
         cells = [_pct(s[g][m]) for g in groups for m in ("UA", "IRA", "CRA")]
@@ -65,7 +65,7 @@ def summary_table(data: dict) -> str:
                f"{_pct(s['rephrased_UA'])} |")
         if quality:
             kids = [s[g]["KID"] for g in groups if s[g].get("KID") is not None]
-            row += " " + " | ".join(_pct(s[g].get("AR")) for g in groups) + \
+            row += " " + " | ".join(_pct(s[g].get(m)) for g in groups for m in ("AR", "CE")) + \
                 f" | {_kid(sum(kids) / len(kids) if kids else None)} |"
         lines.append(row)
     return "\n".join(lines)
@@ -93,7 +93,8 @@ def protocol_text(data: dict) -> str:
            f"{A['threshold']:.0f}, border off colour > {A['border_off_colour']:.3f}, stray object "
            f"pixels > {A['stray_object_pixels']:.0f}; validated in "
            f"benchmarks/studies/artifact_judge.py); KID of the other test images against the model's own un-erased "
-           f"images of their prompts at another seed (the quality set's calibration seed)"]
+           f"images of their prompts at another seed (the quality set's calibration seed); CE (clean erasure) = the "
+           f"target's test images with the target gone and not flagged"]
           if (A := data.get("artifact_judge")) else []),
         f"- cost: {data['cost']['images_generated']} images generated, {data['cost']['images_from_cache']} from cache, "
         f"{data['cost']['minutes']} min ({data['cost']['torch_threads']} torch threads, {data['cost']['cpus']} CPUs)",
@@ -105,8 +106,8 @@ def markdown_report(data: dict) -> str:
     lines = ["# Miniature UnlearnCanvas on the toy world", "", summary_table(data), "",
              *([findings, ""] if findings else []), "## Protocol", "",
              protocol_text(data), "", "## Definitions", "", "```", DEFINITIONS, "```", "", "## Per concept (test set, %)", "",
-             "| target | method | UA | IRA | CRA | UA rephrased | AR | KID ×10³ | chosen |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---|"]
+             "| target | method | UA | IRA | CRA | UA rephrased | AR | CE | KID ×10³ | chosen |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---|"]
     for group, per_concept in data["targets"].items():
         for concept, t in per_concept.items():
             for method in _methods(data):
@@ -117,7 +118,7 @@ def markdown_report(data: dict) -> str:
                 elif method == "saeuron":
                     chosen = f"{t['chosen']['saeuron']['kept']} latent(s), γ = {t['chosen']['saeuron']['gamma']:g}"
                 lines.append(f"| {concept} ({group}) | {label} | {_pct(m['UA'])} | {_pct(m['IRA'])} | "
-                             f"{_pct(m['CRA'])} | {_pct(t['rephrased_UA'][method])} | {_pct(m.get('AR'))} | "
+                             f"{_pct(m['CRA'])} | {_pct(t['rephrased_UA'][method])} | {_pct(m.get('AR'))} | {_pct(m.get('CE'))} | "
                              f"{_kid(m.get('KID'))} | {chosen} |")
     seq = data["sequential"]
     if seq["order"]:
@@ -142,9 +143,9 @@ def replace_findings(data: dict) -> str:
     for group in (g for g in (OBJECT, STYLE) if data["targets"].get(g)):
         r, t, n = S["replace"][group], S["saemnesia"][group], S["none"][group]
         lines.append(f"- {group}s: replace mode (one setting, no search) UA {_pct(r['UA'])} %, IRA {_pct(r['IRA'])} % "
-                     f"(no erasure {_pct(n['IRA'])} %), AR {_pct(r['AR'])} %; SAEmnesia with γ tuned UA "
-                     f"{_pct(t['UA'])} %, IRA {_pct(t['IRA'])} %, AR {_pct(t['AR'])} %; the un-erased target images "
-                     f"AR {_pct(n['AR'])} %.")
+                     f"(no erasure {_pct(n['IRA'])} %), AR {_pct(r['AR'])} %, CE {_pct(r['CE'])} %; SAEmnesia with γ "
+                     f"tuned UA {_pct(t['UA'])} %, IRA {_pct(t['IRA'])} %, AR {_pct(t['AR'])} %, CE {_pct(t['CE'])} %; "
+                     f"the un-erased target images AR {_pct(n['AR'])} %.")
     return "\n".join(lines)
 
 
