@@ -1,6 +1,7 @@
 """The demo: the real ComfyUI, headless, runs the toy-world workflow with the same seed with and without erasing
 concepts (an object, a style, both), judges every image, and writes the images, a labelled before/after grid and
-the judges' verdicts (verdicts.json, with the caption the README shows).
+the judges' verdicts (verdicts.json, with the caption the README shows), each image also checked by the
+evaluation's artifact judge (flagged = looks broken).
 
     ./scripts/demo.sh                     (sets everything up, then runs this; writes output/demo/)
     ./scripts/demo.sh --out docs/demo     (the copy the README shows)
@@ -22,6 +23,7 @@ from PIL import Image, ImageDraw
 from saemnesia_comfy.server import ComfyServer
 from saemnesia_core.files import write_json_atomic
 from saemnesia_core.toy import assets, demo
+from saemnesia_core.toy.evaluation.quality import ArtifactJudge
 from saemnesia_core.toy.judges import Judges
 
 
@@ -45,14 +47,15 @@ def toy_prompt(text: str, seed: int, erase: dict[str, dict[str, float]], steps=2
         prompt[load] = {"class_type": "SAEmnesiaLoadSAE", "inputs": {"sae_name": assets.SITES[group].saemnesia}}
         prompt[eraser] = {"class_type": "SAEmnesiaEraseConcepts", "inputs": {
             "model": model, "sae": [load, 0], "concepts": json.dumps(concepts), "strength": -1.0,
-            "start_percent": 0.0, "end_percent": 1.0, "branches": "both", "mode": "exact"}}
+            "start_percent": 0.0, "end_percent": 1.0, "branches": "both", "mode": demo.MODES[group]}}
         model = [eraser, 0]
     prompt["5"]["inputs"]["model"] = model
     return prompt
 
 
-def labelled_grid(images: dict, judged: dict, scale: int = 6) -> Image.Image:
-    """Rows = cases, columns = original / erased, each image upscaled `scale`× with the judges' verdict below."""
+def labelled_grid(images: dict, judged: dict, broken: dict, scale: int = 6) -> Image.Image:
+    """Rows = cases, columns = original / erased, each image upscaled `scale`× with the judges' verdict below and
+    a red frame where the artifact judge flags it."""
     cell, pad, head, side, foot = 32 * scale, 6, 26, 170, 14
     rows, columns = len(demo.CASES), len(demo.COLUMNS)
     grid = Image.new("RGB", (side + columns * (cell + pad), head + rows * (cell + foot + pad)), "white")
@@ -65,26 +68,34 @@ def labelled_grid(images: dict, judged: dict, scale: int = 6) -> Image.Image:
         for j, col in enumerate(demo.COLUMNS):
             x = side + j * (cell + pad)
             grid.paste(images[(i, col)].resize((cell, cell), Image.NEAREST), (x, y))
-            draw.text((x + 2, y + cell + 1), "judges: " + " / ".join(judged[(i, col)]), fill="dimgray")
+            if broken[(i, col)]:
+                draw.rectangle((x, y, x + cell - 1, y + cell - 1), outline="red", width=3)
+            label = "judges: " + " / ".join(judged[(i, col)]) + ("  · broken" if broken[(i, col)] else "")
+            draw.text((x + 2, y + cell + 1), label, fill="red" if broken[(i, col)] else "dimgray")
     return grid
 
 
-def judge(images: dict) -> dict:
+def judge(images: dict) -> tuple[dict, dict]:
+    """({key: (object, style)} as the judges name them, {key: flagged as broken by the artifact judge})."""
     judges = Judges.load(assets.path(assets.JUDGES))
     keys = sorted(images)
     batch = torch.from_numpy(np.stack([np.asarray(images[k], dtype=np.float32) / 255 for k in keys]))
     objects, styles = judges.predict(batch)
-    return {k: (o, s) for k, o, s in zip(keys, objects, styles)}
+    flags = ArtifactJudge.load(assets.REPO_ROOT / demo.ARTIFACT_JUDGE, judges).flags(batch).tolist()
+    return {k: (o, s) for k, o, s in zip(keys, objects, styles)}, dict(zip(keys, flags))
 
 
 def caption(verdicts: dict) -> str:
     """The README's caption, from the verdicts alone."""
-    n, t = len(verdicts["rows"]), verdicts["tally"]
-    return (f"The judges on these {n} rows (seed {verdicts['seed']}; objects erased at γ = "
-            f"{demo.GAMMAS['object']:g} with the object SAE, styles at γ = {demo.GAMMAS['style']:g} with the style "
-            f"SAE): originals recognised (object and style) {t['original_recognised']}/{n}; erase object → object "
-            f"gone, style kept {t['object_gone_style_kept']}/{n}; erase style → style gone, object kept "
-            f"{t['style_gone_object_kept']}/{n}; erase both → both gone {t['both_gone']}/{n}.")
+    n, t, modes = len(verdicts["rows"]), verdicts["tally"], verdicts["modes"]
+    broken = {col: sum(row["broken"][col] for row in verdicts["rows"]) for col in demo.COLUMNS}
+    return (f"The judges on these {n} rows (seed {verdicts['seed']}; objects erased in {modes['object']} mode at "
+            f"γ = {demo.strength('object'):g} with the object SAE, styles in {modes['style']} mode at γ = "
+            f"{demo.strength('style'):g} with the style SAE): originals recognised (object and style) "
+            f"{t['original_recognised']}/{n}; erase object → object gone, style kept {t['object_gone_style_kept']}/{n}; "
+            f"erase style → style gone, object kept {t['style_gone_object_kept']}/{n}; erase both → both gone "
+            f"{t['both_gone']}/{n}. Flagged as broken by the evaluation's artifact judge (red frames; AR per "
+            "column): " + ", ".join(f"{col} {broken[col]}/{n}" for col in demo.COLUMNS) + ".")
 
 
 def main(argv=None) -> int:
@@ -92,11 +103,13 @@ def main(argv=None) -> int:
     p.add_argument("--out", type=Path, default=assets.REPO_ROOT / "output" / "demo")
     p.add_argument("--seed", type=int, default=demo.SEED)
     args = p.parse_args(argv)
-    needed = [assets.path(assets.MODEL), assets.path(assets.JUDGES)] + \
+    needed = [assets.path(assets.MODEL), assets.path(assets.JUDGES), assets.REPO_ROOT / demo.ARTIFACT_JUDGE] + \
         [assets.path(site.saemnesia) for site in assets.SITES.values()]
     for path in needed:
         if not path.exists():
-            print(f"missing {path}: regenerate the toy world with `python -m saemnesia_comfy.toy.build`")
+            made_by = "saemnesia eval" if path.name == Path(demo.ARTIFACT_JUDGE).name else \
+                "python -m saemnesia_comfy.toy.build"
+            print(f"missing {path}: regenerate it with `{made_by}`")
             return 1
     (args.out / "images").mkdir(parents=True, exist_ok=True)
     started = time.time()
@@ -115,20 +128,24 @@ def main(argv=None) -> int:
                 images[(i, col)].save(args.out / "images" / f"{obj}_{style}_{col.replace(' ', '_')}.png")
     finally:
         server.stop()
-    judged = judge(images)
+    judged, broken = judge(images)
     rows = [{"object": obj, "style": style,
              "judged": {col: list(judged[(i, col)]) for col in demo.COLUMNS},
+             "broken": {col: broken[(i, col)] for col in demo.COLUMNS},
              **demo.outcomes(obj, style, {col: judged[(i, col)] for col in demo.COLUMNS})}
             for i, (obj, style) in enumerate(demo.CASES)]
-    verdicts = {"written_by": "./scripts/demo.sh", "seed": args.seed, "gammas": demo.GAMMAS,
+    verdicts = {"written_by": "./scripts/demo.sh", "seed": args.seed, "modes": demo.MODES,
+                "strengths": {group: demo.strength(group) for group in demo.MODES},
+                "artifact_judge": demo.ARTIFACT_JUDGE,
                 "sae_files": {group: site.saemnesia for group, site in assets.SITES.items()},
                 "outcomes": demo.OUTCOMES, "rows": rows, "tally": demo.tally(rows)}
     verdicts["caption"] = caption(verdicts)
     write_json_atomic(args.out / "verdicts.json", verdicts)
     grid_path = args.out / "before_after_grid.png"
-    labelled_grid(images, judged).save(grid_path)
+    labelled_grid(images, judged, broken).save(grid_path)
     for row in rows:
-        seen = "  ".join(f"{col}: {'/'.join(row['judged'][col])}" for col in demo.COLUMNS)
+        seen = "  ".join(f"{col}: {'/'.join(row['judged'][col])}{' (broken)' if row['broken'][col] else ''}"
+                         for col in demo.COLUMNS)
         print(f"{row['object']:>9} in {row['style']:<8} → judges see  {seen}")
     print(f"\n{verdicts['caption']}\n\nimages: {args.out / 'images'}\ngrid:   {grid_path}\n"
           f"verdicts: {args.out / 'verdicts.json'}\n({time.time() - started:.0f} s in all)")

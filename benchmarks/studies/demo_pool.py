@@ -2,7 +2,7 @@
 """The pool the demo's rows were chosen from: every object in each of `saemnesia_core.toy.demo.POOL_STYLES` at the
 demo's seed, in the demo's four columns (original, object erased, style erased, both), judged.
 
-The same workflow as the demo (Euler, 25 steps, CFG 5, the same strengths and SAE files, each image sampled
+The same workflow as the demo (Euler, 25 steps, CFG 5, the same modes, strengths and SAE files, each image sampled
 alone with noise from its seed) but in-process, through the Erase Concepts node's own patch path, instead of
 over HTTP. It reports how often each outcome holds in the pool, so the demo's chosen rows can be read against it.
 
@@ -40,7 +40,7 @@ def main(argv=None) -> None:
             for column, erase in demo.erasures(obj, style).items():
                 m = model
                 for group, concepts in erase.items():  # chained, as two Erase Concepts nodes
-                    m = erase_concepts(m, saes[group], concepts, -1.0)
+                    m = erase_concepts(m, saes[group], concepts, -1.0, mode=demo.MODES[group])
                 image = generate(m, vae, encoder, [demo.prompt(obj, style)], [demo.SEED], batch_size=1)
                 (o,), (s,) = judges.predict(image)
                 judged[column] = (o, s)
@@ -48,7 +48,8 @@ def main(argv=None) -> None:
             print(obj, style, judged, flush=True)
     tally = demo.tally(rows)
     shown = [r for r in rows if (r["object"], r["style"]) in demo.CASES]
-    result = {"written_by": "benchmarks/studies/demo_pool.py", "seed": demo.SEED, "gammas": demo.GAMMAS,
+    result = {"written_by": "benchmarks/studies/demo_pool.py", "seed": demo.SEED, "modes": demo.MODES,
+              "strengths": {group: demo.strength(group) for group in demo.MODES},
               "pool": {"objects": list(OBJECTS), "styles": list(demo.POOL_STYLES), "rows": len(rows)},
               "outcomes": demo.OUTCOMES, "tally": tally, "per_style": {
                   style: demo.tally([r for r in rows if r["style"] == style]) for style in demo.POOL_STYLES},

@@ -14,9 +14,10 @@ SEED = 7
 # 8x8 block and far too strong for styles at its 16x16 block, where it wipes the image; −0.2 erases some styles
 # cleanly there (benchmarks/studies/style_gamma_sweep.py).
 GAMMAS = {"object": -5.0, "style": -0.2}
-# Edit mode per group (saemnesia_core.eraser.MODES), the one the quick evaluation found serves users best
-# (README, "Evaluation"); in replace mode any strength of magnitude ≥ 1 replaces every detected token fully.
-MODES = {"object": "exact", "style": "exact"}
+# Edit mode per group (saemnesia_core.eraser.MODES): the one the quick evaluation found serves users best, by clean
+# erasure (README, "Evaluation"). Replace mode runs at the evaluation's one setting, −1 (every detected token fully
+# replaced); exact mode at GAMMAS.
+MODES = {"object": "replace", "style": "replace"}
 # The evaluation's fitted artifact judge (written by `saemnesia eval`): the demo flags broken images with it.
 ARTIFACT_JUDGE = "benchmarks/results/eval_quick/artifact_judge.safetensors"
 # Rows shown, chosen from the pool (every object × POOL_STYLES at SEED, judged by benchmarks/studies/demo_pool.py)
@@ -36,9 +37,14 @@ def prompt(obj: str, style: str) -> str:
     return f"An image of {obj} in {style} style."
 
 
+def strength(group: str) -> float:
+    """The demo's strength for a group's concepts, in that group's mode."""
+    return -1.0 if MODES[group] == "replace" else GAMMAS[group]
+
+
 def erasures(obj: str, style: str) -> dict[str, dict[str, dict[str, float]]]:
     """Per column, what is erased: {group: {concept: γ}}."""
-    o, s = {"object": {obj: GAMMAS["object"]}}, {"style": {style: GAMMAS["style"]}}
+    o, s = {"object": {obj: strength("object")}}, {"style": {style: strength("style")}}
     return dict(zip(COLUMNS, ({}, o, s, {**o, **s})))
 
 
