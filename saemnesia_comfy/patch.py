@@ -44,6 +44,12 @@ def check_block_width(model, block: str, d_in: int, hookpoint: str) -> None:
                              f"{block} has {channels} channels: the SAE was trained for another model")
 
 
+_REBIND_KEY = "saemnesia_block_patches"
+# ComfyUI's callbacks when it makes or matches a MultiGPU copy of a model (none before 0.23)
+MULTIGPU_CALLBACKS = [getattr(CallbacksMP, name) for name in ("ON_DEEPCLONE_MULTIGPU", "ON_MATCH_MULTIGPU_CLONES")
+                      if hasattr(CallbacksMP, name)]
+
+
 class BlockOutputPatch:
     """The object patch on a block's `forward`: runs what was there before (the block's own forward, or an
     earlier patch), then `edit(output, transformer_options)`.
@@ -83,12 +89,6 @@ def patch_block_output(model, block: str, edit: Callable[[torch.Tensor, dict], t
     for hook in MULTIGPU_CALLBACKS:  # one registration however many patches (rebinding covers the whole chain)
         model.remove_callbacks_with_key(hook, _REBIND_KEY)
         model.add_callback_with_key(hook, _REBIND_KEY, _rebind_block_patches)
-
-
-_REBIND_KEY = "saemnesia_block_patches"
-# ComfyUI's callbacks when it makes or matches a MultiGPU copy of a model (none before 0.23)
-MULTIGPU_CALLBACKS = [getattr(CallbacksMP, name) for name in ("ON_DEEPCLONE_MULTIGPU", "ON_MATCH_MULTIGPU_CLONES")
-                      if hasattr(CallbacksMP, name)]
 
 
 def _rebind_block_patches(_original, copy) -> None:
