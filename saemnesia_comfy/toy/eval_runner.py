@@ -71,6 +71,7 @@ class Runner:
         self.scores, self.means = {}, {}
         self._saeuron_variants: dict[tuple, LoadedSAE] = {}
         self._artifact_judge: ArtifactJudge | None = None
+        self._kid_reference: dict = {}
         self.generated = self.cached = 0
         self.bar = None
 
@@ -149,15 +150,17 @@ class Runner:
         """Fitted once per run on renders and the model's own un-erased images of the quality set."""
         if self._artifact_judge is None:
             fit, calibration = quality_items()
+            calibration_images = self.images(Setting(), calibration)
+            self._kid_reference = {(i.obj, i.style): image for i, image in zip(calibration, calibration_images)}
             self._artifact_judge = ArtifactJudge.fit(self.judges, (self.images(Setting(), fit), fit),
-                                                     self.images(Setting(), calibration))
+                                                     calibration_images)
         return self._artifact_judge
 
     def kid_reference(self) -> dict:
         """KID's reference: {(object, look): the model's un-erased image of that prompt} at the quality set's
-        calibration seed (never a test seed)."""
-        _, calibration = quality_items()
-        return {(i.obj, i.style): image for i, image in zip(calibration, self.images(Setting(), calibration))}
+        calibration seed (never a test seed; one image per prompt)."""
+        self.artifact_judge()
+        return self._kid_reference
 
     def judge(self, setting: Setting, items: list[Item]) -> tuple[list[Judged], np.ndarray]:
         images = self.images(setting, items)
