@@ -214,7 +214,8 @@ def test_an_empty_strength_box_shows_the_value_it_inherits_and_a_typed_one_stays
     assert json.loads(concepts_string(page)) == {"Hearts": None, "Neon": -100}
 
 
-STORED_WITH_CIRCLES = "() => Object.values(localStorage).some(v => v.includes('Circles'))"
+# a stored value (the frontend's saved workflow) that is new since `before` and holds the tick
+STORED_WITH_CIRCLES = "(before) => Object.values(localStorage).some(v => v.includes('Circles') && !before.includes(v))"
 
 
 def test_a_tick_followed_by_a_reload_is_kept(server, page):
@@ -222,9 +223,9 @@ def test_a_tick_followed_by_a_reload_is_kept(server, page):
     the bundled frontend; the newer one (1.49 with ComfyUI 0.33) stores it 0.5 s after the change tracker reports
     a change (debounced, for every edit, not only ours), so a reload within that half second loses any edit."""
     open_workflow(page, example(server, ERASE_ONE))
-    assert not page.evaluate(STORED_WITH_CIRCLES)
+    before = page.evaluate("() => Object.values(localStorage)")
     row(page, "Circles").locator("input[type=checkbox]").click()
-    page.wait_for_function(STORED_WITH_CIRCLES, timeout=5000)  # only if the widget told the change tracker
+    page.wait_for_function(STORED_WITH_CIRCLES, arg=before, timeout=5000)  # only if the widget told the tracker
     page.reload()
     page.wait_for_function("!!(window.app?.graph && window.LiteGraph?.registered_node_types?.SAEmnesiaEraseConcepts)")
     page.wait_for_function("(id) => !!window.app.graph.getNodeById(id)", arg=ERASE)
