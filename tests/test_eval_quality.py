@@ -77,10 +77,9 @@ def test_the_structural_cues_flag_smears_and_fragments_that_the_features_miss(ar
     pieces = base.copy()
     pieces[:, 22:32, 0:10] = base[:, 11:21, 11:21]  # a piece of the object pasted into a corner
     for broken in (smear, pieces):
-        flagged = artifact_judge.flags(broken)
-        cue_flagged = (scene_cues(broken) > torch.tensor(artifact_judge.cue_thresholds)).any(1)
-        assert flagged.double().mean() >= 0.5 and bool((cue_flagged & ~(artifact_judge.scores(broken) >
-                                                                          artifact_judge.threshold)).any())
+        flagged, parts = artifact_judge.flags(broken), artifact_judge.flag_parts(broken)
+        cue_flagged = parts["border"] | parts["stray"]
+        assert flagged.double().mean() >= 0.5 and bool((cue_flagged & ~parts["semantic"]).any())
 
 
 def test_the_artifact_judge_saved_and_loaded_flags_the_same_images(artifact_judge, judges, tmp_path):

@@ -30,7 +30,7 @@ from saemnesia_comfy.toy.eval_runner import DEFAULT_ASSETS, Runner
 from saemnesia_core.files import write_bytes_atomic, write_json_atomic
 from saemnesia_core.toy.assets import REPO_ROOT
 from saemnesia_core.toy.evaluation.protocol import LOOKS, OBJECT, QUICK, Setting, grid_items
-from saemnesia_core.toy.evaluation.quality import kid, renders_of, scene_cues
+from saemnesia_core.toy.evaluation.quality import kid, renders_of
 from saemnesia_core.toy.render import OBJECTS, render_batch
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -82,12 +82,10 @@ def main() -> None:
             sets[f"edited: {concept} erased, {label}"] = runner.images(setting, tests)[rows]
     flags, rates = {}, {}
     for name, images in sets.items():
-        semantic = (judge.scores(images) > judge.threshold).numpy()
-        border, stray = (scene_cues(images) > torch.tensor(judge.cue_thresholds, dtype=torch.float64)).numpy().T
-        flags[name] = semantic | border | stray
+        parts = {cue: f.numpy() for cue, f in judge.flag_parts(images).items()}
+        flags[name] = np.any(list(parts.values()), axis=0)
         rates[name] = {"images": len(images), "flagged": int(flags[name].sum()), "rate": float(flags[name].mean()),
-                       **{f"rate_{cue}": float(f.mean()) for cue, f in
-                          (("semantic", semantic), ("border", border), ("stray", stray))}}
+                       **{f"rate_{cue}": float(f.mean()) for cue, f in parts.items()}}
     kid_references = compare_kid_references(runner, judge, tests, sets[OWN])
     result = {"threshold": judge.threshold, "cue_thresholds": list(judge.cue_thresholds), "sets": rates,
               "kid_references": kid_references,

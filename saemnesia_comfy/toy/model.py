@@ -131,8 +131,8 @@ def read_toy_file(path) -> tuple[dict, dict, dict]:
 
 def load_toy_model(path):
     """(MODEL, CLIP, VAE) for ComfyUI from a toy model file, placed by ComfyUI's memory manager."""
-    model = load_toy_unet(path)
-    _, text_state, _ = read_toy_file(path)
+    unet_state, text_state, _ = read_toy_file(path)
+    model = _unet_patcher(path, unet_state)
     clip = comfy.sd.CLIP(target=ToyWorldConfig(UNET_CONFIG).clip_target())
     missing, unexpected = clip.load_sd(text_state)
     if missing or unexpected:
@@ -143,7 +143,10 @@ def load_toy_model(path):
 def load_toy_unet(path, **_options):
     """The MODEL alone, with the `cached_patcher_init` ComfyUI's own loaders register (0.23+): MultiGPU work units
     call it to load a fresh copy per device (options such as disable_dynamic: this patcher is never dynamic)."""
-    unet_state, _, _ = read_toy_file(path)
+    return _unet_patcher(path, read_toy_file(path)[0])
+
+
+def _unet_patcher(path, unet_state: dict):
     load_device = comfy.model_management.get_torch_device()
     dtype = comfy.model_management.unet_dtype(model_params=sum(v.numel() for v in unet_state.values()),
                                               supported_dtypes=ToyWorldConfig.supported_inference_dtypes)

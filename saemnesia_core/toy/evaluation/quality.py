@@ -121,10 +121,15 @@ class ArtifactJudge:
         diff = self.judges.embed(_as_unit(images)).double()[:, None] - self.means[None]     # [N, K, F]
         return torch.einsum("nkf,fg,nkg->nk", diff, self.precision, diff).min(1).values
 
+    def flag_parts(self, images) -> dict[str, torch.Tensor]:
+        """bool [N] per score: semantic (Mahalanobis), border (off the background's colour), stray (pieces)."""
+        border, stray = (scene_cues(images) > torch.tensor(self.cue_thresholds, dtype=torch.float64)).T
+        return {"semantic": self.scores(images) > self.threshold, "border": border, "stray": stray}
+
     def flags(self, images) -> torch.Tensor:
         """bool [N]: the image looks broken (any score above its threshold)."""
-        cues = scene_cues(images) > torch.tensor(self.cue_thresholds, dtype=torch.float64)
-        return (self.scores(images) > self.threshold) | cues.any(1)
+        parts = self.flag_parts(images).values()
+        return torch.stack(list(parts)).any(0)
 
     def rate(self, images) -> float | None:
         """Share of `images` flagged (None for no images)."""
