@@ -18,6 +18,7 @@ calls are synchronised for timing and the peak is the GPU memory one call alloca
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import platform
@@ -73,6 +74,16 @@ def variants(sae, sae_file, x):
         tokens = block_to_tokens(x)
         return sae.pre_acts(tokens).topk(K, dim=-1, sorted=False)
 
+    mixed = {}
+    if sae.dtype != torch.float32:  # an fp32 SAE file on a half-precision UNet: its weights are cast to x's dtype
+        sae32 = copy.deepcopy(sae).float()
+        kept = ConceptEraser(sae32, sae_file.concepts, sae_file.tables, {ERASED: GAMMA})
+
+        def fresh():
+            return ConceptEraser(sae32, sae_file.concepts, sae_file.tables, {ERASED: GAMMA})(x, T)
+
+        mixed = {"ours, exact mode, fp32 SAE (weights cast once, kept)": lambda: kept(x, T),
+                 "ours, exact mode, fp32 SAE, a new eraser per call (a cast per call)": fresh}
     return {
         "dense reference (released hook)": lambda: dense_reference(sae, sae_file, x),
         "ours, paper mode": lambda: paper(x, T),
@@ -80,6 +91,7 @@ def variants(sae, sae_file, x):
         "ours, replace mode": lambda: replace(x, T),
         "ours, exact mode, threshold detection": lambda: exact_fast(x, T),
         "ours, replace mode, threshold detection": lambda: replace_fast(x, T),
+        **mixed,
         "encoder + top-k only (floor)": encoder_only,
     }
 

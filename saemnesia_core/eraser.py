@@ -98,6 +98,7 @@ class ConceptEraser:
         chosen = sorted(_concept_indices(concepts, list(strengths)))
         self.strengths = {concepts[i].label: _strength(concepts[i], strengths[concepts[i].label]) for i in chosen}
         self._tables = {torch.device("cpu"): self._merge(chosen)}
+        self._casts: dict[tuple, tuple[tuple, Tensor]] = {}
 
     @classmethod
     def from_file(cls, sae_file, strengths: dict[str, float | None], mode: str = "exact",
@@ -138,6 +139,28 @@ class ConceptEraser:
             self._tables[device] = self._tables[torch.device("cpu")].to(device)
         return self._tables[device]
 
+    def _weight(self, name: str, device: torch.device, dtype: torch.dtype, rows: bool = False) -> Tensor:
+        """The SAE's tensor `name` (W_enc, b_enc, b_dec, W_dec; with `rows`, only the rows the edit may touch) in
+        the activations' device and dtype. A cast or gathered copy is made once and kept until the SAE's own tensor
+        changes (moved by ComfyUI's memory manager, or rewritten): an fp32 SAE editing an fp16 UNet would otherwise
+        copy the whole encoder at every block call. A tensor that needs neither is used as it is."""
+        source = {"W_enc": self.sae.encoder.weight, "b_enc": self.sae.encoder.bias, "b_dec": self.sae.b_dec,
+                  "W_dec": self.sae.W_dec}[name]
+        if not rows and source.device == device and source.dtype == dtype:
+            return source
+        stamp = (source.device, source.data_ptr(), source._version)
+        key = (name, rows, device, dtype)
+        kept = self._casts.get(key)
+        if kept is None or kept[0] != stamp:
+            picked = source[self._tables_on(source.device).rows] if rows else source
+            kept = self._casts[key] = (stamp, picked.to(device, dtype))
+        return kept[1]
+
+    def _encoder(self, tokens: Tensor, rows: bool = False) -> tuple[Tensor, Tensor, Tensor]:
+        """(W_enc, b_enc, b_dec) for `tokens`: every latent, or with `rows` the latents the edit may touch."""
+        dev, dt = tokens.device, tokens.dtype
+        return self._weight("W_enc", dev, dt, rows), self._weight("b_enc", dev, dt, rows), self._weight("b_dec", dev, dt)
+
     @torch.no_grad()
     def __call__(self, x: Tensor, t: Tensor | float, edit_mask: Tensor | None = None,
                  region: Tensor | None = None) -> Tensor:
@@ -157,11 +180,11 @@ class ConceptEraser:
         x_in = tokens[items]                                                  # [b, N, d]
         lat = tab.latents[buckets]                                            # [b, S]
         if self.detection == "threshold":
-            pre, std = _pre_activations(self.sae, x_in, self._tables_on(self.sae.W_dec.device).rows)
+            pre, std = _pre_activations(self.sae, x_in, *self._encoder(x_in, rows=True))
             slots = tab.slots[buckets][:, None].expand(*pre.shape[:2], -1)
             z = pre.float().gather(2, slots)                                  # [b, N, S] fp32
         else:
-            code = _encode(self.sae, x_in)
+            code = _encode(self.sae, x_in, *self._encoder(x_in))
             z, std = _selected_acts(code, lat), code.std                      # [b, N, S] fp32
         fires = (z > tab.thresholds[buckets][:, None]) & (lat >= 0)[:, None]
         if self.mode == "replace":
@@ -171,7 +194,7 @@ class ConceptEraser:
             edited = _blend(x_in, x_src, torch.where(source >= 0, alpha, 0.0))
         else:
             dz = torch.where(fires, z * tab.scale[buckets][:, None] - z, 0.0)   # z'_i − z_i
-            rows = self.sae.W_dec[self._tables_on(self.sae.W_dec.device).rows].to(x.device, torch.float32)
+            rows = self._weight("W_dec", x.device, torch.float32, rows=True)
             delta = sparse_decode(dz, tab.slots[buckets][:, None].expand_as(dz), rows)   # [b, N, d] fp32
             if self.mode == "exact":
                 if std is not None:
@@ -182,7 +205,7 @@ class ConceptEraser:
                 # The released hooks add error = x̂ − x to the edited reconstruction (x − x̂ would give back x),
                 # hence 2·x̂ − x. They never undo input_unit_norm either, so x̂ and the change stay in the
                 # standardised space.
-                W_dec, b_dec = (p.to(x.device, x.dtype) for p in (self.sae.W_dec, self.sae.b_dec))
+                W_dec, b_dec = (self._weight(name, x.device, x.dtype) for name in ("W_dec", "b_dec"))
                 x_hat = sparse_decode(code.acts, code.indices, W_dec) + b_dec
                 edited = (2 * x_hat.float() - x_in.float() + delta).to(x.dtype)
         if weights is not None:
@@ -226,7 +249,8 @@ def concept_activation_maps(sae: TopKSAE, concepts: list[Concept], tables: Conce
         buckets = bucket_index(t, tables.num_buckets).expand(B).cpu()
         lat = tables.latents[chosen].cpu()[:, buckets]                      # [C', B, L]
         lat = lat.transpose(0, 1).reshape(B, -1).to(x.device)               # [B, C'·L]
-        z = _selected_acts(_encode(sae, tokens), lat)                       # [B, N, C'·L]
+        weights = (p.to(x.device, x.dtype) for p in (sae.encoder.weight, sae.encoder.bias, sae.b_dec))
+        z = _selected_acts(_encode(sae, tokens, *weights), lat)             # [B, N, C'·L]
         maps = z.reshape(B, N, len(chosen), -1).sum(-1).transpose(1, 2)     # [B, C', N]
     return maps.reshape(B, len(chosen), *x.shape[2:]) if x.dim() == 4 else maps
 
@@ -279,21 +303,17 @@ def _blend(x: Tensor, target: Tensor, w: Tensor) -> Tensor:
     return torch.where(w <= 0, x, torch.where(w >= 1, target, mixed))
 
 
-def _encode(sae: TopKSAE, tokens: Tensor) -> _Code:
-    """TopK code of [b, N, d] tokens with the weights cast to the tokens' dtype and device."""
-    pre, std = _pre_activations(sae, tokens)
+def _encode(sae: TopKSAE, tokens: Tensor, W_enc: Tensor, b_enc: Tensor, b_dec: Tensor) -> _Code:
+    """TopK code of [b, N, d] tokens; the weights are already in the tokens' dtype and device."""
+    pre, std = _pre_activations(sae, tokens, W_enc, b_enc, b_dec)
     acts, indices = pre.topk(sae.cfg.k, dim=-1, sorted=False)
     return _Code(acts, indices, std)
 
 
-def _pre_activations(sae: TopKSAE, tokens: Tensor, rows: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
-    """ReLU pre-activations of every latent, or of the latents `rows` [U] only -> ([b, N, n or U], the tokens' std
-    under input_unit_norm, else None); the weights are cast to the tokens' dtype and device."""
-    W_enc, b_enc = sae.encoder.weight, sae.encoder.bias
-    if rows is not None:
-        rows = rows.to(W_enc.device)
-        W_enc, b_enc = W_enc[rows], b_enc[rows]
-    W_enc, b_enc, b_dec = (p.to(tokens.device, tokens.dtype) for p in (W_enc, b_enc, sae.b_dec))
+def _pre_activations(sae: TopKSAE, tokens: Tensor, W_enc: Tensor, b_enc: Tensor,
+                     b_dec: Tensor) -> tuple[Tensor, Tensor | None]:
+    """ReLU pre-activations of the latents whose encoder rows are given (all n, or the U rows threshold detection
+    reads) -> ([b, N, n or U], the tokens' std under input_unit_norm, else None)."""
     sae_in, std = tokens, None
     if sae.cfg.input_unit_norm:
         sae_in, _, std = standardize(tokens)

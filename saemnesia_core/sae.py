@@ -82,8 +82,12 @@ def standardize(x: Tensor) -> Standardized:
 
 
 def pre_activations(x: Tensor, W_enc: Tensor, b_enc: Tensor, b_dec: Tensor) -> Tensor:
-    """[..., d] -> [..., n]: ReLU((x − b_dec)·W_encᵀ + b_enc). ReLU in place: one n-wide tensor, not two."""
-    return F.linear(x - b_dec, W_enc, b_enc).relu_()
+    """[..., d] -> [..., n]: ReLU((x − b_dec)·W_encᵀ + b_enc). ReLU in place: one n-wide tensor, not two.
+    One [tokens, d] product: given [B, N, d] tokens of a block (a strided view), PyTorch's matmul folds the batch
+    into one product only when the weight requires grad, and otherwise copies W_enc once per item."""
+    centred = x - b_dec
+    out = F.linear(centred.reshape(-1, centred.shape[-1]), W_enc, b_enc).relu_()
+    return out.reshape(*centred.shape[:-1], W_enc.shape[0])
 
 
 def sparse_decode(acts: Tensor, indices: Tensor, W_dec: Tensor) -> Tensor:

@@ -297,6 +297,58 @@ def test_threshold_detection_makes_no_latent_wide_tensor_at_all(mode):
     assert (out != x).any() and recorder.ops == []
 
 
+class Casts(TorchDispatchMode):
+    """Counts dtype/device copies (aten._to_copy) of matrices of `dtype` with at least `numel` elements: the SAE's
+    weight matrices or rows of them (activations are [b, N, d], tables are not floating point)."""
+
+    def __init__(self, dtype, numel=1):
+        super().__init__()
+        self.dtype, self.numel, self.count = dtype, numel, 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        source = args[0]
+        if (func.overloadpacket.__name__ == "_to_copy" and source.dim() == 2 and source.dtype == self.dtype
+                and source.numel() >= self.numel):
+            self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("mode, detection", [("exact", "topk"), ("paper", "topk"), ("replace", "topk"),
+                                             ("exact", "threshold")])
+def test_an_fp32_sae_on_bf16_activations_casts_its_weights_once_and_again_only_when_they_change(mode, detection):
+    sae_file = make_random_sae_file(n=512, k=8)
+    sae = sae_file.build_sae()
+    x = activations(sae_file, sae).to(torch.bfloat16)
+    eraser = ConceptEraser.from_file(sae_file, {"Cats": -1.0, "Dogs": -5.0}, mode=mode, sae=sae, detection=detection)
+    casts = Casts(torch.float32)
+    with casts:
+        first = eraser(x, 0.5)
+    before = casts.count
+    with casts:
+        again = eraser(x, 0.5)
+    assert before >= 1 and casts.count == before and torch.equal(again, first)  # nothing cast the second time
+    with torch.no_grad():  # the weights rewritten in place (as a load into the same tensors would)
+        sae.encoder.weight.mul_(-1)
+        sae.W_dec.mul_(2)
+    with casts:
+        changed = eraser(x, 0.5)
+    fresh = ConceptEraser.from_file(sae_file, {"Cats": -1.0, "Dogs": -5.0}, mode=mode, sae=sae, detection=detection)
+    assert casts.count > before and torch.equal(changed, fresh(x, 0.5)) and not torch.equal(changed, first)
+    sae.to(torch.float64)  # moved, as ComfyUI's memory manager moves a model: new tensors
+    assert torch.equal(eraser(x, 0.5), fresh(x, 0.5))
+
+
+def test_an_sae_already_in_the_activations_dtype_is_used_as_it_is():
+    sae_file = make_random_sae_file(n=512, k=8)
+    sae = sae_file.build_sae(dtype=torch.bfloat16)
+    x = activations(sae_file, sae).to(torch.bfloat16)
+    casts = Casts(torch.bfloat16, numel=512 * 16)  # a copy of the whole encoder or decoder
+    with casts:
+        for mode in ("exact", "paper", "replace"):
+            ConceptEraser.from_file(sae_file, {"Cats": -1.0}, mode=mode, sae=sae)(x, 0.5)
+    assert casts.count == 0
+
+
 # ---------------------------------------------------------------------------------------------- activation maps
 
 
