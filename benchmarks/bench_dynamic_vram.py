@@ -1,0 +1,144 @@
+# SPDX-License-Identifier: GPL-3.0-or-later
+"""Erase Concepts through ComfyUI's dynamic-VRAM model patcher (`ModelPatcherDynamic`), on a CUDA machine.
+
+Newer ComfyUI hosts (0.33 here) start with comfy-aimdo's dynamic VRAM when it works, which is their default on
+NVIDIA: the UNet's patcher is then a `ModelPatcherDynamic`, whose weights comfy-aimdo pages in as the layers run.
+This script starts the host the way its `main.py` does (comfy-aimdo's library loaded before PyTorch, its devices
+registered, `CoreModelPatcher` set to `ModelPatcherDynamic`), loads an SD1.5-shaped UNet with random weights
+through ComfyUI's own loader (`comfy.sd.load_diffusion_model_state_dict`, what UNETLoader calls), and samples at
+512 px in fp16 with Erase Concepts (a random SAE of the papers' size, d = 1280, n = 20480, k = 32; all
+20 of its concepts chosen, so that some latent fires).
+
+Checks (the run fails if one does not hold): the loaded model and Erase Concepts' clones are dynamic patchers;
+nothing chosen gives the unpatched image bit for bit; a chosen concept changes it; the edit runs on the GPU with
+the SAE's weights placed there by ComfyUI's memory manager. Time: no erasure vs exact and replace mode, interleaved.
+
+    COMFYUI_PATH=<a ComfyUI 0.33+ host> python benchmarks/bench_dynamic_vram.py [--steps 20] [--repeats 5]
+
+Writes benchmarks/results/gpu_dynamic_vram.json and .md (--out-name changes the name). scripts/gpu_check.sh runs it.
+"""
+
+import comfy_aimdo.control  # noqa: I001  (first: ComfyUI's main.py loads comfy-aimdo before PyTorch)
+
+AIMDO_LOADED = comfy_aimdo.control.init()
+
+import argparse  # noqa: E402
+import statistics  # noqa: E402
+import sys  # noqa: E402
+import tempfile  # noqa: E402
+from importlib.metadata import version  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import torch  # noqa: E402
+
+from saemnesia_comfy.runtime import import_comfy  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def start_dynamic_vram() -> str:
+    """ComfyUI's start-up steps for dynamic VRAM (its main.py): register the devices with comfy-aimdo and make
+    ComfyUI's loaders build ModelPatcherDynamic. Returns the host's version."""
+    import_comfy(cpu=False)
+    import comfy.memory_management
+    import comfy.model_management
+    import comfy.model_patcher
+    import comfyui_version
+
+    if not hasattr(comfy.model_patcher, "ModelPatcherDynamic"):
+        sys.exit(f"ComfyUI {comfyui_version.__version__} has no ModelPatcherDynamic: point COMFYUI_PATH at 0.33+")
+    if not AIMDO_LOADED or not comfy_aimdo.control.init_devices(
+            (d.index, 0) for d in comfy.model_management.get_all_torch_devices()):
+        sys.exit("comfy-aimdo did not start on this machine: ComfyUI would fall back to its classic ModelPatcher")
+    comfy.model_patcher.CoreModelPatcher = comfy.model_patcher.ModelPatcherDynamic
+    comfy.memory_management.aimdo_enabled = True
+    return comfyui_version.__version__
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--size", type=int, default=512, help="pixels (latent = size/8)")
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--out-name", default="gpu_dynamic_vram", help="results file name (without .json / .md)")
+    args = p.parse_args()
+    if not torch.cuda.is_available():
+        print("bench_dynamic_vram: no CUDA device; ComfyUI uses its classic ModelPatcher on the CPU")
+        return
+    host = start_dynamic_vram()
+
+    import comfy.sd
+    from bench_sampling import load_random_sae, random_sae_file, sd15_model, sd15_sampler, time_variants
+    from saemnesia_comfy.erase import ADDITIONAL_MODELS_KEY, erase_concepts, target_block
+    from saemnesia_comfy.patch import patch_block_output
+    from saemnesia_core.files import write_bytes_atomic, write_json_atomic
+
+    state = sd15_model(torch.float16).model.diffusion_model.state_dict()
+    model = comfy.sd.load_diffusion_model_state_dict(state, model_options={"dtype": torch.float16})
+    del state
+    sample = sd15_sampler(args.size)
+    with tempfile.TemporaryDirectory() as folder:
+        loaded = load_random_sae(random_sae_file(1280, 20480, 32), Path(folder))
+    every = {c.label: -1.0 for c in loaded.file.concepts}  # 20 random latents: some fire on some tokens
+    variants = {"no erasure": model,
+                "Erase Concepts, nothing chosen": erase_concepts(model, loaded, {}, -1.0),
+                "Erase Concepts, exact": erase_concepts(model, loaded, every, -1.0),
+                "Erase Concepts, replace": erase_concepts(model, loaded, every, -1.0, mode="replace")}
+
+    watched, placements = variants["Erase Concepts, exact"].clone(), []
+    (sae_patcher,) = watched.get_additional_models_with_key(ADDITIONAL_MODELS_KEY)
+    patch_block_output(watched, target_block(watched, loaded), lambda out, options: placements.append(
+        (str(sae_patcher.model.sae.W_dec.device), str(out.device))) or out)
+    with torch.no_grad():
+        images = {name: sample(m, args.steps) for name, m in variants.items()}
+        sample(watched, 2)
+    checks = {
+        "model patcher": type(model).__name__,
+        "Erase Concepts' clones are dynamic": all(m.is_dynamic() for m in variants.values()),
+        "SAE patcher": type(sae_patcher).__name__,
+        "nothing chosen = no erasure, bit for bit": torch.equal(images["Erase Concepts, nothing chosen"],
+                                                                images["no erasure"]),
+        "exact mode changes the image": not torch.equal(images["Erase Concepts, exact"], images["no erasure"]),
+        "replace mode changes the image": not torch.equal(images["Erase Concepts, replace"], images["no erasure"]),
+        "edit calls seen": len(placements),
+        "SAE weights and block output on the GPU at every call": bool(placements) and all(
+            w.startswith("cuda") and o.startswith("cuda") for w, o in placements),
+    }
+    times = time_variants(sample, variants, args.steps, args.repeats, args.warmup)
+    base = statistics.median(times["no erasure"])
+    rows = [{"variant": name, "median_s": statistics.median(t), "per_step_ms": 1e3 * statistics.median(t) / args.steps,
+             "overhead": statistics.median(t) / base - 1} for name, t in times.items()]
+    result = {"environment": {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
+                              "comfyui": host, "comfy_aimdo": version("comfy-aimdo")},
+              "config": {"model": "SD1.5 UNet config, random weights, fp16, loaded by comfy.sd.load_diffusion_model_"
+                                  "state_dict", "pixels": args.size, "steps": args.steps, "sampler": "euler",
+                         "cfg": 7.5, "sae": "random, d=1280, n=20480, k=32", "repeats": args.repeats,
+                         "warmup": args.warmup},
+              "checks": checks, "rows": rows}
+    RESULTS.mkdir(exist_ok=True)
+    write_json_atomic(RESULTS / f"{args.out_name}.json", result, indent=2)
+    table = markdown(result)
+    write_bytes_atomic(RESULTS / f"{args.out_name}.md", (table + "\n").encode())
+    print(table)
+    failed = [name for name, ok in checks.items() if ok is False]
+    if failed or checks["model patcher"] != "ModelPatcherDynamic":
+        sys.exit(f"bench_dynamic_vram: checks failed: {failed or ['model patcher']}")
+
+
+def markdown(result: dict) -> str:
+    env, cfg = result["environment"], result["config"]
+    lines = [f"# Erase Concepts under ComfyUI's dynamic VRAM ({env['device']})", "",
+             f"ComfyUI {env['comfyui']}, comfy-aimdo {env['comfy_aimdo']}, torch {env['torch']}. {cfg['model']}; "
+             f"{cfg['pixels']} px, {cfg['steps']} {cfg['sampler']} steps, CFG {cfg['cfg']}; SAE {cfg['sae']}. "
+             f"Median of {cfg['repeats']} interleaved repeats after {cfg['warmup']} warm-up.", "",
+             "| check | result |", "|---|---|"]
+    lines += [f"| {name} | {value} |" for name, value in result["checks"].items()]
+    lines += ["", "| variant | median s | ms / step | overhead |", "|---|---:|---:|---:|"]
+    lines += [f"| {r['variant']} | {r['median_s']:.3f} | {r['per_step_ms']:.1f} | {100 * r['overhead']:+.1f} % |"
+              for r in result["rows"]]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
