@@ -148,7 +148,9 @@ class ConceptEraser:
                   "W_dec": self.sae.W_dec}[name]
         if not rows and source.device == device and source.dtype == dtype:
             return source
-        stamp = (source.device, source.data_ptr(), source._version)
+        # where the values live, and how often they were rewritten in place (untracked for inference tensors,
+        # which ComfyUI makes when it loads the SAE under torch.inference_mode)
+        stamp = (source.device, source.data_ptr(), None if source.is_inference() else source._version)
         key = (name, rows, device, dtype)
         kept = self._casts.get(key)
         if kept is None or kept[0] != stamp:

@@ -306,11 +306,12 @@ class Casts(TorchDispatchMode):
         self.dtype, self.numel, self.count = dtype, numel, 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        source = args[0]
-        if (func.overloadpacket.__name__ == "_to_copy" and source.dim() == 2 and source.dtype == self.dtype
+        source, out = args[0], func(*args, **(kwargs or {}))
+        if (func.overloadpacket.__name__ in ("_to_copy", "to")  # `to` itself under inference mode
+                and out is not source and source.dim() == 2 and source.dtype == self.dtype
                 and source.numel() >= self.numel):
             self.count += 1
-        return func(*args, **(kwargs or {}))
+        return out
 
 
 @pytest.mark.parametrize("mode, detection", [("exact", "topk"), ("paper", "topk"), ("replace", "topk"),
@@ -336,6 +337,22 @@ def test_an_fp32_sae_on_bf16_activations_casts_its_weights_once_and_again_only_w
     assert casts.count > before and torch.equal(changed, fresh(x, 0.5)) and not torch.equal(changed, first)
     sae.to(torch.float64)  # moved, as ComfyUI's memory manager moves a model: new tensors
     assert torch.equal(eraser(x, 0.5), fresh(x, 0.5))
+
+
+def test_weights_made_under_inference_mode_are_cast_once_too():
+    """ComfyUI loads the SAE and samples under torch.inference_mode: its tensors track no version counter."""
+    with torch.inference_mode():
+        sae_file = make_random_sae_file(n=512, k=8)
+        sae = sae_file.build_sae(dtype=torch.float32)
+        x = activations(sae_file, sae).to(torch.bfloat16)
+        eraser = ConceptEraser.from_file(sae_file, {"Cats": -1.0}, sae=sae)
+        casts = Casts(torch.float32)
+        with casts:
+            first = eraser(x, 0.5)
+        before = casts.count
+        with casts:
+            again = eraser(x, 0.5)
+    assert before >= 1 and casts.count == before and torch.equal(first, again) and not torch.equal(first, x)
 
 
 def test_an_sae_already_in_the_activations_dtype_is_used_as_it_is():
