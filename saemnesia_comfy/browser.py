@@ -7,9 +7,11 @@ from __future__ import annotations
 import json
 import os
 from contextlib import contextmanager
+from pathlib import Path
 
 import requests
 
+from .runtime import REPO_ROOT
 from .server import ComfyServer
 
 CHROMIUM = os.environ.get("SAEMNESIA_CHROMIUM", "/usr/bin/chromium")
@@ -20,13 +22,28 @@ FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "-
 SETTINGS = {"Comfy.TutorialCompleted": True, "Comfy.VueNodes.Enabled": False}
 
 
+NEWEST_FRONTEND = REPO_ROOT / ".frontends" / "newest"
+"""The newest comfyui-frontend-package, which scripts/bootstrap.sh installs here (apart from any host's own)."""
+
+
+def newest_frontend() -> tuple[Path, str]:
+    """(the newest frontend's static folder, for `--front-end-root`; its version)."""
+    static = NEWEST_FRONTEND / "comfyui_frontend_package" / "static"
+    infos = sorted(NEWEST_FRONTEND.glob("comfyui_frontend_package-*.dist-info"))
+    if not static.is_dir() or len(infos) != 1:
+        raise FileNotFoundError(f"no frontend package at {NEWEST_FRONTEND}: run scripts/bootstrap.sh")
+    return static, infos[0].name.removeprefix("comfyui_frontend_package-").removesuffix(".dist-info")
+
+
 @contextmanager
-def comfy_page(server: ComfyServer, viewport=(1600, 1000)):
-    """A page with the ComfyUI frontend loaded and this pack's nodes registered. page.errors collects uncaught
+def comfy_page(server: ComfyServer, viewport=(1600, 1000), vue_nodes: bool = False):
+    """A page with the ComfyUI frontend loaded and this pack's nodes registered, drawn by the classic canvas or,
+    with `vue_nodes`, by the Vue node renderer ("Nodes 2.0", frontends 1.2x on). page.errors collects uncaught
     page errors."""
     from playwright.sync_api import sync_playwright
 
-    requests.post(f"{server.url}/settings", json=SETTINGS, timeout=30).raise_for_status()
+    settings = {**SETTINGS, "Comfy.VueNodes.Enabled": vue_nodes}
+    requests.post(f"{server.url}/settings", json=settings, timeout=30).raise_for_status()
     with sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path=CHROMIUM, headless=True, args=FLAGS)
         try:

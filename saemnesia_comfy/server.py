@@ -24,8 +24,11 @@ from .runtime import REPO_ROOT, comfyui_path
 class ComfyServer:
     """A ComfyUI process on loopback with its own base folder; `start()` waits until the pack's nodes answer."""
 
-    def __init__(self, base: Path, port: int | None = None, comfy_root: Path | None = None):
+    def __init__(self, base: Path, port: int | None = None, comfy_root: Path | None = None,
+                 front_end_root: Path | None = None):
+        """front_end_root: a frontend's static folder to serve instead of the host's own (`--front-end-root`)."""
         self.comfy_root, self.base = Path(comfy_root or comfyui_path()), Path(base)
+        self.front_end_root = front_end_root
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = self.base / "server.log"
@@ -40,6 +43,8 @@ class ComfyServer:
         cmd = [sys.executable, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(self.port),
                "--base-directory", str(self.base), "--disable-auto-launch", "--use-pytorch-cross-attention",
                "--preview-method", "none"]
+        if self.front_end_root:
+            cmd += ["--front-end-root", str(self.front_end_root)]
         self.log = open(self.log_path, "w")
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         self.proc = subprocess.Popen(cmd, cwd=self.comfy_root, stdout=self.log, stderr=subprocess.STDOUT, env=env)

@@ -89,4 +89,16 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   "${pip[@]}" install -e "$root[test]"
   echo "$want" > "$stamp"
 fi
+# The newest frontend, for the browser tests (saemnesia_comfy/browser.py serves it with --front-end-root); kept apart
+# from the frontend each host pins, once per checkout.
+newest_frontend="comfyui-frontend-package==1.58.1"
+frontend_dir="$root/.frontends/newest"
+if [ "$(cat "$frontend_dir/.requested" 2>/dev/null)" != "$newest_frontend" ]; then
+  say "installing $newest_frontend into $frontend_dir"
+  rm -rf "$frontend_dir.tmp"
+  "${pip[@]}" install --no-deps --target "$frontend_dir.tmp" "$newest_frontend"
+  echo "$newest_frontend" > "$frontend_dir.tmp/.requested"
+  rm -rf "$frontend_dir"
+  mv "$frontend_dir.tmp" "$frontend_dir"
+fi
 say "ready: venv $venv, ComfyUI $comfy"

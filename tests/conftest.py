@@ -32,3 +32,23 @@ def comfy_nodes(comfy):
         ok = asyncio.run(nodes.load_custom_node(str(REPO_ROOT)))
         assert ok, "the pack failed to load into ComfyUI (see the log above)"
     return nodes
+
+
+@pytest.fixture(scope="session")
+def toy_servers(tmp_path_factory):
+    """toy_servers(frontend) -> a live toy-world server (fixtures_server) serving the host's own frontend ("host")
+    or the newest one ("newest", saemnesia_comfy.browser.newest_frontend); each started once, on first use."""
+    from fixtures_server import start_toy_server
+    from saemnesia_comfy.browser import newest_frontend
+
+    started = {}
+
+    def get(frontend: str):
+        if frontend not in started:
+            root = newest_frontend()[0] if frontend == "newest" else None
+            started[frontend] = start_toy_server(tmp_path_factory.mktemp(f"browser-{frontend}"), root)
+        return started[frontend]
+
+    yield get
+    for server in started.values():
+        server.stop()

@@ -69,9 +69,10 @@ def _build_toy_sae(model_path: Path, out: Path) -> None:
     save_sae_file(sae_file_for_activations(acts, labels=labels, groups=groups, never_fires=()), out)
 
 
-def start_toy_server(base: Path) -> ComfyServer:
-    """A live server (this pack, the toy model, the test SAE and a corrupt SAE file in models/saemnesia)."""
-    server = ComfyServer(base)
+def start_toy_server(base: Path, front_end_root: Path | None = None) -> ComfyServer:
+    """A live server (this pack, the toy model, the test SAE and a corrupt SAE file in models/saemnesia), serving
+    the host's own frontend or the one at `front_end_root`."""
+    server = ComfyServer(base, front_end_root=front_end_root)
     make_toy_sae(base / "models" / "saemnesia")
     header = b"{not a json header}"
     (base / "models" / "saemnesia" / "corrupt.safetensors").write_bytes(len(header).to_bytes(8, "little") + header)

@@ -1,5 +1,6 @@
 """Module-scoped fixtures shared by the browser test modules (import them by name: `from helpers_browser import
-page, server`): one live toy-world server and one page per module. The page helpers: saemnesia_comfy.browser."""
+browser_setup, page, server`): each module runs once per browser set-up, on one live toy-world server per
+frontend (conftest's `toy_servers`) and one page. The page helpers: saemnesia_comfy.browser."""
 
 from __future__ import annotations
 
@@ -7,17 +8,24 @@ import pytest
 
 from saemnesia_comfy.browser import comfy_page
 
+BROWSER_SETUPS = {  # id: (frontend, Vue node renderer)
+    "host-frontend": ("host", False),           # the frontend the host pins, classic canvas
+    "newest-frontend": ("newest", False),       # the newest comfyui-frontend-package, classic canvas
+    "newest-frontend-vue": ("newest", True),    # the same with "Nodes 2.0", the Vue node renderer
+}
+
+
+@pytest.fixture(scope="module", params=list(BROWSER_SETUPS))
+def browser_setup(request) -> tuple[str, bool]:
+    return BROWSER_SETUPS[request.param]
+
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    from fixtures_server import start_toy_server
-
-    s = start_toy_server(tmp_path_factory.mktemp("browser"))
-    yield s
-    s.stop()
+def server(toy_servers, browser_setup):
+    return toy_servers(browser_setup[0])
 
 
 @pytest.fixture(scope="module")
-def page(server):
-    with comfy_page(server) as p:
+def page(server, browser_setup):
+    with comfy_page(server, vue_nodes=browser_setup[1]) as p:
         yield p

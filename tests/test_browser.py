@@ -1,6 +1,8 @@
 """The concept checklist in the real ComfyUI page (headless Chromium, Playwright): filled from the SAE, ticks and
 strengths written into the `concepts` string, queued from the UI, kept in the saved workflow and restored
-when it is loaded again. Writes output/screenshots/checklist.png (the Erase Concepts node with its list)."""
+when it is loaded again. Every test runs with the host's own frontend and with the newest one, classic canvas and
+Vue node renderer (helpers_browser.BROWSER_SETUPS). Writes output/screenshots/checklist_<set-up>.png (the Erase
+Concepts node with its list)."""
 
 import io
 import json
@@ -11,7 +13,7 @@ import requests
 from PIL import Image
 
 from fixtures_server import execution_error, pixels
-from helpers_browser import page, server  # noqa: F401 (fixtures)
+from helpers_browser import browser_setup, page, server  # noqa: F401 (fixtures)
 from saemnesia_comfy.browser import load_workflow, wait_for_checklists
 from conftest import REPO_ROOT
 from saemnesia_core.toy import assets
@@ -20,7 +22,7 @@ pytestmark = [pytest.mark.browser, pytest.mark.slow, pytest.mark.timeout(3600)]
 
 ERASE = 6  # the Erase Concepts / Concept Probe node in every example workflow
 ERASE_ONE, PROBE = "Erase an object with the same seed", "Probe where each concept fires"  # example workflows
-SCREENSHOT = REPO_ROOT / "output" / "screenshots" / "checklist.png"
+SCREENSHOTS = REPO_ROOT / "output" / "screenshots"
 
 
 @pytest.fixture(autouse=True)
@@ -107,6 +109,22 @@ def in_file_order(chosen) -> list[str]:
     return [label for label in shipped_concepts()[0] if label in chosen]
 
 
+def test_the_page_runs_the_chosen_frontend_and_renderer_with_the_checklist_inside_the_node(server, page,
+                                                                                          browser_setup):
+    from importlib.metadata import version
+
+    from saemnesia_comfy.browser import newest_frontend
+
+    frontend, vue = browser_setup
+    expected = newest_frontend()[1] if frontend == "newest" else version("comfyui-frontend-package")
+    assert page.evaluate("() => window.__COMFYUI_FRONTEND_VERSION__") == expected
+    open_workflow(page, example(server, ERASE_ONE))
+    assert (page.locator("[data-node-id]").count() > 0) == vue  # Vue nodes are elements; canvas nodes are not
+    if vue:
+        assert page.locator(f'[data-node-id="{ERASE}"] .saem-checklist').count() == 1
+        assert page.locator(f'[data-node-id="{ERASE}"]').get_by_text("concepts", exact=True).count() == 0  # hidden
+
+
 def test_the_checklist_lists_the_sae_concepts_under_their_group_headers(server, page):
     open_workflow(page, example(server, ERASE_ONE))
     labels, groups = shipped_concepts()
@@ -119,14 +137,15 @@ def test_the_checklist_lists_the_sae_concepts_under_their_group_headers(server, 
                          ERASE)
 
 
-def test_a_tick_and_a_strength_reach_the_queued_prompt_the_saved_image_and_a_reload(server, page):
+def test_a_tick_and_a_strength_reach_the_queued_prompt_the_saved_image_and_a_reload(server, page, browser_setup):
     open_workflow(page, example(server, ERASE_ONE))
     row(page, "Neon").locator("input[type=checkbox]").click()
     row(page, "Neon").locator(".saem-strength").fill("-2.5")
     row(page, "Neon").locator(".saem-strength").press("Tab")
     selection = {"Hearts": None, "Neon": -2.5}
     assert json.loads(concepts_string(page)) == selection
-    screenshot_node(page, ERASE, SCREENSHOT)
+    frontend, vue = browser_setup
+    screenshot_node(page, ERASE, SCREENSHOTS / f"checklist_{frontend}_frontend{'_vue' if vue else ''}.png")
 
     with page.expect_response(lambda r: r.url.endswith("/api/prompt") and r.request.method == "POST") as response:
         page.locator('[data-testid="queue-button"]').first.click()

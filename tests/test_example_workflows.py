@@ -11,7 +11,7 @@ import requests
 from PIL import Image
 
 from fixtures_server import EXAMPLES, execution_error
-from helpers_browser import page, server  # noqa: F401 (fixtures)
+from helpers_browser import browser_setup, page, server  # noqa: F401 (fixtures)
 from saemnesia_comfy.browser import exported_workflow, load_workflow, queue_from_page, wait_for_checklists
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow, pytest.mark.timeout(3600)]
