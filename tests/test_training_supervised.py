@@ -98,9 +98,15 @@ def test_finetuning_makes_each_assigned_latent_fire_selectively(planted_concepts
     # their on/(on+off) ratio can be high, but only because they rarely fire at all).
     assert max(s["auroc"] for s in before.values()) < 0.95
     assert result.history[-1]["val_loss"] < result.history[0]["val_loss"]
+    # how much of each concept its latent carries (DESIGN §4.4), before and after, in the file's provenance
+    for report in (result.centralisation_before, result.centralisation_after):
+        assert [(r["label"], r["latent"]) for r in report] == [(c.label, c.latent) for c in result.concepts]
+    assert min(r["auroc"] for r in result.centralisation_after) >= 0.95 > \
+        max(r["auroc"] for r in result.centralisation_before)
 
     saved = load_sae_file(tmp_path / "supervised.safetensors")
     assert saved.supervised and saved.selection_mode == "saemnesia"
+    assert saved.provenance["centralisation_after"] == result.centralisation_after
     assert [(c.label, c.group, c.latent) for c in saved.concepts] == \
         [(c.label, c.group, c.latent) for c in result.concepts]
     assert saved.tables.latents.shape == (5, 2, 1)
@@ -179,3 +185,71 @@ def test_interrupted_finetuning_resumes_to_the_same_result(planted_concepts, tmp
     assert resumed.history == whole.history
     for name, value in whole.sae.state_dict().items():
         assert torch.equal(value, resumed.sae.state_dict()[name]), name
+
+
+# ---------------------------------------------------------------------------------------------- centralisation
+
+
+def test_the_exclusivity_loss_counts_non_assigned_latents_beyond_the_margin_only():
+    from saemnesia_core.training.supervised import other_latent_label_correlation
+
+    y = torch.tensor([1.0, 0, 1, 0, 1, 0, 1, 0])
+    noise = torch.tensor([0.1, 0.2, -0.1, 0.0, 0.05, -0.2, 0.1, 0.3])
+    v = torch.stack([y, 2 * y + 1, -y, noise], 1)                      # latent 0 assigned; 1 and 2: |r| = 1
+    loss = other_latent_label_correlation(v, y[:, None], torch.tensor([0]), margin=0.3)
+    r_noise = float(torch.corrcoef(torch.stack([noise, y]))[0, 1])
+    expected = 2 * 0.7 ** 2 + max(0.0, abs(r_noise) - 0.3) ** 2
+    assert float(loss) == pytest.approx(expected, rel=1e-4)
+    assert float(other_latent_label_correlation(v, y[:, None], torch.tensor([0, 1, 2]), margin=0.3)) == \
+        pytest.approx(max(0.0, abs(r_noise) - 0.3) ** 2, abs=1e-6)
+
+
+def test_column_aurocs_match_the_pairwise_auroc_with_ties():
+    from saemnesia_core.training.centralisation import column_aurocs
+
+    g = torch.Generator().manual_seed(0)
+    values = torch.randint(0, 4, (30, 5), generator=g).float()  # many ties
+    on = torch.rand(30, generator=g) > 0.6
+    expected = [auroc(values[on, i], values[~on, i]) for i in range(5)]
+    assert column_aurocs(values, on).tolist() == pytest.approx(expected, abs=1e-12)
+
+
+@pytest.fixture(scope="module")
+def twin_latents(tmp_path_factory):
+    """Planted concepts and an SAE in which two latents (32 and 33) both read and write obj0's direction; the other
+    latents are the dataset's atoms and random directions."""
+    from saemnesia_core.sae_file import SAEFile, save_sae_file
+
+    root = tmp_path_factory.mktemp("twins")
+    _, atoms, object_dirs, _ = planted_dataset(root, num_samples=160, concept_scale=1.5)
+    g = torch.Generator().manual_seed(3)
+    extra = torch.randn(6, 32, generator=g)
+    rows = torch.cat([atoms, object_dirs[:1], object_dirs[:1], extra / extra.norm(dim=1, keepdim=True)])  # [40, 32]
+    sae = TopKSAE(SAEConfig(32, 40, 4))
+    with torch.no_grad():
+        sae.encoder.weight.copy_(rows)
+        sae.encoder.bias.zero_()
+        sae.W_dec.copy_(rows)
+        sae.b_dec.zero_()
+    save_sae_file(SAEFile(sae.cfg, {k: v.detach().clone() for k, v in sae.state_dict().items()}, [], None,
+                          "unet.synthetic", "planted", 2, False, {}, "saeuron"), root / "twins.safetensors")
+    return root
+
+
+def test_the_exclusivity_loss_makes_the_assigned_latent_take_the_concept_from_its_twin(twin_latents):
+    from saemnesia_core.training.centralisation import centralisation
+
+    def finetune(exclusivity):
+        cfg = SupervisedConfig(**{**FINETUNE, "lr": 1e-2, "max_epochs": 15, "patience": 15, "l1": 0.0},
+                               exclusivity=exclusivity)
+        result = finetune_supervised(twin_latents / "twins.safetensors", twin_latents, cfg, progress=False)
+        report = {r["label"]: r for r in centralisation(result.sae, result.concepts, twin_latents)}
+        return result.concepts[0].latent, report["obj0"]
+
+    plain_latent, plain = finetune(0.0)
+    latent, exclusive = finetune(3.0)
+    assert plain_latent in (32, 33) and latent in (32, 33)  # one of the twins is assigned to obj0
+    assert plain["auroc"] > 0.95 and exclusive["auroc"] > 0.95   # both detect it ...
+    assert plain["other_latents_above"] >= 1                     # ... but without L_X its twin detects it too
+    assert exclusive["other_latents_above"] == 0
+    assert exclusive["mean_difference_share"] > 0.5              # and the assigned latent carries most of it

@@ -84,6 +84,8 @@ def register(subparsers) -> None:
     g.add_argument("--beta", type=float, default=3.0, help="L_CA weight")
     g.add_argument("--eta", type=float, default=0.1, help="L_DC weight")
     g.add_argument("--l1", type=float, default=0.01, help="L_L1 weight")
+    g.add_argument("--exclusivity", type=float, default=0.0,
+                   help="L_X weight: other latents' correlation with the labels (0 = the authors' loss)")
     g.add_argument("--batch-records", type=int, default=128)
     g.add_argument("--patience", type=int, default=5)
     g.add_argument("--val-fraction", type=float, default=0.2)
@@ -171,13 +173,14 @@ def _train(args) -> None:
             beta=args.beta, eta=args.eta, l1=args.l1, lr=args.lr if args.lr is not None else 5e-6,
             batch_records=args.batch_records, max_epochs=args.epochs or 150, patience=args.patience,
             val_fraction=args.val_fraction, grad_clip=args.grad_clip or None, rec_loss=args.rec_loss,
-            ca_post_relu=args.ca_post_relu, num_buckets=args.buckets, seed=args.seed,
+            ca_post_relu=args.ca_post_relu, num_buckets=args.buckets, seed=args.seed, exclusivity=args.exclusivity,
             priority_groups=tuple(g for g in args.priority_groups.split(",") if g))
         result = finetune_supervised(args.init, args.data, cfg, out=args.out, checkpoint_dir=args.checkpoint_dir,
                                      model_family=args.family, ctx=ctx, progress=not args.quiet)
         if ctx.is_main:
             print(f"wrote {args.out}: {len(result.concepts)} concepts after {len(result.history)} epochs")
             print(format_selectivity(result.selectivity_before, result.selectivity_after))
+            print(format_centralisation(result.centralisation_before, result.centralisation_after))
         return
     from saemnesia_core.training.trainer import train_unsupervised
 
@@ -202,6 +205,17 @@ def format_selectivity(before: list[dict], after: list[dict]) -> str:
         lines.append(f"{a['label']:<{width}}  {a['group']:<8}  {a['latent']:>6}  "
                      f"{b['selectivity']:.2f} -> {a['selectivity']:.2f}  "
                      f"{b.get('auroc', float('nan')):.2f} -> {a.get('auroc', float('nan')):.2f}")
+    return "\n".join(lines)
+
+
+def format_centralisation(before: list[dict], after: list[dict]) -> str:
+    """How much of each concept its latent carries (DESIGN §4.4), unsupervised -> supervised, as a text table."""
+    width = max((len(c["label"]) for c in after), default=5)
+    lines = [f"{'concept':<{width}}  AUROC          share of mean difference  other latents with AUROC > 0.8"]
+    for b, a in zip(before, after):
+        lines.append(f"{a['label']:<{width}}  {b['auroc']:.2f} -> {a['auroc']:.2f}  "
+                     f"{b['mean_difference_share']:>10.2f} -> {a['mean_difference_share']:<10.2f}  "
+                     f"{b['other_latents_above']:>4} -> {a['other_latents_above']}")
     return "\n".join(lines)
 
 

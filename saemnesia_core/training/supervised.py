@@ -4,7 +4,7 @@
 1. Assignment: SAeUron scores of the unsupervised SAE, averaged over the buckets a concept has records in;
    greedy and exclusive (best (concept, latent) pair first, a latent serves one concept, object concepts
    first by a +1 boost as in the authors' code).
-2. Loss = L_rec + β·L_CA + η·L_DC + λ·L_L1 on batches of whole records:
+2. Loss = L_rec + β·L_CA + η·L_DC + λ·L_L1 (+ ζ·L_X) on batches of whole records:
    - L_rec: MSE of the per-token TopK reconstruction (the authors' choice; "fvu" optional);
    - L_CA: BCE with logits v[r, a] = spatial mean of the *pre-ReLU* encoder output at assigned latent a,
      target 1 for the record's own concepts and 0 for every other assigned latent. The logits come from
@@ -13,6 +13,10 @@
    - L_DC: mean squared Pearson correlation across the batch between assigned latents of different groups;
    - L_L1: mean pre-activation (non-negative after the ReLU), clamped at 100 as the authors do. It needs the
      dense encoder gradient; with λ = 0 the encoder backward stays sparse.
+   - L_X (ours, off by default; DESIGN §4.4): so that the assigned latent *carries* its concept, not only detects
+     it, the other latents' record logits are pushed out of correlation with the labels: per assigned concept,
+     Σ over the non-assigned latents of max(0, |Pearson r| − margin)², averaged over concepts (correlations
+     within the margin are batch noise and cost nothing).
 3. Validation split by sample id, early stopping on the validation loss (best weights kept), then the
    concept statistics are rebuilt with the fine-tuned SAE on the validation records.
 """
@@ -32,6 +36,7 @@ from tqdm.auto import tqdm
 from saemnesia_core.concepts import Concept, assigned_selection, build_tables
 from saemnesia_core.sae import TopKSAE, standardize
 from saemnesia_core.sae_file import SAEFile, load_sae_file, save_sae_file
+from saemnesia_core.training.centralisation import centralisation
 from saemnesia_core.training.distributed import DistContext
 from saemnesia_core.training.shards import RecordBatch, as_dataset, validation_mask
 from saemnesia_core.training.sparse_ops import decode_rows, encoder_values, per_token_topk
@@ -41,6 +46,7 @@ from saemnesia_core.training.trainer import (
 )
 
 L1_CLAMP = 100.0
+LOSS_NAMES = ("loss", "rec", "ca", "dc", "l1", "x")
 
 
 @dataclass
@@ -61,6 +67,8 @@ class SupervisedConfig:
     priority_groups: tuple[str, ...] = ("object",)
     num_buckets: int = DEFAULT_BUCKETS
     default_strength: float = -1.0
+    exclusivity: float = 0.0              # ζ of L_X (0: the authors' loss)
+    exclusivity_margin: float = 0.3       # |r| up to this costs nothing (the noise of r over 128 records is ~0.09)
     seed: int = 0
     shuffle_buffer_records: int = 4096
 
@@ -72,6 +80,8 @@ class SupervisedResult:
     history: list[dict] = field(default_factory=list)            # one entry per epoch
     selectivity_before: list[dict] = field(default_factory=list)  # the unsupervised SAE, validation records
     selectivity_after: list[dict] = field(default_factory=list)
+    centralisation_before: list[dict] = field(default_factory=list)  # DESIGN §4.4, validation records
+    centralisation_after: list[dict] = field(default_factory=list)
     sae_file: SAEFile | None = None
 
 
@@ -108,6 +118,17 @@ def cross_group_decorrelation(v: Tensor, latent_groups: list[str]) -> Tensor:
     gid = torch.tensor([ids[g] for g in latent_groups], device=v.device)
     pairs = torch.triu(gid[:, None] != gid[None, :], diagonal=1)
     return corr[pairs].pow(2).mean() if bool(pairs.any()) else v.new_zeros(())
+
+
+def other_latent_label_correlation(v: Tensor, targets: Tensor, assigned: Tensor, margin: float) -> Tensor:
+    """L_X: v [R, n] every latent's record logit, targets [R, A] the assigned concepts' 0/1 labels; the mean over
+    concepts of Σ over non-assigned latents of max(0, |r| − margin)², r = Pearson correlation over the R records."""
+    v_c, y_c = v - v.mean(0), targets - targets.mean(0)
+    scale = v_c.pow(2).mean(0).sqrt()[None, :] * y_c.pow(2).mean(0).sqrt()[:, None]
+    r = (y_c.T @ v_c / v.shape[0]) / (scale + 1e-8)                        # [A, n]
+    others = torch.ones(v.shape[1], device=v.device)
+    others[assigned] = 0
+    return ((r.abs() - margin).clamp(min=0).pow(2) * others).sum(1).mean()
 
 
 class SupervisedStep:
@@ -161,8 +182,14 @@ class SupervisedStep:
         ca = F.binary_cross_entropy_with_logits(logits, targets, reduction="sum") / (global_records * targets.shape[1])
         all_logits = self.ctx.gather_with_grad(logits)
         dc = cross_group_decorrelation(all_logits, self.latent_groups) / self.ctx.world_size
-        total = rec + cfg.beta * ca + cfg.eta * dc + cfg.l1 * l1
-        return {"loss": total, "rec": rec, "ca": ca, "dc": dc, "l1": l1}
+        if cfg.exclusivity > 0:  # every latent's record logit: one [R, d] x [d, n] product
+            every = centred.mean(1) @ W_enc.T + b_enc
+            x_loss = other_latent_label_correlation(self.ctx.gather_with_grad(every), self.ctx.gather_with_grad(targets),
+                                                    self.latents, cfg.exclusivity_margin) / self.ctx.world_size
+        else:
+            x_loss = x.new_zeros(())
+        total = rec + cfg.beta * ca + cfg.eta * dc + cfg.l1 * l1 + cfg.exclusivity * x_loss
+        return {"loss": total, "rec": rec, "ca": ca, "dc": dc, "l1": l1, "x": x_loss}
 
     def variance(self, batch: RecordBatch) -> Tensor | None:
         """Total variance of the batch's tokens (only needed for rec_loss "fvu")."""
@@ -173,7 +200,7 @@ class SupervisedStep:
         return total_variance(x).float()
 
     def __call__(self, batch: RecordBatch, optimizer: torch.optim.Optimizer) -> Tensor:
-        """Step on a global batch (each rank takes its slice); returns the 5 loss values, float64 [5]."""
+        """Step on a global batch (each rank takes its slice); returns the loss values (LOSS_NAMES), float64."""
         sae, ctx = self.sae, self.ctx
         local = batch.select(ctx.local_slice(len(batch))) if ctx.active else batch
         losses = self.losses(local, len(batch), self.variance(batch))
@@ -235,9 +262,11 @@ def finetune_supervised(sae_file: SAEFile | str | Path, data, cfg: SupervisedCon
             eval_where = None
             before_acts = concept_activations(sae, ds, track_latents=latents, **stats_kw)
         before = [before_acts.selectivity(c.group, c.label, c.latent) for c in concepts]
+        central_before = centralisation(sae, concepts, ds, where=eval_where)
     else:
         concepts = [Concept(**c) for c in state["concepts"]]
         before, eval_where = state["selectivity_before"], held_out if state["report_on_validation"] else None
+        central_before = state["centralisation_before"]
 
     step = SupervisedStep(sae, cfg, concepts, ds.label_groups, ds.label_vocab, ctx)
     optimizer = make_adam(sae.parameters(), cfg.lr)
@@ -263,14 +292,14 @@ def finetune_supervised(sae_file: SAEFile | str | Path, data, cfg: SupervisedCon
     epochs = range(start_epoch, cfg.max_epochs) if bad_epochs < cfg.patience else range(0)
     bar = tqdm(epochs, desc="finetune", unit="epoch", disable=not progress or not ctx.is_main)
     for epoch in bar:
-        sums = torch.zeros(5, dtype=torch.float64)
+        sums = torch.zeros(len(LOSS_NAMES), dtype=torch.float64)
         batches = 0
         for batch in ds.iter_records(cfg.batch_records, seed=cfg.seed, epoch=epoch, where=training_rows,
                                      buffer_records=cfg.shuffle_buffer_records, drop_last=True):
             sums += step(batch, optimizer)
             batches += 1
         means = (sums / max(batches, 1)).tolist()
-        entry = {"epoch": epoch, **dict(zip(("loss", "rec", "ca", "dc", "l1"), means))}
+        entry = {"epoch": epoch, **dict(zip(LOSS_NAMES, means))}
         if cfg.val_fraction > 0:
             entry["val_loss"] = validation_loss()
             if entry["val_loss"] < best_val:
@@ -285,6 +314,7 @@ def finetune_supervised(sae_file: SAEFile | str | Path, data, cfg: SupervisedCon
             save_checkpoint_atomic(ckpt_path, {
                 "format": "saemnesia-train-checkpoint", "stage": "supervised", "config": asdict(cfg),
                 "concepts": [asdict(c) for c in concepts], "selectivity_before": before,
+                "centralisation_before": central_before,
                 "report_on_validation": eval_where is not None, "model": sae.state_dict(),
                 "optimizer": optimizer.state_dict(), "best_model": best_state, "best_val": best_val,
                 "bad_epochs": bad_epochs, "epoch": epoch, "history": history})
@@ -297,6 +327,7 @@ def finetune_supervised(sae_file: SAEFile | str | Path, data, cfg: SupervisedCon
     after_acts = concept_activations(sae, ds, where=eval_where, track_latents=[c.latent for c in concepts],
                                      **stats_kw)
     after = [after_acts.selectivity(c.group, c.label, c.latent) for c in concepts]
+    central_after = centralisation(sae, concepts, ds, where=eval_where)
     order = [after_acts.index(c.group, c.label) for c in concepts]
     selection = assigned_selection([c.latent for c in concepts], cfg.num_buckets)
     tables = build_tables(selection, after_acts.means()[order])
@@ -305,10 +336,11 @@ def finetune_supervised(sae_file: SAEFile | str | Path, data, cfg: SupervisedCon
         "model_id": ds.index["model_id"], "config": asdict(cfg), "epochs": len(history),
         "best_val_loss": best_val if cfg.val_fraction > 0 else None, "history": history,
         "selectivity_before": before, "selectivity_after": after,
+        "centralisation_before": central_before, "centralisation_after": central_after,
         "statistics": {"records": "validation split" if eval_where else "all records", "num_buckets": cfg.num_buckets},
         "seconds": round(time.perf_counter() - started, 1)}
     result_file = SAEFile(sf.config, {k: v.detach().cpu() for k, v in sae.state_dict().items()}, concepts, tables,
                           sf.hookpoint, model_family or sf.model_family, cfg.num_buckets, True, provenance, "saemnesia")
     if out is not None and ctx.is_main:
         save_sae_file(result_file, out)
-    return SupervisedResult(sae, concepts, history, before, after, result_file)
+    return SupervisedResult(sae, concepts, history, before, after, central_before, central_after, result_file)
