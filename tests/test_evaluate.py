@@ -47,13 +47,16 @@ def test_a_tiny_eval_run_writes_json_markdown_and_plots_and_reruns_from_cache(ev
     protocol = ev.protocol_from_args(ev.build_parser().parse_args(argv[1:]))
     assert data["cost"]["images_generated"] + data["cost"]["images_from_cache"] == planned_images(protocol)
     assert data["summary"]["saemnesia"]["configurations_searched"] == 2
+    assert data["summary"]["saemnesia_paper"]["configurations_searched"] == 2
     assert data["summary"]["saeuron"]["configurations_searched"] == 4
     for concept, group in (("Circles", "object"), ("Squares", "object"), ("Dots", "style")):
         target = data["targets"][group][concept]
         assert len(target["selection"]["saemnesia"]) == 2 and len(target["selection"]["saeuron"]) == 4
-        best = max(c["score"] for c in target["selection"]["saemnesia"])
-        chosen = next(c for c in target["selection"]["saemnesia"] if c["gamma"] == target["chosen"]["saemnesia"]["gamma"])
-        assert chosen["score"] == best
+        for method in ("saemnesia", "saemnesia_paper"):  # exact and paper mode each choose their own γ
+            best = max(c["score"] for c in target["selection"][method])
+            chosen = next(c for c in target["selection"][method] if c["gamma"] == target["chosen"][method]["gamma"])
+            assert chosen["score"] == best
+        assert {"saemnesia_paper", "saemnesia_paper_gamma1"} <= set(target["test"])
         for m in target["test"].values():
             assert all(0 <= m[k] <= 1 for k in ("UA", "IRA", "CRA"))
     rows = data["sequential"]["rows"]
@@ -63,6 +66,7 @@ def test_a_tiny_eval_run_writes_json_markdown_and_plots_and_reruns_from_cache(ev
     for m in data["targets"]["object"]["Circles"]["test"].values():  # image quality, for every method
         assert 0 <= m["CE"] <= min(m["UA"], 1 - m["AR"]) and m["KID"] is not None
     assert "| SAEmnesia (γ tuned) | 2 |" in (out / "report.md").read_text()
+    assert "| SAEmnesia, paper mode (γ = −1) | 1 |" in (out / "report.md").read_text()
     assert {g: v["hookpoint"] for g, v in data["saeuron_selection"].items()} == {
         "object": "unet.up_blocks.1.attentions.1", "style": "unet.up_blocks.2.attentions.2"}
 

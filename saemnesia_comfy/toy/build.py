@@ -232,7 +232,10 @@ def sae_site_report(models: Path, site: assets.SAESite) -> dict:
               "supervised": {"epochs": supervised["epochs"], "best_val_loss": supervised["best_val_loss"],
                              "minutes": _minutes(supervised.get("seconds")),
                              "selectivity_before": supervised["selectivity_before"],
-                             "selectivity_after": supervised["selectivity_after"]},
+                             "selectivity_after": supervised["selectivity_after"],
+                             # DESIGN §4.4; absent from files trained before it was measured
+                             **{key: supervised[key] for key in ("centralisation_before", "centralisation_after")
+                                if key in supervised}},
               "statistics": {k: v for k, v in supervised["statistics"].items() if k != "dataset"},
               "assigned_latent_auroc": {group: {when: _summary(supervised[f"selectivity_{when}"], group)
                                                 for when in ("before", "after")} for group in ("object", "style")}}

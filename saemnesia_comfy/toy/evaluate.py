@@ -76,16 +76,21 @@ def evaluate_target(runner: Runner, group: str, concept: str, tests: list[Item],
     select = selection_items(group, concept, P)
     sae = {method: (method, group) for method in SAE_METHODS}
 
-    def candidate(method, gamma, kept):
-        m = erasure_metrics(runner.judge(Setting(sae[method], ((concept, gamma, kept),)), select)[0], group, {concept})
+    def candidate(method, gamma, kept, mode="exact"):
+        setting = Setting(sae[method], ((concept, gamma, kept),), mode=mode)
+        m = erasure_metrics(runner.judge(setting, select)[0], group, {concept})
         return {**({"kept": kept} if method == "saeuron" else {}), "gamma": gamma, **m, "score": selection_score(m)}
 
     candidates = {"saemnesia": [candidate("saemnesia", gamma, 0) for gamma in P.gammas],
+                  "saemnesia_paper": [candidate("saemnesia", gamma, 0, "paper") for gamma in P.gammas],
                   "saeuron": [candidate("saeuron", gamma, kept) for kept in P.kept for gamma in P.gammas]}
-    sm, su = best_candidate(candidates["saemnesia"]), best_candidate(candidates["saeuron"])
+    sm, sp = best_candidate(candidates["saemnesia"]), best_candidate(candidates["saemnesia_paper"])
+    su = best_candidate(candidates["saeuron"])
     chosen = {"saemnesia": (concept, sm["gamma"], 0), "saeuron": (concept, su["gamma"], su["kept"])}
     settings = {"none": Setting(), "saemnesia": Setting(sae["saemnesia"], (chosen["saemnesia"],)),
                 "saemnesia_gamma1": Setting(sae["saemnesia"], ((concept, -1.0, 0),)),
+                "saemnesia_paper": Setting(sae["saemnesia"], ((concept, sp["gamma"], 0),), mode="paper"),
+                "saemnesia_paper_gamma1": Setting(sae["saemnesia"], ((concept, -1.0, 0),), mode="paper"),
                 "saeuron": Setting(sae["saeuron"], (chosen["saeuron"],)),
                 "replace": Setting(sae["saemnesia"], ((concept, -1.0, 0),), mode="replace"),
                 "negative": Setting(negative=concept)}
@@ -99,7 +104,8 @@ def evaluate_target(runner: Runner, group: str, concept: str, tests: list[Item],
             examples.setdefault(method, []).append((f"{concept}: {cell[0]}/{cell[1] or 'unstyled'}", images[pos]))
         rephrased[method] = erasure_metrics(
             runner.judge(setting, rephrase_items(group, concept, P.rephrase_seeds))[0], group, {concept})["UA"]
-    entry = {"chosen": {"saemnesia": {"gamma": sm["gamma"]}, "saeuron": {"kept": su["kept"], "gamma": su["gamma"]}},
+    entry = {"chosen": {"saemnesia": {"gamma": sm["gamma"]}, "saemnesia_paper": {"gamma": sp["gamma"]},
+                        "saeuron": {"kept": su["kept"], "gamma": su["gamma"]}},
              "selection": candidates, "test": test, "rephrased_UA": rephrased}
     return entry, chosen
 

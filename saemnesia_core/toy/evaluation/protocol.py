@@ -39,6 +39,9 @@ METHODS = {  # name -> (label in reports, configurations searched per concept)
     "none": ("no erasure", None),
     "saemnesia": ("SAEmnesia (γ tuned)", "gammas"),
     "saemnesia_gamma1": ("SAEmnesia (γ = −1)", 1),
+    # the formula of the released hooks (2·x̂ − x + change, DESIGN §6.1), so rows compare with the papers' tables
+    "saemnesia_paper": ("SAEmnesia, paper mode (γ tuned)", "gammas"),
+    "saemnesia_paper_gamma1": ("SAEmnesia, paper mode (γ = −1)", 1),
     "saeuron": ("SAeUron mode (tuned)", "kept×gammas"),
     "replace": ("SAEmnesia, replace", 1),
     "negative": ("negative prompt", 1),
@@ -182,7 +185,8 @@ def configurations_searched(method: str, protocol: Protocol) -> int:
 
 def planned_images(protocol: Protocol) -> int:
     """Images the run generates at most (cache hits and shared settings make it fewer)."""
-    per_target = lambda g, c: (len(selection_items(g, c, protocol)) * len(protocol.gammas) * (1 + len(protocol.kept))
+    tuned = sum(configurations_searched(m, protocol) for m, (_, spec) in METHODS.items() if isinstance(spec, str))
+    per_target = lambda g, c: (len(selection_items(g, c, protocol)) * tuned
                                + (len(METHODS) - 1) * len(grid_items(protocol.test_seeds))
                                + len(METHODS) * len(rephrase_items(g, c, protocol.rephrase_seeds)))
     total = len(grid_items(protocol.test_seeds)) * (1 + 2 * len(protocol.object_targets))  # none + sequential

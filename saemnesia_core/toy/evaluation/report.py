@@ -113,8 +113,8 @@ def markdown_report(data: dict) -> str:
             for method in _methods(data):
                 label, m = METHODS[method][0], t["test"][method]
                 chosen = ""
-                if method == "saemnesia":
-                    chosen = f"γ = {t['chosen']['saemnesia']['gamma']:g}"
+                if method in ("saemnesia", "saemnesia_paper"):
+                    chosen = f"γ = {t['chosen'][method]['gamma']:g}"
                 elif method == "saeuron":
                     chosen = f"{t['chosen']['saeuron']['kept']} latent(s), γ = {t['chosen']['saeuron']['gamma']:g}"
                 lines.append(f"| {concept} ({group}) | {label} | {_pct(m['UA'])} | {_pct(m['IRA'])} | "
@@ -168,7 +168,9 @@ def plot(results: Results, out: Path) -> None:
     import matplotlib.pyplot as plt
 
     data = results.data
-    colors = dict(zip(METHODS, ("0.6", "tab:blue", "tab:cyan", "tab:orange", "tab:purple", "tab:green")))
+    colors = {"none": "0.6", "saemnesia": "tab:blue", "saemnesia_gamma1": "tab:cyan", "saemnesia_paper": "tab:red",
+              "saemnesia_paper_gamma1": "tab:pink", "saeuron": "tab:orange", "replace": "tab:purple",
+              "negative": "tab:green"}
     groups = [g for g in (OBJECT, STYLE) if data["targets"].get(g)]
     fig, axes = plt.subplots(len(groups), 3, figsize=(15, 3.6 * len(groups)), squeeze=False)
     for row, group in zip(axes, groups):
