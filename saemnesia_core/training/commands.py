@@ -179,8 +179,7 @@ def _train(args) -> None:
                                      model_family=args.family, ctx=ctx, progress=not args.quiet)
         if ctx.is_main:
             print(f"wrote {args.out}: {len(result.concepts)} concepts after {len(result.history)} epochs")
-            print(format_selectivity(result.selectivity_before, result.selectivity_after))
-            print(format_centralisation(result.centralisation_before, result.centralisation_after))
+            print(format_selectivity(result))
         return
     from saemnesia_core.training.trainer import train_unsupervised
 
@@ -197,25 +196,18 @@ def _train(args) -> None:
         print(f"wrote {args.out} after {result.steps} steps: {json.dumps(final)}")
 
 
-def format_selectivity(before: list[dict], after: list[dict]) -> str:
-    """The assignment and per-concept selectivity / AUROC, unsupervised -> supervised, as a text table."""
-    width = max((len(s["label"]) for s in after), default=5)
-    lines = [f"{'concept':<{width}}  group     latent  selectivity      AUROC"]
-    for b, a in zip(before, after):
+def format_selectivity(result) -> str:
+    """The assignment and, per concept, unsupervised -> supervised: selectivity and AUROC of the assigned latent,
+    its share of the concept's mean difference, other latents with AUROC > 0.8 (DESIGN §4.3-4.4), as a text table."""
+    width = max((len(c.label) for c in result.concepts), default=5)
+    lines = [f"{'concept':<{width}}  group     latent  selectivity   AUROC         mean-diff share  other latents"]
+    rows = zip(result.selectivity_before, result.selectivity_after, result.centralisation_before,
+               result.centralisation_after)
+    for b, a, cb, ca in rows:
         lines.append(f"{a['label']:<{width}}  {a['group']:<8}  {a['latent']:>6}  "
-                     f"{b['selectivity']:.2f} -> {a['selectivity']:.2f}  "
-                     f"{b.get('auroc', float('nan')):.2f} -> {a.get('auroc', float('nan')):.2f}")
-    return "\n".join(lines)
-
-
-def format_centralisation(before: list[dict], after: list[dict]) -> str:
-    """How much of each concept its latent carries (DESIGN §4.4), unsupervised -> supervised, as a text table."""
-    width = max((len(c["label"]) for c in after), default=5)
-    lines = [f"{'concept':<{width}}  AUROC          share of mean difference  other latents with AUROC > 0.8"]
-    for b, a in zip(before, after):
-        lines.append(f"{a['label']:<{width}}  {b['auroc']:.2f} -> {a['auroc']:.2f}  "
-                     f"{b['mean_difference_share']:>10.2f} -> {a['mean_difference_share']:<10.2f}  "
-                     f"{b['other_latents_above']:>4} -> {a['other_latents_above']}")
+                     f"{b['selectivity']:.2f} -> {a['selectivity']:.2f}  {cb['auroc']:.2f} -> {ca['auroc']:.2f}  "
+                     f"{cb['mean_difference_share']:>5.2f} -> {ca['mean_difference_share']:<5.2f}    "
+                     f"{cb['other_latents_above']:>3} -> {ca['other_latents_above']}")
     return "\n".join(lines)
 
 
