@@ -26,17 +26,23 @@ class LoadSAE(io.ComfyNode):
             description="Load a concept SAE from models/saemnesia (our .safetensors files or sparsify/SAeUron "
                         "checkpoint folders). The weights are loaded once and placed by ComfyUI's memory manager.",
             inputs=[io.Combo.Input("sae_name", options=sae_library.list_sae_entries(),
-                                   tooltip="An SAE file or checkpoint folder in the saemnesia model folders.")],
-            outputs=[SAE.Output(display_name="SAE", tooltip="The SAE: its weights, hookpoint and concepts.")],
+                                   tooltip="An SAE file or checkpoint folder in the saemnesia model folders."),
+                    SAE.Input("also", optional=True,
+                              tooltip="SAEs of other blocks, from another Load SAE: they are passed on with this "
+                                      "one, and Erase Concepts erases at every block each chosen concept is known "
+                                      "at (one SAE per block).")],
+            outputs=[SAE.Output(display_name="SAE", tooltip="The SAE: its weights, hookpoint and concepts (with "
+                                                            "the SAEs chained into `also`).")],
         )
 
     @classmethod
-    def fingerprint_inputs(cls, sae_name):
+    def fingerprint_inputs(cls, sae_name, also=None):
         return sae_library.fingerprint(sae_library.resolve_sae(sae_name))
 
     @classmethod
-    def execute(cls, sae_name):
-        return io.NodeOutput(sae_library.load_sae(sae_name))
+    def execute(cls, sae_name, also=None):
+        loaded = sae_library.load_sae(sae_name)
+        return io.NodeOutput(loaded if also is None else erase.chain_saes(also, loaded))
 
 
 def _step_inputs():
@@ -58,7 +64,8 @@ class EraseConcepts(io.ComfyNode):
                         "amplifies instead (steering).",
             inputs=[
                 io.Model.Input("model", tooltip="The diffusion model to patch (it is cloned, never modified)."),
-                SAE.Input("sae", tooltip="A concept SAE from Load SAE; its hookpoint must exist in this model."),
+                SAE.Input("sae", tooltip="A concept SAE from Load SAE; its hookpoint must exist in this model. "
+                                         "Several chained Load SAE nodes erase at several blocks."),
                 io.String.Input("concepts", default="[]", multiline=False, tooltip=CONCEPTS_TOOLTIP),
                 io.Float.Input("strength", default=-1.0, min=-MAX_STRENGTH, max=MAX_STRENGTH, step=0.1,
                                tooltip="How strongly to erase. Negative erases: −1 is SAEmnesia's single knob; the toy "
@@ -109,7 +116,11 @@ class ConceptProbe(io.ComfyNode):
     @classmethod
     def execute(cls, model, sae, concepts, start_percent, end_percent):
         labels = list(erase.parse_concepts(concepts))
-        m, record = probing.probe_concepts(model, sae, labels, start_percent, end_percent)
+        sites = erase.sae_sites(sae)
+        if len(sites) > 1:
+            raise ValueError(f"Concept Probe reads one SAE, got {len(sites)} chained ({', '.join(s.name for s in sites)})"
+                             ": connect a single Load SAE")
+        m, record = probing.probe_concepts(model, sites[0], labels, start_percent, end_percent)
         return io.NodeOutput(m, record)
 
 

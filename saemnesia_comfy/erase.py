@@ -6,7 +6,7 @@ import json
 import logging
 
 from saemnesia_core.concepts import MAX_STRENGTH, ConceptTables
-from saemnesia_core.eraser import ConceptEraser
+from saemnesia_core.eraser import ConceptEraser, UnknownConceptError
 from saemnesia_core.regions import item_weights, token_weights
 
 from comfy.patcher_extension import CallbacksMP
@@ -78,32 +78,53 @@ def target_block(model, loaded: LoadedSAE) -> str:
     return block
 
 
-def erase_concepts(model, loaded: LoadedSAE, concepts: dict[str, float | None], strength: float,
-                   start_percent: float = 0.0, end_percent: float = 1.0, branches: str = "both",
+def sae_sites(sae) -> list[LoadedSAE]:
+    """One SAE, or the SAEs of a Load SAE chain (one per block, DESIGN §6.6), as a list; two for one block fail."""
+    sites = list(sae) if isinstance(sae, (list, tuple)) else [sae]
+    blocks = [site.file.hookpoint for site in sites]
+    twice = sorted({b for b in blocks if blocks.count(b) > 1})
+    if twice:
+        names = [site.name for site in sites if site.file.hookpoint in twice]
+        raise ValueError(f"two SAEs read the same block {', '.join(twice)} ({', '.join(names)}): chain SAEs of "
+                         "different blocks")
+    return sites
+
+
+def chain_saes(earlier, loaded: LoadedSAE) -> tuple[LoadedSAE, ...]:
+    """What a Load SAE node with SAEs chained into it outputs: those SAEs and its own, one per block."""
+    return tuple(sae_sites([*sae_sites(earlier), loaded]))
+
+
+def erase_concepts(model, sae: LoadedSAE | tuple[LoadedSAE, ...], concepts: dict[str, float | None],
+                   strength: float, start_percent: float = 0.0, end_percent: float = 1.0, branches: str = "both",
                    mode: str = "exact", mask=None, detection: str = "topk"):
     """A clone of `model` whose hooked block erases `concepts` (label → strength, None = `strength`), only inside
     `mask` (a ComfyUI MASK, [B, H, W] or [H, W]) when one is given. `detection`: ConceptEraser's (top-k, or the
-    chosen latents' threshold alone).
+    chosen latents' threshold alone). `sae`: one SAE, or several for different blocks (a Load SAE chain): each
+    erases, at its own block, the chosen concepts it knows; every chosen concept must be known to one of them.
 
     With no concept chosen the clone is returned unpatched, in every mode: no node, no change.
     """
     if mask is not None:
         token_weights(mask, (1, 1))  # shape and range, before anything is patched
     strengths = {label: strength if s is None else s for label, s in concepts.items()}
-    loaded = loaded.for_dtype(compute_dtype(model))
-    tables = loaded.file.tables if loaded.file.tables is not None else ConceptTables.empty(loaded.file.num_buckets)
-    def make_eraser(sae):
-        return ConceptEraser(sae, loaded.file.concepts, tables, strengths, mode, detection)
+    sites = [loaded.for_dtype(compute_dtype(model)) for loaded in sae_sites(sae)]
+    known = [label for loaded in sites for label in loaded.labels]
+    unknown = [label for label in strengths if label not in known]
+    if unknown:
+        raise UnknownConceptError(unknown, list(dict.fromkeys(known)))
 
-    eraser = make_eraser(loaded.sae)  # checks the labels
+    def make_eraser(loaded, sae_weights):  # the chosen concepts this site knows; checks strengths and mode
+        tables = loaded.file.tables if loaded.file.tables is not None else ConceptTables.empty(loaded.file.num_buckets)
+        chosen = {label: s for label, s in strengths.items() if label in loaded.labels}
+        return ConceptEraser(sae_weights, loaded.file.concepts, tables, chosen, mode, detection)
+
+    erasers = [make_eraser(loaded, loaded.sae) for loaded in sites]
     m = model.clone()
     if not strengths:
         return m
-    block = target_block(m, loaded)
     gate = StepGate(m, start_percent, end_percent, branches)
-
     uncond_seen = [False]  # in the current sampling run
-
     regions = {}  # the mask's token weights per (grid, device)
 
     def region(out, options):
@@ -121,11 +142,15 @@ def erase_concepts(model, loaded: LoadedSAE, concepts: dict[str, float | None], 
             return eraser(out, t, items, region(out, options)) if bool(items.any()) else out
         return edit
 
-    def edit_for_copy(copy):  # a MultiGPU copy of the model erases with its own copy of the SAE's weights
-        return edit_with(make_eraser(sae_weights_of(copy, loaded)))
+    for loaded, eraser in zip(sites, erasers):
+        if not eraser.strengths:
+            continue
 
-    patch_block_output(m, block, edit_with(eraser), edit_for_copy)
-    attach_sae_weights(m, loaded)
+        def edit_for_copy(copy, loaded=loaded):  # a MultiGPU copy erases with its own copy of the SAE's weights
+            return edit_with(make_eraser(loaded, sae_weights_of(copy, loaded)))
+
+        patch_block_output(m, target_block(m, loaded), edit_with(eraser), edit_for_copy)
+        attach_sae_weights(m, loaded)
     if branches == "uncond":  # at cfg 1 ComfyUI skips the unconditional pass: nothing would be erased, silently
         def forget(_patcher):
             uncond_seen[0] = False

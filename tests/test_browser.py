@@ -216,6 +216,30 @@ def test_the_list_follows_the_load_sae_node_and_shows_fetch_errors(server, page)
     assert ticked(page) == ["Hearts"]
 
 
+def test_load_sae_nodes_chained_through_also_are_listed_together_and_queued_as_a_chain(server, page):
+    object_sae, style_sae = assets.SITES["object"].saemnesia, assets.SITES["style"].saemnesia
+    open_workflow(page, example(server, ERASE_ONE))
+    extra = page.evaluate("""(name) => {  // a second Load SAE (the style block's SAE) into the first one's `also`
+        const g = window.app.graph, loader = g.getNodeById(2), extra = window.LiteGraph.createNode("SAEmnesiaLoadSAE");
+        extra.pos = [loader.pos[0], loader.pos[1] + 160];
+        g.add(extra);
+        const w = extra.widgets.find((w) => w.name === "sae_name");
+        w.value = name;
+        w.callback?.(name);
+        extra.connect(0, loader, loader.findInputSlot("also"));
+        return extra.id;
+    }""", style_sae)
+    title = "() => document.querySelector('.saem-status').title"
+    page.wait_for_function(f"(t) => ({title})() === t", arg=f"{style_sae} + {object_sae}")
+    wait_for_checklists(page)
+    assert status(page).startswith("1 of 16") and ticked(page) == ["Hearts"]
+    output = page.evaluate("async () => (await window.app.graphToPrompt()).output")
+    assert output["2"]["inputs"]["also"] == [str(extra), 0] and output[str(extra)]["inputs"]["sae_name"] == style_sae
+
+    page.evaluate("() => { const n = window.app.graph.getNodeById(2); n.disconnectInput(n.findInputSlot('also')); }")
+    page.wait_for_function(f"(t) => ({title})() === t", arg=object_sae)
+
+
 def test_the_probe_checklist_has_no_strengths(server, page):
     open_workflow(page, example(server, PROBE))
     assert ticked(page) == in_file_order({"Stars", "Hearts", "Neon"})

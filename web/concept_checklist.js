@@ -123,21 +123,28 @@ class ConceptChecklist {
     return this.node.widgets.find((w) => w.name === "strength");
   }
 
-  /** The sae_name of the Load SAE node feeding the `sae` input, or {problem} when there is none. */
+  /** The sae_names of the Load SAE chain feeding the `sae` input (the earliest first: Load SAE nodes chained
+   * through `also` give one SAE per block), with its nodes; or {problem} when there is none. */
   connectedSae() {
-    const slot = this.node.findInputSlot("sae");
-    const source = slot < 0 ? null : this.node.getInputNode(slot);
-    if (!source) return { problem: "Connect a Load SAE node to list its concepts." };
-    const widget = source.widgets?.find((w) => w.name === "sae_name");
-    if (source.comfyClass !== LOADER || !widget) {
-      return { problem: `The SAE comes from "${source.title}": concepts are listed for a Load SAE node only.` };
+    const names = [], nodes = [];
+    let source = sourceOf(this.node, "sae");
+    if (!source) return { problem: "Connect a Load SAE node to list its concepts.", nodes };
+    while (source) {
+      const widget = source.widgets?.find((w) => w.name === "sae_name");
+      if (source.comfyClass !== LOADER || !widget || nodes.includes(source)) {
+        return { problem: `The SAE comes from "${source.title}": concepts are listed for Load SAE nodes only.`, nodes };
+      }
+      names.unshift(widget.value);
+      nodes.push(source);
+      source = sourceOf(source, "also");
     }
-    return { name: widget.value };
+    return { name: names.join(" + "), names, nodes };
   }
 
-  /** Fetch the concept list when the connected SAE changed (or always, with force). */
+  /** Fetch the concept list when the connected SAEs changed (or always, with force): the union of their
+   * concepts, in chain order, each label once. */
   async refresh(force = false) {
-    const { name, problem } = this.connectedSae();
+    const { name, names, problem } = this.connectedSae();
     if (!force && (name ?? null) === this.sae && !this.error) return;
     const request = ++this.request;
     this.sae = name ?? null;
@@ -147,19 +154,14 @@ class ConceptChecklist {
     this.loading = Boolean(name);
     this.render();
     if (!name) return;
-    let error = null, data = null;
-    try {
-      const response = await api.fetchApi(`/saemnesia/concepts?name=${encodeURIComponent(name)}`);
-      data = await response.json().catch(() => ({ error: `HTTP ${response.status}` }));
-      if (!response.ok) error = data.error ?? `HTTP ${response.status}`;
-    } catch (e) {
-      error = e.message ?? String(e);
-    }
+    const answers = await Promise.all(names.map((one) => fetchConcepts(one)));
     if (request !== this.request) return; // a newer refresh is under way
     this.loading = false;
-    this.error = error ? `Could not list the concepts of ${name}: ${error}` : null;
-    this.concepts = error ? [] : data.concepts;
-    this.note = data?.note ?? null;
+    const failed = answers.find((a) => a.error);
+    this.error = failed ? failed.error : null;
+    const seen = new Set();
+    this.concepts = failed ? [] : answers.flatMap((a) => a.data.concepts).filter((c) => !seen.has(c.label) && seen.add(c.label));
+    this.note = answers.map((a) => a.data?.note).filter(Boolean).join(" ") || null;
     this.render();
   }
 
@@ -257,10 +259,27 @@ class ConceptChecklist {
   }
 }
 
+function sourceOf(node, input) {
+  const slot = node.findInputSlot(input);
+  return slot < 0 ? null : node.getInputNode(slot);
+}
+
+/** {data} of /saemnesia/concepts for one SAE name, or {error}. */
+async function fetchConcepts(name) {
+  try {
+    const response = await api.fetchApi(`/saemnesia/concepts?name=${encodeURIComponent(name)}`);
+    const data = await response.json().catch(() => ({ error: `HTTP ${response.status}` }));
+    if (!response.ok) return { error: `Could not list the concepts of ${name}: ${data.error ?? `HTTP ${response.status}`}` };
+    return { data };
+  } catch (e) {
+    return { error: `Could not list the concepts of ${name}: ${e.message ?? String(e)}` };
+  }
+}
+
 function checklistsFedBy(loader) {
   const graph = loader.graph;
-  return (graph?.nodes ?? []).filter((n) => n.saemnesiaChecklist &&
-    n.getInputNode(n.findInputSlot("sae")) === loader).map((n) => n.saemnesiaChecklist);
+  return (graph?.nodes ?? []).filter((n) => n.saemnesiaChecklist?.connectedSae().nodes.includes(loader))
+    .map((n) => n.saemnesiaChecklist);
 }
 
 function chain(object, method, after) {
@@ -292,6 +311,8 @@ app.registerExtension({
     } else if (node.comfyClass === LOADER) {
       const widget = node.widgets?.find((w) => w.name === "sae_name");
       if (widget) chain(widget, "callback", () => checklistsFedBy(node).forEach((c) => c.refresh()));
+      // an SAE chained into `also` (or unchained) changes the list of every checklist this loader feeds
+      chain(node, "onConnectionsChange", () => queueMicrotask(() => checklistsFedBy(node).forEach((c) => c.refresh())));
     }
   },
 
