@@ -67,6 +67,7 @@ def test_a_tiny_eval_run_writes_json_markdown_and_plots_and_reruns_from_cache(ev
         assert 0 <= m["CE"] <= min(m["UA"], 1 - m["AR"]) and m["KID"] is not None
     assert "| SAEmnesia (γ tuned) | 2 |" in (out / "report.md").read_text()
     assert "| SAEmnesia, paper mode (γ = −1) | 1 |" in (out / "report.md").read_text()
+    assert "| target | exact, γ = −1: UA / IRA / CRA | paper, γ = −1: UA / IRA / CRA |" in (out / "report.md").read_text()
     assert {g: v["hookpoint"] for g, v in data["saeuron_selection"].items()} == {
         "object": "unet.up_blocks.1.attentions.1", "style": "unet.up_blocks.2.attentions.2"}
 

@@ -102,9 +102,9 @@ def protocol_text(data: dict) -> str:
 
 
 def markdown_report(data: dict) -> str:
-    findings = replace_findings(data)
+    findings, paper = replace_findings(data), paper_and_exact(data)
     lines = ["# Miniature UnlearnCanvas on the toy world", "", summary_table(data), "",
-             *([findings, ""] if findings else []), "## Protocol", "",
+             *([findings, ""] if findings else []), *([paper, ""] if paper else []), "## Protocol", "",
              protocol_text(data), "", "## Definitions", "", "```", DEFINITIONS, "```", "", "## Per concept (test set, %)", "",
              "| target | method | UA | IRA | CRA | UA rephrased | AR | CE | KID ×10³ | chosen |",
              "|---|---|---:|---:|---:|---:|---:|---:|---:|---|"]
@@ -149,12 +149,35 @@ def replace_findings(data: dict) -> str:
     return "\n".join(lines)
 
 
+PAPER_AND_EXACT = (("saemnesia_gamma1", "exact, γ = −1"), ("saemnesia_paper_gamma1", "paper, γ = −1"),
+                   ("saemnesia", "exact, γ tuned"), ("saemnesia_paper", "paper, γ tuned"))
+
+
+def paper_and_exact(data: dict) -> str:
+    """SAEmnesia per target concept in exact and in paper mode (the released hooks' formula), at γ = −1 and with
+    γ tuned: UA / IRA / CRA side by side. Empty for runs without paper mode."""
+    if "saemnesia_paper" not in data["summary"]:
+        return ""
+    head = "| target | " + " | ".join(f"{label}: UA / IRA / CRA" for _, label in PAPER_AND_EXACT) + " |"
+    lines = [head, "|---|" + "---|" * len(PAPER_AND_EXACT)]
+    for group, per_concept in data["targets"].items():
+        for concept, t in per_concept.items():
+            cells = []
+            for method, _ in PAPER_AND_EXACT:
+                m = t["test"][method]
+                gamma = f" (γ {t['chosen'][method]['gamma']:g})" if method in t["chosen"] else ""
+                cells.append(f"{_pct(m['UA'])} / {_pct(m['IRA'])} / {_pct(m['CRA'])}{gamma}")
+            lines.append(f"| {concept} ({group}) | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def readme_snippet(data: dict, out: Path) -> str:
     rel = shown_path(out)
     findings = replace_findings(data)
+    paper = paper_and_exact(data)
     return "\n".join([
         f"### Erasure quality (miniature UnlearnCanvas, {data['mode']} mode)", "", summary_table(data), "",
-        *([findings, ""] if findings else []), protocol_text(data), "",
+        *([findings, ""] if findings else []), *([paper, ""] if paper else []), protocol_text(data), "",
         f"![per-concept UA/IRA/CRA]({rel}/per_concept.png)", f"![sequential erasure]({rel}/sequential.png)",
         f"![examples, same seeds]({rel}/examples.png)", "",
         f"Reproduce: `saemnesia eval{' --full' if data['mode'] == 'full' else ''}`.", ""])
