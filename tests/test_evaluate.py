@@ -8,7 +8,7 @@ import pytest
 from saemnesia_core.toy import assets
 from saemnesia_core.toy.evaluation.protocol import planned_images
 
-pytestmark = pytest.mark.comfy
+pytestmark = [pytest.mark.comfy, pytest.mark.timeout(2400)]  # a smoke toy build, then an eval of 8 methods
 
 
 @pytest.fixture(scope="module")
