@@ -71,8 +71,10 @@ class EraseConcepts(io.ComfyNode):
                                tooltip="How strongly to erase. Negative erases: −1 is SAEmnesia's single knob; the toy "
                                        "world's examples use −5 for objects and −0.2 for styles (stronger wipes the "
                                        "image there). 0 changes nothing; positive amplifies the concept (steering). "
-                                       "Formula (γ): a firing concept latent z becomes z·γ·μ; in replace mode, "
-                                       "how far a detected token moves to its replacement (|γ|, at most 1)."),
+                                       "Formula (γ): a firing concept latent z becomes z·γ·μ, or, for a concept "
+                                       "the file calibrates (κ), γ·κ·‖x‖ in exact mode, so that −1 is the "
+                                       "strength measured to erase it; in replace mode, how far a detected token "
+                                       "moves to its replacement (|γ|, at most 1)."),
                 *_step_inputs(),
                 io.Combo.Input("branches", options=list(BRANCHES), default="both",
                                tooltip="Which classifier-free-guidance branch to edit: both (as the papers), "

@@ -12,13 +12,15 @@ import json
 import sys
 import unicodedata
 from collections.abc import Callable
+from dataclasses import replace
 from importlib.metadata import entry_points
 from pathlib import Path
 
 from . import __version__
+from .concepts import MAX_CALIBRATION
 from .eraser import UnknownConceptError
 from .importers import DEFAULT_PERCENTILE, import_concept_statistics, load_any
-from .sae_file import FORMAT_VERSION, SAEFile, SAEFileError, is_sae_file, save_sae_file
+from .sae_file import FORMAT_VERSION, SAEFile, SAEFileError, is_sae_file, load_sae_file, save_sae_file
 from .training import commands as training_commands
 
 
@@ -48,6 +50,23 @@ def register_convert(subparsers) -> None:
     p.set_defaults(func=_convert)
 
 
+def register_calibrate(subparsers) -> None:
+    p = subparsers.add_parser(
+        "calibrate", help="store each concept's calibration kappa: strength -1 then means 'erase it' (DESIGN 6.7)",
+        description="Write κ into the concepts of an SAE file. A calibrated concept's firing latent becomes "
+                    "γ·κ·‖x − b_dec‖ (the token's own norm) instead of z·γ·μ, so one strength means the same for "
+                    "every concept and γ = -1, the node's default, is the strength κ was measured to erase at. "
+                    "The toy build finds κ per concept with its judges; for other models, measure it on your own "
+                    "images (e.g. with Erase Concepts at several κ) and store it here.")
+    p.add_argument("path", metavar="FILE")
+    group = p.add_mutually_exclusive_group(required=True)
+    group.add_argument("--kappa", type=float, help=f"κ in (0, {MAX_CALIBRATION:g}]")
+    group.add_argument("--clear", action="store_true", help="remove the calibration (back to z·γ·μ)")
+    p.add_argument("--concepts", help="comma-separated labels (default: every concept of the file)")
+    p.add_argument("--out", help="write here instead of replacing FILE")
+    p.set_defaults(func=_calibrate)
+
+
 PLUGIN_GROUP = "saemnesia.commands"
 
 
@@ -65,7 +84,7 @@ def register_plugin_commands(subparsers) -> None:
 
 
 COMMAND_REGISTRARS: list[Callable[[argparse._SubParsersAction], None]] = [
-    register_inspect, register_convert, training_commands.register, register_plugin_commands]
+    register_inspect, register_convert, register_calibrate, training_commands.register, register_plugin_commands]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -112,13 +131,28 @@ def _convert(args) -> None:
     print(f"wrote {args.out}: {len(sae_file.concepts)} concepts, hookpoint {sae_file.hookpoint}")
 
 
+def _calibrate(args) -> None:
+    sae_file = load_sae_file(args.path)
+    known = [c.label for c in sae_file.concepts]
+    labels = known if args.concepts is None else [label.strip() for label in args.concepts.split(",")]
+    unknown = [label for label in labels if label not in known]
+    if unknown:
+        raise UnknownConceptError(unknown, known)
+    kappa = None if args.clear else args.kappa
+    concepts = [replace(c, calibration=kappa) if c.label in labels else c for c in sae_file.concepts]
+    out = args.out or args.path
+    save_sae_file(replace(sae_file, concepts=concepts), out)  # validated first: a κ outside its range is refused
+    print(f"wrote {out}: " + (f"κ = {kappa:g}" if kappa is not None else "no calibration") + f" for {', '.join(labels)}")
+
+
 def describe(f: SAEFile) -> dict:
     """What `inspect` shows, as plain JSON data."""
     concepts = []
     for c, concept in enumerate(f.concepts):
         selected = sorted(set(f.tables.latents[c].flatten().tolist()) - {-1})
         concepts.append({"label": concept.label, "group": concept.group, "latent": concept.latent,
-                         "default_strength": concept.default_strength, "selected_latents": selected})
+                         "default_strength": concept.default_strength, "calibration": concept.calibration,
+                         "selected_latents": selected})
     return {
         "d_in": f.config.d_in, "num_latents": f.config.num_latents, "k": f.config.k,
         "input_unit_norm": f.config.input_unit_norm, "dtype": str(f.weights["encoder.weight"].dtype).removeprefix("torch."),
@@ -152,7 +186,8 @@ def _format(info: dict) -> str:
             where = f"latent {c['latent']}"
         else:
             where = f"latents {', '.join(map(str, c['selected_latents']))} (by score, across buckets)"
-        lines.append(f"  {c['label']:<{width}}  {c['group']:<8} {where}  strength {c['default_strength']:g}")
+        calibrated = f"  calibrated κ {c['calibration']:g}" if c["calibration"] is not None else ""
+        lines.append(f"  {c['label']:<{width}}  {c['group']:<8} {where}  strength {c['default_strength']:g}{calibrated}")
     return "\n".join(map(printable, lines))
 
 

@@ -15,6 +15,8 @@ from torch import Tensor
 MAX_STRENGTH = 100.0
 """|γ| above this is refused everywhere (the Erase Concepts node's own range): a strength that overflows the
 activations' dtype would turn an image into NaNs instead of an error."""
+MAX_CALIBRATION = 100.0
+"""κ_c above this is refused (it multiplies the token's own norm; the toy's calibrations lie from 0.25 to 16)."""
 SCORE_EPS = 1e-8
 """δ in the score's denominators (SAeUron's `compute_feature_importance`)."""
 
@@ -33,6 +35,10 @@ class Concept:
     """How well this SAE erases the concept, as measured when the file was made (None: not measured): on `images`
     images showing it, erased at `strength`, the judges saw it in `seen_without` of them without erasure and no
     longer saw it in `gone`; `other_kept` counts those where the other group's concept survived (MEASURED_KEYS)."""
+    calibration: float | None = None
+    """κ_c (DESIGN §6.7): when set, a firing latent of this concept becomes γ·κ_c·‖x − b_dec‖ (the token's own norm
+    in the SAE's input space) instead of z·γ·μ_c, so the strength does not grow with μ_c², and γ = −1 is the
+    strength calibrated to erase this concept. None: the papers' formula (files without it keep their meaning)."""
 
 
 MEASURED_KEYS = ("strength", "images", "seen_without", "gone", "other_kept")

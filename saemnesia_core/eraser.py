@@ -2,6 +2,8 @@
 
 Per token and erased concept c with strength γ_c, for each selected latent i ∈ S_c(t):
     z = TopK(pre(x));  z'_i = z_i·γ_c·μ_c(i, t) if z_i > θ(i, t) else z_i
+    (exact mode, a concept the file calibrates (κ_c, DESIGN §6.7): z'_i = γ_c·κ_c·‖x − b_dec‖, x in the SAE's input
+     space; paper mode is the released formula and ignores κ)
     exact:  out = x + Σ_i (z'_i − z_i)·W_dec[i]               (x itself, bit for bit, where nothing changes)
     paper:  out = 2·x̂ − x + Σ_i (z'_i − z_i)·W_dec[i]         (what the released SAeUron/SAEmnesia hooks return)
     replace: the latents only detect (z_i > θ); a detected token becomes x + α·(x_src − x), x_src the nearest
@@ -54,7 +56,9 @@ class _EditTables(NamedTuple):
     latents: Tensor
     """[T, S] int64 latent ids, −1 = padding."""
     scale: Tensor
-    """[T, S] float32 γ_c·μ_c(i, t)."""
+    """[T, S] float32 γ_c·μ_c(i, t), or γ_c·κ_c where `relative`."""
+    relative: Tensor
+    """[T, S] bool: the latent's concept is calibrated, so z' = scale·‖x − b_dec‖ instead of scale·z."""
     thresholds: Tensor
     """[T, S] float32 θ(i, t)."""
     blend: Tensor
@@ -98,6 +102,8 @@ class ConceptEraser:
         chosen = sorted(_concept_indices(concepts, list(strengths)))
         self.strengths = {concepts[i].label: _strength(concepts[i], strengths[concepts[i].label]) for i in chosen}
         self._tables = {torch.device("cpu"): self._merge(chosen)}
+        self.calibrated = bool(self._tables[torch.device("cpu")].relative.any())
+        """Some chosen concept is calibrated: the edit needs the tokens' norms."""
         self._casts: dict[tuple, tuple[tuple, Tensor]] = {}
 
     @classmethod
@@ -111,17 +117,23 @@ class ConceptEraser:
     def _merge(self, chosen: list[int]) -> _EditTables:
         T = self.tables.num_buckets
         if not chosen or self.tables.latents.shape[2] == 0:  # nothing to edit (tables without latent slots too)
-            return _EditTables(torch.full((T, 1), -1), torch.zeros(T, 1), torch.zeros(T, 1), torch.zeros(T, 1),
-                               torch.zeros(T, 1, dtype=torch.int64), torch.zeros(1, dtype=torch.int64))
+            return _EditTables(torch.full((T, 1), -1), torch.zeros(T, 1), torch.zeros(T, 1, dtype=torch.bool),
+                               torch.zeros(T, 1), torch.zeros(T, 1), torch.zeros(T, 1, dtype=torch.int64),
+                               torch.zeros(1, dtype=torch.int64))
         gamma = torch.tensor(list(self.strengths.values()), dtype=torch.float32)[:, None, None]
+        kappa = torch.tensor([(self.mode != "paper" and self.concepts[i].calibration) or 0.0 for i in chosen],
+                             dtype=torch.float32)[:, None, None]
+        mean_acts = self.tables.mean_acts[chosen].float().cpu()
+        calibrated = (kappa > 0).expand_as(mean_acts)
 
         def per_bucket(t: Tensor) -> Tensor:  # chosen concepts' [C', T, L] -> [T, C'·L]
             return t.cpu().transpose(0, 1).reshape(T, t.shape[0] * t.shape[2])
 
         latents = per_bucket(self.tables.latents[chosen])
-        scale = per_bucket(gamma * self.tables.mean_acts[chosen].float().cpu())
+        scale = per_bucket(torch.where(calibrated, gamma * kappa, gamma * mean_acts))
+        relative = per_bucket(calibrated)
         thresholds = per_bucket(self.tables.thresholds[chosen].float())
-        blend = per_bucket(gamma.abs().clamp(max=1).expand_as(self.tables.mean_acts[chosen]).float())
+        blend = per_bucket(gamma.abs().clamp(max=1).expand_as(mean_acts))
         # A latent listed again by a later concept is dropped from the earlier one (later overwrites).
         S = latents.shape[1]
         later = torch.ones(S, S, dtype=torch.bool).triu(1)
@@ -130,9 +142,10 @@ class ConceptEraser:
         # Move padding to the end and drop columns that are padding in every bucket.
         order = (latents < 0).to(torch.uint8).argsort(dim=1, stable=True)
         width = max(1, int((latents >= 0).sum(1).max()))
-        latents, scale, thresholds, blend = (t.gather(1, order)[:, :width] for t in (latents, scale, thresholds, blend))
+        latents, scale, relative, thresholds, blend = (t.gather(1, order)[:, :width]
+                                                       for t in (latents, scale, relative, thresholds, blend))
         rows, slots = torch.unique(latents.clamp(min=0), return_inverse=True)
-        return _EditTables(latents, scale, thresholds, blend, slots, rows)
+        return _EditTables(latents, scale, relative, thresholds, blend, slots, rows)
 
     def _tables_on(self, device: torch.device) -> _EditTables:
         if device not in self._tables:
@@ -195,7 +208,12 @@ class ConceptEraser:
             x_src = x_in.gather(1, source.clamp(min=0)[..., None].expand_as(x_in))
             edited = _blend(x_in, x_src, torch.where(source >= 0, alpha, 0.0))
         else:
-            dz = torch.where(fires, z * tab.scale[buckets][:, None] - z, 0.0)   # z'_i − z_i
+            scale = tab.scale[buckets][:, None]                              # [b, 1, S]
+            target = z * scale
+            if self.calibrated:
+                norm = _token_norm(self.sae, x_in, self._weight("b_dec", x.device, torch.float32))
+                target = torch.where(tab.relative[buckets][:, None], scale * norm, target)
+            dz = torch.where(fires, target - z, 0.0)                          # z'_i − z_i
             rows = self._weight("W_dec", x.device, torch.float32, rows=True)
             delta = sparse_decode(dz, tab.slots[buckets][:, None].expand_as(dz), rows)   # [b, N, d] fp32
             if self.mode == "exact":
@@ -320,6 +338,15 @@ def _pre_activations(sae: TopKSAE, tokens: Tensor, W_enc: Tensor, b_enc: Tensor,
     if sae.cfg.input_unit_norm:
         sae_in, _, std = standardize(tokens)
     return pre_activations(sae_in, W_enc, b_enc, b_dec), std
+
+
+def _token_norm(sae: TopKSAE, tokens: Tensor, b_dec: Tensor) -> Tensor:
+    """‖x − b_dec‖ of [b, N, d] tokens in the SAE's input space (standardised under input_unit_norm), fp32 [b, N, 1]:
+    the unit of a calibrated concept's strength."""
+    sae_in = tokens.float()
+    if sae.cfg.input_unit_norm:
+        sae_in = standardize(sae_in).x
+    return (sae_in - b_dec).norm(dim=-1, keepdim=True)
 
 
 def _selected_acts(code: _Code, latents: Tensor) -> Tensor:

@@ -22,7 +22,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from .concepts import MAX_STRENGTH, MEASURED_KEYS, Concept, ConceptTables
+from .concepts import MAX_CALIBRATION, MAX_STRENGTH, MEASURED_KEYS, Concept, ConceptTables
 from .files import atomic_path
 from .sae import SAEConfig, TopKSAE
 
@@ -140,7 +140,9 @@ def _metadata_json(h: SAEHeader) -> str:
         "supervised": h.supervised, "selection_mode": h.selection_mode,
         "concepts": [{"label": c.label, "group": c.group, "latent": c.latent,
                       "default_strength": float(c.default_strength),
-                      **({"erasure": c.erasure} if c.erasure is not None else {})} for c in h.concepts],
+                      **({"erasure": c.erasure} if c.erasure is not None else {}),
+                      **({"calibration": float(c.calibration)} if c.calibration is not None else {})}
+                     for c in h.concepts],
         "provenance": h.provenance,
     }
     try:
@@ -285,7 +287,17 @@ def _parse_concept(entry, i: int) -> Concept:
     if erasure is not None and not _is_erasure_record(erasure):
         raise SAEFileError(f"concepts[{i}]: erasure must be {{{', '.join(MEASURED_KEYS)}}} with counts from 0 to "
                            f"images, got {erasure!r}")
-    return Concept(get("label", str), get("group", str), latent, strength, erasure)
+    calibration = entry.get("calibration")
+    if calibration is not None and not _is_calibration(calibration):
+        raise SAEFileError(f"concepts[{i}]: calibration must be a number in (0, {MAX_CALIBRATION:g}], got "
+                           f"{calibration!r}")
+    return Concept(get("label", str), get("group", str), latent, strength, erasure,
+                   None if calibration is None else float(calibration))
+
+
+def _is_calibration(value) -> bool:
+    """κ_c (Concept.calibration): a number in (0, MAX_CALIBRATION] (NaN and infinities fail)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value <= MAX_CALIBRATION
 
 
 def _is_erasure_record(record) -> bool:
@@ -358,6 +370,9 @@ def _check_structure(h: SAEHeader, tensors: dict[str, tuple[torch.dtype, tuple]]
         if c.erasure is not None and not _is_erasure_record(c.erasure):
             raise SAEFileError(f"concept {c.label!r}: erasure record {c.erasure!r} is not {list(MEASURED_KEYS)} "
                                "with counts from 0 to images")
+        if c.calibration is not None and not _is_calibration(c.calibration):
+            raise SAEFileError(f"concept {c.label!r}: calibration {c.calibration!r} is not a number in "
+                               f"(0, {MAX_CALIBRATION:g}]")
         if c.latent is not None and not (_is_int(c.latent) and 0 <= c.latent < cfg.num_latents):
             raise SAEFileError(f"concept {c.label!r} points at latent {c.latent}, but the SAE has "
                                f"{cfg.num_latents} latents")

@@ -4,6 +4,7 @@ reference implementation, and a free port. Nothing here is used on the product's
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import socket
 from collections.abc import Sequence
@@ -93,8 +94,8 @@ def make_random_sae_file(d: int = 16, n: int = 64, k: int = 4,
     else:
         p = percentile if percentile is not None else 100 * (1 - 1.5 / n)
         selection = select_saeuron(saeuron_scores(sums, counts), p)
-    out_concepts = [Concept(c.label, c.group, latent if supervised else c.latent, c.default_strength)
-                    for c, latent in zip(concepts, hidden)]
+    out_concepts = [Concept(c.label, c.group, latent if supervised else c.latent, c.default_strength,
+                            calibration=c.calibration) for c, latent in zip(concepts, hidden)]
     sae_file = SAEFile(
         config=sae.cfg, weights={k_: v.detach().to(dtype) for k_, v in sae.state_dict().items()},
         concepts=out_concepts, tables=build_tables(selection, sums / prompts) if concepts else None,
@@ -110,21 +111,26 @@ def make_random_sae_file(d: int = 16, n: int = 64, k: int = 4,
 # ---------------------------------------------------------------------------------------------- the papers' hook
 
 
+def sae_input(sae: TopKSAE, x: torch.Tensor) -> torch.Tensor:
+    """x as the released hook encodes it: standardised per token under input_unit_norm."""
+    if not sae.cfg.input_unit_norm:
+        return x
+    mean = x.mean(-1, keepdim=True)
+    return (x - mean) / ((x - mean).std(-1, keepdim=True) + 1e-5)
+
+
 def dense_codes(sae: TopKSAE, x: torch.Tensor) -> torch.Tensor:
     """Dense z [..., N, n] as the released hook computes it (standardised input under input_unit_norm)."""
-    sae_in = x
-    if sae.cfg.input_unit_norm:
-        mean = x.mean(-1, keepdim=True)
-        sae_in = (x - mean) / ((x - mean).std(-1, keepdim=True) + 1e-5)
-    pre = torch.relu((sae_in - sae.b_dec) @ sae.encoder.weight.T + sae.encoder.bias)
+    pre = torch.relu((sae_input(sae, x) - sae.b_dec) @ sae.encoder.weight.T + sae.encoder.bias)
     acts, idx = pre.topk(sae.cfg.k, dim=-1)
     return scatter_dense(acts, idx, sae.cfg.num_latents)
 
 
 def ablated_codes(z: torch.Tensor, concepts: Sequence[Concept], tables: ConceptTables, buckets: torch.Tensor,
-                  strengths: dict[str, float]) -> torch.Tensor:
+                  strengths: dict[str, float], norms: torch.Tensor | None = None) -> torch.Tensor:
     """z′ of the released SAEMaskedUnlearningHook for z [B, N, n]: per item, the chosen concepts' latents of its
-    bucket in file order; each selected z_i > θ is scaled by γ·μ; a latent listed twice takes the later entry."""
+    bucket in file order; each selected z_i > θ is scaled by γ·μ; a latent listed twice takes the later entry.
+    A calibrated concept (ours, DESIGN §6.7) sets it to γ·κ·‖x − b_dec‖ instead (`norms` [B, N])."""
     z_new = z.clone()
     for b, t in enumerate(buckets.tolist()):
         for c, concept in enumerate(concepts):
@@ -134,18 +140,22 @@ def ablated_codes(z: torch.Tensor, concepts: Sequence[Concept], tables: ConceptT
                 if latent < 0:
                     continue
                 original = z[b, :, latent]
-                z_new[b, :, latent] = torch.where(original > theta, original * strengths[concept.label] * mu, original)
+                gamma = strengths[concept.label]
+                target = original * gamma * mu if concept.calibration is None else gamma * concept.calibration * norms[b]
+                z_new[b, :, latent] = torch.where(original > theta, target, original)
     return z_new
 
 
 def released_hook(sae: TopKSAE, concepts: Sequence[Concept], tables: ConceptTables, x: torch.Tensor, t,
                   strengths: dict[str, float], exact: bool = False) -> torch.Tensor:
     """The papers' formulation on tokens x [B, N, d] at t (scalar or [B]): dense codes, decoded twice, plus the
-    error x̂ − x (paper mode). exact=True gives x + (z′ − z)·W_dec computed densely (our exact mode's meaning;
-    the change is scaled back by the token's std under input_unit_norm)."""
+    error x̂ − x (paper mode, which ignores calibrations). exact=True gives x + (z′ − z)·W_dec computed densely (our
+    exact mode's meaning; the change is scaled back by the token's std under input_unit_norm)."""
+    if not exact:
+        concepts = [dataclasses.replace(c, calibration=None) for c in concepts]
     buckets = bucket_index(torch.as_tensor(t, dtype=torch.float32), tables.num_buckets).expand(x.shape[0])
     z = dense_codes(sae, x)
-    z_new = ablated_codes(z, concepts, tables, buckets, strengths)
+    z_new = ablated_codes(z, concepts, tables, buckets, strengths, (sae_input(sae, x) - sae.b_dec).norm(dim=-1))
     if exact:
         delta = (z_new - z) @ sae.W_dec
         if sae.cfg.input_unit_norm:

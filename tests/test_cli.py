@@ -80,3 +80,26 @@ def test_registrars_add_subcommands(monkeypatch, capsys):
     assert cli.main(["hello"]) == 0 and capsys.readouterr().out == "hi\n"
     with pytest.raises(SystemExit):
         cli.main([])
+
+
+def test_calibrate_stores_kappa_for_the_chosen_concepts_and_clear_removes_it(tmp_path, capsys):
+    path = tmp_path / "f.safetensors"
+    original = make_random_sae_file(path=path)
+    assert cli.main(["calibrate", str(path), "--kappa", "0.25", "--concepts", "Cats,Van_Gogh"]) == 0
+    calibrated = load_sae_file(path)
+    assert [c.calibration for c in calibrated.concepts] == [0.25, None, 0.25]
+    assert torch.equal(calibrated.tables.mean_acts, original.tables.mean_acts)  # only the header changed
+    assert cli.main(["inspect", str(path)]) == 0 and "calibrated κ 0.25" in capsys.readouterr().out
+    assert cli.main(["calibrate", str(path), "--clear", "--out", str(tmp_path / "g.safetensors")]) == 0
+    assert [c.calibration for c in load_sae_file(tmp_path / "g.safetensors").concepts] == [None] * 3
+
+
+@pytest.mark.parametrize("argv, message", [(["--kappa", "0"], "calibration 0.0 is not a number in (0, 100]"),
+                                           (["--kappa", "nan"], "calibration nan"),
+                                           (["--kappa", "0.5", "--concepts", "Cat"], "unknown concept(s) 'Cat'")])
+def test_calibrate_refuses_a_bad_kappa_or_label_and_leaves_the_file_as_it_was(tmp_path, capsys, argv, message):
+    path = tmp_path / "f.safetensors"
+    make_random_sae_file(path=path)
+    before = path.read_bytes()
+    assert cli.main(["calibrate", str(path), *argv]) == 1
+    assert message in capsys.readouterr().err and path.read_bytes() == before

@@ -8,7 +8,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from saemnesia_core.testing import ablated_codes, concept_tokens, dense_codes, make_random_sae_file, released_hook
-from saemnesia_core.concepts import ConceptTables
+from saemnesia_core.concepts import Concept, ConceptTables
 from saemnesia_core.eraser import ConceptEraser, UnknownConceptError, concept_activation_maps
 from saemnesia_core.sae import block_to_tokens, tokens_to_block
 from saemnesia_core.timesteps import bucket_index
@@ -36,11 +36,17 @@ def activations(sae_file, sae, batch=4, tokens=12, seed=0):
     return x
 
 
+CALIBRATED = (Concept("Cats", "object", None, calibration=0.3), Concept("Dogs", "object", None),
+              Concept("Van_Gogh", "style", None, calibration=1.5))
 CASES = {
     "one concept (SAEmnesia)": (dict(supervised=True), {"Cats": -1.0}),
     "several concepts (SAEmnesia)": (dict(supervised=True), {"Cats": -5.0, "Van_Gogh": -1.0, "Dogs": 0.5}),
     "per-bucket sets (SAeUron)": (dict(supervised=False), {"Cats": -1.0, "Dogs": -30.0}),
     "input_unit_norm": (dict(supervised=False, input_unit_norm=True), {"Dogs": -1.0, "Van_Gogh": -5.0}),
+    # calibrated concepts (DESIGN §6.7) next to an uncalibrated one, in both input spaces
+    "calibrated": (dict(supervised=True, concepts=CALIBRATED), {"Cats": -1.0, "Dogs": -2.0, "Van_Gogh": -1.0}),
+    "calibrated, input_unit_norm": (dict(supervised=True, concepts=CALIBRATED, input_unit_norm=True),
+                                    {"Cats": -1.0, "Van_Gogh": -0.5}),
 }
 T_PER_ITEM = torch.tensor([0.05, 0.3, 0.6, 0.99])  # one item in each of the 4 buckets
 
@@ -252,6 +258,19 @@ def test_a_strength_of_none_uses_the_concepts_default_strength():
     x = activations(sae_file, sae)
     by_default = ConceptEraser.from_file(sae_file, {"Cats": None}, sae=sae)(x, T_PER_ITEM)
     assert torch.equal(by_default, ConceptEraser.from_file(sae_file, {"Cats": -7.0}, sae=sae)(x, T_PER_ITEM))
+
+
+def test_a_calibrated_concepts_edit_does_not_grow_with_its_mean_activation_and_paper_mode_ignores_kappa():
+    def erased(calibration, mu_factor, mode="exact"):
+        sae_file = make_random_sae_file(concepts=(Concept("Cats", "object", None, calibration=calibration), "Dogs"))
+        sae_file.tables.mean_acts[0] *= mu_factor
+        sae = sae_file.build_sae()
+        return ConceptEraser.from_file(sae_file, {"Cats": -1.0}, mode, sae=sae)(activations(sae_file, sae), T_PER_ITEM)
+
+    assert not torch.equal(erased(None, 1.0), erased(None, 4.0))    # the papers' formula: z·γ·μ
+    assert torch.equal(erased(0.3, 1.0), erased(0.3, 4.0))          # calibrated: γ·κ·‖x − b_dec‖, μ plays no part
+    assert not torch.equal(erased(0.3, 1.0), erased(0.6, 1.0))
+    assert torch.equal(erased(0.3, 4.0, "paper"), erased(None, 4.0, "paper"))
 
 
 # ---------------------------------------------------------------------------------------------- hot path

@@ -10,6 +10,7 @@ import torch
 from safetensors.torch import save_file
 
 import saemnesia_core.sae_file as sae_file_module
+from saemnesia_core.concepts import Concept
 from saemnesia_core.testing import make_random_sae_file
 from saemnesia_core.sae_file import (
     FORMAT_VERSION,
@@ -54,7 +55,8 @@ def saved(tmp_path):
 
 
 @pytest.mark.parametrize("kwargs", [dict(supervised=True), dict(supervised=False),
-                                    dict(dtype=torch.float16, input_unit_norm=True), dict(dtype=torch.bfloat16)])
+                                    dict(dtype=torch.float16, input_unit_norm=True), dict(dtype=torch.bfloat16),
+                                    dict(concepts=(Concept("Cats", "object", None, calibration=0.25), "Dogs"))])
 def test_save_then_load_round_trips_everything(tmp_path, kwargs):
     original = make_random_sae_file(**kwargs, path=tmp_path / "f.safetensors")
     assert_same_file(load_sae_file(tmp_path / "f.safetensors"), original)
@@ -73,6 +75,14 @@ def test_metadata_is_one_json_document_with_the_documented_fields(saved):
     assert {"d_in", "num_latents", "k", "input_unit_norm", "hookpoint", "model_family", "num_buckets",
             "supervised", "selection_mode", "concepts", "provenance"} <= meta.keys()
     assert meta["concepts"][0].keys() == {"label", "group", "latent", "default_strength"}
+
+
+def test_a_calibrated_concept_stores_its_kappa_and_an_uncalibrated_one_writes_no_key(tmp_path):
+    path = tmp_path / "f.safetensors"
+    make_random_sae_file(concepts=(Concept("Cats", "object", None, calibration=0.25), "Dogs"), path=path)
+    cats, dogs = raw_parts(path)[1]["concepts"]
+    assert cats["calibration"] == 0.25 and "calibration" not in dogs
+    assert [c.calibration for c in read_header(path).concepts] == [0.25, None]
 
 
 def test_header_reader_returns_metadata_and_concepts_without_reading_tensors(saved, monkeypatch):
@@ -138,6 +148,9 @@ DEFECTS = {
     "Inf in statistics": (lambda t, m: t["concepts.mean_acts"].__setitem__((0, 0, 0), float("inf")), "NaN or Inf"),
     "table latent out of range": (lambda t, m: t["concepts.latents"].__setitem__((1, 2, 0), 64), "latent 64"),
     "tables for the wrong bucket count": (_set("num_buckets", 5), "expected [3, 5, 1]"),
+    "zero calibration": (lambda t, m: m["concepts"][0].__setitem__("calibration", 0), "calibration must be a number"),
+    "calibration too large": (lambda t, m: m["concepts"][1].__setitem__("calibration", 1e3), r"in (0, 100]"),
+    "calibration not a number": (lambda t, m: m["concepts"][0].__setitem__("calibration", "0.5"), "calibration"),
     "assigned latent missing from its table": (
         lambda t, m: t["concepts.latents"].__setitem__((0, 1, 0), (m["concepts"][0]["latent"] + 1) % 64),
         "missing from its table"),

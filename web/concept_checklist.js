@@ -67,7 +67,7 @@ class ConceptChecklist {
     this.string.computeSize = () => [0, -4]; // and no room left for it (the canvas adds 4 px per widget)
     if (this.string.options) this.string.options.hidden = true; // Vue nodes
     this.selection = new Map();
-    this.concepts = []; // [{label, group, latent, default_strength}] of the connected SAE
+    this.concepts = []; // [{label, group, latent, default_strength, erasure, calibration}] of the connected SAE
     this.sae = null; // the SAE name the list belongs to (null: none connected)
     this.request = 0;
 
@@ -234,7 +234,9 @@ class ConceptChecklist {
     const weak = c.erasure && c.erasure.gone <= c.erasure.images - c.erasure.seen_without;
     const row = element("label", { className: "saem-row" + (c.unknown ? " saem-unknown" : "") + (weak ? " saem-weak" : "") },
       tick, element("span", { className: "saem-label", textContent: c.label,
-        title: c.unknown ? "Not a concept of this SAE: running fails until you untick it" : `latent ${c.latent ?? "by score"}` }));
+        title: c.unknown ? "Not a concept of this SAE: running fails until you untick it"
+          : `latent ${c.latent ?? "by score"}` + (c.calibration ? `; calibrated (κ ${c.calibration}): strength −1 is ` +
+            "the strength measured to erase it" : "") }));
     row.dataset.label = c.label;
     if (c.erasure) row.append(this.badge(c, weak));
     if (this.strengths) {
