@@ -147,15 +147,16 @@ class LoadedSAE:
         """This SAE with its weights in `dtype`, the dtype the patched model computes in, held by a ModelPatcher of
         its own: ComfyUI's memory manager places and offloads that copy like the model's weights, and the edit
         casts nothing per call (an fp32 file on an fp16 model would otherwise copy the whole encoder each step).
-        Made once per dtype and shared by every model that computes in it."""
+        Made once per dtype and shared by every model that computes in it, and by copies of this LoadedSAE whose
+        `file` was replaced (other tables or calibrations of the same weights), which keep their own `file`."""
         if dtype == self.sae.dtype:
             return self
         if dtype not in self._by_dtype:
             offload = comfy.model_management.unet_offload_device()
             sae = TopKSAE(self.sae.cfg, device="meta")
             sae.load_state_dict({k: v.to(offload, dtype) for k, v in self.sae.state_dict().items()}, assign=True)
-            self._by_dtype[dtype] = LoadedSAE(self.name, self.file, sae.requires_grad_(False).eval(), _patcher(sae))
-        return self._by_dtype[dtype]
+            self._by_dtype[dtype] = (sae.requires_grad_(False).eval(), _patcher(sae))
+        return LoadedSAE(self.name, self.file, *self._by_dtype[dtype], self._by_dtype)
 
 
 def compute_dtype(model) -> torch.dtype:

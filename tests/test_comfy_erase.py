@@ -2,6 +2,7 @@
 hookpoint maps, composition and memory. The UNet is SD1.5-shaped with random weights; the SAE's concept owns
 the latent that fires most on that UNet's block, so erasing it must show."""
 
+import dataclasses
 import types
 
 import pytest
@@ -238,7 +239,10 @@ def test_an_fp32_sae_on_a_bf16_model_is_converted_once_held_by_its_own_patcher_a
     attached = chained.get_additional_models_with_key(ADDITIONAL_MODELS_KEY)
     converted = world.loaded.for_dtype(torch.bfloat16)
     assert world.loaded.sae.dtype == torch.float32 and converted.sae.dtype == torch.bfloat16
-    assert converted is world.loaded.for_dtype(torch.bfloat16)               # made once
+    assert converted.sae is world.loaded.for_dtype(torch.bfloat16).sae       # made once
+    other_tables = dataclasses.replace(world.loaded.file, concepts=list(world.loaded.file.concepts))
+    variant = dataclasses.replace(world.loaded, file=other_tables).for_dtype(torch.bfloat16)
+    assert variant.file is other_tables and variant.sae is converted.sae      # a variant keeps its own file
     assert {id(p.model.sae) for p in attached} == {id(converted.sae)}         # the only SAE the chain attaches
     assert converted.patcher is not world.loaded.patcher                      # ComfyUI manages the copy itself
     # the edit with the converted copy is the edit with the fp32 weights cast per call (up to bf16 rounding)
