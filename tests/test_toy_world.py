@@ -94,7 +94,7 @@ def test_the_report_step_rebuilds_the_committed_build_report_byte_for_byte(comfy
 def test_the_shipped_saemnesia_sae_erases_an_object_and_keeps_the_style(toy):
     from saemnesia_comfy.erase import erase_concepts
 
-    erased = erase_concepts(toy[0], toy[-1], {"Hearts": None}, -5.0)  # the demo's object strength
+    erased = erase_concepts(toy[0], toy[-1], {"Hearts": None}, -1.0)  # the node's default: calibrated (DESIGN §6.7)
     objects, styles = _judge(toy, "An image of Hearts in Neon style.", erased)
     assert objects.count("Hearts") <= 2  # regression threshold
     assert styles.count("Neon") >= 6     # regression threshold
@@ -106,7 +106,7 @@ def test_the_shipped_style_sae_erases_a_style_and_keeps_the_object(toy):
 
     styles_sae = load_sae_path(assets.path(assets.SITES["style"].saemnesia))
     assert styles_sae.file.hookpoint == assets.SITES["style"].hookpoint
-    erased = erase_concepts(toy[0], styles_sae, {"Stripes": None}, -0.2)  # the demo's style strength
+    erased = erase_concepts(toy[0], styles_sae, {"Stripes": None}, -1.0)  # the node's default: calibrated
     objects, styles = _judge(toy, "An image of Circles in Stripes style.", erased)
     assert styles.count("Stripes") <= 2   # regression threshold
     assert objects.count("Circles") >= 4  # regression threshold
@@ -124,6 +124,7 @@ def test_the_regeneration_command_runs_end_to_end_in_smoke_mode(comfy, tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     for path in (assets.JUDGES, assets.MODEL, assets.BUILD_REPORT):
         assert assets.path(path, out).exists(), path
+    from saemnesia_comfy.toy.build import KAPPAS
     from saemnesia_core.sae_file import read_header
     from saemnesia_core.toy.render import OBJECTS, STYLES
 
@@ -133,5 +134,13 @@ def test_the_regeneration_command_runs_end_to_end_in_smoke_mode(comfy, tmp_path)
             assert header.hookpoint == site.hookpoint and header.supervised == supervised
             assert {c.label for c in header.concepts} == set(OBJECTS) | set(STYLES)
             assert all(c.erasure is not None and c.erasure["images"] == 1 for c in header.concepts)
+        # the supervised SAE's concepts of its site's group are calibrated (DESIGN §6.7), and measured at −1
+        header = read_header(assets.path(site.saemnesia, out))
+        assert {c.label for c in header.concepts if c.calibration in KAPPAS} == \
+            set(OBJECTS if site.group == "object" else STYLES)
+        assert all(c.calibration is None for c in header.concepts if c.group != site.group)
+        assert all(c.erasure["strength"] == -1.0 for c in header.concepts)
+        assert header.provenance["calibration"]["chosen"] == {c.label: c.calibration for c in header.concepts
+                                                              if c.calibration is not None}
     report = json.loads((out / "toy" / "build_report.json").read_text())
     assert 0 <= report["quality"]["object"] <= 1

@@ -1,6 +1,7 @@
 """Regenerate the whole toy world from scratch, deterministically: judges → text-to-image model → per SAE site
 (`saemnesia_core.toy.assets.SITES`) activations → an unsupervised (SAeUron) SAE → the supervised (SAEmnesia) SAE
-fine-tuned from it → concept statistics on held-out prompts → the shipped files → the build report.
+fine-tuned from it → concept statistics on held-out prompts → the supervised SAE's strengths calibrated with the
+judges (DESIGN §6.7) → each SAE's erasure measured per concept → the shipped files → the build report.
 
     python -m saemnesia_comfy.toy.build                 # the shipped recipe (about 4 hours on 2 CPU cores)
     python -m saemnesia_comfy.toy.build --report-only   # rewrite models/toy/build_report.json (minutes)
@@ -48,6 +49,8 @@ HELDOUT_SEED_OFFSET = 1_000_000   # held-out activations (the concept statistics
 JUDGES_HELDOUT_OFFSET = 1000      # the judges' held-out renders use recipe.seed + this (train_judges)
 QUALITY_SEED = 10_000             # the quality check's first seed
 ERASURE_SEED = 7_000_000          # the per-concept erasure measurement's first seed
+CALIBRATION_SEED = 8_000_000      # the strength calibration's first seed (apart from every evaluation set)
+KAPPAS = (0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0)  # κ tried per concept (DESIGN §6.7), in units of the token's norm
 
 
 @dataclass
@@ -154,6 +157,53 @@ def build_saes(recipe: Recipe, models: Path, work: Path, model, encoder, site: a
         save_sae_file(sae_file, out)
 
 
+def _cells(concept, count: int) -> tuple[list[tuple[str, str]], int, int]:
+    """Up to `count` grid cells showing `concept` (an object in every style, a style on every object), and where
+    the concept and the other group sit in a cell's (object, style)."""
+    cells = [(concept.label, s) for s in STYLES] if concept.group == "object" else [(o, concept.label) for o in OBJECTS]
+    return cells[:count], *((0, 1) if concept.group == "object" else (1, 0))
+
+
+def calibrate_strengths(recipe: Recipe, sae_path: Path, group: str, model, vae, encoder: PromptEncoder,
+                        judges: Judges, kappas=KAPPAS) -> None:
+    """Store κ (Concept.calibration, DESIGN §6.7) for each concept of `group` (the one the file's site erases): the
+    κ of `kappas` at which the node's default strength, −1, gave the most clean erasures (the concept gone and the
+    other group's concept kept) on `recipe.erasure_images` images per concept (seeds CALIBRATION_SEED…); ties go
+    to the smaller κ (the scan stops at a κ that erased every image cleanly). The counts go in the provenance, with
+    the uncalibrated formula's count at −1 on the same images for comparison. Skipped when recorded."""
+    sae_file = load_sae_file(sae_path)
+    chosen = [c for c in sae_file.concepts if c.group == group]
+    if all(c.calibration is not None for c in chosen):
+        return
+    clean: dict[str, list[int]] = {}
+    uncalibrated: dict[str, int] = {}
+    loaded = load_sae_path(sae_path)
+    for c in tqdm(chosen, desc=f"strength calibration ({sae_path.name})"):
+        cells, own, other = _cells(c, recipe.erasure_images)
+        prompts, seeds = [make_prompt(o, s) for o, s in cells], [CALIBRATION_SEED + i for i in range(len(cells))]
+
+        def clean_erasures(kappa):  # at γ = −1 with this κ for c (None: the papers' formula)
+            trial = replace(loaded, file=replace(loaded.file, concepts=[
+                replace(x, calibration=kappa) if x.label == c.label else x for x in loaded.file.concepts]))
+            images = generate(erase_concepts(model, trial, {c.label: -1.0}, -1.0), vae, encoder, prompts, seeds,
+                              steps=recipe.sample_steps, cfg=recipe.cfg)
+            judged = zip(*judges.predict(images))
+            return sum(j[own] != cell[own] and j[other] == cell[other] for j, cell in zip(judged, cells))
+
+        uncalibrated[c.label] = clean_erasures(None)
+        clean[c.label] = []
+        for kappa in kappas:  # larger κ cannot beat a κ that erased every image cleanly
+            clean[c.label].append(clean_erasures(kappa))
+            if clean[c.label][-1] == len(cells):
+                break
+    best = {label: kappas[counts.index(max(counts))] for label, counts in clean.items()}
+    concepts = [replace(c, calibration=best[c.label]) if c.label in best else c for c in sae_file.concepts]
+    provenance = {**sae_file.provenance, "calibration": {
+        "kappas": list(kappas), "strength": -1.0, "images": len(cells), "first_seed": CALIBRATION_SEED,
+        "clean_erasures": clean, "uncalibrated_clean_erasures": uncalibrated, "chosen": best}}
+    save_sae_file(replace(sae_file, concepts=concepts, provenance=provenance), sae_path)
+
+
 def measure_erasure(recipe: Recipe, sae_path: Path, strength: float, model, vae, encoder: PromptEncoder,
                     judges: Judges, seen_without: dict) -> None:
     """Store in the SAE file, per concept, how well it erases that concept at `strength` (Concept.erasure): up to 8
@@ -172,9 +222,7 @@ def measure_erasure(recipe: Recipe, sae_path: Path, strength: float, model, vae,
 
     measured = []
     for c in tqdm(sae_file.concepts, desc=f"erasure per concept ({sae_path.name})"):
-        cells = [(c.label, s) for s in STYLES] if c.group == "object" else [(o, c.label) for o in OBJECTS]
-        cells = cells[: recipe.erasure_images]
-        own, other = (0, 1) if c.group == "object" else (1, 0)  # where the concept / the other group sit in a cell
+        cells, own, other = _cells(c, recipe.erasure_images)
         if c.label not in seen_without:
             seen_without[c.label] = sum(j[own] == cell[own] for j, cell in zip(judged(model, cells), cells))
         after = judged(erase_concepts(model, loaded, {c.label: strength}, strength), cells)
@@ -196,9 +244,12 @@ def build(models: Path, work: Path, recipe: Recipe) -> dict:
     encoder, seen_without = PromptEncoder(clip), {}
     for site in assets.SITES.values():
         build_saes(recipe, models, work, model, encoder, site)
-        for method in ("saemnesia", "saeuron"):  # at the strength the toy world's demo and examples use at this site
-            measure_erasure(recipe, assets.path(site.sae(method), models), demo.GAMMAS[site.group], model, vae,
-                            encoder, judges, seen_without)
+        supervised = assets.path(site.saemnesia, models)
+        calibrate_strengths(recipe, supervised, site.group, model, vae, encoder, judges)
+        # SAEmnesia at the node's default strength (calibrated at its site); SAeUron at the demo's strength
+        measure_erasure(recipe, supervised, -1.0, model, vae, encoder, judges, seen_without)
+        measure_erasure(recipe, assets.path(site.saeuron, models), demo.GAMMAS[site.group], model, vae, encoder,
+                        judges, seen_without)
     return write_report(models)
 
 
@@ -237,6 +288,7 @@ def sae_site_report(models: Path, site: assets.SAESite) -> dict:
                              **{key: supervised[key] for key in ("centralisation_before", "centralisation_after")
                                 if key in supervised}},
               "statistics": {k: v for k, v in supervised["statistics"].items() if k != "dataset"},
+              "calibration": supervised.get("calibration"),  # DESIGN §6.7; absent from files made before it
               "assigned_latent_auroc": {group: {when: _summary(supervised[f"selectivity_{when}"], group)
                                                 for when in ("before", "after")} for group in ("object", "style")}}
     return {key: value for key, value in report.items() if value is not None}
