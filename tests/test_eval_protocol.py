@@ -108,3 +108,13 @@ def test_the_eval_command_is_registered_without_importing_comfyui():
 def test_report_paths_inside_the_repository_are_relative():
     assert shown_path(assets.path(assets.SITES["style"].saemnesia)) == f"models/saemnesia/{assets.SITES['style'].saemnesia}"
     assert shown_path(Path("/elsewhere/x.safetensors")) == "/elsewhere/x.safetensors"
+
+
+def test_a_settings_cache_key_leaves_out_the_uncalibrated_flag_at_its_default():
+    from dataclasses import asdict
+
+    from saemnesia_core.toy.evaluation.protocol import Setting
+
+    plain = Setting(("saemnesia", "object"), (("Hearts", -1.0, 0),))
+    assert plain.key() == {k: v for k, v in asdict(plain).items() if k != "uncalibrated"}  # the images made before it
+    assert Setting(("saemnesia", "object"), (("Hearts", -1.0, 0),), uncalibrated=True).key() != plain.key()

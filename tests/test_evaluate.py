@@ -56,7 +56,7 @@ def test_a_tiny_eval_run_writes_json_markdown_and_plots_and_reruns_from_cache(ev
             best = max(c["score"] for c in target["selection"][method])
             chosen = next(c for c in target["selection"][method] if c["gamma"] == target["chosen"][method]["gamma"])
             assert chosen["score"] == best
-        assert {"saemnesia_paper", "saemnesia_paper_gamma1"} <= set(target["test"])
+        assert {"saemnesia_paper", "saemnesia_paper_gamma1", "saemnesia_uncalibrated"} <= set(target["test"])
         for m in target["test"].values():
             assert all(0 <= m[k] <= 1 for k in ("UA", "IRA", "CRA"))
     rows = data["sequential"]["rows"]
@@ -67,7 +67,8 @@ def test_a_tiny_eval_run_writes_json_markdown_and_plots_and_reruns_from_cache(ev
         assert 0 <= m["CE"] <= min(m["UA"], 1 - m["AR"]) and m["KID"] is not None
     assert "| SAEmnesia (γ tuned) | 2 |" in (out / "report.md").read_text()
     assert "| SAEmnesia, paper mode (γ = −1) | 1 |" in (out / "report.md").read_text()
-    assert "| target | exact, γ = −1: UA / IRA / CRA | paper, γ = −1: UA / IRA / CRA |" in (out / "report.md").read_text()
+    assert ("| target | exact, γ = −1: UA / IRA / CRA | exact uncalibrated, γ = −1: UA / IRA / CRA | paper, γ = −1: "
+            "UA / IRA / CRA |") in (out / "report.md").read_text()
     assert {g: v["hookpoint"] for g, v in data["saeuron_selection"].items()} == {
         "object": "unet.up_blocks.1.attentions.1", "style": "unet.up_blocks.2.attentions.2"}
 

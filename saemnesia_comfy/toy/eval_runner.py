@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, replace
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -121,13 +121,16 @@ class Runner:
         strengths = {label: gamma for label, gamma, _ in setting.erase}
         loaded = self.saes[setting.sae] if method == "saemnesia" else \
             self._saeuron_for(group, {label: kept for label, _, kept in setting.erase})
+        if setting.uncalibrated:
+            loaded = replace(loaded, file=replace(loaded.file, concepts=[
+                replace(c, calibration=None) for c in loaded.file.concepts]))
         return erase_concepts(self.model, loaded, strengths, -1.0, mode=setting.mode)
 
     def images(self, setting: Setting, items: list[Item]) -> np.ndarray:
         """uint8 [N, 32, 32, 3]: every prompt of the setting in one sampling call, cached on disk."""
         key = _digest({"model": self.digests["model"],
                        "sae": self.digests[asset_name(*setting.sae)] if setting.sae else None,
-                       "setting": asdict(setting), "steps": self.protocol.steps, "cfg": self.protocol.cfg,
+                       "setting": setting.key(), "steps": self.protocol.steps, "cfg": self.protocol.cfg,
                        "items": [(i.prompt, i.seed) for i in items]})
         path = self.cache / "images" / f"{key}.npy"
         if path.exists():

@@ -89,6 +89,7 @@ def evaluate_target(runner: Runner, group: str, concept: str, tests: list[Item],
     chosen = {"saemnesia": (concept, sm["gamma"], 0), "saeuron": (concept, su["gamma"], su["kept"])}
     settings = {"none": Setting(), "saemnesia": Setting(sae["saemnesia"], (chosen["saemnesia"],)),
                 "saemnesia_gamma1": Setting(sae["saemnesia"], ((concept, -1.0, 0),)),
+                "saemnesia_uncalibrated": Setting(sae["saemnesia"], ((concept, -1.0, 0),), uncalibrated=True),
                 "saemnesia_paper": Setting(sae["saemnesia"], ((concept, sp["gamma"], 0),), mode="paper"),
                 "saemnesia_paper_gamma1": Setting(sae["saemnesia"], ((concept, -1.0, 0),), mode="paper"),
                 "saeuron": Setting(sae["saeuron"], (chosen["saeuron"],)),

@@ -6,7 +6,8 @@ unstyled, the papers' prompt form) with fixed seeds. Methods, side by side:
 
 - none: no erasure (the ceiling for IRA and CRA);
 - SAEmnesia: the supervised SAE's assigned latent, γ per concept from the γ grid chosen by (UA + IRA)/2 on a
-  selection set (other seeds), and the single γ = −1 for every concept;
+  selection set (other seeds), and the single γ = −1 for every concept, in exact mode (with the file's calibrated
+  strengths, DESIGN §6.7, where it has them, and once more without them) and in paper mode;
 - SAeUron mode: the unsupervised SAE, latents by score at the percentiles that keep 1, 2 and 3 latents per
   bucket (as 99.999 / 99.995 / 99.99 do of 20480, DESIGN §5.2) × the same γ grid, chosen the same way;
 - SAEmnesia, replace: the same SAE as a detector only; detected tokens take the nearest undetected token's
@@ -20,7 +21,7 @@ images of the quality set (its own seeds).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 from ..prompts import HELD_OUT_TEMPLATES, TRAIN_TEMPLATES, make_prompt
 from ..render import OBJECTS, STYLES
@@ -39,6 +40,8 @@ METHODS = {  # name -> (label in reports, configurations searched per concept)
     "none": ("no erasure", None),
     "saemnesia": ("SAEmnesia (γ tuned)", "gammas"),
     "saemnesia_gamma1": ("SAEmnesia (γ = −1)", 1),
+    # the papers' z·γ·μ on the same file, its calibrations ignored (DESIGN §6.7): what γ = −1 did before them
+    "saemnesia_uncalibrated": ("SAEmnesia, uncalibrated (γ = −1)", 1),
     # the formula of the released hooks (2·x̂ − x + change, DESIGN §6.1), so rows compare with the papers' tables
     "saemnesia_paper": ("SAEmnesia, paper mode (γ tuned)", "gammas"),
     "saemnesia_paper_gamma1": ("SAEmnesia, paper mode (γ = −1)", 1),
@@ -89,6 +92,12 @@ class Setting:
     erase: tuple[tuple[str, float, int], ...] = ()
     negative: str = ""
     mode: str = "exact"  # the eraser's mode (DESIGN §6)
+    uncalibrated: bool = False  # ignore the SAE file's calibrations (DESIGN §6.7)
+
+    def key(self) -> dict:
+        """What identifies the images (fields at the default of one added later are left out, so that the images of
+        settings made before it keep their cache)."""
+        return {k: v for k, v in asdict(self).items() if k != "uncalibrated" or v}
 
 
 @dataclass(frozen=True)

@@ -149,8 +149,9 @@ def replace_findings(data: dict) -> str:
     return "\n".join(lines)
 
 
-PAPER_AND_EXACT = (("saemnesia_gamma1", "exact, γ = −1"), ("saemnesia_paper_gamma1", "paper, γ = −1"),
-                   ("saemnesia", "exact, γ tuned"), ("saemnesia_paper", "paper, γ tuned"))
+PAPER_AND_EXACT = (("saemnesia_gamma1", "exact, γ = −1"), ("saemnesia_uncalibrated", "exact uncalibrated, γ = −1"),
+                   ("saemnesia_paper_gamma1", "paper, γ = −1"), ("saemnesia", "exact, γ tuned"),
+                   ("saemnesia_paper", "paper, γ tuned"))
 
 
 def paper_and_exact(data: dict) -> str:
@@ -158,12 +159,13 @@ def paper_and_exact(data: dict) -> str:
     γ tuned: UA / IRA / CRA side by side. Empty for runs without paper mode."""
     if "saemnesia_paper" not in data["summary"]:
         return ""
-    head = "| target | " + " | ".join(f"{label}: UA / IRA / CRA" for _, label in PAPER_AND_EXACT) + " |"
-    lines = [head, "|---|" + "---|" * len(PAPER_AND_EXACT)]
+    columns = [(method, label) for method, label in PAPER_AND_EXACT if method in data["summary"]]
+    head = "| target | " + " | ".join(f"{label}: UA / IRA / CRA" for _, label in columns) + " |"
+    lines = [head, "|---|" + "---|" * len(columns)]
     for group, per_concept in data["targets"].items():
         for concept, t in per_concept.items():
             cells = []
-            for method, _ in PAPER_AND_EXACT:
+            for method, _ in columns:
                 m = t["test"][method]
                 gamma = f" (γ {t['chosen'][method]['gamma']:g})" if method in t["chosen"] else ""
                 cells.append(f"{_pct(m['UA'])} / {_pct(m['IRA'])} / {_pct(m['CRA'])}{gamma}")
@@ -191,7 +193,8 @@ def plot(results: Results, out: Path) -> None:
     import matplotlib.pyplot as plt
 
     data = results.data
-    colors = {"none": "0.6", "saemnesia": "tab:blue", "saemnesia_gamma1": "tab:cyan", "saemnesia_paper": "tab:red",
+    colors = {"none": "0.6", "saemnesia": "tab:blue", "saemnesia_gamma1": "tab:cyan",
+              "saemnesia_uncalibrated": "tab:olive", "saemnesia_paper": "tab:red",
               "saemnesia_paper_gamma1": "tab:pink", "saeuron": "tab:orange", "replace": "tab:purple",
               "negative": "tab:green"}
     groups = [g for g in (OBJECT, STYLE) if data["targets"].get(g)]
