@@ -68,9 +68,10 @@ class EraseConcepts(io.ComfyNode):
                                          "Several chained Load SAE nodes erase at several blocks."),
                 io.String.Input("concepts", default="[]", multiline=False, tooltip=CONCEPTS_TOOLTIP),
                 io.Float.Input("strength", default=-1.0, min=-MAX_STRENGTH, max=MAX_STRENGTH, step=0.1,
-                               tooltip="How strongly to erase. Negative erases: −1 is SAEmnesia's single knob; the toy "
-                                       "world's examples use −5 for objects and −0.2 for styles (stronger wipes the "
-                                       "image there). 0 changes nothing; positive amplifies the concept (steering). "
+                               tooltip="How strongly to erase. Negative erases: −1 is SAEmnesia's single knob, and for "
+                                       "the concepts a file calibrates (the toy's SAEmnesia files: each concept of "
+                                       "their block's group) −1 is the strength measured to erase them. 0 changes "
+                                       "nothing; positive amplifies the concept (steering). "
                                        "Formula (γ): a firing concept latent z becomes z·γ·μ, or, for a concept "
                                        "the file calibrates (κ), γ·κ·‖x‖ in exact mode, so that −1 is the "
                                        "strength measured to erase it; in replace mode, how far a detected token "

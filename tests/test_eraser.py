@@ -215,9 +215,13 @@ def test_each_item_uses_the_bucket_of_its_own_timestep():
 
 
 @pytest.mark.parametrize("dtype, tol", [(torch.float16, 5e-2), (torch.bfloat16, 2e-1)])
-@pytest.mark.parametrize("mode", ["exact", "paper"])
+@pytest.mark.parametrize("mode", ["exact", "paper", "calibrated"])
 def test_half_precision_activations_with_fp32_weights_match_fp32(dtype, tol, mode, made):
     sae_file, sae, x = made
+    if mode == "calibrated":  # exact mode with the token-norm strength of DESIGN §6.7
+        sae_file = dataclasses.replace(sae_file, concepts=[dataclasses.replace(c, calibration=0.5)
+                                                           for c in sae_file.concepts])
+        mode = "exact"
     eraser = ConceptEraser.from_file(sae_file, {"Cats": -1.0, "Dogs": -5.0}, mode=mode, sae=sae)
     out = eraser(x.to(dtype), T_PER_ITEM)
     assert out.dtype == dtype and sae.dtype == torch.float32
