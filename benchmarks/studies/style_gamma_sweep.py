@@ -2,7 +2,8 @@
 """Which strength erases a style at the style site? Every style erased at several γ with the shipped style SAE
 (`saemnesia_core.toy.assets.SITES["style"]`), on every object.
 
-Per style and γ: 8 images (each object in that style, one seed; Euler, 25 steps, CFG 5; exact mode), judged:
+Per style and γ: 8 images (each object in that style, one seed; Euler, 25 steps, CFG 5; exact mode with the
+papers' formula, the file's calibrations set aside), judged:
 how often the style is still seen, and how often the object still is; γ = 0 is no erasure. The demo's style
 strength comes from here (`saemnesia_core.toy.demo.GAMMAS`).
 
@@ -14,6 +15,7 @@ Writes benchmarks/studies/results/style_gamma_sweep.json and .md.
 from __future__ import annotations
 
 import argparse
+from dataclasses import replace
 from pathlib import Path
 
 import saemnesia_comfy  # noqa: F401  (makes ComfyUI importable)
@@ -36,6 +38,8 @@ def main(argv=None) -> None:
     args = p.parse_args(argv)
     model, vae, encoder, judges = load_toy_world()
     sae = load_sae_path(assets.path(assets.SITES["style"].saemnesia))
+    # the papers' formula z·γ·μ, which this sweep measured: the file's calibrations (DESIGN §6.7) are set aside
+    sae = replace(sae, file=replace(sae.file, concepts=[replace(c, calibration=None) for c in sae.file.concepts]))
     seeds = [SEED + i for i in range(len(OBJECTS))]
     rows = []
     for style in STYLES:
