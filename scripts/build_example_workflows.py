@@ -1,7 +1,8 @@
 """Makes the example workflows ComfyUI lists as templates, with the real frontend: each graph is built in the
 ComfyUI page (nodes created by the app, widgets set, links connected) and exported as the app's Export writes it,
 so the files are exactly what this frontend version writes. The workflows use the shipped toy world
-(`saemnesia_core.toy.assets`) at the demo's strengths (`saemnesia_core.toy.demo`), enlarge their 32×32 images ×8
+(`saemnesia_core.toy.assets`) at the node's default strength, −1 (the toy's SAEmnesia files are calibrated so that
+−1 erases each concept of their block's group, DESIGN §6.7), enlarge their 32×32 images ×8
 (nearest neighbour) for display, and open with every node in view. Each is then run once, and its images make
 the template's thumbnail (example_workflows/<name>.jpg). Last, screenshots of the templates dialog and of an
 Erase Concepts node go to docs/images/. Regenerate after a node's inputs change:
@@ -22,7 +23,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from saemnesia_comfy.browser import comfy_page, load_workflow, queue_from_page, wait_for_checklists
 from saemnesia_comfy.server import ComfyServer
-from saemnesia_core.toy import assets, demo
+from saemnesia_core.toy import assets
 
 TOY_MODEL = Path(assets.MODEL).name
 SAE = assets.SITES["object"].saemnesia
@@ -35,11 +36,6 @@ VIEW = (1280, 720)  # the canvas size every example must fit at first sight (a l
 # The template browser shows a custom pack's template by its file name (title and description alike)
 ERASE_ONE, ERASE_BOTH, PROBE, REGION = ("Erase an object with the same seed", "Erase an object and a style at once",
                                         "Probe where each concept fires", "Erase only inside a mask")
-
-
-def _num(value: float) -> str:
-    """A number as the notes print it (a typographic minus)."""
-    return f"{value:g}".replace("-", "−")
 
 
 def _toy_inputs(prompt: str, x: int = 0) -> list[dict]:
@@ -114,21 +110,20 @@ EXAMPLES = {
         ["Hearts"], "An image of Hearts in Neon style.",
         "Same seed twice: the top sampler sees the plain toy model, the bottom one the model with the ticked "
         "concept erased by the SAE (Erase Concepts). Tick other concepts in the checklist; an empty "
-        f"strength box uses the node's strength ({_num(demo.GAMMAS['object'])} here: on the toy model SAEmnesia's −1 "
-        "is too gentle).",
-        "KSampler (Hearts erased)", strength=demo.GAMMAS["object"]),
+        "strength box uses the node's strength (−1, the default: the toy's SAE files are calibrated so that −1 erases "
+        "each concept of their block).",
+        "KSampler (Hearts erased)"),
     ERASE_BOTH: _erase(
         ["Hearts"], "An image of Hearts in Stripes style.",
         "An object and a style erased at once by two chained Erase Concepts nodes (their edits compose): the "
-        f"toy model decides objects at up_blocks.1 ({Path(SAE).stem}, strength {_num(demo.GAMMAS['object'])}) and styles at "
-        f"up_blocks.2 ({Path(STYLE_SAE).stem}, strength {_num(demo.GAMMAS['style'])}: stronger wipes the image there). "
+        f"toy model decides objects at up_blocks.1 ({Path(SAE).stem}) and styles at up_blocks.2 "
+        f"({Path(STYLE_SAE).stem}), both at the default strength −1, which each file's calibration makes erase. "
         "Each ticked concept may also "
         "have its own strength (the box beside its tick).",
-        "KSampler (Hearts and Stripes erased)", strength=demo.GAMMAS["object"], styles=["Stripes"],
-        style_strength=demo.GAMMAS["style"]),
+        "KSampler (Hearts and Stripes erased)", styles=["Stripes"]),
     REGION: {
         "nodes": [n for n in _erase(["Hearts"], "An image of Hearts in Neon style.", "",
-                                    "KSampler (Hearts erased, left half)", strength=demo.GAMMAS["object"])["nodes"]
+                                    "KSampler (Hearts erased, left half)")["nodes"]
                   if n["id"] != 13] + [
             {"id": 18, "type": "SolidMask", "pos": [360, 420], "title": "Whole image (0 = keep)",
              "widgets": {"value": 0.0, "width": 32, "height": 32}},
