@@ -247,7 +247,9 @@ def test_the_probe_checklist_has_no_strengths(server, page):
 
 
 def test_an_empty_strength_box_shows_the_value_it_inherits_and_a_typed_one_stays_in_the_nodes_range(server, page):
-    open_workflow(page, example(server, ERASE_ONE))  # the node's strength is -5 there
+    workflow = example(server, ERASE_ONE)
+    node(workflow, ERASE)["widgets_values"][1] = -5  # the node's strength, not its default
+    open_workflow(page, workflow)
     box = row(page, "Neon").locator(".saem-strength")
     assert box.get_attribute("placeholder") == "node -5"
     assert (box.get_attribute("min"), box.get_attribute("max")) == ("-100", "100")
