@@ -22,6 +22,7 @@ import comfy.model_management
 import comfy.model_patcher
 import folder_paths
 
+from saemnesia_core.concepts import with_calibrations
 from saemnesia_core.importers import CONFIG_FILES, WEIGHT_FILES, is_checkpoint_folder, load_any
 from saemnesia_core.sae import TopKSAE
 from saemnesia_core.sae_file import SAEFile, SAEFileError, SAEHeader, read_header
@@ -142,6 +143,10 @@ class LoadedSAE:
     @property
     def labels(self) -> list[str]:
         return [c.label for c in self.file.concepts]
+
+    def with_calibrations(self, kappas: dict[str, float | None]) -> "LoadedSAE":
+        """The same weights with κ set (None: removed) for the labels in `kappas` (DESIGN §6.7), the file untouched."""
+        return replace(self, file=replace(self.file, concepts=with_calibrations(self.file.concepts, kappas)))
 
     def for_dtype(self, dtype: torch.dtype) -> "LoadedSAE":
         """This SAE with its weights in `dtype`, the dtype the patched model computes in, held by a ModelPatcher of

@@ -17,7 +17,7 @@ from importlib.metadata import entry_points
 from pathlib import Path
 
 from . import __version__
-from .concepts import MAX_CALIBRATION
+from .concepts import MAX_CALIBRATION, with_calibrations
 from .eraser import UnknownConceptError
 from .importers import DEFAULT_PERCENTILE, import_concept_statistics, load_any
 from .sae_file import FORMAT_VERSION, SAEFile, SAEFileError, is_sae_file, load_sae_file, save_sae_file
@@ -139,7 +139,7 @@ def _calibrate(args) -> None:
     if unknown:
         raise UnknownConceptError(unknown, known)
     kappa = None if args.clear else args.kappa
-    concepts = [replace(c, calibration=kappa) if c.label in labels else c for c in sae_file.concepts]
+    concepts = with_calibrations(sae_file.concepts, dict.fromkeys(labels, kappa))
     out = args.out or args.path
     save_sae_file(replace(sae_file, concepts=concepts), out)  # validated first: a κ outside its range is refused
     print(f"wrote {out}: " + (f"κ = {kappa:g}" if kappa is not None else "no calibration") + f" for {', '.join(labels)}")

@@ -7,7 +7,7 @@ A selection is an int64 [C, T, L] tensor of latent ids, −1 = padding.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor
@@ -42,6 +42,11 @@ class Concept:
 
 
 MEASURED_KEYS = ("strength", "images", "seen_without", "gone", "other_kept")
+
+
+def with_calibrations(concepts: Sequence[Concept], kappas: dict[str, float | None]) -> list[Concept]:
+    """The concepts with κ set (None: removed) for the labels in `kappas`; the others as they are."""
+    return [replace(c, calibration=kappas[c.label]) if c.label in kappas else c for c in concepts]
 
 
 @dataclass

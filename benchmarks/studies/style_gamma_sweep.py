@@ -15,7 +15,6 @@ Writes benchmarks/studies/results/style_gamma_sweep.json and .md.
 from __future__ import annotations
 
 import argparse
-from dataclasses import replace
 from pathlib import Path
 
 import saemnesia_comfy  # noqa: F401  (makes ComfyUI importable)
@@ -39,7 +38,7 @@ def main(argv=None) -> None:
     model, vae, encoder, judges = load_toy_world()
     sae = load_sae_path(assets.path(assets.SITES["style"].saemnesia))
     # the papers' formula z·γ·μ, which this sweep measured: the file's calibrations (DESIGN §6.7) are set aside
-    sae = replace(sae, file=replace(sae.file, concepts=[replace(c, calibration=None) for c in sae.file.concepts]))
+    sae = sae.with_calibrations(dict.fromkeys(sae.labels))
     seeds = [SEED + i for i in range(len(OBJECTS))]
     rows = []
     for style in STYLES:

@@ -28,6 +28,7 @@ import torch
 from safetensors import safe_open
 from tqdm.auto import tqdm
 
+from saemnesia_core.concepts import with_calibrations
 from saemnesia_core.files import write_json_atomic
 from saemnesia_core.sae_file import load_sae_file, read_header, save_sae_file
 from saemnesia_core.toy import assets, demo
@@ -183,8 +184,7 @@ def calibrate_strengths(recipe: Recipe, sae_path: Path, group: str, model, vae, 
         prompts, seeds = [make_prompt(o, s) for o, s in cells], [CALIBRATION_SEED + i for i in range(len(cells))]
 
         def clean_erasures(kappa):  # at γ = −1 with this κ for c (None: the papers' formula)
-            trial = replace(loaded, file=replace(loaded.file, concepts=[
-                replace(x, calibration=kappa) if x.label == c.label else x for x in loaded.file.concepts]))
+            trial = loaded.with_calibrations({c.label: kappa})
             images = generate(erase_concepts(model, trial, {c.label: -1.0}, -1.0), vae, encoder, prompts, seeds,
                               steps=recipe.sample_steps, cfg=recipe.cfg)
             judged = zip(*judges.predict(images))
@@ -197,7 +197,7 @@ def calibrate_strengths(recipe: Recipe, sae_path: Path, group: str, model, vae, 
             if clean[c.label][-1] == len(cells):
                 break
     best = {label: kappas[counts.index(max(counts))] for label, counts in clean.items()}
-    concepts = [replace(c, calibration=best[c.label]) if c.label in best else c for c in sae_file.concepts]
+    concepts = with_calibrations(sae_file.concepts, best)
     provenance = {**sae_file.provenance, "calibration": {
         "kappas": list(kappas), "strength": -1.0, "images": len(cells), "first_seed": CALIBRATION_SEED,
         "clean_erasures": clean, "uncalibrated_clean_erasures": uncalibrated, "chosen": best}}

@@ -122,8 +122,7 @@ class Runner:
         loaded = self.saes[setting.sae] if method == "saemnesia" else \
             self._saeuron_for(group, {label: kept for label, _, kept in setting.erase})
         if setting.uncalibrated:
-            loaded = replace(loaded, file=replace(loaded.file, concepts=[
-                replace(c, calibration=None) for c in loaded.file.concepts]))
+            loaded = loaded.with_calibrations(dict.fromkeys(loaded.labels))
         return erase_concepts(self.model, loaded, strengths, -1.0, mode=setting.mode)
 
     def images(self, setting: Setting, items: list[Item]) -> np.ndarray:
