@@ -45,8 +45,10 @@ MEASURED_KEYS = ("strength", "images", "seen_without", "gone", "other_kept")
 
 
 def with_calibrations(concepts: Sequence[Concept], kappas: dict[str, float | None]) -> list[Concept]:
-    """The concepts with κ set (None: removed) for the labels in `kappas`; the others as they are."""
-    return [replace(c, calibration=kappas[c.label]) if c.label in kappas else c for c in concepts]
+    """The concepts with κ set (None: removed) for the labels in `kappas`; the others as they are. A concept whose κ
+    changes loses its erasure record: it was measured with the old κ."""
+    return [c if c.label not in kappas or kappas[c.label] == c.calibration
+            else replace(c, calibration=kappas[c.label], erasure=None) for c in concepts]
 
 
 @dataclass

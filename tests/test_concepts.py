@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from helpers_core import released_saeuron_score
-from saemnesia_core.concepts import assigned_selection, build_tables, saeuron_scores, select_saeuron
+from saemnesia_core.concepts import (Concept, assigned_selection, build_tables, saeuron_scores, select_saeuron,
+                                     with_calibrations)
 from saemnesia_core.timesteps import bucket_index, ddim_timesteps, timestep_to_t
 
 
@@ -87,3 +88,13 @@ def test_ddim_leading_timesteps_of_sd():
 def test_paper_steps_map_one_to_one_onto_as_many_buckets_noisiest_last(steps):
     buckets = bucket_index(timestep_to_t(ddim_timesteps(steps)), steps)
     assert buckets.tolist() == list(range(steps - 1, -1, -1))
+
+
+def test_setting_a_new_kappa_drops_the_erasure_record_measured_with_the_old_one():
+    record = {"strength": -1.0, "images": 8, "seen_without": 8, "gone": 6, "other_kept": 8}
+    concepts = [Concept("Cats", "object", 0, erasure=record, calibration=2.0),
+                Concept("Dogs", "object", 1, erasure=record, calibration=4.0), Concept("Van_Gogh", "style", 2, erasure=record)]
+    changed = with_calibrations(concepts, {"Cats": 8.0, "Dogs": 4.0})
+    assert [(c.calibration, c.erasure) for c in changed] == [(8.0, None), (4.0, record), (None, record)]
+    assert with_calibrations(concepts, {"Van_Gogh": None})[2].erasure == record  # unchanged κ: the record stands
+    assert with_calibrations(concepts, {"Dogs": None})[1].erasure is None
