@@ -118,13 +118,17 @@ def test_the_regeneration_command_runs_end_to_end_in_smoke_mode(comfy, tmp_path)
     import sys
 
     out = tmp_path / "models"
-    result = subprocess.run([sys.executable, "-m", "saemnesia_comfy.toy.build", "--smoke", "--out", str(out),
-                             "--work", str(tmp_path / "work")], cwd=assets.REPO_ROOT, capture_output=True, text=True,
-                            timeout=3000)
-    assert result.returncode == 0, result.stderr[-3000:]
+
+    def run_build():
+        result = subprocess.run([sys.executable, "-m", "saemnesia_comfy.toy.build", "--smoke", "--out", str(out),
+                                 "--work", str(tmp_path / "work")], cwd=assets.REPO_ROOT, capture_output=True,
+                                text=True, timeout=3000)
+        assert result.returncode == 0, result.stderr[-3000:]
+
+    run_build()
     for path in (assets.JUDGES, assets.MODEL, assets.BUILD_REPORT):
         assert assets.path(path, out).exists(), path
-    from saemnesia_comfy.toy.build import KAPPAS
+    from saemnesia_comfy.toy.calibration import KAPPAS
     from saemnesia_core.sae_file import read_header
     from saemnesia_core.toy.render import OBJECTS, STYLES
 
@@ -144,3 +148,33 @@ def test_the_regeneration_command_runs_end_to_end_in_smoke_mode(comfy, tmp_path)
                                                               if c.calibration is not None}
     report = json.loads((out / "toy" / "build_report.json").read_text())
     assert 0 <= report["quality"]["object"] <= 1
+
+    # a file fine-tuned before the trainer measured centralisation (DESIGN §4.4) gets it from the build, and only that
+    from dataclasses import replace
+
+    import torch
+
+    from saemnesia_core.sae_file import load_sae_file, save_sae_file
+
+    path = assets.path(assets.SITES["object"].saemnesia, out)
+    trained = load_sae_file(path)
+    older = {k: v for k, v in trained.provenance.items() if not k.startswith("centralisation")}
+    save_sae_file(replace(trained, provenance=older), path)
+    run_build()
+    measured = load_sae_file(path)
+    assert torch.equal(measured.tables.mean_acts, trained.tables.mean_acts) and measured.concepts == trained.concepts
+    for when in ("before", "after"):
+        rows = measured.provenance[f"centralisation_{when}"]
+        assert [(r["label"], r["latent"]) for r in rows] == [(c.label, c.latent) for c in trained.concepts]
+        assert all(0 <= r["auroc"] <= 1 and r["other_latents_above"] >= 0 for r in rows)
+    saes = json.loads((out / "toy" / "build_report.json").read_text())["saes"]
+    assert saes[assets.SITES["object"].hookpoint]["supervised"]["centralisation_after"] == rows
+
+
+def test_the_calibration_prefers_clean_erasures_then_what_the_judges_alone_count_then_the_smaller_kappa(comfy):
+    from saemnesia_comfy.toy.calibration import choose_kappa
+
+    kappas = (0.5, 1.0, 2.0, 4.0)
+    assert choose_kappa(kappas, [1, 5, 2, 0], [1, 5, 7, 8]) == 1.0   # artifacts count: not the κ that erases most
+    assert choose_kappa(kappas, [0, 0, 0, 0], [1, 3, 3, 2]) == 1.0   # every erasure flagged: the judges' choice
+    assert choose_kappa(kappas, [2, 2, 2], [2, 2, 2]) == 0.5          # a scan stopped early; ties to the smaller κ

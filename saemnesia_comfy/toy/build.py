@@ -1,7 +1,7 @@
 """Regenerate the whole toy world from scratch, deterministically: judges → text-to-image model → per SAE site
 (`saemnesia_core.toy.assets.SITES`) activations → an unsupervised (SAeUron) SAE → the supervised (SAEmnesia) SAE
-fine-tuned from it → concept statistics on held-out prompts → the supervised SAE's strengths calibrated with the
-judges (DESIGN §6.7) → each SAE's erasure measured per concept → the shipped files → the build report.
+fine-tuned from it → concept statistics on held-out prompts → the supervised SAE's strengths calibrated
+(`calibration.py`, DESIGN §6.7) → each SAE's erasure measured per concept → the shipped files → the build report.
 
     python -m saemnesia_comfy.toy.build                 # the shipped recipe (about 4 hours on 2 CPU cores)
     python -m saemnesia_comfy.toy.build --report-only   # rewrite models/toy/build_report.json (minutes)
@@ -19,6 +19,7 @@ their held-out renders, the model's quality on the grid). So the report can alwa
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import time
 from dataclasses import asdict, dataclass, replace
@@ -28,7 +29,6 @@ import torch
 from safetensors import safe_open
 from tqdm.auto import tqdm
 
-from saemnesia_core.concepts import with_calibrations
 from saemnesia_core.files import write_json_atomic
 from saemnesia_core.sae_file import load_sae_file, read_header, save_sae_file
 from saemnesia_core.toy import assets, demo
@@ -37,6 +37,7 @@ from saemnesia_core.toy.prompts import make_prompt
 from saemnesia_core.toy.render import OBJECTS, STYLES
 from saemnesia_core.training import (SupervisedConfig, TrainConfig, collect, compute_statistics,
                                      finetune_supervised, saeuron_grid, train_unsupervised)
+from saemnesia_core.training.centralisation import centralisation
 from saemnesia_core.training.shards import ActivationDataset
 
 from ..capture import ComfyCaptureSource
@@ -44,14 +45,13 @@ from ..erase import erase_concepts
 from ..sae_library import load_sae_path
 from . import model as toy_model
 from . import train as toy_train
+from .calibration import calibrate_strengths, cells_showing, fit_artifact_judge
 from .sampling import PromptEncoder, generate
 
 HELDOUT_SEED_OFFSET = 1_000_000   # held-out activations (the concept statistics) use recipe.seed + this
 JUDGES_HELDOUT_OFFSET = 1000      # the judges' held-out renders use recipe.seed + this (train_judges)
 QUALITY_SEED = 10_000             # the quality check's first seed
 ERASURE_SEED = 7_000_000          # the per-concept erasure measurement's first seed
-CALIBRATION_SEED = 8_000_000      # the strength calibration's first seed (apart from every evaluation set)
-KAPPAS = (0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0)  # κ tried per concept (DESIGN §6.7), in units of the token's norm
 
 
 @dataclass
@@ -72,6 +72,7 @@ class Recipe:
     cfg: float = 5.0
     quality_seeds: int = 2          # images per (object, style) prompt in the quality check
     erasure_images: int = 8         # images per concept in the per-concept erasure record (all its grid cells)
+    artifact_seeds: int = 2         # un-erased images per grid prompt the calibration's artifact judge is fitted on
     train_repeats: int = 8          # copies of the labelled grid whose activations train the SAEs
     heldout_repeats: int = 2        # copies for the concept statistics (other seeds)
     expansion: int = 16
@@ -88,7 +89,7 @@ class Recipe:
     @classmethod
     def smoke(cls) -> "Recipe":
         return cls(judge_pool=400, judge_steps=20, model_phases=(("minsnr", 3, 2, 0, 0.0), ("v", 2, 2, 1, 0.1)),
-                   model_batch=8, sample_steps=2, quality_seeds=1, erasure_images=1, train_repeats=1,
+                   model_batch=8, sample_steps=2, quality_seeds=1, erasure_images=1, artifact_seeds=1, train_repeats=1,
                    heldout_repeats=1, sae_epochs=1, supervised_epochs=2, supervised_batch=16, sae_batch_tokens=512,
                    buckets=4, percentile=99.0)
 
@@ -158,50 +159,23 @@ def build_saes(recipe: Recipe, models: Path, work: Path, model, encoder, site: a
         save_sae_file(sae_file, out)
 
 
-def _cells(concept, count: int) -> tuple[list[tuple[str, str]], int, int]:
-    """Up to `count` grid cells showing `concept` (an object in every style, a style on every object), and where
-    the concept and the other group sit in a cell's (object, style)."""
-    cells = [(concept.label, s) for s in STYLES] if concept.group == "object" else [(o, concept.label) for o in OBJECTS]
-    return cells[:count], *((0, 1) if concept.group == "object" else (1, 0))
-
-
-def calibrate_strengths(recipe: Recipe, sae_path: Path, group: str, model, vae, encoder: PromptEncoder,
-                        judges: Judges, kappas=KAPPAS) -> None:
-    """Store κ (Concept.calibration, DESIGN §6.7) for each concept of `group` (the one the file's site erases): the
-    κ of `kappas` at which the node's default strength, −1, gave the most clean erasures (the concept gone and the
-    other group's concept kept) on `recipe.erasure_images` images per concept (seeds CALIBRATION_SEED…); ties go
-    to the smaller κ (the scan stops at a κ that erased every image cleanly). The counts go in the provenance, with
-    the uncalibrated formula's count at −1 on the same images for comparison. Skipped when recorded."""
-    sae_file = load_sae_file(sae_path)
-    chosen = [c for c in sae_file.concepts if c.group == group]
-    if all(c.calibration is not None for c in chosen):
+def measure_centralisation(recipe: Recipe, models: Path, work: Path, model, encoder, site: assets.SAESite) -> None:
+    """Centralisation per concept (DESIGN §4.4) for a supervised file fine-tuned before the trainer recorded it: the
+    unsupervised SAE (the SAeUron file) and the supervised one, with the supervised file's assignment, on the
+    held-out activations (the statistics' records). Skipped when recorded."""
+    path = assets.path(site.saemnesia, models)
+    sae_file = load_sae_file(path)
+    if "centralisation_after" in sae_file.provenance:
         return
-    clean: dict[str, list[int]] = {}
-    uncalibrated: dict[str, int] = {}
-    loaded = load_sae_path(sae_path)
-    for c in tqdm(chosen, desc=f"strength calibration ({sae_path.name})"):
-        cells, own, other = _cells(c, recipe.erasure_images)
-        prompts, seeds = [make_prompt(o, s) for o, s in cells], [CALIBRATION_SEED + i for i in range(len(cells))]
-
-        def clean_erasures(kappa):  # at γ = −1 with this κ for c (None: the papers' formula)
-            trial = loaded.with_calibrations({c.label: kappa})
-            images = generate(erase_concepts(model, trial, {c.label: -1.0}, -1.0), vae, encoder, prompts, seeds,
-                              steps=recipe.sample_steps, cfg=recipe.cfg)
-            judged = zip(*judges.predict(images))
-            return sum(j[own] != cell[own] and j[other] == cell[other] for j, cell in zip(judged, cells))
-
-        uncalibrated[c.label] = clean_erasures(None)
-        clean[c.label] = []
-        for kappa in kappas:  # larger κ cannot beat a κ that erased every image cleanly
-            clean[c.label].append(clean_erasures(kappa))
-            if clean[c.label][-1] == len(cells):
-                break
-    best = {label: kappas[counts.index(max(counts))] for label, counts in clean.items()}
-    concepts = with_calibrations(sae_file.concepts, best)
-    provenance = {**sae_file.provenance, "calibration": {
-        "kappas": list(kappas), "strength": -1.0, "images": len(cells), "first_seed": CALIBRATION_SEED,
-        "clean_erasures": clean, "uncalibrated_clean_erasures": uncalibrated, "chosen": best}}
-    save_sae_file(replace(sae_file, concepts=concepts, provenance=provenance), sae_path)
+    heldout = collect_activations(model, encoder, recipe, site.hookpoint,
+                                  work / site.hookpoint.removeprefix("unet.") / "acts_heldout",
+                                  recipe.heldout_repeats, recipe.seed + HELDOUT_SEED_OFFSET)
+    unsupervised = load_sae_file(assets.path(site.saeuron, models)).build_sae(dtype=torch.float32)
+    provenance = {**sae_file.provenance, "centralisation_records": "held-out activations, measured by the build",
+                  "centralisation_before": centralisation(unsupervised, sae_file.concepts, heldout),
+                  "centralisation_after": centralisation(sae_file.build_sae(dtype=torch.float32),
+                                                         sae_file.concepts, heldout)}
+    save_sae_file(replace(sae_file, provenance=provenance), path)
 
 
 def measure_erasure(recipe: Recipe, sae_path: Path, strength: float, model, vae, encoder: PromptEncoder,
@@ -222,7 +196,7 @@ def measure_erasure(recipe: Recipe, sae_path: Path, strength: float, model, vae,
 
     measured = []
     for c in tqdm(sae_file.concepts, desc=f"erasure per concept ({sae_path.name})"):
-        cells, own, other = _cells(c, recipe.erasure_images)
+        cells, own, other = cells_showing(c, recipe.erasure_images)
         if c.label not in seen_without:
             seen_without[c.label] = sum(j[own] == cell[own] for j, cell in zip(judged(model, cells), cells))
         after = judged(erase_concepts(model, loaded, {c.label: strength}, strength), cells)
@@ -242,10 +216,12 @@ def build(models: Path, work: Path, recipe: Recipe) -> dict:
     build_model(recipe, model_path, work)
     model, clip, vae = toy_model.load_toy_model(model_path)
     encoder, seen_without = PromptEncoder(clip), {}
+    artifact_judge = functools.cache(lambda: fit_artifact_judge(recipe, model, vae, encoder, judges))
     for site in assets.SITES.values():
         build_saes(recipe, models, work, model, encoder, site)
+        measure_centralisation(recipe, models, work, model, encoder, site)
         supervised = assets.path(site.saemnesia, models)
-        calibrate_strengths(recipe, supervised, site.group, model, vae, encoder, judges)
+        calibrate_strengths(recipe, supervised, site.group, model, vae, encoder, judges, artifact_judge)
         # SAEmnesia at the node's default strength (calibrated at its site); SAeUron at the demo's strength
         measure_erasure(recipe, supervised, -1.0, model, vae, encoder, judges, seen_without)
         measure_erasure(recipe, assets.path(site.saeuron, models), demo.GAMMAS[site.group], model, vae, encoder,
