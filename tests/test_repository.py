@@ -102,13 +102,15 @@ def test_no_comfyui_side_module_is_longer_than_400_lines():
 def test_the_readme_shows_the_evaluation_table_and_the_demo_caption_as_their_files_write_them():
     import json
 
-    from saemnesia_core.toy.evaluation.report import paper_and_exact, replace_findings, summary_table
+    from saemnesia_core.toy.evaluation.report import (one_setting_findings, paper_and_exact, replace_findings,
+                                                      summary_table)
 
     readme = (ROOT / "README.md").read_text()
     results = json.loads((ROOT / "benchmarks" / "results" / "eval_quick" / "results.json").read_text())
     assert summary_table(results) in readme
     assert replace_findings(results) in readme
     assert paper_and_exact(results) in readme
+    assert one_setting_findings(results) in readme
     verdicts = json.loads((ROOT / "docs" / "demo" / "verdicts.json").read_text())
     assert verdicts["caption"] in " ".join(readme.split())  # the README may wrap the caption's lines
 

@@ -101,10 +101,14 @@ def protocol_text(data: dict) -> str:
     ])
 
 
+def _findings(data: dict) -> list[str]:
+    """The summary's follow-ups (replace mode, the one setting, paper vs exact), each with a blank line after."""
+    return [line for text in (replace_findings(data), one_setting_findings(data), paper_and_exact(data)) if text
+            for line in (text, "")]
+
+
 def markdown_report(data: dict) -> str:
-    findings, paper = replace_findings(data), paper_and_exact(data)
-    lines = ["# Miniature UnlearnCanvas on the toy world", "", summary_table(data), "",
-             *([findings, ""] if findings else []), *([paper, ""] if paper else []), "## Protocol", "",
+    lines = ["# Miniature UnlearnCanvas on the toy world", "", summary_table(data), "", *_findings(data), "## Protocol", "",
              protocol_text(data), "", "## Definitions", "", "```", DEFINITIONS, "```", "", "## Per concept (test set, %)", "",
              "| target | method | UA | IRA | CRA | UA rephrased | AR | CE | KID ×10³ | chosen |",
              "|---|---|---:|---:|---:|---:|---:|---:|---:|---|"]
@@ -149,6 +153,23 @@ def replace_findings(data: dict) -> str:
     return "\n".join(lines)
 
 
+def one_setting_findings(data: dict) -> str:
+    """SAEmnesia at the node's default, γ = −1 with the files' calibrations (DESIGN §6.7), per group against no
+    erasure and the same γ uncalibrated, on every measure of the one-setting targets (UA, IRA, CRA, AR, CE).
+    Empty for runs without the uncalibrated row."""
+    S = data["summary"]
+    if "saemnesia_uncalibrated" not in S or not _has_quality(data):
+        return ""
+    lines = []
+    for group in (g for g in (OBJECT, STYLE) if data["targets"].get(g)):
+        c, u, n = (S[m][group] for m in ("saemnesia_gamma1", "saemnesia_uncalibrated", "none"))
+        lines.append(f"- {group}s: γ = −1 calibrated UA {_pct(c['UA'])} %, IRA {_pct(c['IRA'])} % (no erasure "
+                     f"{_pct(n['IRA'])} %), CRA {_pct(c['CRA'])} % (no erasure {_pct(n['CRA'])} %), AR {_pct(c['AR'])} % "
+                     f"(no erasure {_pct(n['AR'])} %), CE {_pct(c['CE'])} %; uncalibrated UA {_pct(u['UA'])} %, "
+                     f"AR {_pct(u['AR'])} %, CE {_pct(u['CE'])} %.")
+    return "\n".join(lines)
+
+
 PAPER_AND_EXACT = (("saemnesia_gamma1", "exact, γ = −1"), ("saemnesia_uncalibrated", "exact uncalibrated, γ = −1"),
                    ("saemnesia_paper_gamma1", "paper, γ = −1"), ("saemnesia", "exact, γ tuned"),
                    ("saemnesia_paper", "paper, γ tuned"))
@@ -175,11 +196,9 @@ def paper_and_exact(data: dict) -> str:
 
 def readme_snippet(data: dict, out: Path) -> str:
     rel = shown_path(out)
-    findings = replace_findings(data)
-    paper = paper_and_exact(data)
     return "\n".join([
         f"### Erasure quality (miniature UnlearnCanvas, {data['mode']} mode)", "", summary_table(data), "",
-        *([findings, ""] if findings else []), *([paper, ""] if paper else []), protocol_text(data), "",
+        *_findings(data), protocol_text(data), "",
         f"![per-concept UA/IRA/CRA]({rel}/per_concept.png)", f"![sequential erasure]({rel}/sequential.png)",
         f"![examples, same seeds]({rel}/examples.png)", "",
         f"Reproduce: `saemnesia eval{' --full' if data['mode'] == 'full' else ''}`.", ""])
