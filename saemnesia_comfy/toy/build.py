@@ -249,6 +249,9 @@ def _minutes(seconds) -> float | None:
     return None if seconds is None else round(seconds / 60, 1)
 
 
+CENTRALISATION_KEYS = ("centralisation_records", "centralisation_before", "centralisation_after")
+
+
 def sae_site_report(models: Path, site: assets.SAESite) -> dict:
     """What the site's SAE files recorded about their training (DESIGN §4), from their headers."""
     supervised = read_header(assets.path(site.saemnesia, models)).provenance
@@ -260,9 +263,8 @@ def sae_site_report(models: Path, site: assets.SAESite) -> dict:
                              "minutes": _minutes(supervised.get("seconds")),
                              "selectivity_before": supervised["selectivity_before"],
                              "selectivity_after": supervised["selectivity_after"],
-                             # DESIGN §4.4; absent from files trained before it was measured
-                             **{key: supervised[key] for key in ("centralisation_before", "centralisation_after")
-                                if key in supervised}},
+                             # DESIGN §4.4 (the records: only where the build measured it after the fine-tune)
+                             **{key: supervised[key] for key in CENTRALISATION_KEYS if key in supervised}},
               "statistics": {k: v for k, v in supervised["statistics"].items() if k != "dataset"},
               "calibration": supervised.get("calibration"),  # DESIGN §6.7; absent from files made before it
               "assigned_latent_auroc": {group: {when: _summary(supervised[f"selectivity_{when}"], group)
