@@ -93,7 +93,8 @@ def test_paper_steps_map_one_to_one_onto_as_many_buckets_noisiest_last(steps):
 def test_setting_a_new_kappa_drops_the_erasure_record_measured_with_the_old_one():
     record = {"strength": -1.0, "images": 8, "seen_without": 8, "gone": 6, "other_kept": 8}
     concepts = [Concept("Cats", "object", 0, erasure=record, calibration=2.0),
-                Concept("Dogs", "object", 1, erasure=record, calibration=4.0), Concept("Van_Gogh", "style", 2, erasure=record)]
+                Concept("Dogs", "object", 1, erasure=record, calibration=4.0),
+                Concept("Van_Gogh", "style", 2, erasure=record)]
     changed = with_calibrations(concepts, {"Cats": 8.0, "Dogs": 4.0})
     assert [(c.calibration, c.erasure) for c in changed] == [(8.0, None), (4.0, record), (None, record)]
     assert with_calibrations(concepts, {"Van_Gogh": None})[2].erasure == record  # unchanged κ: the record stands

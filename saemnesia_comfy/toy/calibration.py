@@ -55,8 +55,8 @@ def calibrate_strengths(recipe: Recipe, sae_path: Path, group: str, model, vae, 
     """Store κ (Concept.calibration, DESIGN §6.7) for each concept of `group` (the one the file's site erases): the
     κ of `kappas` at which the node's default strength, −1, gave the most clean erasures (concept gone, the other
     group's concept kept, image not flagged by `artifact_judge()`) on `recipe.erasure_images` images per concept
-    (seeds CALIBRATION_SEED…), ties broken by `choose_kappa`. The counts go in the provenance, with the judges-only counts
-    and the uncalibrated formula's at −1 on the same images. Skipped when recorded."""
+    (seeds CALIBRATION_SEED…), ties broken by `choose_kappa`. The counts go in the provenance, with the judges-only
+    counts and the uncalibrated formula's at −1 on the same images. Skipped when recorded."""
     sae_file = load_sae_file(sae_path)
     chosen = [c for c in sae_file.concepts if c.group == group]
     if all(c.calibration is not None for c in chosen):

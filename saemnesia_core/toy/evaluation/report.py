@@ -164,9 +164,9 @@ def one_setting_findings(data: dict) -> str:
     for group in (g for g in (OBJECT, STYLE) if data["targets"].get(g)):
         c, u, n = (S[m][group] for m in ("saemnesia_gamma1", "saemnesia_uncalibrated", "none"))
         lines.append(f"- {group}s: γ = −1 calibrated UA {_pct(c['UA'])} %, IRA {_pct(c['IRA'])} % (no erasure "
-                     f"{_pct(n['IRA'])} %), CRA {_pct(c['CRA'])} % (no erasure {_pct(n['CRA'])} %), AR {_pct(c['AR'])} % "
-                     f"(no erasure {_pct(n['AR'])} %), CE {_pct(c['CE'])} %; uncalibrated UA {_pct(u['UA'])} %, "
-                     f"AR {_pct(u['AR'])} %, CE {_pct(u['CE'])} %.")
+                     f"{_pct(n['IRA'])} %), CRA {_pct(c['CRA'])} % (no erasure {_pct(n['CRA'])} %), "
+                     f"AR {_pct(c['AR'])} % (no erasure {_pct(n['AR'])} %), CE {_pct(c['CE'])} %; "
+                     f"uncalibrated UA {_pct(u['UA'])} %, AR {_pct(u['AR'])} %, CE {_pct(u['CE'])} %.")
     return "\n".join(lines)
 
 
