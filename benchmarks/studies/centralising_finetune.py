@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from saemnesia_comfy.toy import model as toy_model
-from saemnesia_comfy.toy.build import HELDOUT_SEED_OFFSET, Recipe, collect_activations
+from saemnesia_comfy.toy.build import Recipe, site_activations, site_work
 from saemnesia_comfy.toy.sampling import PromptEncoder
 from saemnesia_core.files import write_bytes_atomic, write_json_atomic
 from saemnesia_core.sae_file import load_sae_file
@@ -41,18 +41,15 @@ SAES = ("unsupervised", "shipped fine-tune", f"fine-tune with L_X (ζ = {ZETA:g}
 
 def run(work: Path) -> dict:
     recipe, site = Recipe(), assets.SITES["object"]
-    work = work / site.hookpoint.removeprefix("unet.")
     model, clip, _ = toy_model.load_toy_model(assets.path(assets.MODEL))
     encoder = PromptEncoder(clip)
-    train = collect_activations(model, encoder, recipe, site.hookpoint, work / "acts_train", recipe.train_repeats,
-                                recipe.seed)
-    heldout = collect_activations(model, encoder, recipe, site.hookpoint, work / "acts_heldout",
-                                  recipe.heldout_repeats, recipe.seed + HELDOUT_SEED_OFFSET)
+    train = site_activations(model, encoder, recipe, work, site, "train")
+    heldout = site_activations(model, encoder, recipe, work, site, "heldout")
     started = time.time()
     exclusive = finetune_supervised(assets.path(site.saeuron), train, SupervisedConfig(
         lr=recipe.supervised_lr, max_epochs=recipe.supervised_epochs, batch_records=recipe.supervised_batch,
         num_buckets=recipe.buckets, seed=recipe.seed, exclusivity=ZETA),
-        checkpoint_dir=work / f"sae_supervised_lx{ZETA:g}_ckpt", model_family="toy")
+        checkpoint_dir=site_work(work, site) / f"sae_supervised_lx{ZETA:g}_ckpt", model_family="toy")
     minutes = round((time.time() - started) / 60, 1)
     shipped = load_sae_file(assets.path(site.saemnesia))
     unsupervised = load_sae_file(assets.path(site.saeuron)).build_sae(dtype=torch.float32)

@@ -119,11 +119,21 @@ def build_model(recipe: Recipe, path: Path, work: Path) -> None:
                                      "seconds_this_run": round(time.time() - t, 1)})
 
 
-def collect_activations(model, encoder, recipe: Recipe, hookpoint: str, out: Path, repeats: int, seed: int):
-    source = ComfyCaptureSource(model, lambda p: [[encoder(p), {}]], hookpoint=hookpoint, steps=recipe.sample_steps,
-                                cfg=recipe.cfg, sampler="euler", scheduler="normal", width=32, height=32,
-                                model_id="saemnesia-toy-world", model_family="toy")
-    return collect(source, saeuron_grid(list(OBJECTS), list(STYLES), repeats=repeats), out, seed=seed, batch_size=72)
+def site_work(work: Path, site: assets.SAESite) -> Path:
+    """The site's intermediate files (activations, SAE checkpoints)."""
+    return work / site.hookpoint.removeprefix("unet.")
+
+
+def site_activations(model, encoder, recipe: Recipe, work: Path, site: assets.SAESite, split: str):
+    """The site's labelled activations of the grid, collected once (a rerun resumes) into <site_work>/acts_<split>:
+    "train" (the SAEs' training records) or "heldout" (the concept statistics' records, other seeds)."""
+    repeats, seed = {"train": (recipe.train_repeats, recipe.seed),
+                     "heldout": (recipe.heldout_repeats, recipe.seed + HELDOUT_SEED_OFFSET)}[split]
+    source = ComfyCaptureSource(model, lambda p: [[encoder(p), {}]], hookpoint=site.hookpoint,
+                                steps=recipe.sample_steps, cfg=recipe.cfg, sampler="euler", scheduler="normal",
+                                width=32, height=32, model_id="saemnesia-toy-world", model_family="toy")
+    return collect(source, saeuron_grid(list(OBJECTS), list(STYLES), repeats=repeats),
+                   site_work(work, site) / f"acts_{split}", seed=seed, batch_size=72)
 
 
 def build_saes(recipe: Recipe, models: Path, work: Path, model, encoder, site: assets.SAESite) -> None:
@@ -131,12 +141,10 @@ def build_saes(recipe: Recipe, models: Path, work: Path, model, encoder, site: a
     outputs = [assets.path(site.sae(method), models) for method in ("saemnesia", "saeuron")]
     if all(p.exists() for p in outputs):
         return
-    work = work / site.hookpoint.removeprefix("unet.")
     t = time.time()
-    train_data = collect_activations(model, encoder, recipe, site.hookpoint, work / "acts_train",
-                                     recipe.train_repeats, recipe.seed)
-    heldout = collect_activations(model, encoder, recipe, site.hookpoint, work / "acts_heldout",
-                                  recipe.heldout_repeats, recipe.seed + HELDOUT_SEED_OFFSET)
+    train_data = site_activations(model, encoder, recipe, work, site, "train")
+    heldout = site_activations(model, encoder, recipe, work, site, "heldout")
+    work = site_work(work, site)
     activations = {"seconds": round(time.time() - t, 1), "train_records": ActivationDataset(train_data).num_records,
                    "heldout_records": ActivationDataset(heldout).num_records}
     ds = ActivationDataset(train_data)
@@ -167,9 +175,7 @@ def measure_centralisation(recipe: Recipe, models: Path, work: Path, model, enco
     sae_file = load_sae_file(path)
     if "centralisation_after" in sae_file.provenance:
         return
-    heldout = collect_activations(model, encoder, recipe, site.hookpoint,
-                                  work / site.hookpoint.removeprefix("unet.") / "acts_heldout",
-                                  recipe.heldout_repeats, recipe.seed + HELDOUT_SEED_OFFSET)
+    heldout = site_activations(model, encoder, recipe, work, site, "heldout")
     unsupervised = load_sae_file(assets.path(site.saeuron, models)).build_sae(dtype=torch.float32)
     provenance = {**sae_file.provenance, "centralisation_records": "held-out activations, measured by the build",
                   "centralisation_before": centralisation(unsupervised, sae_file.concepts, heldout),

@@ -12,7 +12,7 @@ from tqdm.auto import tqdm
 
 from saemnesia_core.concepts import with_calibrations
 from saemnesia_core.sae_file import load_sae_file, save_sae_file
-from saemnesia_core.toy.evaluation.protocol import LOOKS, Item
+from saemnesia_core.toy.evaluation.protocol import quality_items
 from saemnesia_core.toy.evaluation.quality import ArtifactJudge
 from saemnesia_core.toy.judges import Judges
 from saemnesia_core.toy.prompts import make_prompt
@@ -41,13 +41,10 @@ def fit_artifact_judge(recipe: Recipe, model, vae, encoder: PromptEncoder, judge
     """The evaluation's artifact judge (DESIGN §9.1), fitted as the evaluation fits it but on the model's own
     un-erased grid images at seeds of the build's own (`recipe.artifact_seeds` per prompt, and one more to set its
     thresholds)."""
-    cells = [(o, s) for o in OBJECTS for s in LOOKS]
-    items = [Item(o, s, ARTIFACT_SEED + 100 * r + i) for r in range(recipe.artifact_seeds + 1)
-             for i, (o, s) in enumerate(cells)]
-    images = generate(model, vae, encoder, [i.prompt for i in items], [i.seed for i in items],
+    fit, calibration = quality_items(ARTIFACT_SEED, recipe.artifact_seeds)
+    images = generate(model, vae, encoder, [i.prompt for i in fit + calibration], [i.seed for i in fit + calibration],
                       steps=recipe.sample_steps, cfg=recipe.cfg)
-    fit = recipe.artifact_seeds * len(cells)
-    return ArtifactJudge.fit(judges, (images[:fit], items[:fit]), images[fit:])
+    return ArtifactJudge.fit(judges, (images[:len(fit)], fit), images[len(fit):])
 
 
 def calibrate_strengths(recipe: Recipe, sae_path: Path, group: str, model, vae, encoder: PromptEncoder,

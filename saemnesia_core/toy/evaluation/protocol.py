@@ -158,10 +158,11 @@ def selection_items(group: str, concept: str, protocol: Protocol) -> list[Item]:
     return [_item(o, s, r, SELECT_SEED) for r in range(protocol.select_seeds) for o, s in cells]
 
 
-def quality_items() -> tuple[list[Item], list[Item]]:
-    """The artifact judge's own un-erased images: (fit: QUALITY_FIT_SEEDS per grid prompt, calibration: one more)."""
-    items = [_item(o, s, r, QUALITY_SEED) for r in range(QUALITY_FIT_SEEDS + 1) for o in OBJECTS for s in LOOKS]
-    fit = QUALITY_FIT_SEEDS * len(OBJECTS) * len(LOOKS)
+def quality_items(base: int = QUALITY_SEED, fit_seeds: int = QUALITY_FIT_SEEDS) -> tuple[list[Item], list[Item]]:
+    """The artifact judge's own un-erased images: (fit: `fit_seeds` per grid prompt, calibration: one more), from
+    seed `base` (the toy build fits its own judge at seeds of its own)."""
+    items = [_item(o, s, r, base) for r in range(fit_seeds + 1) for o in OBJECTS for s in LOOKS]
+    fit = fit_seeds * len(OBJECTS) * len(LOOKS)
     return items[:fit], items[fit:]
 
 
