@@ -115,6 +115,18 @@ def test_the_readme_shows_the_evaluation_table_and_the_demo_caption_as_their_fil
     assert verdicts["caption"] in " ".join(readme.split())  # the README may wrap the caption's lines
 
 
+def test_the_readme_shows_the_shipped_saes_numbers_as_the_build_report_writes_them():
+    import json
+    import textwrap
+
+    from saemnesia_core.toy.build_summary import sae_lines
+
+    report = json.loads((ROOT / "models" / "toy" / "build_report.json").read_text())
+    lines = sae_lines(report)
+    assert len(lines.splitlines()) == len(report["saes"]) == 2
+    assert textwrap.indent(lines, "  ") in (ROOT / "README.md").read_text()  # sub-items of the toy world's SAEs
+
+
 def test_the_gpu_check_says_there_is_no_cuda_and_succeeds_on_a_machine_without_one():
     import torch
 

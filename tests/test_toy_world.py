@@ -113,6 +113,7 @@ def test_the_shipped_style_sae_erases_a_style_and_keeps_the_object(toy):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(2400)  # two smoke builds, the second redoing a site's fine-tune, calibration and records
 def test_the_regeneration_command_runs_end_to_end_in_smoke_mode(comfy, tmp_path):
     import subprocess
     import sys
@@ -149,7 +150,8 @@ def test_the_regeneration_command_runs_end_to_end_in_smoke_mode(comfy, tmp_path)
     report = json.loads((out / "toy" / "build_report.json").read_text())
     assert 0 <= report["quality"]["object"] <= 1
 
-    # a file fine-tuned before the trainer measured centralisation (DESIGN §4.4) gets it from the build, and only that
+    # a file fine-tuned before the trainer measured centralisation (DESIGN §4.4) gets it from the build, and only that;
+    # a deleted SAEmnesia file is fine-tuned again from its site's SAeUron file, which stays as it was
     from dataclasses import replace
 
     import torch
@@ -160,7 +162,15 @@ def test_the_regeneration_command_runs_end_to_end_in_smoke_mode(comfy, tmp_path)
     trained = load_sae_file(path)
     older = {k: v for k, v in trained.provenance.items() if not k.startswith("centralisation")}
     save_sae_file(replace(trained, provenance=older), path)
+    style_site = assets.SITES["style"]
+    saeuron_bytes = assets.path(style_site.saeuron, out).read_bytes()
+    assets.path(style_site.saemnesia, out).unlink()
     run_build()
+    assert assets.path(style_site.saeuron, out).read_bytes() == saeuron_bytes
+    refined = read_header(assets.path(style_site.saemnesia, out))
+    assert refined.provenance["config"]["exclusivity"] == report["recipe"]["supervised_exclusivity"] > 0
+    assert refined.provenance["unsupervised"]["built_by"] == "saemnesia_comfy.toy.build"  # from the SAeUron file
+    assert {c.label for c in refined.concepts if c.calibration in KAPPAS} == set(STYLES)
     measured = load_sae_file(path)
     assert torch.equal(measured.tables.mean_acts, trained.tables.mean_acts) and measured.concepts == trained.concepts
     for when in ("before", "after"):

@@ -80,7 +80,8 @@ class Recipe:
     sae_batch_tokens: int = 4096
     sae_epochs: int = 10
     supervised_lr: float = 1e-3
-    supervised_epochs: int = 40
+    supervised_epochs: int = 40     # at most: early stopping by validation (patience 5, the authors')
+    supervised_exclusivity: float = 3.0  # ζ of L_X (DESIGN §4.4): the study of centralising_finetune.py
     supervised_batch: int = 128
     buckets: int = 50
     percentile: float = 99.9        # SAeUron selection: about 2 of 2048 latents
@@ -137,9 +138,11 @@ def site_activations(model, encoder, recipe: Recipe, work: Path, site: assets.SA
 
 
 def build_saes(recipe: Recipe, models: Path, work: Path, model, encoder, site: assets.SAESite) -> None:
-    """Activations at the site → unsupervised SAE → supervised fine-tune → both files with statistics."""
-    outputs = [assets.path(site.sae(method), models) for method in ("saemnesia", "saeuron")]
-    if all(p.exists() for p in outputs):
+    """Activations at the site → unsupervised SAE → supervised fine-tune → both files with statistics. Each file is
+    made only when missing: deleting the SAEmnesia file alone redoes the fine-tune from the shipped SAeUron file
+    (the same unsupervised weights), e.g. after a change of the fine-tune's recipe."""
+    saemnesia_path, saeuron_path = (assets.path(site.sae(method), models) for method in ("saemnesia", "saeuron"))
+    if saemnesia_path.exists() and saeuron_path.exists():
         return
     t = time.time()
     train_data = site_activations(model, encoder, recipe, work, site, "train")
@@ -147,37 +150,47 @@ def build_saes(recipe: Recipe, models: Path, work: Path, model, encoder, site: a
     work = site_work(work, site)
     activations = {"seconds": round(time.time() - t, 1), "train_records": ActivationDataset(train_data).num_records,
                    "heldout_records": ActivationDataset(heldout).num_records}
-    ds = ActivationDataset(train_data)
-    tokens_per_epoch = ds.num_records * ds.tokens_per_record  # dead = silent for a whole epoch (AuxK's threshold)
-    train_unsupervised(train_data, TrainConfig(
-        expansion_factor=recipe.expansion, k=recipe.k, batch_size=recipe.sae_batch_tokens, epochs=recipe.sae_epochs,
-        dead_tokens_threshold=tokens_per_epoch, seed=recipe.seed), out=work / "sae_unsupervised.safetensors",
-        checkpoint_dir=work / "sae_unsupervised_ckpt", model_family="toy")
-    finetune_supervised(work / "sae_unsupervised.safetensors", train_data, SupervisedConfig(
-        lr=recipe.supervised_lr, max_epochs=recipe.supervised_epochs, batch_records=recipe.supervised_batch,
-        num_buckets=recipe.buckets, seed=recipe.seed), out=work / "sae_supervised.safetensors",
-        checkpoint_dir=work / "sae_supervised_ckpt", model_family="toy")
-    outputs[0].parent.mkdir(parents=True, exist_ok=True)
-    for source, mode, out in ((work / "sae_supervised.safetensors", "saemnesia", outputs[0]),
-                              (work / "sae_unsupervised.safetensors", "saeuron", outputs[1])):
+
+    def save_with_statistics(source, mode: str, out: Path) -> None:
         sae_file = compute_statistics(source, heldout, mode=mode, num_buckets=recipe.buckets,
                                       percentile=recipe.percentile)
         sae_file.provenance.update({"built_by": "saemnesia_comfy.toy.build", "recipe": asdict(recipe),
                                     "activations": activations})
+        out.parent.mkdir(parents=True, exist_ok=True)
         save_sae_file(sae_file, out)
+
+    if not saeuron_path.exists():
+        ds = ActivationDataset(train_data)
+        tokens_per_epoch = ds.num_records * ds.tokens_per_record  # dead = silent for a whole epoch (AuxK's threshold)
+        train_unsupervised(train_data, TrainConfig(
+            expansion_factor=recipe.expansion, k=recipe.k, batch_size=recipe.sae_batch_tokens,
+            epochs=recipe.sae_epochs, dead_tokens_threshold=tokens_per_epoch, seed=recipe.seed),
+            out=work / "sae_unsupervised.safetensors", checkpoint_dir=work / "sae_unsupervised_ckpt",
+            model_family="toy")
+        save_with_statistics(work / "sae_unsupervised.safetensors", "saeuron", saeuron_path)
+    if not saemnesia_path.exists():
+        finetune_supervised(saeuron_path, train_data, SupervisedConfig(
+            lr=recipe.supervised_lr, max_epochs=recipe.supervised_epochs, batch_records=recipe.supervised_batch,
+            num_buckets=recipe.buckets, exclusivity=recipe.supervised_exclusivity, seed=recipe.seed),
+            out=work / "sae_supervised.safetensors", checkpoint_dir=work / "sae_supervised_ckpt", model_family="toy")
+        save_with_statistics(work / "sae_supervised.safetensors", "saemnesia", saemnesia_path)
+
+
+HELD_OUT_CENTRALISATION = "held-out activations, measured by the build"
 
 
 def measure_centralisation(recipe: Recipe, models: Path, work: Path, model, encoder, site: assets.SAESite) -> None:
-    """Centralisation per concept (DESIGN §4.4) for a supervised file fine-tuned before the trainer recorded it: the
-    unsupervised SAE (the SAeUron file) and the supervised one, with the supervised file's assignment, on the
-    held-out activations (the statistics' records). Skipped when recorded."""
+    """Centralisation per concept (DESIGN §4.4) of the unsupervised SAE (the SAeUron file) and the supervised one,
+    with the supervised file's assignment, on the held-out activations (the statistics' records, those of
+    benchmarks/studies/centralising_finetune.py): it replaces the trainer's record, made on its validation split of
+    the training activations, and fills it in for files fine-tuned before the trainer made one. Skipped when done."""
     path = assets.path(site.saemnesia, models)
     sae_file = load_sae_file(path)
-    if "centralisation_after" in sae_file.provenance:
+    if sae_file.provenance.get("centralisation_records") == HELD_OUT_CENTRALISATION:
         return
     heldout = site_activations(model, encoder, recipe, work, site, "heldout")
     unsupervised = load_sae_file(assets.path(site.saeuron, models)).build_sae(dtype=torch.float32)
-    provenance = {**sae_file.provenance, "centralisation_records": "held-out activations, measured by the build",
+    provenance = {**sae_file.provenance, "centralisation_records": HELD_OUT_CENTRALISATION,
                   "centralisation_before": centralisation(unsupervised, sae_file.concepts, heldout),
                   "centralisation_after": centralisation(sae_file.build_sae(dtype=torch.float32),
                                                          sae_file.concepts, heldout)}

@@ -1,0 +1,67 @@
+# SPDX-License-Identifier: GPL-3.0-or-later
+"""The README's lines about the shipped SAEs, written from the build report (models/toy/build_report.json), so
+that the numbers people read are the ones the build recorded; tests/test_repository.py checks the README shows
+them as written."""
+
+from __future__ import annotations
+
+from saemnesia_core.training.centralisation import AUROC_THRESHOLD
+
+
+def _pct(x: float) -> str:
+    return f"{100 * x:.1f} %"
+
+
+def _auroc(summary: dict) -> str:
+    return f"{summary['mean']:.3f} (worst {summary['worst']:.3f})"
+
+
+def _centralisation(rows: list[dict], group: str) -> tuple[float, float]:
+    """Mean share of the mean difference and mean count of other latents above the threshold, over a group."""
+    rows = [r for r in rows if r["group"] == group]
+    return (sum(r["mean_difference_share"] for r in rows) / len(rows),
+            sum(r["other_latents_above"] for r in rows) / len(rows))
+
+
+def _calibration(calibration: dict) -> str:
+    chosen = calibration["chosen"]
+    position = {label: calibration["kappas"].index(kappa) for label, kappa in chosen.items()}
+    clean = sum(calibration["clean_erasures"][label][i] for label, i in position.items())
+    judged = sum(calibration["judges_only_clean_erasures"][label][i] for label, i in position.items())
+    uncalibrated = calibration["uncalibrated_clean_erasures"].values()
+    images = calibration["images"] * len(chosen)
+    kappas = ", ".join(f"{label} {kappa:g}" for label, kappa in sorted(chosen.items()))
+    return (f"calibrated strengths: κ {kappas}; at these, {clean} of {images} images erased cleanly and not flagged "
+            f"({judged} counting what the judges alone see), against {sum(u['clean_erasures'] for u in uncalibrated)}"
+            f" ({sum(u['judges_only'] for u in uncalibrated)}) with the papers' formula at γ = −1")
+
+
+def site_line(report: dict, hookpoint: str) -> str:
+    """One site's training, centralisation and calibration numbers, as one README list item."""
+    site = report["saes"][hookpoint]
+    group = site["group"]
+    unsupervised, supervised = site["unsupervised"], site["supervised"]
+    final, recipe = unsupervised["final"], report["recipe"]
+    auroc = site["assigned_latent_auroc"]
+    other = "style" if group == "object" else "object"
+    parts = [f"`{hookpoint}` ({group}s): the unsupervised SAE reaches FVU {final['fvu']:.4f} at L0 = "
+             f"{final['l0']:g} after {unsupervised['steps']:,} steps ({unsupervised['minutes']} min; "
+             f"{_pct(final['dead_fraction'])} of latents dead)",
+             f"the fine-tune (ζ = {recipe.get('supervised_exclusivity', 0):g}, {supervised['epochs']} epochs, "
+             f"{supervised['minutes']} min) takes the AUROC of the {group}s' assigned latents for their own concept "
+             f"from {_auroc(auroc[group]['before'])} to {_auroc(auroc[group]['after'])}, of the {other}s' latents at "
+             f"this site from {_auroc(auroc[other]['before'])} to {_auroc(auroc[other]['after'])}"]
+    if "centralisation_after" in supervised:
+        (share_before, others_before), (share_after, others_after) = (
+            _centralisation(supervised[f"centralisation_{when}"], group) for when in ("before", "after"))
+        parts.append(f"centralisation ({supervised['centralisation_records']}): the assigned latents carry on average "
+                     f"{_pct(share_before)} of their {group}'s mean difference before the fine-tune and "
+                     f"{_pct(share_after)} after, with {others_before:.1f} other latents per {group} before and "
+                     f"{others_after:.1f} after above AUROC {AUROC_THRESHOLD:g}")
+    if "calibration" in site:
+        parts.append(_calibration(site["calibration"]))
+    return "- " + "; ".join(parts) + "."
+
+
+def sae_lines(report: dict) -> str:
+    return "\n".join(site_line(report, hookpoint) for hookpoint in report["saes"])
