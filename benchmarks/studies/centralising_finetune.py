@@ -87,10 +87,10 @@ def markdown(data: dict) -> str:
     means = [(sum(r["mean_difference_share"] for r in data["rows"][s]) / len(labels),
               sum(r["other_latents_above"] for r in data["rows"][s]) / len(labels)) for s in SAES]
     lines.append("| mean | " + " | ".join(f"— / {share:.3f} / {others:.1f}" for share, others in means) + " |")
-    ship, lx = data["plain_final_epoch"], data["final_epoch"]
-    lines += ["", f"Last epoch, without L_X ({data['plain_epochs']} epochs): rec {ship['rec']:g}, ca {ship['ca']:g}, "
-              f"val_loss {ship['val_loss']:g}; with L_X: rec {lx['rec']:g}, ca {lx['ca']:g}, L_X {lx['x']:g}, val_loss "
-              f"{lx['val_loss']:g} (val_loss includes ζ·L_X).", "",
+    plain, lx = data["plain_final_epoch"], data["final_epoch"]
+    lines += ["", f"Last epoch, without L_X ({data['plain_epochs']} epochs): rec {plain['rec']:g}, "
+              f"ca {plain['ca']:g}, val_loss {plain['val_loss']:g}; with L_X: rec {lx['rec']:g}, ca {lx['ca']:g}, "
+              f"L_X {lx['x']:g}, val_loss {lx['val_loss']:g} (val_loss includes ζ·L_X).", "",
               "![centralisation](centralising_finetune.png)", ""]
     return "\n".join(lines)
 

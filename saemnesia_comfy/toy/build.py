@@ -138,9 +138,9 @@ def site_activations(model, encoder, recipe: Recipe, work: Path, site: assets.SA
 
 
 def build_saes(recipe: Recipe, models: Path, work: Path, model, encoder, site: assets.SAESite) -> None:
-    """Activations at the site → unsupervised SAE → supervised fine-tune → both files with statistics. Each file is
-    made only when missing: deleting the SAEmnesia file alone redoes the fine-tune from the shipped SAeUron file
-    (the same unsupervised weights), e.g. after a change of the fine-tune's recipe."""
+    """Activations at the site → unsupervised SAE → supervised fine-tune → both files with statistics. Each file
+    is made only when missing: deleting the SAEmnesia file alone redoes the fine-tune from the shipped SAeUron
+    file (the same unsupervised weights), e.g. after a change of the fine-tune's recipe."""
     saemnesia_path, saeuron_path = (assets.path(site.sae(method), models) for method in ("saemnesia", "saeuron"))
     if saemnesia_path.exists() and saeuron_path.exists():
         return
