@@ -69,8 +69,9 @@ class EraseConcepts(io.ComfyNode):
                 io.String.Input("concepts", default="[]", multiline=False, tooltip=CONCEPTS_TOOLTIP),
                 io.Float.Input("strength", default=-1.0, min=-MAX_STRENGTH, max=MAX_STRENGTH, step=0.1,
                                tooltip="How strongly to erase. Negative erases: −1 is SAEmnesia's single knob, and for "
-                                       "the concepts a file calibrates (the toy's SAEmnesia files: each concept of "
-                                       "their block's group) −1 is the strength measured to erase them. 0 changes "
+                                       "the concepts a file calibrates (the toy's SAEmnesia files: their block's "
+                                       "group, where a κ erased better than the papers' formula) −1 is the "
+                                       "strength measured to erase them. 0 changes "
                                        "nothing; positive amplifies the concept (steering). "
                                        "Formula (γ): a firing concept latent z becomes z·γ·μ, or, for a concept "
                                        "the file calibrates (κ), γ·κ·‖x‖ in exact mode, so that −1 is the "

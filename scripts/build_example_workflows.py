@@ -1,8 +1,8 @@
 """Makes the example workflows ComfyUI lists as templates, with the real frontend: each graph is built in the
 ComfyUI page (nodes created by the app, widgets set, links connected) and exported as the app's Export writes it,
 so the files are exactly what this frontend version writes. The workflows use the shipped toy world
-(`saemnesia_core.toy.assets`) at the node's default strength, −1 (the toy's SAEmnesia files are calibrated so that
-−1 erases each concept of their block's group, DESIGN §6.7), enlarge their 32×32 images ×8
+(`saemnesia_core.toy.assets`) at the node's default strength, −1 (for each concept of their block's group, the
+toy's SAEmnesia files keep the κ or the papers' formula that erased it best, DESIGN §6.7), enlarge their 32×32 images ×8
 (nearest neighbour) for display, and open with every node in view. Each is then run once, and its images make
 the template's thumbnail (example_workflows/<name>.jpg). Last, screenshots of the templates dialog and of an
 Erase Concepts node go to docs/images/. Regenerate after a node's inputs change:

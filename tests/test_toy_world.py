@@ -94,7 +94,7 @@ def test_the_report_step_rebuilds_the_committed_build_report_byte_for_byte(comfy
 def test_the_shipped_saemnesia_sae_erases_an_object_and_keeps_the_style(toy):
     from saemnesia_comfy.erase import erase_concepts
 
-    erased = erase_concepts(toy[0], toy[-1], {"Hearts": None}, -1.0)  # the node's default: calibrated (DESIGN §6.7)
+    erased = erase_concepts(toy[0], toy[-1], {"Hearts": None}, -1.0)  # the node's default (DESIGN §6.7)
     objects, styles = _judge(toy, "An image of Hearts in Neon style.", erased)
     assert objects.count("Hearts") <= 2  # regression threshold
     assert styles.count("Neon") >= 6     # regression threshold
@@ -139,14 +139,15 @@ def test_the_regeneration_command_runs_end_to_end_in_smoke_mode(comfy, tmp_path)
             assert header.hookpoint == site.hookpoint and header.supervised == supervised
             assert {c.label for c in header.concepts} == set(OBJECTS) | set(STYLES)
             assert all(c.erasure is not None and c.erasure["images"] == 1 for c in header.concepts)
-        # the supervised SAE's concepts of its site's group are calibrated (DESIGN §6.7), and measured at −1
+        # the supervised SAE's concepts of its site's group are calibrated (DESIGN §6.7: a κ of the grid, or None
+        # where the papers' formula did as well), and measured at −1
         header = read_header(assets.path(site.saemnesia, out))
-        assert {c.label for c in header.concepts if c.calibration in KAPPAS} == \
-            set(OBJECTS if site.group == "object" else STYLES)
+        chosen = header.provenance["calibration"]["chosen"]
+        assert set(chosen) == set(OBJECTS if site.group == "object" else STYLES)
+        assert set(chosen.values()) <= {*KAPPAS, None}
+        assert {c.label: c.calibration for c in header.concepts if c.group == site.group} == chosen
         assert all(c.calibration is None for c in header.concepts if c.group != site.group)
         assert all(c.erasure["strength"] == -1.0 for c in header.concepts)
-        assert header.provenance["calibration"]["chosen"] == {c.label: c.calibration for c in header.concepts
-                                                              if c.calibration is not None}
     report = json.loads((out / "toy" / "build_report.json").read_text())
     assert 0 <= report["quality"]["object"] <= 1
 
@@ -170,7 +171,9 @@ def test_the_regeneration_command_runs_end_to_end_in_smoke_mode(comfy, tmp_path)
     refined = read_header(assets.path(style_site.saemnesia, out))
     assert refined.provenance["config"]["exclusivity"] == report["recipe"]["supervised_exclusivity"] > 0
     assert refined.provenance["unsupervised"]["built_by"] == "saemnesia_comfy.toy.build"  # from the SAeUron file
-    assert {c.label for c in refined.concepts if c.calibration in KAPPAS} == set(STYLES)
+    chosen = refined.provenance["calibration"]["chosen"]  # a κ of the grid, or None: the papers' formula
+    assert set(chosen) == set(STYLES) and set(chosen.values()) <= {*KAPPAS, None}
+    assert all(c.calibration == chosen[c.label] for c in refined.concepts if c.group == "style")
     measured = load_sae_file(path)
     assert torch.equal(measured.tables.mean_acts, trained.tables.mean_acts) and measured.concepts == trained.concepts
     for when in ("before", "after"):
@@ -188,3 +191,51 @@ def test_the_calibration_prefers_clean_erasures_then_what_the_judges_alone_count
     assert choose_kappa(kappas, [1, 5, 2, 0], [1, 5, 7, 8]) == 1.0   # artifacts count: not the κ that erases most
     assert choose_kappa(kappas, [0, 0, 0, 0], [1, 3, 3, 2]) == 1.0   # every erasure flagged: the judges' choice
     assert choose_kappa(kappas, [2, 2, 2], [2, 2, 2]) == 0.5          # a scan stopped early; ties to the smaller κ
+    # no κ (the papers' formula) where it does as well on the same images: a κ is stored only where it erases better
+    assert choose_kappa(kappas, [1, 5, 2, 0], [1, 5, 7, 8], {"clean_erasures": 6, "judges_only": 6}) is None
+    assert choose_kappa(kappas, [1, 5, 2, 0], [1, 5, 7, 8], {"clean_erasures": 5, "judges_only": 5}) is None
+    assert choose_kappa(kappas, [1, 5, 2, 0], [1, 6, 7, 8], {"clean_erasures": 5, "judges_only": 5}) == 1.0
+    assert choose_kappa(kappas, [0, 0, 0, 0], [0, 1, 0, 0], {"clean_erasures": 0, "judges_only": 0}) == 1.0
+
+
+def test_the_calibration_chooses_again_from_recorded_counts_without_new_images(comfy, tmp_path):
+    """A change of the choice rule reaches a calibrated file from the counts in its provenance (the build does not
+    sample again), drops the erasure record of each concept whose κ changed, and leaves a file it would not change
+    untouched; counts recorded under another protocol are measured again."""
+    from saemnesia_comfy.toy.build import Recipe
+    from saemnesia_comfy.toy.calibration import calibrate_strengths
+    from saemnesia_core.concepts import Concept
+    from saemnesia_core.sae_file import load_sae_file, save_sae_file
+    from saemnesia_core.testing import make_random_sae_file
+
+    def no_images():
+        raise AssertionError("the calibration sampled images")
+
+    path = tmp_path / "calibrated.safetensors"
+    record = {"strength": -1.0, "images": 8, "seen_without": 8, "gone": 8, "other_kept": 8}
+    sae_file = make_random_sae_file(concepts=[Concept("Circles", "object", None, calibration=4.0),
+                                              Concept("Stars", "object", None, calibration=1.0),
+                                              Concept("Neon", "style", None)])
+    sae_file = sae_file.__class__(**{**vars(sae_file), "concepts": [
+        c.__class__(**{**vars(c), "erasure": record}) for c in sae_file.concepts]})
+    recipe = Recipe()
+    calibration = {"kappas": [1.0, 4.0], "strength": -1.0, "first_seed": 8_000_000, "images": 8,
+                   "criterion": "concept gone, other group's concept kept, image not flagged by the artifact judge",
+                   "artifact_judge": {"first_seed": 9_000_000, "seeds_per_prompt": recipe.artifact_seeds},
+                   "clean_erasures": {"Circles": [1, 4], "Stars": [6, 5]},
+                   "judges_only_clean_erasures": {"Circles": [1, 5], "Stars": [6, 6]},
+                   "uncalibrated_clean_erasures": {"Circles": {"clean_erasures": 6, "judges_only": 7},
+                                                   "Stars": {"clean_erasures": 0, "judges_only": 8}},
+                   "chosen": {"Circles": 4.0, "Stars": 1.0}}
+    save_sae_file(sae_file.__class__(**{**vars(sae_file), "provenance": {"calibration": calibration}}), path)
+
+    calibrate_strengths(recipe, path, "object", None, None, None, None, no_images, kappas=(1.0, 4.0))
+    chosen = load_sae_file(path)
+    assert [(c.label, c.calibration) for c in chosen.concepts] == [("Circles", None), ("Stars", 1.0), ("Neon", None)]
+    assert [c.erasure for c in chosen.concepts] == [None, record, record]  # Circles' record was made with κ 4
+    assert chosen.provenance["calibration"] == {**calibration, "chosen": {"Circles": None, "Stars": 1.0}}
+    written = path.read_bytes()
+    calibrate_strengths(recipe, path, "object", None, None, None, None, no_images, kappas=(1.0, 4.0))
+    assert path.read_bytes() == written
+    with pytest.raises(AssertionError, match="sampled images"):  # another grid of κ: the counts do not apply
+        calibrate_strengths(recipe, path, "object", None, None, None, None, no_images, kappas=(1.0, 2.0, 4.0))

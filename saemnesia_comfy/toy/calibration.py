@@ -50,20 +50,46 @@ def fit_artifact_judge(recipe: Recipe, model, vae, encoder: PromptEncoder, judge
 def calibrate_strengths(recipe: Recipe, sae_path: Path, group: str, model, vae, encoder: PromptEncoder,
                         judges: Judges, artifact_judge: Callable[[], ArtifactJudge], kappas=KAPPAS) -> None:
     """Store κ (Concept.calibration, DESIGN §6.7) for each concept of `group` (the one the file's site erases): the
-    κ of `kappas` at which the node's default strength, −1, gave the most clean erasures (concept gone, the other
-    group's concept kept, image not flagged by `artifact_judge()`) on `recipe.erasure_images` images per concept
-    (seeds CALIBRATION_SEED…), ties broken by `choose_kappa`. The counts go in the provenance, with the judges-only
-    counts and the uncalibrated formula's at −1 on the same images. Skipped when recorded."""
+    κ of `kappas`, or none (the papers' formula), at which the node's default strength, −1, gave the most clean
+    erasures (concept gone, the other group's concept kept, image not flagged by `artifact_judge()`) on
+    `recipe.erasure_images` images per concept (seeds CALIBRATION_SEED…), ties broken by `choose_kappa`. The counts go
+    in the provenance, with the judges-only counts. Counts recorded under the same protocol are not measured again:
+    the choice is made from them, so a change of `choose_kappa` reaches the file without new images."""
     sae_file = load_sae_file(sae_path)
     chosen = [c for c in sae_file.concepts if c.group == group]
-    if all(c.calibration is not None for c in chosen):
+    protocol = {"kappas": list(kappas), "strength": -1.0, "first_seed": CALIBRATION_SEED,
+                "images": len(cells_showing(chosen[0], recipe.erasure_images)[0]),
+                "criterion": "concept gone, other group's concept kept, image not flagged by the artifact judge",
+                "artifact_judge": {"first_seed": ARTIFACT_SEED, "seeds_per_prompt": recipe.artifact_seeds}}
+    recorded = sae_file.provenance.get("calibration") or {}
+    if ({key: recorded.get(key) for key in protocol} == protocol
+            and all(c.label in recorded["clean_erasures"] for c in chosen)):
+        counts = {key: recorded[key] for key in COUNTS}
+    else:
+        counts = measure_clean_erasures(recipe, sae_path, chosen, model, vae, encoder, judges, artifact_judge(),
+                                        kappas)
+    best = {c.label: choose_kappa(kappas, counts["clean_erasures"][c.label],
+                                  counts["judges_only_clean_erasures"][c.label],
+                                  counts["uncalibrated_clean_erasures"][c.label]) for c in chosen}
+    concepts = with_calibrations(sae_file.concepts, best)
+    if concepts == sae_file.concepts and recorded.get("chosen") == best:
         return
-    artifacts = artifact_judge()
+    provenance = {**sae_file.provenance, "calibration": {**protocol, **counts, "chosen": best}}
+    save_sae_file(replace(sae_file, concepts=concepts, provenance=provenance), sae_path)
+
+
+COUNTS = ("clean_erasures", "judges_only_clean_erasures", "uncalibrated_clean_erasures")
+
+
+def measure_clean_erasures(recipe: Recipe, sae_path: Path, concepts, model, vae, encoder: PromptEncoder,
+                           judges: Judges, artifacts: ArtifactJudge, kappas) -> dict:
+    """Per concept, the clean erasures at γ = −1 (and those the judges alone count) for each κ of `kappas`, the scan
+    stopping at the first κ that erases every image cleanly, and for the papers' formula (no κ)."""
     clean: dict[str, list[int]] = {}
     judges_only: dict[str, list[int]] = {}
     uncalibrated: dict[str, dict] = {}
     loaded = load_sae_path(sae_path)
-    for c in tqdm(chosen, desc=f"strength calibration ({sae_path.name})"):
+    for c in tqdm(concepts, desc=f"strength calibration ({sae_path.name})"):
         cells, own, other = cells_showing(c, recipe.erasure_images)
         prompts, seeds = [make_prompt(o, s) for o, s in cells], [CALIBRATION_SEED + i for i in range(len(cells))]
 
@@ -84,18 +110,14 @@ def calibrate_strengths(recipe: Recipe, sae_path: Path, group: str, model, vae, 
             judges_only[c.label].append(by_judges)
             if unflagged == len(cells):
                 break
-    best = {label: choose_kappa(kappas, clean[label], judges_only[label]) for label in clean}
-    concepts = with_calibrations(sae_file.concepts, best)
-    provenance = {**sae_file.provenance, "calibration": {
-        "kappas": list(kappas), "strength": -1.0, "images": len(cells), "first_seed": CALIBRATION_SEED,
-        "criterion": "concept gone, other group's concept kept, image not flagged by the artifact judge",
-        "artifact_judge": {"first_seed": ARTIFACT_SEED, "seeds_per_prompt": recipe.artifact_seeds},
-        "clean_erasures": clean, "judges_only_clean_erasures": judges_only,
-        "uncalibrated_clean_erasures": uncalibrated, "chosen": best}}
-    save_sae_file(replace(sae_file, concepts=concepts, provenance=provenance), sae_path)
+    return dict(zip(COUNTS, (clean, judges_only, uncalibrated)))
 
 
-def choose_kappa(kappas, clean: list[int], judges_only: list[int]) -> float:
+def choose_kappa(kappas, clean: list[int], judges_only: list[int], uncalibrated: dict | None = None) -> float | None:
     """The κ with the most clean erasures; among equals, the most the judges alone count (where the artifact judge
-    flags every erasure, the judges' choice), then the smaller κ."""
-    return kappas[max(range(len(clean)), key=lambda i: (clean[i], judges_only[i], -i))]
+    flags every erasure, the judges' choice), then the smaller κ. None (no κ: the papers' formula, DESIGN §6.1) when
+    `uncalibrated`, its counts on the same images, does as well: a κ is stored only where it erases better."""
+    best = max(range(len(clean)), key=lambda i: (clean[i], judges_only[i], -i))
+    if uncalibrated and (uncalibrated["clean_erasures"], uncalibrated["judges_only"]) >= (clean[best], judges_only[best]):
+        return None
+    return kappas[best]

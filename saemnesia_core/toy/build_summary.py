@@ -24,16 +24,22 @@ def _centralisation(rows: list[dict], group: str) -> tuple[float, float]:
 
 
 def _calibration(calibration: dict) -> str:
-    chosen = calibration["chosen"]
-    position = {label: calibration["kappas"].index(kappa) for label, kappa in chosen.items()}
-    clean = sum(calibration["clean_erasures"][label][i] for label, i in position.items())
-    judged = sum(calibration["judges_only_clean_erasures"][label][i] for label, i in position.items())
-    uncalibrated = calibration["uncalibrated_clean_erasures"].values()
+    """The chosen κ (none: the papers' formula, DESIGN §6.7) and the clean erasures at them, against the formula's."""
+    chosen, uncalibrated = calibration["chosen"], calibration["uncalibrated_clean_erasures"]
+
+    def at_choice(label: str) -> tuple[int, int]:
+        if chosen[label] is None:
+            return uncalibrated[label]["clean_erasures"], uncalibrated[label]["judges_only"]
+        i = calibration["kappas"].index(chosen[label])
+        return calibration["clean_erasures"][label][i], calibration["judges_only_clean_erasures"][label][i]
+
+    clean, judged = (sum(counts) for counts in zip(*map(at_choice, chosen)))
     images = calibration["images"] * len(chosen)
-    kappas = ", ".join(f"{label} {kappa:g}" for label, kappa in sorted(chosen.items()))
-    return (f"calibrated strengths: κ {kappas}; at these, {clean} of {images} images erased cleanly and not flagged "
-            f"({judged} counting what the judges alone see), against {sum(u['clean_erasures'] for u in uncalibrated)}"
-            f" ({sum(u['judges_only'] for u in uncalibrated)}) with the papers' formula at γ = −1")
+    kappas = ", ".join(f"{label} {'none' if kappa is None else f'{kappa:g}'}" for label, kappa in sorted(chosen.items()))
+    return (f"calibrated strengths: κ {kappas} (none: the papers' formula); at these, {clean} of {images} "
+            f"images erased cleanly and not flagged ({judged} counting what the judges alone see), against "
+            f"{sum(u['clean_erasures'] for u in uncalibrated.values())} "
+            f"({sum(u['judges_only'] for u in uncalibrated.values())}) with the papers' formula at γ = −1")
 
 
 def site_line(report: dict, hookpoint: str) -> str:
