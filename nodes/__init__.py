@@ -7,7 +7,7 @@ from comfy_api.latest import ComfyExtension, io
 from saemnesia_comfy import sae_library
 
 from . import routes
-from .sae_nodes import ConceptProbe, EraseConcepts, LoadSAE, ProbeReport
+from .sae_nodes import ConceptProbe, EraseConcepts, EraseConceptsText, LoadSAE, ProbeReport
 from .toy_nodes import ToyEmptyImage, ToyModelLoader
 
 sae_library.register_folders()
@@ -17,7 +17,7 @@ routes.register()
 class SAEmnesiaExtension(ComfyExtension):
     @override
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
-        return [LoadSAE, EraseConcepts, ConceptProbe, ProbeReport, ToyModelLoader, ToyEmptyImage]
+        return [LoadSAE, EraseConcepts, EraseConceptsText, ConceptProbe, ProbeReport, ToyModelLoader, ToyEmptyImage]
 
 
 async def comfy_entrypoint() -> SAEmnesiaExtension:

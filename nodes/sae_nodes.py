@@ -1,4 +1,5 @@
-"""The SAE nodes: Load SAE, Erase Concepts, Concept Probe and Probe Report — thin adapters over saemnesia_comfy."""
+"""The SAE nodes: Load SAE, Erase Concepts (on the model and on the text encoder), Concept Probe and Probe Report —
+thin adapters over saemnesia_comfy."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import json
 
 from comfy_api.latest import io
 
-from saemnesia_comfy import erase, probe as probing, sae_library
+from saemnesia_comfy import erase, probe as probing, sae_library, text_erase
 from saemnesia_comfy.patch import BRANCHES
 from saemnesia_core.concepts import MAX_STRENGTH
 from saemnesia_core.eraser import MODES
@@ -98,6 +99,38 @@ class EraseConcepts(io.ComfyNode):
         chosen = erase.parse_concepts(concepts)
         return io.NodeOutput(erase.erase_concepts(model, sae, chosen, strength, start_percent, end_percent,
                                                   branches, mode, mask))
+
+
+class EraseConceptsText(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="SAEmnesiaEraseConceptsText", display_name="Erase Concepts (text, SAEmnesia)", category=CATEGORY,
+            description="Suppress the chosen concepts in a layer of the CLIP text encoder, for every prompt encoded "
+                        "with the CLIP this node outputs: before sampling, for any model that uses this encoder "
+                        "(CLIP-L: SD1.x, SDXL, SD3, Flux; CLIP-G: SDXL, SD3). The encoder's weights never change, and "
+                        "prompts in which no chosen concept fires encode exactly as before.",
+            inputs=[
+                io.Clip.Input("clip", tooltip="The text encoder to patch (it is cloned, never modified)."),
+                SAE.Input("sae", tooltip="A text-encoder SAE from Load SAE: its hookpoint names a layer of this "
+                                         "encoder, e.g. clip_l.text_model.encoder.layers.5."),
+                io.String.Input("concepts", default="[]", multiline=False, tooltip=CONCEPTS_TOOLTIP),
+                io.Float.Input("strength", default=-1.0, min=-MAX_STRENGTH, max=MAX_STRENGTH, step=0.1,
+                               tooltip="How strongly to erase, as in Erase Concepts: a firing concept latent z "
+                                       "becomes z·γ·μ (or γ·κ·‖x‖ for a concept the file calibrates). Negative "
+                                       "erases, 0 ablates, positive amplifies."),
+                io.Combo.Input("mode", options=list(MODES), default="exact",
+                               tooltip="exact: add only the change of the erased latents (identity elsewhere). "
+                                       "paper: the released hooks' formula. replace: a token carrying the concept "
+                                       "becomes the nearest prompt token that does not."),
+            ],
+            outputs=[io.Clip.Output(tooltip="The text encoder with the concepts erased from what it encodes.")],
+        )
+
+    @classmethod
+    def execute(cls, clip, sae, concepts, strength, mode):
+        chosen = erase.parse_concepts(concepts)
+        return io.NodeOutput(text_erase.erase_text_concepts(clip, sae, chosen, strength, mode))
 
 
 class ConceptProbe(io.ComfyNode):

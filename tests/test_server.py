@@ -10,8 +10,8 @@ from saemnesia_core.toy import assets
 
 pytestmark = [pytest.mark.server, pytest.mark.slow, pytest.mark.timeout(3600)]
 
-NODES = ("SAEmnesiaLoadSAE", "SAEmnesiaEraseConcepts", "SAEmnesiaConceptProbe", "SAEmnesiaProbeReport",
-         "SAEmnesiaToyModelLoader", "SAEmnesiaToyEmptyLatent")
+NODES = ("SAEmnesiaLoadSAE", "SAEmnesiaEraseConcepts", "SAEmnesiaEraseConceptsText", "SAEmnesiaConceptProbe",
+         "SAEmnesiaProbeReport", "SAEmnesiaToyModelLoader", "SAEmnesiaToyEmptyLatent")
 
 
 @pytest.fixture(scope="module")

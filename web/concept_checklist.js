@@ -10,6 +10,7 @@ import { api } from "../../scripts/api.js";
 
 const CHECKLIST_NODES = {
   SAEmnesiaEraseConcepts: { strengths: true },
+  SAEmnesiaEraseConceptsText: { strengths: true },
   SAEmnesiaConceptProbe: { strengths: false }, // a probe only records: no strengths to override
 };
 const LOADER = "SAEmnesiaLoadSAE";

@@ -118,6 +118,7 @@ def choose_kappa(kappas, clean: list[int], judges_only: list[int], uncalibrated:
     flags every erasure, the judges' choice), then the smaller κ. None (no κ: the papers' formula, DESIGN §6.1) when
     `uncalibrated`, its counts on the same images, does as well: a κ is stored only where it erases better."""
     best = max(range(len(clean)), key=lambda i: (clean[i], judges_only[i], -i))
-    if uncalibrated and (uncalibrated["clean_erasures"], uncalibrated["judges_only"]) >= (clean[best], judges_only[best]):
+    formula = uncalibrated and (uncalibrated["clean_erasures"], uncalibrated["judges_only"])
+    if formula and formula >= (clean[best], judges_only[best]):
         return None
     return kappas[best]

@@ -35,7 +35,7 @@ def _calibration(calibration: dict) -> str:
 
     clean, judged = (sum(counts) for counts in zip(*map(at_choice, chosen)))
     images = calibration["images"] * len(chosen)
-    kappas = ", ".join(f"{label} {'none' if kappa is None else f'{kappa:g}'}" for label, kappa in sorted(chosen.items()))
+    kappas = ", ".join(f"{label} {'none' if k is None else f'{k:g}'}" for label, k in sorted(chosen.items()))
     return (f"calibrated strengths: κ {kappas} (none: the papers' formula); at these, {clean} of {images} "
             f"images erased cleanly and not flagged ({judged} counting what the judges alone see), against "
             f"{sum(u['clean_erasures'] for u in uncalibrated.values())} "
