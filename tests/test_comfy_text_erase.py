@@ -21,10 +21,10 @@ def encode(clip, text):
     return torch.cat([cond.reshape(-1), pooled.reshape(-1)])
 
 
-def layer_activations(clip, text) -> torch.Tensor:
-    """[77, d]: the token activations after the SAE's layer when `clip` encodes `text`."""
+def layer_activations(clip, text, layer=LAYER) -> torch.Tensor:
+    """[77, d]: the token activations after CLIP-L's `layer` when `clip` encodes `text`."""
     seen = []
-    module = clip.cond_stage_model.clip_l.transformer.text_model.encoder.layers[LAYER]
+    module = clip.cond_stage_model.clip_l.transformer.text_model.encoder.layers[layer]
     handle = module.register_forward_hook(lambda _m, _args, out: seen.append(out.detach().clone()))
     try:
         encode(clip, text)
@@ -33,19 +33,16 @@ def layer_activations(clip, text) -> torch.Tensor:
     return seen[0][0]
 
 
-@pytest.fixture(scope="module")
-def world(comfy, tmp_path_factory):
+def hearts_sae(clip, layer, path):
+    """A text SAE at CLIP-L's `layer` whose concept Hearts reads the direction that separates the Hearts prompt's
+    tokens from the other objects' prompts', with a threshold above every token of those; Neon never fires."""
     from saemnesia_comfy.sae_library import load_sae_path
-    from saemnesia_comfy.toy.model import load_toy_model
     from saemnesia_core.sae_file import save_sae_file
     from saemnesia_core.testing import random_sae, sae_file_with_assigned_latents
-    from saemnesia_core.toy import assets
 
-    _, clip, _ = load_toy_model(assets.path(assets.MODEL))
-    prompts = [f"An image of {o}." for o in OBJECTS]
-    acts = {p: layer_activations(clip, p) for p in prompts}
-    hearts = acts["An image of Hearts."]
-    others = torch.stack([a for p, a in acts.items() if "Hearts" not in p])
+    acts = {o: layer_activations(clip, f"An image of {o}.", layer) for o in OBJECTS}
+    hearts = acts.pop("Hearts")
+    others = torch.stack(list(acts.values()))
     direction = (hearts - others.mean(0)).norm(dim=-1).argmax()  # the token where Hearts differs most
     row = hearts[direction] - others[:, direction].mean(0)
     sae = random_sae(d=row.numel(), n=64, k=64, seed=0)  # k = n: detection is the threshold alone
@@ -54,13 +51,23 @@ def world(comfy, tmp_path_factory):
         sae.encoder.bias[0] = 0.0
         sae.b_dec.zero_()
         pre = torch.cat([others.reshape(-1, row.numel()), hearts]) @ sae.encoder.weight[0]
-    theta = float(pre[:-hearts.shape[0]].max())  # above every token of the other prompts
+    theta = float(pre[:-hearts.shape[0]].max())
     assert float(pre[-hearts.shape[0]:].max()) > theta
-    sae_file = sae_file_with_assigned_latents(sae, [0, 1], ["Hearts", "Neon"], ["object", "style"], num_buckets=1,
-                                              thresholds=[theta, 1e30], hookpoint=HOOKPOINT, model_family="sd15")
-    path = tmp_path_factory.mktemp("text_sae") / "text.safetensors"
-    save_sae_file(sae_file, path)
-    loaded = load_sae_path(path)
+    save_sae_file(sae_file_with_assigned_latents(sae, [0, 1], ["Hearts", "Neon"], ["object", "style"], num_buckets=1,
+                                                 thresholds=[theta, 1e30],
+                                                 hookpoint=f"clip_l.text_model.encoder.layers.{layer}",
+                                                 model_family="sd15"), path)
+    return load_sae_path(path)
+
+
+@pytest.fixture(scope="module")
+def world(comfy, tmp_path_factory):
+    from saemnesia_comfy.toy.model import load_toy_model
+    from saemnesia_core.toy import assets
+
+    _, clip, _ = load_toy_model(assets.path(assets.MODEL))
+    loaded = hearts_sae(clip, LAYER, tmp_path_factory.mktemp("text_sae") / "text.safetensors")
+    prompts = [f"An image of {o}." for o in OBJECTS]
     return types.SimpleNamespace(clip=clip, loaded=loaded, prompts=prompts,
                                  plain={p: encode(clip, p) for p in (*prompts, "An image of Hearts in Neon style.")})
 
@@ -186,3 +193,56 @@ def test_capture_train_and_erase_round_trip_at_a_text_layer(world, tmp_path):
         changed[spec.prompt] = not torch.equal(encode(patched, spec.prompt), encode(world.clip, spec.prompt))
     assert changed == detected
     assert 0 < sum(detected.values()) < len(specs)  # plumbing, not quality: this tiny SAE detects some prompts
+
+
+@pytest.mark.parametrize("family, encoders", [("sd1", {"clip_l": (12, 768)}),
+                                              ("sdxl", {"clip_l": (12, 768), "clip_g": (32, 1280)}),
+                                              ("sd3", {"clip_l": (12, 768), "clip_g": (32, 1280)}),
+                                              ("flux", {"clip_l": (12, 768)})])
+def test_the_text_layers_of_each_familys_encoders_at_their_real_shapes(comfy, family, encoders):
+    """The text encoders ComfyUI builds for SD1.x, SDXL, SD3 and Flux (on the meta device: the shapes without the
+    weights): every CLIP layer is offered under the same name in each, with its real width, and T5 is not."""
+    import comfy.model_patcher
+    import comfy.sd1_clip
+    import comfy.sdxl_clip
+    import comfy.text_encoders.flux
+    import comfy.text_encoders.sd3_clip
+    from saemnesia_comfy.text_erase import layer_path, text_layers
+
+    build = {"sd1": lambda: comfy.sd1_clip.SD1ClipModel(device="meta"),
+             "sdxl": lambda: comfy.sdxl_clip.SDXLClipModel(device="meta"),
+             "sd3": lambda: comfy.text_encoders.sd3_clip.SD3ClipModel(device="meta"),
+             "flux": lambda: comfy.text_encoders.flux.FluxClipModel(device="meta")}[family]
+    model = build()
+    meta = torch.device("meta")
+    clip = types.SimpleNamespace(cond_stage_model=model,
+                                 patcher=comfy.model_patcher.ModelPatcher(model, load_device=meta, offload_device=meta))
+    layers = text_layers(clip)
+    assert list(layers) == [f"{name}.text_model.encoder.layers.{i}" for name, (count, _) in encoders.items()
+                            for i in range(count)]
+    for name, (count, width) in encoders.items():
+        assert layer_path(clip, f"{name}.text_model.encoder.layers.{count - 1}", width) == \
+            f"{name}.transformer.text_model.encoder.layers.{count - 1}"
+
+
+def test_erasure_at_a_real_size_clip_l_with_random_weights(comfy, tmp_path):
+    """SD1.x's CLIP-L as ComfyUI builds it (12 layers, 768 wide, the real tokenizer), random weights: nothing chosen
+    encodes bit for bit as before; Hearts chosen changes the Hearts prompt and leaves the other objects' prompts."""
+    import comfy.sd
+    import comfy.sd1_clip
+    import comfy.supported_models_base
+    from saemnesia_comfy.text_erase import erase_text_concepts
+
+    clip = comfy.sd.CLIP(target=comfy.supported_models_base.ClipTarget(comfy.sd1_clip.SD1Tokenizer,
+                                                                       comfy.sd1_clip.SD1ClipModel))
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for parameter in clip.cond_stage_model.parameters():
+            parameter.copy_(torch.randn(parameter.shape, generator=g) * 0.02)
+    loaded = hearts_sae(clip, 5, tmp_path / "clip_l.safetensors")
+    assert loaded.file.config.d_in == 768
+    prompts = [f"An image of {o}." for o in OBJECTS]
+    plain = {p: encode(clip, p) for p in prompts}
+    assert all(torch.equal(encode(erase_text_concepts(clip, loaded, {}, -1.0), p), plain[p]) for p in prompts)
+    erased = erase_text_concepts(clip, loaded, {"Hearts": None}, -1.0)
+    assert {p for p in prompts if not torch.equal(encode(erased, p), plain[p])} == {"An image of Hearts."}
