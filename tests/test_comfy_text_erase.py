@@ -167,7 +167,8 @@ def test_capture_train_and_erase_round_trip_at_a_text_layer(world, tmp_path):
     from saemnesia_core.training.trainer import TrainConfig, train_unsupervised
 
     specs = [PromptSpec(f"An image of {o} in {s} style." if s else f"An image of {o}.",
-                        {"object": o, **({"style": s} if s else {})}) for o in OBJECTS for s in (None, "Neon", "Stripes")]
+                        {"object": o, **({"style": s} if s else {})})
+             for o in OBJECTS for s in (None, "Neon", "Stripes")]
     data = collect_from_clip(world.clip, specs, tmp_path / "acts", hookpoint=HOOKPOINT, batch_size=6, progress=False)
     ds = ActivationDataset(data)
     assert (ds.d, ds.tokens_per_record, ds.hookpoint, ds.num_records) == (128, 77, HOOKPOINT, len(specs))
