@@ -79,7 +79,7 @@ def test_design_citations_in_the_code_name_sections_of_docs_design():
 
 
 def test_the_toy_worlds_file_names_appear_only_in_the_assets_module():
-    names = [Path(assets.MODEL).name, Path(assets.JUDGES).name] + \
+    names = [Path(assets.MODEL).name, Path(assets.JUDGES).name, assets.TEXT_SAE] + \
         [site.sae(m) for site in assets.SITES.values() for m in ("saemnesia", "saeuron")]
     found = [f"{path.relative_to(ROOT)}: {name}" for path in tracked(".py", ".sh", ".js")
              if path != ROOT / "saemnesia_core" / "toy" / "assets.py" for name in names if name in path.read_text()]
@@ -123,7 +123,7 @@ def test_the_readme_shows_the_shipped_saes_numbers_as_the_build_report_writes_th
 
     report = json.loads((ROOT / "models" / "toy" / "build_report.json").read_text())
     lines = sae_lines(report)
-    assert len(lines.splitlines()) == len(report["saes"]) == 2
+    assert len(lines.splitlines()) == len(report["saes"]) + 1 == 3  # the two sites and the text encoder's SAE
     assert textwrap.indent(lines, "  ") in (ROOT / "README.md").read_text()  # sub-items of the toy world's SAEs
 
 

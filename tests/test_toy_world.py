@@ -83,7 +83,8 @@ def test_the_report_step_rebuilds_the_committed_build_report_byte_for_byte(comfy
     from saemnesia_comfy.toy.build import write_report
 
     models = tmp_path / "models"
-    for name in (assets.MODEL, assets.JUDGES, *(s.sae(m) for s in assets.SITES.values() for m in ("saemnesia", "saeuron"))):
+    saes = [s.sae(m) for s in assets.SITES.values() for m in ("saemnesia", "saeuron")]
+    for name in (assets.MODEL, assets.JUDGES, assets.TEXT_SAE, *saes):
         target = assets.path(name, models)
         target.parent.mkdir(parents=True, exist_ok=True)
         target.symlink_to(assets.path(name))
@@ -150,6 +151,11 @@ def test_the_regeneration_command_runs_end_to_end_in_smoke_mode(comfy, tmp_path)
         assert all(c.erasure["strength"] == -1.0 for c in header.concepts)
     report = json.loads((out / "toy" / "build_report.json").read_text())
     assert 0 <= report["quality"]["object"] <= 1
+    # the text encoder's SAE (DESIGN §6.8): one file for both groups, one bucket, at the CLIP layer
+    text = read_header(assets.path(assets.TEXT_SAE, out))
+    assert (text.hookpoint, text.num_buckets, text.supervised) == (assets.TEXT_HOOKPOINT, 1, True)
+    assert [c.label for c in text.concepts] == sorted(OBJECTS) + sorted(STYLES)
+    assert report["text_sae"]["hookpoint"] == assets.TEXT_HOOKPOINT and report["text_sae"]["supervised"]["epochs"] >= 1
 
     # a file fine-tuned before the trainer measured centralisation (DESIGN §4.4) gets it from the build, and only that;
     # a deleted SAEmnesia file is fine-tuned again from its site's SAeUron file, which stays as it was

@@ -1,6 +1,6 @@
-"""Regenerate the whole toy world from scratch, deterministically: judges → text-to-image model → per SAE site
-(`saemnesia_core.toy.assets.SITES`) activations → an unsupervised (SAeUron) SAE → the supervised (SAEmnesia) SAE
-fine-tuned from it → concept statistics on held-out prompts → the supervised SAE's strengths calibrated
+"""Regenerate the whole toy world from scratch, deterministically: judges → text-to-image model → the text
+encoder's SAE (`text_sae.py`, DESIGN §6.8) → per SAE site (`saemnesia_core.toy.assets.SITES`) activations → an
+unsupervised (SAeUron) SAE → the supervised (SAEmnesia) SAE fine-tuned from it → concept statistics on held-out prompts → the supervised SAE's strengths calibrated
 (`calibration.py`, DESIGN §6.7) → each SAE's erasure measured per concept → the shipped files → the build report.
 
     python -m saemnesia_comfy.toy.build                 # the shipped recipe (about 4 hours on 2 CPU cores)
@@ -47,6 +47,7 @@ from . import model as toy_model
 from . import train as toy_train
 from .calibration import calibrate_strengths, cells_showing, fit_artifact_judge
 from .sampling import PromptEncoder, generate
+from .text_sae import build_text_sae
 
 HELDOUT_SEED_OFFSET = 1_000_000   # held-out activations (the concept statistics) use recipe.seed + this
 JUDGES_HELDOUT_OFFSET = 1000      # the judges' held-out renders use recipe.seed + this (train_judges)
@@ -83,6 +84,9 @@ class Recipe:
     supervised_epochs: int = 40     # at most: early stopping by validation (patience 5, the authors')
     supervised_exclusivity: float = 3.0  # ζ of L_X (DESIGN §4.4): the study of centralising_finetune.py
     supervised_batch: int = 128
+    text_sae_epochs: int = 200      # the text SAE's 72 records (72·77 tokens) make an epoch of one step or two
+    text_supervised_epochs: int = 400  # at most (early stopping by validation)
+    text_supervised_batch: int = 16  # records per step: the grid's 72 prompts, less the validation's, fill 3 batches
     buckets: int = 50
     percentile: float = 99.9        # SAeUron selection: about 2 of 2048 latents
     seed: int = 0
@@ -92,7 +96,7 @@ class Recipe:
         return cls(judge_pool=400, judge_steps=20, model_phases=(("minsnr", 3, 2, 0, 0.0), ("v", 2, 2, 1, 0.1)),
                    model_batch=8, sample_steps=2, quality_seeds=1, erasure_images=1, artifact_seeds=1, train_repeats=1,
                    heldout_repeats=1, sae_epochs=1, supervised_epochs=2, supervised_batch=16, sae_batch_tokens=512,
-                   buckets=4, percentile=99.0)
+                   buckets=4, percentile=99.0, text_sae_epochs=1, text_supervised_epochs=2)
 
 
 # ---------------------------------------------------------------------------------------------------- stages
@@ -236,6 +240,7 @@ def build(models: Path, work: Path, recipe: Recipe) -> dict:
     model, clip, vae = toy_model.load_toy_model(model_path)
     encoder, seen_without = PromptEncoder(clip), {}
     artifact_judge = functools.cache(lambda: fit_artifact_judge(recipe, model, vae, encoder, judges))
+    build_text_sae(recipe, models, work, clip)
     for site in assets.SITES.values():
         build_saes(recipe, models, work, model, encoder, site)
         measure_centralisation(recipe, models, work, model, encoder, site)
@@ -271,9 +276,10 @@ def _minutes(seconds) -> float | None:
 CENTRALISATION_KEYS = ("centralisation_records", "centralisation_before", "centralisation_after")
 
 
-def sae_site_report(models: Path, site: assets.SAESite) -> dict:
-    """What the site's SAE files recorded about their training (DESIGN §4), from their headers."""
-    supervised = read_header(assets.path(site.saemnesia, models)).provenance
+def sae_report(models: Path, name: str) -> dict:
+    """What a supervised SAE file (a site's, or the text encoder's) recorded about its training and that of the
+    unsupervised SAE it was fine-tuned from (DESIGN §4), from its header."""
+    supervised = read_header(assets.path(name, models)).provenance
     unsupervised = supervised["unsupervised"]
     report = {"activations": supervised.get("activations"),
               "unsupervised": {"steps": unsupervised["steps"], "tokens": unsupervised["tokens"],
@@ -313,8 +319,10 @@ def build_report(models: Path) -> dict:
         "judges": {"held_out_renders": held_out_accuracy(judges, seed=recipe.seed + JUDGES_HELDOUT_OFFSET)},
         "model": model_provenance,
         "quality": grid_accuracy(model, vae, PromptEncoder(clip), judges, recipe),
-        "saes": {site.hookpoint: {"group": site.group, **sae_site_report(models, site)}
+        "saes": {site.hookpoint: {"group": site.group, **sae_report(models, site.saemnesia)}
                  for site in assets.SITES.values()},
+        **({"text_sae": {"hookpoint": assets.TEXT_HOOKPOINT, **sae_report(models, assets.TEXT_SAE)}}
+           if assets.path(assets.TEXT_SAE, models).exists() else {}),
     }
 
 

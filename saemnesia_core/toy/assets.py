@@ -45,6 +45,10 @@ SITES = {
                      "toy_saeuron_styles.safetensors"),
 }
 
+# The text-encoder SAE (DESIGN §6.8): the middle layer of the toy's 3-layer CLIP, one file for both groups.
+TEXT_SAE = "toy_saemnesia_text.safetensors"
+TEXT_HOOKPOINT = "clip_l.text_model.encoder.layers.1"
+
 
 def path(name: str, models: Path = MODELS) -> Path:
     """A shipped file: MODEL, JUDGES, BUILD_REPORT, or an SAE file name (found in the SAE folder)."""

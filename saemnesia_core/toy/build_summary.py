@@ -42,21 +42,24 @@ def _calibration(calibration: dict) -> str:
             f"({sum(u['judges_only'] for u in uncalibrated.values())}) with the papers' formula at γ = −1")
 
 
+def _training(hookpoint: str, what: str, sae: dict, groups: tuple[str, ...], zeta: float) -> list[str]:
+    """The unsupervised SAE's fit, and the fine-tune's AUROC of each group's assigned latents, before → after."""
+    unsupervised, supervised, auroc = sae["unsupervised"], sae["supervised"], sae["assigned_latent_auroc"]
+    final = unsupervised["final"]
+    return [f"`{hookpoint}` ({what}): the unsupervised SAE reaches FVU {final['fvu']:.4f} at L0 = {final['l0']:g} "
+            f"after {unsupervised['steps']:,} steps ({unsupervised['minutes']} min; {_pct(final['dead_fraction'])} of "
+            f"latents dead)",
+            f"the fine-tune (ζ = {zeta:g}, {supervised['epochs']} epochs, {supervised['minutes']} min) takes the AUROC "
+            "of the assigned latents for their own concept from before to after, "
+            + ", ".join(f"{g}s' {_auroc(auroc[g]['before'])} → {_auroc(auroc[g]['after'])}" for g in groups)]
+
+
 def site_line(report: dict, hookpoint: str) -> str:
     """One site's training, centralisation and calibration numbers, as one README list item."""
     site = report["saes"][hookpoint]
-    group = site["group"]
-    unsupervised, supervised = site["unsupervised"], site["supervised"]
-    final, recipe = unsupervised["final"], report["recipe"]
-    auroc = site["assigned_latent_auroc"]
+    group, supervised = site["group"], site["supervised"]
     other = "style" if group == "object" else "object"
-    parts = [f"`{hookpoint}` ({group}s): the unsupervised SAE reaches FVU {final['fvu']:.4f} at L0 = "
-             f"{final['l0']:g} after {unsupervised['steps']:,} steps ({unsupervised['minutes']} min; "
-             f"{_pct(final['dead_fraction'])} of latents dead)",
-             f"the fine-tune (ζ = {recipe.get('supervised_exclusivity', 0):g}, {supervised['epochs']} epochs, "
-             f"{supervised['minutes']} min) takes the AUROC of the {group}s' assigned latents for their own concept "
-             f"from {_auroc(auroc[group]['before'])} to {_auroc(auroc[group]['after'])}, of the {other}s' latents at "
-             f"this site from {_auroc(auroc[other]['before'])} to {_auroc(auroc[other]['after'])}"]
+    parts = _training(hookpoint, f"{group}s", site, (group, other), report["recipe"].get("supervised_exclusivity", 0))
     if "centralisation_after" in supervised:
         (share_before, others_before), (share_after, others_after) = (
             _centralisation(supervised[f"centralisation_{when}"], group) for when in ("before", "after"))
@@ -69,5 +72,14 @@ def site_line(report: dict, hookpoint: str) -> str:
     return "- " + "; ".join(parts) + "."
 
 
+def text_line(report: dict) -> str:
+    """The text encoder's SAE (DESIGN §6.8), as one README list item."""
+    sae = report["text_sae"]
+    parts = _training(sae["hookpoint"], f"text encoder, objects and styles; {sae['activations']['records']} prompts",
+                      sae, ("object", "style"), report["recipe"].get("supervised_exclusivity", 0))
+    return "- " + "; ".join(parts) + "."
+
+
 def sae_lines(report: dict) -> str:
-    return "\n".join(site_line(report, hookpoint) for hookpoint in report["saes"])
+    lines = [site_line(report, hookpoint) for hookpoint in report["saes"]]
+    return "\n".join(lines + ([text_line(report)] if "text_sae" in report else []))
