@@ -14,8 +14,7 @@ from collections.abc import Callable
 
 import torch
 
-from saemnesia_core.concepts import ConceptTables
-from saemnesia_core.eraser import ConceptEraser, UnknownConceptError
+from saemnesia_core.eraser import ConceptEraser
 
 from .erase import attach_sae_weights
 from .patch import HookpointError
@@ -75,11 +74,8 @@ def erase_text_concepts(clip, sae: LoadedSAE, concepts: dict[str, float | None],
     if isinstance(sae, (list, tuple)):
         raise ValueError(f"Erase Concepts (text) reads one SAE, got {len(sae)} chained: connect a single Load SAE")
     strengths = {label: strength if s is None else s for label, s in concepts.items()}
-    unknown = [label for label in strengths if label not in sae.labels]
-    if unknown:
-        raise UnknownConceptError(unknown, sae.labels)
-    tables = sae.file.tables if sae.file.tables is not None else ConceptTables.empty(sae.file.num_buckets)
-    eraser = ConceptEraser(sae.sae, sae.file.concepts, tables, strengths, mode)  # checks strengths and mode
+    # checks the labels (UnknownConceptError lists the known ones), the strengths and the mode
+    eraser = ConceptEraser.from_file(sae.file, strengths, mode, sae=sae.sae)
     layer = layer_path(clip, sae.file.hookpoint, sae.file.config.d_in)
     patched = clip.clone()
     if not strengths:

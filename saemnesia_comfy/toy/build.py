@@ -1,7 +1,8 @@
 """Regenerate the whole toy world from scratch, deterministically: judges → text-to-image model → the text
 encoder's SAE (`text_sae.py`, DESIGN §6.8) → per SAE site (`saemnesia_core.toy.assets.SITES`) activations → an
-unsupervised (SAeUron) SAE → the supervised (SAEmnesia) SAE fine-tuned from it → concept statistics on held-out prompts → the supervised SAE's strengths calibrated
-(`calibration.py`, DESIGN §6.7) → each SAE's erasure measured per concept → the shipped files → the build report.
+unsupervised (SAeUron) SAE → the supervised (SAEmnesia) SAE fine-tuned from it → concept statistics on held-out
+prompts → the supervised SAE's strengths calibrated (`calibration.py`, DESIGN §6.7) → each SAE's erasure measured
+per concept → the shipped files → the build report.
 
     python -m saemnesia_comfy.toy.build                 # the shipped recipe (about 4 hours on 2 CPU cores)
     python -m saemnesia_comfy.toy.build --report-only   # rewrite models/toy/build_report.json (minutes)
