@@ -8,7 +8,7 @@ import pytest
 from saemnesia_core.toy import assets
 from saemnesia_core.toy.evaluation.protocol import planned_images
 
-pytestmark = [pytest.mark.comfy, pytest.mark.timeout(2400)]  # a smoke toy build, then an eval of 8 methods
+pytestmark = [pytest.mark.comfy, pytest.mark.timeout(2400)]  # a smoke toy build, then an eval of 11 methods
 
 
 @pytest.fixture(scope="module")
@@ -49,14 +49,17 @@ def test_a_tiny_eval_run_writes_json_markdown_and_plots_and_reruns_from_cache(ev
     assert data["summary"]["saemnesia"]["configurations_searched"] == 2
     assert data["summary"]["saemnesia_paper"]["configurations_searched"] == 2
     assert data["summary"]["saeuron"]["configurations_searched"] == 4
+    assert data["summary"]["text"]["configurations_searched"] == 2
+    assert data["text_sae"] == {"hookpoint": assets.TEXT_HOOKPOINT, "num_latents": data["text_sae"]["num_latents"]}
     for concept, group in (("Circles", "object"), ("Squares", "object"), ("Dots", "style")):
         target = data["targets"][group][concept]
         assert len(target["selection"]["saemnesia"]) == 2 and len(target["selection"]["saeuron"]) == 4
-        for method in ("saemnesia", "saemnesia_paper"):  # exact and paper mode each choose their own γ
+        for method in ("saemnesia", "saemnesia_paper", "text"):  # each chooses its own γ
             best = max(c["score"] for c in target["selection"][method])
             chosen = next(c for c in target["selection"][method] if c["gamma"] == target["chosen"][method]["gamma"])
             assert chosen["score"] == best
-        assert {"saemnesia_paper", "saemnesia_paper_gamma1", "saemnesia_uncalibrated"} <= set(target["test"])
+        assert {"saemnesia_paper", "saemnesia_paper_gamma1", "saemnesia_uncalibrated", "text", "text_gamma1"} \
+            <= set(target["test"])
         for m in target["test"].values():
             assert all(0 <= m[k] <= 1 for k in ("UA", "IRA", "CRA"))
     rows = data["sequential"]["rows"]
@@ -67,6 +70,10 @@ def test_a_tiny_eval_run_writes_json_markdown_and_plots_and_reruns_from_cache(ev
         assert 0 <= m["CE"] <= min(m["UA"], 1 - m["AR"]) and m["KID"] is not None
     assert "| SAEmnesia (γ tuned) | 2 |" in (out / "report.md").read_text()
     assert "| SAEmnesia, paper mode (γ = −1) | 1 |" in (out / "report.md").read_text()
+    assert "| SAEmnesia, text encoder (γ = −1) | 1 |" in (out / "report.md").read_text()
+    assert "| objects | text encoder, γ = −1 |" in (out / "report.md").read_text()
+    assert f"- text encoder: one SAE for objects and styles at `{assets.TEXT_HOOKPOINT}`" in \
+        (out / "README_snippet.md").read_text()
     assert ("| target | exact, γ = −1: UA / IRA / CRA | exact uncalibrated, γ = −1: UA / IRA / CRA | paper, γ = −1: "
             "UA / IRA / CRA |") in (out / "report.md").read_text()
     assert {g: v["hookpoint"] for g, v in data["saeuron_selection"].items()} == {

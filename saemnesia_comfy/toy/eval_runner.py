@@ -14,8 +14,8 @@ import torch
 from saemnesia_core.concepts import build_tables, select_saeuron
 from saemnesia_core.files import atomic_path
 from saemnesia_core.toy import assets
-from saemnesia_core.toy.evaluation.protocol import (LOOKS, OBJECT, PAPER_PERCENTILES, SAE_METHODS, Item, Judged,
-                                                    Protocol, Setting, quality_items, scaled_percentile)
+from saemnesia_core.toy.evaluation.protocol import (LOOKS, OBJECT, PAPER_PERCENTILES, SAE_METHODS, TEXT, Item,
+                                                    Judged, Protocol, Setting, quality_items, scaled_percentile)
 from saemnesia_core.toy.evaluation.quality import ArtifactJudge
 from saemnesia_core.toy.judges import Judges
 from saemnesia_core.toy.render import OBJECTS, SIZE, STYLES
@@ -24,6 +24,7 @@ from saemnesia_core.training import concept_activations, saeuron_grid
 from ..capture import collect_from_comfy
 from ..erase import erase_concepts
 from ..sae_library import LoadedSAE, load_sae_path
+from ..text_erase import erase_text_concepts
 from .build import HELDOUT_SEED_OFFSET
 from .model import load_toy_model
 from .sampling import PromptEncoder, generate
@@ -31,13 +32,14 @@ from .sampling import PromptEncoder, generate
 
 def asset_name(method: str, group: str) -> str:
     """The name (and CLI flag) of the SAE file `method` erases `group`'s concepts with: saemnesia, saeuron,
-    saemnesia_styles, saeuron_styles."""
-    return method if group == OBJECT else f"{method}_{group}s"
+    saemnesia_styles, saeuron_styles, and text (one file for both groups)."""
+    return method if group == OBJECT or method == TEXT else f"{method}_{group}s"
 
 
 DEFAULT_ASSETS = {"model": assets.path(assets.MODEL), "judges": assets.path(assets.JUDGES),
                   **{asset_name(method, group): assets.path(site.sae(method))
-                     for group, site in assets.SITES.items() for method in SAE_METHODS}}
+                     for group, site in assets.SITES.items() for method in SAE_METHODS},
+                  TEXT: assets.path(assets.TEXT_SAE)}
 
 
 def _digest(value) -> str:
@@ -63,11 +65,13 @@ class Runner:
                                     "\n  " + "\n  ".join(missing))
         self.assets = {k: Path(p) for k, p in paths.items()}
         self.digests = {k: _file_digest(p) for k, p in self.assets.items()}
-        self.model, clip, self.vae = load_toy_model(self.assets["model"])
-        self.encoder = PromptEncoder(clip)
+        self.model, self.clip, self.vae = load_toy_model(self.assets["model"])
+        self.encoder = PromptEncoder(self.clip)
         self.judges = Judges.load(self.assets["judges"])
         self.saes = {(method, group): load_sae_path(self.assets[asset_name(method, group)])
                      for group in assets.SITES for method in SAE_METHODS}
+        self.text_sae = load_sae_path(self.assets[TEXT])
+        self._text_encoders: dict[Setting, PromptEncoder] = {}
         self.scores, self.means = {}, {}
         self._saeuron_variants: dict[tuple, LoadedSAE] = {}
         self._artifact_judge: ArtifactJudge | None = None
@@ -115,7 +119,7 @@ class Runner:
         return self._saeuron_variants[key]
 
     def model_for(self, setting: Setting):
-        if setting.sae is None:
+        if setting.sae is None or setting.sae[0] == TEXT:
             return self.model
         method, group = setting.sae
         strengths = {label: gamma for label, gamma, _ in setting.erase}
@@ -124,6 +128,17 @@ class Runner:
         if setting.uncalibrated:
             loaded = loaded.with_calibrations(dict.fromkeys(loaded.labels))
         return erase_concepts(self.model, loaded, strengths, -1.0, mode=setting.mode)
+
+    def encoder_for(self, setting: Setting) -> PromptEncoder:
+        """The prompts' conditioning: the toy CLIP's, or, for the text-encoder SAE, that of the CLIP the Erase
+        Concepts (text) node returns (every prompt, the empty negative too, is encoded with it, as in a workflow)."""
+        if setting.sae is None or setting.sae[0] != TEXT:
+            return self.encoder
+        if setting not in self._text_encoders:
+            clip = erase_text_concepts(self.clip, self.text_sae, {label: gamma for label, gamma, _ in setting.erase},
+                                       -1.0, mode=setting.mode)
+            self._text_encoders[setting] = PromptEncoder(clip)
+        return self._text_encoders[setting]
 
     def images(self, setting: Setting, items: list[Item]) -> np.ndarray:
         """uint8 [N, 32, 32, 3]: every prompt of the setting in one sampling call, cached on disk."""
@@ -136,7 +151,7 @@ class Runner:
             images = np.load(path, allow_pickle=False)
             self.cached += len(items)
         else:
-            out = generate(self.model_for(setting), self.vae, self.encoder, [i.prompt for i in items],
+            out = generate(self.model_for(setting), self.vae, self.encoder_for(setting), [i.prompt for i in items],
                            [i.seed for i in items], negative=setting.negative, steps=self.protocol.steps,
                            cfg=self.protocol.cfg)
             images = (out.clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy()

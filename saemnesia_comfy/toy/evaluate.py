@@ -4,9 +4,10 @@ The protocol (what is generated, the methods compared), the metrics and the repo
 `saemnesia_core.toy.evaluation`; this module runs them: `Runner` generates and judges images through the Erase
 Concepts node's own patch path, `evaluate` chooses each method's setting on the selection set and measures it
 on the test set, plus sequential erasure of the objects and the targets under rephrased prompts. Both SAE
-methods erase objects with the SAEs at one block and styles with those at another (`saemnesia_core.toy.assets`).
+methods erase objects with the SAEs at one block and styles with those at another (`saemnesia_core.toy.assets`);
+the text-encoder SAE erases both in the prompt's conditioning (DESIGN §6.8).
 
-    saemnesia eval                  # quick (QUICK; 3,168 images at most, about an hour on 2 idle cores)
+    saemnesia eval                  # quick (QUICK; it prints how many images it makes at most)
     saemnesia eval --full           # every concept, 5 test seeds per prompt (hours; resumable)
 
 Generated images are cached by content (model, SAE files, setting, prompts, seeds, steps) under --cache, so a
@@ -26,9 +27,9 @@ from tqdm.auto import tqdm
 
 from saemnesia_core.toy.assets import REPO_ROOT
 from saemnesia_core.toy.evaluation.metrics import best_candidate, erasure_metrics, selection_score, summarize
-from saemnesia_core.toy.evaluation.protocol import (FULL, OBJECT, QUICK, SAE_METHODS, STYLE, Item, Protocol, Setting,
-                                                    example_cells, grid_items, planned_images, rephrase_items,
-                                                    selection_items)
+from saemnesia_core.toy.evaluation.protocol import (FULL, OBJECT, QUICK, SAE_METHODS, STYLE, TEXT, Item, Protocol,
+                                                    Setting, example_cells, grid_items, planned_images,
+                                                    rephrase_items, selection_items)
 from saemnesia_core.toy.evaluation.quality import quality_metrics
 from saemnesia_core.toy.evaluation.report import Results, shown_path, summary_table, write_reports
 from saemnesia_core.toy.render import OBJECTS, STYLES
@@ -44,6 +45,8 @@ def evaluate(runner: Runner, mode: str = "custom") -> Results:
     results = Results({"mode": mode, "protocol": asdict(P), "assets": {
         k: {"path": shown_path(p), "sha256": runner.digests[k]} for k, p in runner.assets.items()}})
     results.data["saeuron_selection"] = {g: runner.prepare_saeuron(g) for g, _ in P.targets()}
+    results.data["text_sae"] = {"hookpoint": runner.text_sae.file.hookpoint,
+                                "num_latents": runner.text_sae.file.config.num_latents}
     runner.bar = tqdm(total=planned_images(P), desc="eval images", unit="img", disable=not runner.progress,
                       smoothing=0.05)
     artifacts = runner.artifact_judge()
@@ -74,7 +77,7 @@ def evaluate_target(runner: Runner, group: str, concept: str, tests: list[Item],
     method on the test set and on rephrased prompts. Returns the target's results and the chosen erase entries."""
     P = runner.protocol
     select = selection_items(group, concept, P)
-    sae = {method: (method, group) for method in SAE_METHODS}
+    sae = {method: (method, group) for method in (*SAE_METHODS, TEXT)}
 
     def candidate(method, gamma, kept, mode="exact"):
         setting = Setting(sae[method], ((concept, gamma, kept),), mode=mode)
@@ -83,8 +86,10 @@ def evaluate_target(runner: Runner, group: str, concept: str, tests: list[Item],
 
     candidates = {"saemnesia": [candidate("saemnesia", gamma, 0) for gamma in P.gammas],
                   "saemnesia_paper": [candidate("saemnesia", gamma, 0, "paper") for gamma in P.gammas],
-                  "saeuron": [candidate("saeuron", gamma, kept) for kept in P.kept for gamma in P.gammas]}
+                  "saeuron": [candidate("saeuron", gamma, kept) for kept in P.kept for gamma in P.gammas],
+                  "text": [candidate(TEXT, gamma, 0) for gamma in P.gammas]}
     sm, sp = best_candidate(candidates["saemnesia"]), best_candidate(candidates["saemnesia_paper"])
+    st = best_candidate(candidates["text"])
     su = best_candidate(candidates["saeuron"])
     chosen = {"saemnesia": (concept, sm["gamma"], 0), "saeuron": (concept, su["gamma"], su["kept"])}
     settings = {"none": Setting(), "saemnesia": Setting(sae["saemnesia"], (chosen["saemnesia"],)),
@@ -94,6 +99,8 @@ def evaluate_target(runner: Runner, group: str, concept: str, tests: list[Item],
                 "saemnesia_paper_gamma1": Setting(sae["saemnesia"], ((concept, -1.0, 0),), mode="paper"),
                 "saeuron": Setting(sae["saeuron"], (chosen["saeuron"],)),
                 "replace": Setting(sae["saemnesia"], ((concept, -1.0, 0),), mode="replace"),
+                "text": Setting(sae[TEXT], ((concept, st["gamma"], 0),)),
+                "text_gamma1": Setting(sae[TEXT], ((concept, -1.0, 0),)),
                 "negative": Setting(negative=concept)}
     test, rephrased = {}, {}
     for method, setting in settings.items():
@@ -106,7 +113,7 @@ def evaluate_target(runner: Runner, group: str, concept: str, tests: list[Item],
         rephrased[method] = erasure_metrics(
             runner.judge(setting, rephrase_items(group, concept, P.rephrase_seeds))[0], group, {concept})["UA"]
     entry = {"chosen": {"saemnesia": {"gamma": sm["gamma"]}, "saemnesia_paper": {"gamma": sp["gamma"]},
-                        "saeuron": {"kept": su["kept"], "gamma": su["gamma"]}},
+                        "saeuron": {"kept": su["kept"], "gamma": su["gamma"]}, "text": {"gamma": st["gamma"]}},
              "selection": candidates, "test": test, "rephrased_UA": rephrased}
     return entry, chosen
 

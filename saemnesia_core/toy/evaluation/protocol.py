@@ -12,6 +12,8 @@ unstyled, the papers' prompt form) with fixed seeds. Methods, side by side:
   bucket (as 99.999 / 99.995 / 99.99 do of 20480, DESIGN §5.2) × the same γ grid, chosen the same way;
 - SAEmnesia, replace: the same SAE as a detector only; detected tokens take the nearest undetected token's
   activations (DESIGN §6.4), one setting for every concept (strength −1: replace fully), no search;
+- SAEmnesia, text encoder: the toy's text SAE (one file for objects and styles, at a layer of the CLIP text
+  encoder, DESIGN §6.8) erases the concept in the conditioning before sampling; γ = −1 and γ tuned as above;
 - negative prompt: the concept's word as ComfyUI's negative conditioning, no patch.
 
 Every method is also scored for image quality (quality.py): an artifact rate on the target's images, and KID of
@@ -35,7 +37,8 @@ PAPER_PERCENTILES = {1: 99.999, 2: 99.995, 3: 99.99}  # SAeUron latents per buck
 TEST_SEED, SELECT_SEED, REPHRASE_SEED, QUALITY_SEED = 2_000_000, 3_000_000, 4_000_000, 7_000_000
 QUALITY_FIT_SEEDS = 2  # un-erased images per grid prompt the artifact judge is fitted on (one more calibrates it)
 
-SAE_METHODS = ("saemnesia", "saeuron")
+SAE_METHODS = ("saemnesia", "saeuron")  # UNet-side SAEs, one file per group (assets.SITES)
+TEXT = "text"  # Setting.sae's method for the text-encoder SAE, one file for both groups (assets.TEXT_SAE)
 METHODS = {  # name -> (label in reports, configurations searched per concept)
     "none": ("no erasure", None),
     "saemnesia": ("SAEmnesia (γ tuned)", "gammas"),
@@ -47,6 +50,9 @@ METHODS = {  # name -> (label in reports, configurations searched per concept)
     "saemnesia_paper_gamma1": ("SAEmnesia, paper mode (γ = −1)", 1),
     "saeuron": ("SAeUron mode (tuned)", "kept×gammas"),
     "replace": ("SAEmnesia, replace", 1),
+    # the text-encoder SAE (DESIGN §6.8): the prompt's conditioning is edited, the UNet runs unpatched
+    "text": ("SAEmnesia, text encoder (γ tuned)", "gammas"),
+    "text_gamma1": ("SAEmnesia, text encoder (γ = −1)", 1),
     "negative": ("negative prompt", 1),
 }
 QUALITY_METRICS = ("AR", "CE", "KID")
@@ -85,8 +91,8 @@ class Judged:
 @dataclass(frozen=True)
 class Setting:
     """What changes the images: which SAE erases what, or a negative prompt. `sae` is (method, group): the SAE
-    file of SAE_METHODS that erases that group's concepts (assets.SITES); `erase` holds (label, γ, latents kept
-    per bucket — SAeUron only, 0 for SAEmnesia)."""
+    file of SAE_METHODS that erases that group's concepts (assets.SITES), or (TEXT, group) for the text-encoder
+    SAE; `erase` holds (label, γ, latents kept per bucket — SAeUron only, 0 for SAEmnesia)."""
 
     sae: tuple[str, str] | None = None
     erase: tuple[tuple[str, float, int], ...] = ()

@@ -86,6 +86,9 @@ def protocol_text(data: dict) -> str:
         f"- selection set (other seeds): every image of the target + {P['select_others']} image(s) of each other "
         f"concept of its group, × {P['select_seeds']} seed(s); score (UA + IRA)/2",
         f"- γ grid {', '.join(f'{g:g}' for g in P['gammas'])}; SAEs and SAeUron selection: " + "; ".join(sites),
+        *([f"- text encoder: one SAE for objects and styles at `{T['hookpoint']}` ({T['num_latents']} latents), "
+           f"applied to every prompt's conditioning (the empty negative's too) before sampling"]
+          if (T := data.get("text_sae")) else []),
         f"- rephrased prompts: the target's images in each of {len(HELD_OUT_TEMPLATES)} held-out wordings × "
         f"{P['rephrase_seeds']} seed(s)",
         *([f"- image quality: AR = the target's test images flagged by the artifact judge (fitted on renders and "
@@ -102,9 +105,10 @@ def protocol_text(data: dict) -> str:
 
 
 def _findings(data: dict) -> list[str]:
-    """The summary's follow-ups (replace mode, the one setting, paper vs exact), each with a blank line after."""
-    return [line for text in (replace_findings(data), one_setting_findings(data), paper_and_exact(data)) if text
-            for line in (text, "")]
+    """The summary's follow-ups (replace mode, the one setting, paper vs exact, text encoder vs UNet), each with a
+    blank line after."""
+    return [line for text in (replace_findings(data), one_setting_findings(data), paper_and_exact(data),
+                              text_findings(data)) if text for line in (text, "")]
 
 
 def markdown_report(data: dict) -> str:
@@ -117,7 +121,7 @@ def markdown_report(data: dict) -> str:
             for method in _methods(data):
                 label, m = METHODS[method][0], t["test"][method]
                 chosen = ""
-                if method in ("saemnesia", "saemnesia_paper"):
+                if method in ("saemnesia", "saemnesia_paper", "text"):
                     chosen = f"γ = {t['chosen'][method]['gamma']:g}"
                 elif method == "saeuron":
                     chosen = f"{t['chosen']['saeuron']['kept']} latent(s), γ = {t['chosen']['saeuron']['gamma']:g}"
@@ -194,6 +198,25 @@ def paper_and_exact(data: dict) -> str:
     return "\n".join(lines)
 
 
+TEXT_AND_UNET = (("text_gamma1", "text encoder, γ = −1"), ("saemnesia_gamma1", "UNet, γ = −1"),
+                 ("text", "text encoder, γ tuned"), ("saemnesia", "UNet, γ tuned"))
+
+
+def text_findings(data: dict) -> str:
+    """The text-encoder SAE against the UNet-side SAEmnesia, per group, at γ = −1 (the nodes' default) and with γ
+    tuned: UA, IRA, CRA, AR, CE and UA on rephrased prompts. Empty for runs without the text row."""
+    if "text" not in data["summary"] or not _has_quality(data):
+        return ""
+    lines = ["| group | SAE at | UA | IRA | CRA | AR | CE | UA, rephrased |", "|---|---|---:|---:|---:|---:|---:|---:|"]
+    for group in (g for g in (OBJECT, STYLE) if data["targets"].get(g)):
+        for method, label in TEXT_AND_UNET:
+            m = data["summary"][method][group]
+            rephrased = [t["rephrased_UA"][method] for t in data["targets"][group].values()]
+            lines.append(f"| {group}s | {label} | " + " | ".join(_pct(m[k]) for k in ("UA", "IRA", "CRA", "AR", "CE"))
+                         + f" | {_pct(sum(rephrased) / len(rephrased))} |")
+    return "\n".join(lines)
+
+
 def readme_snippet(data: dict, out: Path) -> str:
     rel = shown_path(out)
     return "\n".join([
@@ -215,7 +238,7 @@ def plot(results: Results, out: Path) -> None:
     colors = {"none": "0.6", "saemnesia": "tab:blue", "saemnesia_gamma1": "tab:cyan",
               "saemnesia_uncalibrated": "tab:olive", "saemnesia_paper": "tab:red",
               "saemnesia_paper_gamma1": "tab:pink", "saeuron": "tab:orange", "replace": "tab:purple",
-              "negative": "tab:green"}
+              "negative": "tab:green", "text": "tab:brown", "text_gamma1": "goldenrod"}
     groups = [g for g in (OBJECT, STYLE) if data["targets"].get(g)]
     fig, axes = plt.subplots(len(groups), 3, figsize=(15, 3.6 * len(groups)), squeeze=False)
     for row, group in zip(axes, groups):
