@@ -28,6 +28,7 @@ from saemnesia_core.toy import assets
 TOY_MODEL = Path(assets.MODEL).name
 SAE = assets.SITES["object"].saemnesia
 STYLE_SAE = assets.SITES["style"].saemnesia  # the toy's styles are erased at its 16x16 decoder level (README)
+TEXT_SAE = assets.TEXT_SAE  # read at a layer of the toy's CLIP text encoder (DESIGN §6.8)
 OUT_DIR = assets.REPO_ROOT / "example_workflows"
 SCREENSHOTS = assets.REPO_ROOT / "docs" / "images"
 NEGATIVE = ""
@@ -36,6 +37,7 @@ VIEW = (1280, 720)  # the canvas size every example must fit at first sight (a l
 # The template browser shows a custom pack's template by its file name (title and description alike)
 ERASE_ONE, ERASE_BOTH, PROBE, REGION = ("Erase an object with the same seed", "Erase an object and a style at once",
                                         "Probe where each concept fires", "Erase only inside a mask")
+TEXT = "Erase a concept in the text encoder"
 
 
 def _toy_inputs(prompt: str, x: int = 0) -> list[dict]:
@@ -105,6 +107,27 @@ def _erase(concepts, prompt: str, note: str, erased_title: str, strength: float 
     return {"nodes": nodes, "links": links + [(6, 0, 15, "model"), (14, 0, 15, "sae")]}
 
 
+def _erase_text(concepts, prompt: str, note: str, erased_title: str) -> dict:
+    """`_erase`'s layout with Erase Concepts (text) in the eraser's place: it patches the CLIP, and the erased sampler
+    gets the prompt and the negative prompt encoded again with that CLIP, and the unpatched model."""
+    spec = _erase(concepts, prompt, note, erased_title)
+    nodes = {n["id"]: n for n in spec["nodes"]}
+    nodes[2]["widgets"]["sae_name"] = TEXT_SAE
+    nodes[6].update(type="SAEmnesiaEraseConceptsText", size=[330, 500])
+    del nodes[6]["widgets"]["strength"]  # the node's default, −1
+    for node in spec["nodes"][6:14]:  # samplers, decoders and images move right to make room for the encoders
+        node["pos"] = [node["pos"][0] + 360, node["pos"][1]]
+    spec["nodes"] += [
+        {"id": 18, "type": "CLIPTextEncode", "pos": [1080, 220], "size": [300, 110], "title": "Prompt (erased CLIP)",
+         "widgets": {"text": prompt}},
+        {"id": 19, "type": "CLIPTextEncode", "pos": [1080, 370], "size": [300, 90],
+         "title": "Negative prompt (erased CLIP)", "widgets": {"text": NEGATIVE}}]
+    rewired = {(1, 0, 6, "model"): (1, 1, 6, "clip"), (6, 0, 8, "model"): (1, 0, 8, "model"),
+               (3, 0, 8, "positive"): (18, 0, 8, "positive"), (4, 0, 8, "negative"): (19, 0, 8, "negative")}
+    spec["links"] = [rewired.get(link, link) for link in spec["links"]] + [(6, 0, 18, "clip"), (6, 0, 19, "clip")]
+    return spec
+
+
 EXAMPLES = {
     ERASE_ONE: _erase(
         ["Hearts"], "An image of Hearts in Neon style.",
@@ -121,6 +144,13 @@ EXAMPLES = {
         "Each ticked concept may also "
         "have its own strength (the box beside its tick).",
         "KSampler (Hearts and Stripes erased)", styles=["Stripes"]),
+    TEXT: _erase_text(
+        ["Hearts"], "An image of Hearts in Neon style.",
+        "Erase Concepts (text) edits the text encoder, not the model: every prompt encoded with the CLIP it "
+        "outputs has the ticked concepts suppressed at one layer of the encoder, before sampling starts. The same "
+        "prompt, encoded twice: with the plain CLIP (top sampler) and with the erased one (bottom). One text SAE "
+        "serves every model that uses this encoder.",
+        "KSampler (Hearts erased in the prompt)"),
     REGION: {
         "nodes": [n for n in _erase(["Hearts"], "An image of Hearts in Neon style.", "",
                                     "KSampler (Hearts erased, left half)")["nodes"]
@@ -216,7 +246,8 @@ def build(page, name: str) -> dict:
 THUMBNAIL_IMAGES = {ERASE_ONE: ((11, "original"), (12, "Hearts erased")),
                     ERASE_BOTH: ((11, "original"), (12, "Hearts and Stripes erased")),
                     PROBE: ((10, "image"), (11, "where Hearts fired")),
-                    REGION: ((11, "original"), (12, "Hearts erased, left half"))}
+                    REGION: ((11, "original"), (12, "Hearts erased, left half")),
+                    TEXT: ((11, "original"), (12, "Hearts erased in the prompt"))}
 
 
 def thumbnail(server, page, workflow: dict, name: str) -> Image.Image:

@@ -19,9 +19,9 @@ pytestmark = [pytest.mark.browser, pytest.mark.slow, pytest.mark.timeout(3600)]
 NAMES = sorted(p.stem for p in EXAMPLES.glob("*.json"))
 
 
-def test_the_four_examples_are_listed_as_templates_with_human_titles_and_thumbnails(server, page):
-    assert NAMES == ["Erase an object and a style at once", "Erase an object with the same seed",
-                     "Erase only inside a mask", "Probe where each concept fires"]
+def test_the_five_examples_are_listed_as_templates_with_human_titles_and_thumbnails(server, page):
+    assert NAMES == ["Erase a concept in the text encoder", "Erase an object and a style at once",
+                     "Erase an object with the same seed", "Erase only inside a mask", "Probe where each concept fires"]
     assert sorted(server.get("/workflow_templates").json()["saemnesia"]) == NAMES
     for name in NAMES:
         r = requests.get(f"{server.url}/api/workflow_templates/saemnesia/{quote(name)}.jpg", timeout=30)
@@ -29,7 +29,7 @@ def test_the_four_examples_are_listed_as_templates_with_human_titles_and_thumbna
     page.evaluate("async () => { await window.app.extensionManager.command.execute('Comfy.BrowseTemplates'); }")
     page.get_by_text("saemnesia", exact=True).first.click()
     page.wait_for_function("""() => [...document.querySelectorAll('[role=dialog] img')].filter(
-        (i) => !i.src.includes('default-template') && i.complete && i.naturalWidth > 0).length === 4""")
+        (i) => !i.src.includes('default-template') && i.complete && i.naturalWidth > 0).length === 5""")
     cards = page.evaluate("() => [...document.querySelectorAll('[role=dialog] img')].map((i) => i.alt)")
     assert sorted(cards) == NAMES
     page.reload()  # a fresh page, without the dialog, for the tests that follow

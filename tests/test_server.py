@@ -1,6 +1,7 @@
 """The pack in a live ComfyUI server (`main.py --cpu`): its nodes in /object_info, API-format prompts on the toy
 model with and without erasure, and the concept route with its refusals."""
 
+import json
 from pathlib import Path
 
 import pytest
@@ -134,3 +135,36 @@ def test_erasing_only_the_uncond_branch_at_cfg_1_logs_a_one_line_warning(server)
     before = server.log_text().count("erased nothing")
     run_ok(server, toy_prompt(cfg=5.0, seed=1, concepts=["Hearts"], branches="uncond", prefix="uncond_cfg5"))
     assert server.log_text().count("erased nothing") == before  # with an unconditional pass, no warning
+
+
+def text_erase_prompt(text: str, concepts, seed: int, prefix: str, model_concepts=None) -> dict:
+    """The toy workflow with Erase Concepts (text) between the CLIP and both prompt encoders (the shipped text
+    SAE); with `model_concepts`, Erase Concepts on the model too."""
+    prompt = toy_prompt(text, seed=seed, prefix=prefix, concepts=model_concepts)
+    prompt["10"] = {"class_type": "SAEmnesiaLoadSAE", "inputs": {"sae_name": assets.TEXT_SAE}}
+    prompt["11"] = {"class_type": "SAEmnesiaEraseConceptsText", "inputs": {
+        "clip": ["1", 1], "sae": ["10", 0], "concepts": json.dumps(concepts), "strength": -1.0, "mode": "exact"}}
+    for encoder in ("2", "3"):
+        prompt[encoder]["inputs"]["clip"] = ["11", 0]
+    return prompt
+
+
+def test_erase_concepts_text_through_prompt_is_exact_when_nothing_is_chosen_and_composes(server):
+    hearts = "An image of Hearts in Neon style."
+    plain = saved_pixels(server, run_ok(server, toy_prompt(hearts, seed=5, prefix="t_plain")))
+    nothing = saved_pixels(server, run_ok(server, text_erase_prompt(hearts, [], 5, "t_nothing")))
+    erased = saved_pixels(server, run_ok(server, text_erase_prompt(hearts, ["Hearts"], 5, "t_erased")))
+    assert (nothing == plain).all()
+    assert (erased != plain).any()
+    # with Erase Concepts on the model as well, both edits reach the image
+    model_only = saved_pixels(server, run_ok(server, toy_prompt(hearts, seed=5, concepts=["Hearts"], prefix="t_m")))
+    both = saved_pixels(server, run_ok(server, text_erase_prompt(hearts, ["Hearts"], 5, "t_both", ["Hearts"])))
+    assert (both != model_only).any() and (both != erased).any()
+
+
+def test_erase_concepts_text_fails_clearly_with_a_unet_sae(server):
+    prompt = text_erase_prompt("An image of Hearts in Neon style.", ["Hearts"], 0, "t_wrong")
+    prompt["10"]["inputs"]["sae_name"] = SAE_NAME  # an SAE of a UNet block
+    entry = server.run(prompt)
+    assert entry["status"]["status_str"] == "error"
+    assert "is not a layer of this text encoder" in execution_error(entry)
