@@ -62,6 +62,9 @@ def test_a_tiny_eval_run_writes_json_markdown_and_plots_and_reruns_from_cache(ev
             <= set(target["test"])
         for m in target["test"].values():
             assert all(0 <= m[k] <= 1 for k in ("UA", "IRA", "CRA"))
+            images = sum(m["judged_as"].values())  # what the judges saw in the target's images: UA's complement
+            assert images == (9 if group == "object" else 8)
+            assert m["UA"] == pytest.approx(1 - m["judged_as"].get(concept, 0) / images)
     rows = data["sequential"]["rows"]
     assert [r["erased"] for r in rows["saemnesia"]] == [["Circles"], ["Circles", "Squares"]]
     single = data["targets"]["object"]["Circles"]["test"]["saeuron"]

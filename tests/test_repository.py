@@ -103,7 +103,7 @@ def test_the_readme_shows_the_evaluation_table_and_the_demo_caption_as_their_fil
     import json
 
     from saemnesia_core.toy.evaluation.report import (one_setting_findings, paper_and_exact, replace_findings,
-                                                      summary_table)
+                                                      summary_table, text_findings)
 
     readme = (ROOT / "README.md").read_text()
     results = json.loads((ROOT / "benchmarks" / "results" / "eval_quick" / "results.json").read_text())
@@ -111,6 +111,7 @@ def test_the_readme_shows_the_evaluation_table_and_the_demo_caption_as_their_fil
     assert replace_findings(results) in readme
     assert paper_and_exact(results) in readme
     assert one_setting_findings(results) in readme
+    assert text_findings(results) in readme
     verdicts = json.loads((ROOT / "docs" / "demo" / "verdicts.json").read_text())
     assert verdicts["caption"] in " ".join(readme.split())  # the README may wrap the caption's lines
 

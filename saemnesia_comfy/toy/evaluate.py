@@ -26,7 +26,8 @@ import torch
 from tqdm.auto import tqdm
 
 from saemnesia_core.toy.assets import REPO_ROOT
-from saemnesia_core.toy.evaluation.metrics import best_candidate, erasure_metrics, selection_score, summarize
+from saemnesia_core.toy.evaluation.metrics import (best_candidate, erasure_metrics, judged_as, selection_score,
+                                                   summarize)
 from saemnesia_core.toy.evaluation.protocol import (FULL, OBJECT, QUICK, SAE_METHODS, STYLE, TEXT, Item, Protocol,
                                                     Setting, example_cells, grid_items, planned_images,
                                                     rephrase_items, selection_items)
@@ -106,7 +107,8 @@ def evaluate_target(runner: Runner, group: str, concept: str, tests: list[Item],
     for method, setting in settings.items():
         judged, images = no_erasure if method == "none" else runner.judge(setting, tests)
         test[method] = {**erasure_metrics(judged, group, {concept}),
-                        **quality_metrics(runner.artifact_judge(), judged, images, group, {concept}, reference)}
+                        **quality_metrics(runner.artifact_judge(), judged, images, group, {concept}, reference),
+                        "judged_as": judged_as(judged, group, concept)}
         for cell in example_cells(group, concept):
             pos = next(k for k, j in enumerate(judged) if (j.item.obj, j.item.style) == cell)
             examples.setdefault(method, []).append((f"{concept}: {cell[0]}/{cell[1] or 'unstyled'}", images[pos]))

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+from collections import Counter
+
 from .protocol import METHODS, OBJECT, QUALITY_METRICS, STYLE, Judged, Protocol, configurations_searched
 
 DEFINITIONS = """\
@@ -38,6 +40,12 @@ def erasure_metrics(judged: list[Judged], group: str, erased) -> dict[str, float
     else:
         cra = mean(j.obj == j.item.obj for j in judged)
     return {"UA": ua, "IRA": ira, "CRA": cra}
+
+
+def judged_as(judged: list[Judged], group: str, concept: str) -> dict[str, int]:
+    """What the judges saw in the target's images, most frequent first: for a style, "Unstyled" means the style was
+    removed and another style that it was replaced (steered); the object judge always names one of the objects."""
+    return dict(Counter(j.predicted(group) for j in judged if j.item.concept(group) == concept).most_common())
 
 
 def selection_score(metrics: dict) -> float:

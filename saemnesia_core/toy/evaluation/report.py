@@ -114,8 +114,9 @@ def _findings(data: dict) -> list[str]:
 def markdown_report(data: dict) -> str:
     lines = ["# Miniature UnlearnCanvas on the toy world", "", summary_table(data), "", *_findings(data), "## Protocol", "",
              protocol_text(data), "", "## Definitions", "", "```", DEFINITIONS, "```", "", "## Per concept (test set, %)", "",
-             "| target | method | UA | IRA | CRA | UA rephrased | AR | CE | KID ×10³ | chosen |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|---|"]
+             "| target | method | UA | IRA | CRA | UA rephrased | AR | CE | KID ×10³ | chosen "
+             "| target's images judged as |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---|---|"]
     for group, per_concept in data["targets"].items():
         for concept, t in per_concept.items():
             for method in _methods(data):
@@ -127,7 +128,7 @@ def markdown_report(data: dict) -> str:
                     chosen = f"{t['chosen']['saeuron']['kept']} latent(s), γ = {t['chosen']['saeuron']['gamma']:g}"
                 lines.append(f"| {concept} ({group}) | {label} | {_pct(m['UA'])} | {_pct(m['IRA'])} | "
                              f"{_pct(m['CRA'])} | {_pct(t['rephrased_UA'][method])} | {_pct(m.get('AR'))} | {_pct(m.get('CE'))} | "
-                             f"{_kid(m.get('KID'))} | {chosen} |")
+                             f"{_kid(m.get('KID'))} | {chosen} | {_judged_as(m)} |")
     seq = data["sequential"]
     if seq["order"]:
         lines += ["", "## Sequential erasure of objects (%)", "", f"Order: {', '.join(seq['order'])}.", "",
@@ -139,6 +140,18 @@ def markdown_report(data: dict) -> str:
     lines += ["", "![per concept](per_concept.png)", "", "![sequential](sequential.png)", "",
               "![examples](examples.png)", ""]
     return "\n".join(lines)
+
+
+def _judged_as(m: dict) -> str:
+    return ", ".join(f"{label} {n}" for label, n in m["judged_as"].items()) if "judged_as" in m else "—"
+
+
+def _unstyled(data: dict, method: str) -> float | None:
+    """The share of the style targets' images the style judge saw unstyled: the style removed, not replaced."""
+    counts = [t["test"][method].get("judged_as") for t in data["targets"][STYLE].values()]
+    if None in counts:
+        return None
+    return sum(c.get("Unstyled", 0) for c in counts) / sum(sum(c.values()) for c in counts)
 
 
 def replace_findings(data: dict) -> str:
@@ -204,16 +217,19 @@ TEXT_AND_UNET = (("text_gamma1", "text encoder, γ = −1"), ("saemnesia_gamma1"
 
 def text_findings(data: dict) -> str:
     """The text-encoder SAE against the UNet-side SAEmnesia, per group, at γ = −1 (the nodes' default) and with γ
-    tuned: UA, IRA, CRA, AR, CE and UA on rephrased prompts. Empty for runs without the text row."""
+    tuned: UA, IRA, CRA, AR, CE, UA on rephrased prompts and, for styles, the share of the target's images judged
+    unstyled (the rest of UA is the style replaced by another). Empty for runs without the text row."""
     if "text" not in data["summary"] or not _has_quality(data):
         return ""
-    lines = ["| group | SAE at | UA | IRA | CRA | AR | CE | UA, rephrased |", "|---|---|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| group | SAE at | UA | IRA | CRA | AR | CE | UA, rephrased | judged unstyled |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     for group in (g for g in (OBJECT, STYLE) if data["targets"].get(g)):
         for method, label in TEXT_AND_UNET:
             m = data["summary"][method][group]
             rephrased = [t["rephrased_UA"][method] for t in data["targets"][group].values()]
+            unstyled = _pct(_unstyled(data, method)) if group == STYLE else "—"
             lines.append(f"| {group}s | {label} | " + " | ".join(_pct(m[k]) for k in ("UA", "IRA", "CRA", "AR", "CE"))
-                         + f" | {_pct(sum(rephrased) / len(rephrased))} |")
+                         + f" | {_pct(sum(rephrased) / len(rephrased))} | {unstyled} |")
     return "\n".join(lines)
 
 
@@ -240,7 +256,8 @@ def plot(results: Results, out: Path) -> None:
               "saemnesia_paper_gamma1": "tab:pink", "saeuron": "tab:orange", "replace": "tab:purple",
               "negative": "tab:green", "text": "tab:brown", "text_gamma1": "goldenrod"}
     groups = [g for g in (OBJECT, STYLE) if data["targets"].get(g)]
-    fig, axes = plt.subplots(len(groups), 3, figsize=(15, 3.6 * len(groups)), squeeze=False)
+    height = 3.6 * len(groups) + 0.8  # 0.8 inch below the plots for the legend, so that it covers no bar
+    fig, axes = plt.subplots(len(groups), 3, figsize=(15, height), squeeze=False)
     for row, group in zip(axes, groups):
         concepts = list(data["targets"][group])
         for ax, metric in zip(row, ("UA", "IRA", "CRA")):
@@ -252,8 +269,8 @@ def plot(results: Results, out: Path) -> None:
             ax.set_xticks(range(len(concepts)), concepts, rotation=30, fontsize=8)
             ax.set_ylim(0, 105)
             ax.set_title(f"{group} targets: {metric} (%)")
-    axes[0][0].legend(fontsize=7, loc="lower left")
-    fig.tight_layout()
+    fig.legend(*axes[0][0].get_legend_handles_labels(), fontsize=8, loc="lower center", ncol=4, frameon=False)
+    fig.tight_layout(rect=(0, 0.8 / height, 1, 1))
     fig.savefig(out / "per_concept.png", dpi=110)
     plt.close(fig)
 
