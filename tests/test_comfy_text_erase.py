@@ -249,3 +249,35 @@ def test_erasure_at_a_real_size_clip_l_with_random_weights(comfy, tmp_path):
     assert all(torch.equal(encode(erase_text_concepts(clip, loaded, {}, -1.0), p), plain[p]) for p in prompts)
     erased = erase_text_concepts(clip, loaded, {"Hearts": None}, -1.0)
     assert {p for p in prompts if not torch.equal(encode(erased, p), plain[p])} == {"An image of Hearts."}
+
+
+@pytest.mark.slow
+def test_a_clip_l_sae_in_sdxls_two_encoders_edits_clip_l_and_leaves_clip_g(comfy, tmp_path):
+    """SDXL's text encoder as ComfyUI builds it (CLIP-L and CLIP-G at their real sizes, random weights), encoding as
+    its CLIPTextEncodeSDXL does: a CLIP-L SAE changes the CLIP-L half of the Hearts prompt's conditioning and
+    leaves the CLIP-G half, and the pooled output (CLIP-G's), bit for bit; the other prompts encode unchanged."""
+    import comfy.sd
+    import comfy.sdxl_clip
+    import comfy.supported_models_base
+    from saemnesia_comfy.text_erase import erase_text_concepts
+
+    clip = comfy.sd.CLIP(target=comfy.supported_models_base.ClipTarget(comfy.sdxl_clip.SDXLTokenizer,
+                                                                       comfy.sdxl_clip.SDXLClipModel))
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for parameter in clip.cond_stage_model.parameters():
+            parameter.copy_(torch.randn(parameter.shape, generator=g) * 0.02)
+    loaded = hearts_sae(clip, 5, tmp_path / "clip_l.safetensors")
+
+    def sdxl_encode(c, text):  # CLIPTextEncodeSDXL: both encoders read the same text
+        tokens = c.tokenize(text)
+        tokens["l"] = c.tokenize(text)["l"]
+        return c.encode_from_tokens(tokens, return_pooled=True)
+
+    erased = erase_text_concepts(clip, loaded, {"Hearts": None}, -1.0)
+    for obj in ("Hearts", "Stars"):
+        (cond, pooled), (cond_e, pooled_e) = sdxl_encode(clip, f"An image of {obj}."), \
+            sdxl_encode(erased, f"An image of {obj}.")
+        assert cond.shape[-1] == 768 + 1280 and torch.equal(pooled_e, pooled)
+        assert torch.equal(cond_e[..., 768:], cond[..., 768:])  # CLIP-G's half
+        assert torch.equal(cond_e[..., :768], cond[..., :768]) == (obj != "Hearts")  # CLIP-L's half
