@@ -21,7 +21,7 @@ from saemnesia_core.sae import block_to_tokens
 from saemnesia_core.training.collect import Capture, branch_ids, collect
 from saemnesia_core.training.specs import PromptSpec
 
-from .patch import comfy_block_name, patch_block_output
+from .patch import comfy_block_name, patch_block_output, schedule_position
 
 Conditioning = list  # ComfyUI's CONDITIONING: [[cond tensor [1, tokens, ctx], {options}], ...]
 
@@ -76,7 +76,6 @@ class ComfyCaptureSource:
         """A clone of the MODEL whose hooked block records its output (the caller's MODEL is untouched)."""
         m = self.model.clone()
         model_sampling = m.get_model_object("model_sampling")
-        last_timestep = len(model_sampling.sigmas) - 1
         every_n, branches = self.every_n_steps, self.branches
 
         def record(out, options):
@@ -85,13 +84,14 @@ class ComfyCaptureSource:
             step = int((schedule.float() - sigma.float().to(schedule.device)).abs().argmin())
             if step % every_n == 0:
                 timestep = float(model_sampling.timestep(sigma)[0])
+                t = float(schedule_position(model_sampling, sigma)[0])
                 chunks = options["cond_or_uncond"]
                 per_chunk = out.shape[0] // len(chunks)
                 for i, branch in enumerate(chunks):
                     if branch in branches:
                         part = out[i * per_chunk:(i + 1) * per_chunk]
                         captures.append(Capture(block_to_tokens(part).detach().to("cpu", torch.float16),
-                                                out.shape[2], out.shape[3], step, timestep / last_timestep,
+                                                out.shape[2], out.shape[3], step, t,
                                                 timestep, branch))
             return out
 

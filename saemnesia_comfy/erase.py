@@ -11,6 +11,7 @@ from saemnesia_core.regions import item_weights, token_weights
 
 from comfy.patcher_extension import CallbacksMP
 
+from .dit import dit_family
 from .patch import UNCOND, StepGate, check_block_width, comfy_block_name, item_latent_index, patch_block_output
 from .sae_library import LoadedSAE, compute_dtype
 
@@ -107,6 +108,8 @@ def erase_concepts(model, sae: LoadedSAE | tuple[LoadedSAE, ...], concepts: dict
     """
     if mask is not None:
         token_weights(mask, (1, 1))  # shape and range, before anything is patched
+        if dit_family(model) is not None:  # the mask is resampled to a UNet block's [H, W] token grid
+            raise ValueError("regional erasure (a MASK) works at UNet blocks only for now; this is a DiT model")
     strengths = {label: strength if s is None else s for label, s in concepts.items()}
     sites = [loaded.for_dtype(compute_dtype(model)) for loaded in sae_sites(sae)]
     known = [label for loaded in sites for label in loaded.labels]

@@ -1,9 +1,10 @@
-"""Patching one UNet block of a ComfyUI MODEL so that a function sees, and may replace, its output.
+"""Patching one block of a ComfyUI MODEL so that a function sees, and may replace, its output: a UNet's transformer
+block ([B, C, H, W]) or a DiT's double-stream / joint block (its image tokens [B, N, d], `dit`).
 
-The patch is an object patch on the block's `forward` (DESIGN §6.3): ComfyUI still sees the real
-SpatialTransformer (its isinstance dispatch and argument list are kept), the patch wraps whatever was
-there before (so erasure nodes compose), it lives only in the clone it was added to, and ComfyUI undoes
-it when the model is unpatched. Per batch item, the step comes from the sigma ComfyUI passes in
+The patch is an object patch on the block's `forward` (DESIGN §6.3): ComfyUI still sees the real block (its
+isinstance dispatch and argument list are kept, and DiT block-replace patches still call it), the patch wraps
+whatever was there before (so erasure nodes compose), it lives only in the clone it was added to, and ComfyUI
+undoes it when the model is unpatched. Per batch item, the step comes from the sigma ComfyUI passes in
 `transformer_options` and the CFG branch from `cond_or_uncond` — never from a call counter.
 """
 
@@ -17,6 +18,8 @@ import torch
 import comfy.utils
 from comfy.patcher_extension import CallbacksMP
 
+from .dit import dit_blocks, dit_family, image_output
+
 COND, UNCOND = 0, 1
 BRANCHES = {"both": (COND, UNCOND), "cond": (COND,), "uncond": (UNCOND,)}
 
@@ -26,8 +29,20 @@ class HookpointError(ValueError):
 
 
 def comfy_block_name(model, hookpoint: str) -> str:
-    """`unet.up_blocks.1.attentions.1` → `output_blocks.4.1`, from ComfyUI's own map for this model's config."""
-    key_map = comfy.utils.unet_to_diffusers(model.model.model_config.unet_config)
+    """`unet.up_blocks.1.attentions.1` → `output_blocks.4.1` (a UNet), `transformer.transformer_blocks.3` →
+    `double_blocks.3` (Flux) or `joint_blocks.3` (SD3): from ComfyUI's own key map for this model's config."""
+    family = dit_family(model)
+    if family is not None:
+        blocks = dit_blocks(model, family)
+        if hookpoint not in blocks:
+            raise HookpointError(f"hookpoint {hookpoint!r} is not a block this {family.name} model's SAEs can read; "
+                                 f"its blocks are: {', '.join(blocks) or 'none'}")
+        return blocks[hookpoint]
+    config = model.model.model_config.unet_config
+    if "num_res_blocks" not in config:
+        raise HookpointError(f"this model ({type(getattr(model.model, 'diffusion_model', None)).__name__}) is "
+                             "neither a UNet nor a DiT family with hookpoints (SD1.x, SDXL, Flux, SD3)")
+    key_map = comfy.utils.unet_to_diffusers(config)
     diffusers_key = f"{hookpoint.removeprefix('unet.')}.proj_out.weight"
     if diffusers_key not in key_map:
         known = sorted("unet." + k.removesuffix(".proj_out.weight") for k in key_map if k.endswith(".proj_out.weight"))
@@ -37,8 +52,10 @@ def comfy_block_name(model, hookpoint: str) -> str:
 
 
 def check_block_width(model, block: str, d_in: int, hookpoint: str) -> None:
-    """The block's channel count must equal the SAE's input width."""
-    channels = model.get_model_object(f"diffusion_model.{block}").in_channels
+    """The block's channel count (a DiT's token width) must equal the SAE's input width."""
+    module = model.get_model_object(f"diffusion_model.{block}")
+    family = dit_family(model)
+    channels = family.width(module) if family is not None else module.in_channels
     if channels != d_in:
         raise HookpointError(f"the SAE reads {d_in}-dimensional activations at {hookpoint}, but this model's "
                              f"{block} has {channels} channels: the SAE was trained for another model")
@@ -52,7 +69,8 @@ MULTIGPU_CALLBACKS = [getattr(CallbacksMP, name) for name in ("ON_DEEPCLONE_MULT
 
 class BlockOutputPatch:
     """The object patch on a block's `forward`: runs what was there before (the block's own forward, or an
-    earlier patch), then `edit(output, transformer_options)`.
+    earlier patch), then `edit(output, transformer_options)` on its output, or on its image tokens for a DiT block
+    (the other element of its output pair passes unchanged).
 
     It remembers how it was made so that a MultiGPU clone (ComfyUI 0.23+: a fresh copy of the model per device)
     can rebuild it on that copy's own block with that copy's own weights (`rebind`): ComfyUI copies object
@@ -61,11 +79,15 @@ class BlockOutputPatch:
 
     def __init__(self, module, previous: Callable, edit: Callable, make_edit: Callable):
         self.module, self.previous, self.edit, self.make_edit = module, previous, edit, make_edit
+        self.image_output = image_output(module)
 
-    def __call__(self, x, *args, **kwargs):
-        out = self.previous(x, *args, **kwargs)
-        options = kwargs.get("transformer_options", args[1] if len(args) > 1 else None) or {}
-        return self.edit(out, options)
+    def __call__(self, *args, **kwargs):
+        out = self.previous(*args, **kwargs)
+        if self.image_output is None:  # a UNet block, called as block(x, context, transformer_options)
+            return self.edit(out, kwargs.get("transformer_options", args[2] if len(args) > 2 else None) or {})
+        pair = list(out)  # DiT blocks get transformer_options by keyword
+        pair[self.image_output] = self.edit(pair[self.image_output], kwargs.get("transformer_options") or {})
+        return tuple(pair)
 
     def rebind(self, model, module) -> BlockOutputPatch:
         """This patch on `model`, whose block is `module`."""
@@ -116,7 +138,6 @@ class StepGate:
         self.sigma_start = float(self.model_sampling.percent_to_sigma(start_percent))
         self.sigma_end = float(self.model_sampling.percent_to_sigma(end_percent))
         self.branches = BRANCHES[branches]
-        self.num_timesteps = len(self.model_sampling.sigmas)
 
     def items(self, options: dict, batch: int, device) -> tuple[torch.Tensor, torch.Tensor]:
         """(mask bool [B], t float [B]) for a block call on `batch` items."""
@@ -127,8 +148,16 @@ class StepGate:
         mask = (sigmas <= self.sigma_start) & (sigmas >= self.sigma_end)
         branch = item_branches(options, batch).to(device)
         mask &= torch.isin(branch, torch.tensor(self.branches, device=device))
-        t = self.model_sampling.timestep(sigmas).float() / (self.num_timesteps - 1)
-        return mask, t.clamp(0.0, 1.0)
+        return mask, schedule_position(self.model_sampling, sigmas)
+
+
+def schedule_position(model_sampling, sigmas: torch.Tensor) -> torch.Tensor:
+    """t ∈ [0, 1] of the model's training schedule for each sigma (DESIGN §5.3): its timestep as the model's own
+    `model_sampling` computes it, relative to those of the schedule's smallest and largest sigma. Discrete ε/v
+    schedules: timestep / 999; flow matching (SD3, Flux): about sigma, whatever the model's timestep scale."""
+    first, last = (model_sampling.timestep(s.reshape(1).to(sigmas.device)).float()
+                   for s in (model_sampling.sigma_min, model_sampling.sigma_max))
+    return ((model_sampling.timestep(sigmas).float() - first) / (last - first)).clamp(0.0, 1.0)
 
 
 def item_sigmas(sigmas: torch.Tensor, batch: int) -> torch.Tensor:

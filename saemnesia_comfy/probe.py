@@ -16,6 +16,7 @@ from saemnesia_core.concepts import ConceptTables
 from saemnesia_core.eraser import concept_activation_maps, UnknownConceptError
 from saemnesia_core.timesteps import bucket_index
 
+from .dit import dit_family
 from .erase import attach_sae_weights, target_block
 from .patch import COND, StepGate, item_branches, patch_block_output
 from .sae_library import LoadedSAE, compute_dtype
@@ -79,6 +80,8 @@ def probe_concepts(model, loaded: LoadedSAE, labels: list[str], start_percent=0.
     record = ProbeRecord(labels)
     m = model.clone()
     block = target_block(m, loaded)
+    if dit_family(m) is not None:  # its maps need the image's token grid, which a DiT block's tokens do not carry
+        raise ValueError("Concept Probe reads UNet blocks only for now; this is a DiT model")
     gate = StepGate(m, start_percent, end_percent, "cond")
 
     def observe(out, options):

@@ -1,0 +1,213 @@
+"""Erase Concepts at DiT blocks (Flux double-stream, SD3 joint) in the real ComfyUI (in-process), on tiny models
+built with ComfyUI's own model classes and configs and random weights (no weights can be downloaded here): the
+plumbing, not the quality. Hookpoints map through ComfyUI's key maps; nothing chosen samples bit for bit as the
+plain model; a chosen concept changes the image only inside the step range; the edit touches the image tokens of
+its block and leaves the text stream; it composes with a second Erase Concepts and with ComfyUI's own DiT
+block-replace patch of the same block; wrong hookpoints and widths fail clearly; sigma maps to the schedule."""
+
+import dataclasses
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.comfy
+
+FLUX_CONFIG = {"image_model": "flux", "in_channels": 16, "out_channels": 16, "vec_in_dim": 32, "context_in_dim": 32,
+               "hidden_size": 64, "mlp_ratio": 2.0, "num_heads": 2, "depth": 2, "depth_single_blocks": 1,
+               "axes_dim": [8, 12, 12], "theta": 10000, "patch_size": 2, "qkv_bias": True, "guidance_embed": True,
+               "txt_ids_dims": []}
+# SD3's MMDiT: hidden size 64 × depth, as ComfyUI's detection derives it from the weights
+SD3_CONFIG = {"in_channels": 16, "out_channels": 16, "patch_size": 2, "depth": 2, "input_size": None,
+              "adm_in_channels": 32, "pos_embed_max_size": 8, "num_patches": 64, "pos_embed_scaling_factor": None,
+              "context_embedder_config": {"target": "torch.nn.Linear", "params": {"in_features": 32,
+                                                                                 "out_features": 128}},
+              "x_block_self_attn_layers": []}
+WIDTH = {"flux": 64, "sd3": 128}
+COMFY_BLOCK = {"flux": "double_blocks.1", "sd3": "joint_blocks.0"}
+HOOKPOINT = {"flux": "transformer.transformer_blocks.1", "sd3": "transformer.transformer_blocks.0"}
+
+
+def tiny_model(family: str):
+    """A ModelPatcher around ComfyUI's own Flux or SD3 model class at a tiny size, random weights (seeded)."""
+    import comfy.ldm.flux.model
+    import comfy.model_management
+    import comfy.model_patcher
+    import comfy.supported_models
+
+    if family == "flux":
+        fields = {f.name for f in dataclasses.fields(comfy.ldm.flux.model.FluxParams)}  # differs by version
+        config = comfy.supported_models.Flux({k: v for k, v in FLUX_CONFIG.items()
+                                              if k in fields or k == "image_model"})
+    else:
+        config = comfy.supported_models.SD3(dict(SD3_CONFIG))
+    config.set_inference_dtype(torch.float32, None)
+    base = config.get_model({})
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        # every weight, and buffers ComfyUI leaves uninitialised (SD3's pos_embed)
+        for p in [*base.diffusion_model.parameters(), *base.diffusion_model.buffers()]:
+            if p.is_floating_point():
+                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+    cpu = torch.device("cpu")
+    return comfy.model_patcher.ModelPatcher(base, load_device=cpu, offload_device=cpu)
+
+
+def conditioning(seed: int):
+    g = torch.Generator().manual_seed(seed)
+    return [[torch.randn(1, 8, 32, generator=g), {"pooled_output": torch.randn(1, 32, generator=g),
+                                                    "guidance": 3.5}]]
+
+
+def sample(model, steps: int = 3, cfg: float = 2.0) -> torch.Tensor:
+    import comfy.sample
+
+    noise = torch.randn(1, 16, 16, 16, generator=torch.Generator().manual_seed(7))
+    return comfy.sample.sample(model, noise, steps, cfg, "euler", "simple", conditioning(1), conditioning(2),
+                               torch.zeros_like(noise), disable_pbar=True, seed=7)
+
+
+def dit_sae(family: str, path, hookpoint: str | None = None, d: int | None = None):
+    """An SAE file for the family's block whose concept "Hearts" fires on every image token (threshold −∞ in
+    every bucket), "Neon" never."""
+    from saemnesia_comfy.sae_library import load_sae_path
+    from saemnesia_core.sae_file import save_sae_file
+    from saemnesia_core.testing import random_sae, sae_file_with_assigned_latents
+
+    sae = random_sae(d=d or WIDTH[family], n=32, k=32, seed=1)  # k = n: detection is the threshold alone
+    save_sae_file(sae_file_with_assigned_latents(sae, [0, 1], ["Hearts", "Neon"], ["object", "style"], num_buckets=4,
+                                                 thresholds=[-1e30, 1e30], hookpoint=hookpoint or HOOKPOINT[family],
+                                                 model_family=family), path)
+    return load_sae_path(path)
+
+
+@pytest.fixture(scope="module", params=["flux", "sd3"])
+def dit(request, comfy, tmp_path_factory):
+    family = request.param
+    model = tiny_model(family)
+    loaded = dit_sae(family, tmp_path_factory.mktemp(family) / "sae.safetensors")
+    plain = sample(model)
+    assert torch.isfinite(plain).all()  # else every comparison below would be vacuous
+    return family, model, loaded, plain
+
+
+def test_hookpoints_map_through_comfys_key_maps_and_unknown_ones_list_the_blocks(dit):
+    from saemnesia_comfy.patch import HookpointError, comfy_block_name
+
+    family, model, _, _ = dit
+    prefix = COMFY_BLOCK[family].split(".")[0]
+    assert [comfy_block_name(model, f"transformer.transformer_blocks.{i}") for i in range(2)] == \
+        [f"{prefix}.0", f"{prefix}.1"]
+    with pytest.raises(HookpointError, match=r"transformer\.transformer_blocks\.0, transformer\.transformer_blocks\.1"):
+        comfy_block_name(model, "transformer.transformer_blocks.2")
+    with pytest.raises(HookpointError, match="blocks are"):
+        comfy_block_name(model, "unet.up_blocks.1.attentions.1")
+
+
+def test_nothing_chosen_samples_bit_for_bit_and_a_concept_changes_the_image(dit):
+    from saemnesia_comfy.erase import erase_concepts
+
+    family, model, loaded, plain = dit
+    assert torch.equal(sample(erase_concepts(model, loaded, {}, -1.0)), plain)
+    assert torch.equal(sample(erase_concepts(model, loaded, {"Neon": None}, -1.0)), plain)  # never fires
+    erased = sample(erase_concepts(model, loaded, {"Hearts": None}, 0.0))  # 0 ablates: a bounded edit
+    assert torch.isfinite(erased).all() and not torch.equal(erased, plain)
+    assert torch.equal(sample(model), plain)  # the caller's model is unchanged
+
+
+def test_the_edit_replaces_the_image_tokens_of_its_block_and_leaves_the_text_stream(dit):
+    """At the block, for the inputs it got while sampling: the image tokens are ConceptEraser's edit of the block's
+    own output at the call's sigma, the text tokens are the block's own output, bit for bit."""
+    from saemnesia_comfy.erase import erase_concepts
+    from saemnesia_comfy.patch import schedule_position
+    from saemnesia_core.eraser import ConceptEraser
+
+    family, model, loaded, _ = dit
+    block = model.get_model_object(f"diffusion_model.{COMFY_BLOCK[family]}")
+    copy = lambda v: v.clone() if isinstance(v, torch.Tensor) else v  # noqa: E731 (Flux's block adds in place)
+    inputs, outputs = [], []
+    hooks = [block.register_forward_pre_hook(
+                 lambda _m, args, kwargs: inputs.append(([copy(a) for a in args], {k: copy(v) for k, v in kwargs.items()})),
+                 with_kwargs=True),
+             block.register_forward_hook(lambda _m, _args, out: outputs.append(out))]
+    try:
+        sample(erase_concepts(model, loaded, {"Hearts": None}, 0.0), steps=1, cfg=1.0)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    ((args, kwargs),), (out,) = inputs, outputs
+    with torch.no_grad():
+        own = type(block).forward(block, *args, **kwargs)  # the block's own output for the same inputs
+    image = 0 if family == "flux" else 1
+    assert out[image].shape[-1] == WIDTH[family] and out[image].dim() == 3
+    assert torch.equal(out[1 - image], own[1 - image])
+    t = schedule_position(model.get_model_object("model_sampling"), kwargs["transformer_options"]["sigmas"])
+    eraser = ConceptEraser.from_file(loaded.file, {"Hearts": 0.0}, "exact", sae=loaded.sae)
+    assert torch.equal(out[image], eraser(own[image], t)) and not torch.equal(out[image], own[image])
+
+
+def test_edits_only_inside_the_step_range(dit):
+    from saemnesia_comfy.erase import erase_concepts
+
+    family, model, loaded, plain = dit
+    # a range that no step of a 3-step schedule falls in: nothing changes
+    assert torch.equal(sample(erase_concepts(model, loaded, {"Hearts": None}, 0.0, 0.999, 1.0)), plain)
+    assert not torch.equal(sample(erase_concepts(model, loaded, {"Hearts": None}, 0.0, 0.0, 0.5)), plain)
+
+
+def test_two_erase_nodes_and_a_comfy_block_replace_patch_compose(dit):
+    """A second Erase Concepts on the same block, and ComfyUI's own DiT block-replace patch (which calls the block
+    inside it) around ours: each one's change reaches the image, and the replace patch sees our edited tokens."""
+    from saemnesia_comfy.erase import erase_concepts
+
+    family, model, loaded, plain = dit
+    once = sample(erase_concepts(model, loaded, {"Hearts": 0.0}, 0.0))
+    twice = sample(erase_concepts(erase_concepts(model, loaded, {"Hearts": 0.0}, 0.0), loaded, {"Hearts": -1.0},
+                                  -1.0))
+    assert not torch.equal(twice, once)
+
+    calls = []
+
+    def replace(args, extra):  # ComfyUI's block-replace contract: call the original block, may change its output
+        out = extra["original_block"](args)
+        calls.append(out["img"].shape)
+        return {**out, "img": out["img"] * 1.0}
+
+    index = int(COMFY_BLOCK[family].split(".")[1])
+    with_replace = model.clone()
+    with_replace.set_model_patch_replace(replace, "dit", "double_block", index)
+    replaced = sample(with_replace)
+    assert calls and torch.equal(replaced, plain)  # an identity replace patch leaves the image
+    both = sample(erase_concepts(with_replace, loaded, {"Hearts": None}, 0.0))
+    assert torch.isfinite(once).all() and torch.equal(both, once)  # ours runs inside the replace patch's call
+
+
+def test_wrong_width_and_unsupported_inputs_fail_clearly(dit, tmp_path):
+    from saemnesia_comfy.erase import erase_concepts
+    from saemnesia_comfy.patch import HookpointError
+    from saemnesia_comfy.probe import probe_concepts
+
+    family, model, loaded, _ = dit
+    narrow = dit_sae(family, tmp_path / "narrow.safetensors", d=WIDTH[family] // 2)
+    with pytest.raises(HookpointError, match=f"{WIDTH[family] // 2}.*{WIDTH[family]}"):
+        erase_concepts(model, narrow, {"Hearts": None}, 0.0)
+    with pytest.raises(ValueError, match="UNet blocks only"):
+        erase_concepts(model, loaded, {"Hearts": None}, 0.0, mask=torch.ones(16, 16))
+    with pytest.raises(ValueError, match="UNet blocks only"):
+        probe_concepts(model, loaded, ["Hearts"])
+
+
+def test_sigma_maps_to_the_same_schedule_position_in_every_family(comfy):
+    """t = 1 at the schedule's largest sigma and 0 at its smallest, for a discrete schedule (the toy, SD1.x's kind)
+    and the flow-matching ones of SD3 and Flux, whose timesteps are on different scales (σ·1000 and σ)."""
+    from saemnesia_comfy.patch import schedule_position
+    from saemnesia_comfy.toy.model import build_base_model
+
+    for sampling in (build_base_model().model_sampling, tiny_model("sd3").model.model_sampling,
+                     tiny_model("flux").model.model_sampling):
+        ends = schedule_position(sampling, torch.stack([sampling.sigma_min, sampling.sigma_max]).float())
+        assert ends.tolist() == pytest.approx([0.0, 1.0])
+        middle = float(schedule_position(sampling, sampling.percent_to_sigma(0.5) * torch.ones(1)))
+        assert 0.2 < middle < 0.8, type(sampling).__name__
+    discrete = build_base_model().model_sampling
+    sigmas = discrete.sigmas[[0, 499, 999]]
+    assert schedule_position(discrete, sigmas).tolist() == pytest.approx([0.0, 499 / 999, 1.0])
