@@ -123,11 +123,13 @@ def test_the_edit_replaces_the_image_tokens_of_its_block_and_leaves_the_text_str
 
     family, model, loaded, _ = dit
     block = model.get_model_object(f"diffusion_model.{COMFY_BLOCK[family]}")
-    copy = lambda v: v.clone() if isinstance(v, torch.Tensor) else v  # noqa: E731 (Flux's block adds in place)
     inputs, outputs = [], []
-    hooks = [block.register_forward_pre_hook(
-                 lambda _m, args, kwargs: inputs.append(([copy(a) for a in args], {k: copy(v) for k, v in kwargs.items()})),
-                 with_kwargs=True),
+
+    def keep_inputs(_module, args, kwargs):  # copies: Flux's block adds to its input in place
+        copy = lambda v: v.clone() if isinstance(v, torch.Tensor) else v  # noqa: E731
+        inputs.append(([copy(a) for a in args], {k: copy(v) for k, v in kwargs.items()}))
+
+    hooks = [block.register_forward_pre_hook(keep_inputs, with_kwargs=True),
              block.register_forward_hook(lambda _m, _args, out: outputs.append(out))]
     try:
         sample(erase_concepts(model, loaded, {"Hearts": None}, 0.0), steps=1, cfg=1.0)
