@@ -1,7 +1,8 @@
 # SPDX-License-Identifier: GPL-3.0-or-later
-"""Collection from a ComfyUI MODEL: ComfyUI samples, an object patch on the hooked block records its output.
+"""Collection from a ComfyUI MODEL: ComfyUI samples, an object patch on the hooked block records its output (a DiT
+block's image tokens).
 
-The hookpoint is named in diffusers style and mapped with ComfyUI's own `comfy.utils.unet_to_diffusers`
+The hookpoint is named in diffusers style and mapped with ComfyUI's own key map for the model's family
 (DESIGN §6.2). Sampling is ComfyUI's `comfy.sample.sample` on a clone of the model, so the caller's MODEL
 is never modified. t comes from the sigma ComfyUI passes in `transformer_options` (no call counters).
 """
@@ -21,6 +22,7 @@ from saemnesia_core.sae import block_to_tokens
 from saemnesia_core.training.collect import Capture, branch_ids, collect
 from saemnesia_core.training.specs import PromptSpec
 
+from .dit import dit_family
 from .patch import comfy_block_name, patch_block_output, schedule_position
 
 Conditioning = list  # ComfyUI's CONDITIONING: [[cond tensor [1, tokens, ctx], {options}], ...]
@@ -53,17 +55,22 @@ class ComfyCaptureSource:
                  model_family: str | None = None):
         self.model = model
         self.encode_prompt = encode_prompt
-        self.hookpoint = hookpoint if hookpoint.startswith("unet.") else f"unet.{hookpoint}"
+        self.hookpoint = hookpoint if hookpoint.startswith(("unet.", "transformer.")) else f"unet.{hookpoint}"
         self.block_name = comfy_block_name(model, self.hookpoint)
+        family = dit_family(model)
         latent_format = model.get_model_object("latent_format")
         if downscale is None:
             downscale = 1 if isinstance(latent_format, comfy.latent_formats.ChromaRadiance) else 8
         self.latent_shape = (latent_channels or latent_format.latent_channels, height // downscale, width // downscale)
+        patch = model.model.diffusion_model.patch_size if family else 1  # a DiT's tokens: one per latent patch
+        self.token_grid = (-(-self.latent_shape[1] // patch), -(-self.latent_shape[2] // patch))
         self.steps, self.cfg, self.sampler, self.scheduler = steps, cfg, sampler, scheduler
         self.every_n_steps = every_n_steps
         self.branches = branch_ids(branch)
         self.negative_prompt = negative_prompt
         self.model_id = model_id
+        if model_family is None and family is not None:
+            model_family = family.name
         if model_family is None:
             config = model.model.model_config
             model_family = "sdxl" if isinstance(config, comfy.supported_models.SDXL) else \
@@ -76,7 +83,7 @@ class ComfyCaptureSource:
         """A clone of the MODEL whose hooked block records its output (the caller's MODEL is untouched)."""
         m = self.model.clone()
         model_sampling = m.get_model_object("model_sampling")
-        every_n, branches = self.every_n_steps, self.branches
+        every_n, branches, grid = self.every_n_steps, self.branches, self.token_grid
 
         def record(out, options):
             sigma = options["sigmas"][:1]
@@ -90,8 +97,9 @@ class ComfyCaptureSource:
                 for i, branch in enumerate(chunks):
                     if branch in branches:
                         part = out[i * per_chunk:(i + 1) * per_chunk]
-                        captures.append(Capture(block_to_tokens(part).detach().to("cpu", torch.float16),
-                                                out.shape[2], out.shape[3], step, t,
+                        tokens = part if part.dim() == 3 else block_to_tokens(part)  # a DiT's are tokens already
+                        h, w = grid if part.dim() == 3 else part.shape[2:]
+                        captures.append(Capture(tokens.detach().to("cpu", torch.float16), h, w, step, t,
                                                 timestep, branch))
             return out
 

@@ -32,7 +32,7 @@ class Capture:
     height: int
     width: int
     step: int             # sampling step index (0 = first model call of the run)
-    t: float              # model timestep / (training timesteps - 1), 1 = pure noise
+    t: float              # position in the training schedule, 1 = pure noise (DESIGN §10)
     timestep: float       # the raw model timestep
     branch: int           # index into BRANCHES: 0 = cond, 1 = uncond
 
