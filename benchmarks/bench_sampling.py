@@ -14,8 +14,17 @@ top-k and with threshold detection (DESIGN §6.4); the papers' dense hook
 FLOPs: one sampling step of each variant under torch's FlopCounterMode (with CPU attention counted, which it
 misses by default); edit FLOPs = variant − no erasure. The measured overhead is compared with that ratio.
 
+At scale (FLOPs only: these models cannot be sampled on a CPU), `--models sdxl,flux`: ComfyUI's own SDXL and Flux
+model classes with the real configs (SDXL; Flux.1-dev as ComfyUI's detection reads it), built on the meta device,
+one step's forward counted at 1024×1024 pixels (SDXL: cond + uncond; Flux: one pass, guidance-distilled); the
+edit at one block (SDXL `unet.up_blocks.0.attentions.1`, 32×32 tokens of d = 1280; Flux's double-stream block,
+64×64 image tokens of d = 3072) with an SAE of the papers' shape, n = 16·d and k = 32: ConceptEraser (exact and
+replace) and the released dense hook, counted on real tensors of 256 tokens and scaled to the block's tokens
+(every part of the edit is per token).
+
     python benchmarks/bench_sampling.py [--models toy,sd15] [--repeats 3] [--toy-steps 25 --toy-batch 16]
                                         [--sd-steps 3 --sd-size 256]
+    python benchmarks/bench_sampling.py --models sdxl,flux --out-name bench_sampling_scale
 
 Prints a table and writes benchmarks/results/bench_sampling.json and .md (--out-name changes the name). Timings are
 only comparable within a run (other processes share the CPU; the load average is recorded). ComfyUI samples on
@@ -160,6 +169,76 @@ def sd15_setup(args, folder: Path):
         "steps": args.sd_steps, "sae": "random, papers' size", "d": 1280, "n": 20480, "k": 32}
 
 
+# ---------------------------------------------------------------------------------------------------- at scale
+SCALE = {  # family -> (hookpoint, tokens at the block per image, d, CFG passes per step)
+    "sdxl": ("unet.up_blocks.0.attentions.1", 32 * 32, 1280, 2),
+    "flux": ("transformer.transformer_blocks.9", 64 * 64, 3072, 1),
+}
+COUNTED_TOKENS = 256  # the edit is counted on this many real tokens and scaled
+
+
+def meta_step_flops(family: str) -> tuple[int, int]:
+    """(FLOPs of one sampling step at 1024 px, parameters) of the family's real model, built on the meta device."""
+    import comfy.ldm.flux.model
+    import comfy.supported_models
+
+    meta, half = torch.device("meta"), torch.bfloat16
+    if family == "sdxl":
+        config = comfy.supported_models.SDXL({
+            **comfy.supported_models.SDXL.unet_config, "num_res_blocks": [2, 2, 2], "channel_mult": [1, 2, 4],
+            "transformer_depth_middle": 10, "transformer_depth_output": [0, 0, 0, 2, 2, 2, 10, 10, 10],
+            "num_head_channels": 64, "num_heads": -1, "num_classes": "sequential", "in_channels": 4,
+            "out_channels": 4, "use_spatial_transformer": True, "legacy": False, "image_size": 32,
+            "use_checkpoint": False, "use_temporal_resblock": False})
+        inputs = dict(x=torch.zeros(2, 4, 128, 128), timesteps=torch.zeros(2), context=torch.zeros(2, 77, 2048),
+                      y=torch.zeros(2, 2816))
+    else:
+        fields = {f.name for f in __import__("dataclasses").fields(comfy.ldm.flux.model.FluxParams)}
+        flux_dev = {"image_model": "flux", "in_channels": 16, "out_channels": 16, "vec_in_dim": 768,
+                    "context_in_dim": 4096, "hidden_size": 3072, "mlp_ratio": 4.0, "num_heads": 24, "depth": 19,
+                    "depth_single_blocks": 38, "axes_dim": [16, 56, 56], "theta": 10000, "patch_size": 2,
+                    "qkv_bias": True, "guidance_embed": True, "txt_ids_dims": []}
+        config = comfy.supported_models.Flux({k: v for k, v in flux_dev.items() if k in fields or k == "image_model"})
+        inputs = dict(x=torch.zeros(1, 16, 128, 128), timestep=torch.zeros(1), context=torch.zeros(1, 512, 4096),
+                      y=torch.zeros(1, 768), guidance=torch.zeros(1))
+    config.set_inference_dtype(half, None)
+    model = config.get_model({}, device=meta).diffusion_model
+    inputs = {k: v.to(meta, half if v.dim() > 1 else torch.float32) for k, v in inputs.items()}
+    with torch.no_grad(), FlopCounterMode(display=False, custom_mapping=CPU_SDPA) as counter:
+        model(**inputs, transformer_options={})
+    return counter.get_total_flops(), sum(p.numel() for p in model.parameters())
+
+
+def edit_flops_at_scale(d: int, tokens: int) -> dict[str, float]:
+    """FLOPs of the edit on `tokens` tokens of width d, per variant, with a random SAE of the papers' shape."""
+    from saemnesia_core.eraser import ConceptEraser
+
+    f = random_sae_file(d, 16 * d, 32)
+    sae, x = f.build_sae(), torch.randn(1, COUNTED_TOKENS, d, generator=torch.Generator().manual_seed(0))
+    edits = {f"Erase Concepts, {mode} (ours)": ConceptEraser.from_file(f, {ERASED: GAMMA}, mode, sae=sae)
+             for mode in ("exact", "replace")}
+    edits["dense hook (papers' formulation)"] = lambda x, t: released_hook(sae, f.concepts, f.tables, x, t,
+                                                                           {ERASED: GAMMA})
+    out = {}
+    with torch.no_grad():
+        for name, edit in edits.items():
+            with FlopCounterMode(display=False) as counter:
+                edit(x, 0.5)
+            out[name] = counter.get_total_flops() * tokens / COUNTED_TOKENS
+    return out
+
+
+def run_at_scale(family: str) -> dict:
+    hookpoint, tokens, d, passes = SCALE[family]
+    step, params = meta_step_flops(family)
+    rows = [{"variant": name, "edit_flops_per_step": flops, "flop_overhead": flops / step}
+            for name, flops in edit_flops_at_scale(d, tokens * passes).items()]
+    return {"config": {"model": f"{family.upper()} real config, {params / 1e9:.2f}B parameters, meta device",
+                       "pixels": 1024, "hookpoint": hookpoint, "tokens_at_block": tokens, "passes_per_step": passes,
+                       "sae": "random, papers' shape", "d": d, "n": 16 * d, "k": 32},
+            "flops_per_step": step, "rows": rows}
+
+
 # ---------------------------------------------------------------------------------------------------- measure
 
 
@@ -212,7 +291,7 @@ def run_model(name: str, args, folder: Path) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--models", default="toy,sd15", help="comma-separated: toy, sd15")
+    p.add_argument("--models", default="toy,sd15", help="comma-separated: toy, sd15; sdxl, flux (FLOPs only)")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--toy-steps", type=int, default=25)
@@ -232,7 +311,7 @@ def main() -> None:
     results = {}
     with tempfile.TemporaryDirectory() as folder:
         for name in args.models.split(","):
-            results[name] = run_model(name, args, Path(folder))
+            results[name] = run_at_scale(name) if name in SCALE else run_model(name, args, Path(folder))
     device = comfy.model_management.get_torch_device()
     result = {"environment": {"torch": torch.__version__, "threads": torch.get_num_threads(), "cpus": os.cpu_count(),
                               "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU",
@@ -248,13 +327,26 @@ def main() -> None:
 
 def markdown(result: dict) -> str:
     env = result["environment"]
+    timed = any("flops_per_step" not in r for r in result["models"].values())
     lines = [f"# Sampling with vs without Erase Concepts ({env.get('device', 'CPU')})", "",
              f"torch {env['torch']}, {env['threads']} threads on {env['cpus']} CPUs; load average "
-             f"{env['load_average_before'][0]:.2f} before, {env['load_average_after'][0]:.2f} after; median of "
-             f"{result['repeats']} interleaved repeats after {result['warmup']} warm-up. FLOPs: one sampling step "
-             "(cond + uncond) under FlopCounterMode."]
+             f"{env['load_average_before'][0]:.2f} before, {env['load_average_after'][0]:.2f} after; " +
+             (f"median of {result['repeats']} interleaved repeats after {result['warmup']} warm-up. FLOPs: one "
+              "sampling step (cond + uncond) under FlopCounterMode." if timed else
+              "FLOPs under FlopCounterMode: one step's forward of the real-size model on the meta device, and the edit "
+              f"counted on {COUNTED_TOKENS} real tokens and scaled to the block's (no timing: a CPU cannot sample "
+              "these models).")]
     for name, r in result["models"].items():
         c = r["config"]
+        if "flops_per_step" in r:  # at scale: FLOPs only
+            lines += ["", f"## {name}: {c['model']}; {c['pixels']} px, the edit at `{c['hookpoint']}` "
+                          f"({c['tokens_at_block']} tokens × {c['passes_per_step']} pass(es) per step); SAE {c['sae']} "
+                          f"(d={c['d']}, n={c['n']}, k={c['k']})", "",
+                      f"One step: {r['flops_per_step'] / 1e12:.2f} TFLOP.", "",
+                      "| variant | edit GFLOP / step | FLOP share of the step |", "|---|---:|---:|"]
+            lines += [f"| {row['variant']} | {row['edit_flops_per_step'] / 1e9:.2f} | "
+                      f"{100 * row['flop_overhead']:.3f} % |" for row in r["rows"]]
+            continue
         lines += ["", f"## {name}: {c['model']}; {c['steps']} steps, batch {c['batch']}; SAE {c['sae']} "
                       f"(d={c['d']}, n={c['n']}, k={c['k']})", "",
                   "| variant | median s | ms / step | measured overhead | GFLOP / step | edit GFLOP / step "

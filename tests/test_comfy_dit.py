@@ -265,3 +265,24 @@ def test_collect_train_and_erase_round_trip_at_a_dit_block(dit, tmp_path):
     prompt = encode("Hearts 0")
     assert not torch.equal(sample(erase_concepts(model, loaded, {"Hearts": None}, 0.0), positive=prompt),
                            sample(model, positive=prompt))
+
+
+@pytest.mark.slow
+def test_the_sampling_benchmark_counts_the_edits_share_at_sdxl_and_flux_scale(tmp_path):
+    """`bench_sampling.py --models sdxl,flux` (issue: the edit's cost at real shapes): this host's SDXL and Flux
+    classes at their real configs on the meta device, one step counted, and the edit's FLOPs beside it."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_sampling.py"
+    subprocess.run([sys.executable, str(script), "--models", "sdxl,flux", "--out", str(tmp_path), "--out-name",
+                    "scale", "--threads", "2"], check=True, timeout=900, capture_output=True)
+    models = json.loads((tmp_path / "scale.json").read_text())["models"]
+    for family, billions in (("sdxl", "2.57B"), ("flux", "11.90B")):
+        result = models[family]
+        assert billions in result["config"]["model"] and result["flops_per_step"] > 1e12
+        share = {row["variant"]: row["flop_overhead"] for row in result["rows"]}
+        assert 0 < share["Erase Concepts, exact (ours)"] < share["dense hook (papers' formulation)"] < 1
+    assert "FLOP share of the step" in (tmp_path / "scale.md").read_text()
