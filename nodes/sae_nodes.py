@@ -60,7 +60,8 @@ class EraseConcepts(io.ComfyNode):
     def define_schema(cls):
         return io.Schema(
             node_id="SAEmnesiaEraseConcepts", display_name="Erase Concepts (SAEmnesia)", category=CATEGORY,
-            description="Suppress the chosen concepts in the SAE's UNet block during sampling. The model's weights "
+            description="Suppress the chosen concepts in the SAE's block during sampling (a UNet transformer block, or "
+                        "the image tokens of a Flux or SD3 transformer block). The model's weights "
                         "never change: remove the node and the model is exactly as before. A positive strength "
                         "amplifies instead (steering).",
             inputs=[
@@ -72,8 +73,8 @@ class EraseConcepts(io.ComfyNode):
                                tooltip="How strongly to erase. Negative erases: −1 is SAEmnesia's single knob, and for "
                                        "the concepts a file calibrates (the toy's SAEmnesia files: their block's "
                                        "group, where a κ erased better than the papers' formula) −1 is the "
-                                       "strength measured to erase them. 0 changes "
-                                       "nothing; positive amplifies the concept (steering). "
+                                       "strength measured to erase them. 0 ablates the "
+                                       "concept's latent; positive amplifies the concept (steering). "
                                        "Formula (γ): a firing concept latent z becomes z·γ·μ, or, for a concept "
                                        "the file calibrates (κ), γ·κ·‖x‖ in exact mode, so that −1 is the "
                                        "strength measured to erase it; in replace mode, how far a detected token "
@@ -89,7 +90,8 @@ class EraseConcepts(io.ComfyNode):
                                        "the nearest tokens that do not carry it (strength: how far, |strength| "
                                        "capped at 1)."),
                 io.Mask.Input("mask", optional=True,
-                              tooltip="Erase only inside this mask (white = erase); without it, everywhere."),
+                              tooltip="Erase only inside this mask (white = erase); without it, everywhere. "
+                                      "UNet blocks only for now."),
             ],
             outputs=[io.Model.Output(tooltip="The model with the concepts erased during sampling.")],
         )
