@@ -228,20 +228,26 @@ def test_the_text_layers_of_each_familys_encoders_at_their_real_shapes(comfy, fa
             f"{name}.transformer.text_model.encoder.layers.{count - 1}"
 
 
-def test_erasure_at_a_real_size_clip_l_with_random_weights(comfy, tmp_path):
-    """SD1.x's CLIP-L as ComfyUI builds it (12 layers, 768 wide, the real tokenizer), random weights: nothing chosen
-    encodes bit for bit as before; Hearts chosen changes the Hearts prompt and leaves the other objects' prompts."""
+def random_clip(tokenizer, model):
+    """A CLIP as ComfyUI builds it for a family (real sizes, real tokenizer), with random weights (seeded)."""
     import comfy.sd
-    import comfy.sd1_clip
     import comfy.supported_models_base
-    from saemnesia_comfy.text_erase import erase_text_concepts
 
-    clip = comfy.sd.CLIP(target=comfy.supported_models_base.ClipTarget(comfy.sd1_clip.SD1Tokenizer,
-                                                                       comfy.sd1_clip.SD1ClipModel))
+    clip = comfy.sd.CLIP(target=comfy.supported_models_base.ClipTarget(tokenizer, model))
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for parameter in clip.cond_stage_model.parameters():
             parameter.copy_(torch.randn(parameter.shape, generator=g) * 0.02)
+    return clip
+
+
+def test_erasure_at_a_real_size_clip_l_with_random_weights(comfy, tmp_path):
+    """SD1.x's CLIP-L as ComfyUI builds it (12 layers, 768 wide, the real tokenizer), random weights: nothing chosen
+    encodes bit for bit as before; Hearts chosen changes the Hearts prompt and leaves the other objects' prompts."""
+    import comfy.sd1_clip
+    from saemnesia_comfy.text_erase import erase_text_concepts
+
+    clip = random_clip(comfy.sd1_clip.SD1Tokenizer, comfy.sd1_clip.SD1ClipModel)
     loaded = hearts_sae(clip, 5, tmp_path / "clip_l.safetensors")
     assert loaded.file.config.d_in == 768
     prompts = [f"An image of {o}." for o in OBJECTS]
@@ -256,28 +262,18 @@ def test_a_clip_l_sae_in_sdxls_two_encoders_edits_clip_l_and_leaves_clip_g(comfy
     """SDXL's text encoder as ComfyUI builds it (CLIP-L and CLIP-G at their real sizes, random weights), encoding as
     its CLIPTextEncodeSDXL does: a CLIP-L SAE changes the CLIP-L half of the Hearts prompt's conditioning and
     leaves the CLIP-G half, and the pooled output (CLIP-G's), bit for bit; the other prompts encode unchanged."""
-    import comfy.sd
     import comfy.sdxl_clip
-    import comfy.supported_models_base
     from saemnesia_comfy.text_erase import erase_text_concepts
 
-    clip = comfy.sd.CLIP(target=comfy.supported_models_base.ClipTarget(comfy.sdxl_clip.SDXLTokenizer,
-                                                                       comfy.sdxl_clip.SDXLClipModel))
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for parameter in clip.cond_stage_model.parameters():
-            parameter.copy_(torch.randn(parameter.shape, generator=g) * 0.02)
+    clip = random_clip(comfy.sdxl_clip.SDXLTokenizer, comfy.sdxl_clip.SDXLClipModel)
     loaded = hearts_sae(clip, 5, tmp_path / "clip_l.safetensors")
 
-    def sdxl_encode(c, text):  # CLIPTextEncodeSDXL: both encoders read the same text
-        tokens = c.tokenize(text)
-        tokens["l"] = c.tokenize(text)["l"]
-        return c.encode_from_tokens(tokens, return_pooled=True)
+    def sdxl_encode(c, text):  # CLIPTextEncode on SDXL (and CLIPTextEncodeSDXL with the same text for both)
+        return c.encode_from_tokens(c.tokenize(text), return_pooled=True)
 
     erased = erase_text_concepts(clip, loaded, {"Hearts": None}, -1.0)
     for obj in ("Hearts", "Stars"):
-        (cond, pooled), (cond_e, pooled_e) = sdxl_encode(clip, f"An image of {obj}."), \
-            sdxl_encode(erased, f"An image of {obj}.")
+        (cond, pooled), (cond_e, pooled_e) = (sdxl_encode(c, f"An image of {obj}.") for c in (clip, erased))
         assert cond.shape[-1] == 768 + 1280 and torch.equal(pooled_e, pooled)
         assert torch.equal(cond_e[..., 768:], cond[..., 768:])  # CLIP-G's half
         assert torch.equal(cond_e[..., :768], cond[..., :768]) == (obj != "Hearts")  # CLIP-L's half
