@@ -152,7 +152,7 @@ class StepGate:
 
 
 def schedule_position(model_sampling, sigmas: torch.Tensor) -> torch.Tensor:
-    """t ∈ [0, 1] of the model's training schedule for each sigma (DESIGN §5.3): its timestep as the model's own
+    """t ∈ [0, 1] of the model's training schedule for each sigma (DESIGN §10): its timestep as the model's own
     `model_sampling` computes it, relative to those of the schedule's smallest and largest sigma. Discrete ε/v
     schedules: timestep / 999; flow matching (SD3, Flux): about sigma, whatever the model's timestep scale."""
     first, last = (model_sampling.timestep(s.reshape(1).to(sigmas.device)).float()
