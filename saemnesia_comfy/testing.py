@@ -1,8 +1,12 @@
 """Real ComfyUI models without downloads, for tests and benchmarks: ComfyUI's own UNet class with SD1.5's block
-layout (so SD1.5's hookpoints exist) at any width, with seeded random weights."""
+layout (so SD1.5's hookpoints exist) at any width, with seeded random weights; and an SDXL-family checkpoint file
+with random weights that ComfyUI's own loader detects as such."""
+
+from pathlib import Path
 
 import torch
 
+import comfy.ldm.models.autoencoder
 import comfy.model_base
 import comfy.model_management
 import comfy.model_patcher
@@ -54,3 +58,33 @@ def make_sd15_model(model_channels=32, context_dim=64, in_channels=4, seed=0, fu
     base.eval()
     dev = comfy.model_management.get_torch_device()
     return comfy.model_patcher.ModelPatcher(base, load_device=dev, offload_device=comfy.model_management.unet_offload_device())
+
+
+def save_random_sdxl_checkpoint(path: Path, seed: int = 0) -> None:
+    """An SDXL-family checkpoint with random weights, written by ComfyUI's own `save_checkpoint` (its key layout), so
+    that CheckpointLoaderSimple detects it: the smallest SDXL topology ComfyUI knows (Segmind Vega: SDXL's widths,
+    fewer transformer layers; 0.8B UNet parameters), SDXL's two text encoders (CLIP-L and CLIP-G, real size) and an
+    SD VAE; fp16, about 3.6 GB. It takes about 10 GB of memory while written."""
+    import comfy.sd
+
+    unet = {**comfy.supported_models.Segmind_Vega.unet_config, "num_res_blocks": [2, 2, 2], "channel_mult": [1, 2, 4],
+            "transformer_depth_middle": 1, "transformer_depth_output": [0, 0, 0, 1, 1, 1, 2, 2, 2],
+            "num_head_channels": 64, "num_heads": -1, "num_classes": "sequential", "in_channels": 4, "out_channels": 4,
+            "use_spatial_transformer": True, "legacy": False, "image_size": 32, "use_checkpoint": False,
+            "use_temporal_resblock": False}
+    config = comfy.supported_models.Segmind_Vega(unet)
+    config.set_inference_dtype(torch.float16, None)
+    base = config.get_model({})
+    init_random_weights(base.diffusion_model, seed)
+    cpu = torch.device("cpu")
+    model = comfy.model_patcher.ModelPatcher(base, load_device=cpu, offload_device=cpu)
+    clip = comfy.sd.CLIP(target=config.clip_target(), model_options={"dtype": torch.float16})
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in clip.cond_stage_model.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.02)
+    ddconfig = {"double_z": True, "z_channels": 4, "resolution": 256, "in_channels": 3, "out_ch": 3, "ch": 128,
+                "ch_mult": [1, 2, 4, 4], "num_res_blocks": 2, "attn_resolutions": [], "dropout": 0.0}
+    autoencoder = comfy.ldm.models.autoencoder.AutoencoderKL(ddconfig=ddconfig, embed_dim=4)
+    init_random_weights(autoencoder, seed)
+    comfy.sd.save_checkpoint(str(path), model, clip, comfy.sd.VAE(sd=autoencoder.state_dict()))
