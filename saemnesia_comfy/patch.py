@@ -18,7 +18,7 @@ import torch
 import comfy.utils
 from comfy.patcher_extension import CallbacksMP
 
-from .dit import dit_blocks, dit_family, image_output
+from .dit import JOINED, block_kind, dit_blocks, dit_family
 
 COND, UNCOND = 0, 1
 BRANCHES = {"both": (COND, UNCOND), "cond": (COND,), "uncond": (UNCOND,)}
@@ -54,8 +54,8 @@ def comfy_block_name(model, hookpoint: str) -> str:
 def check_block_width(model, block: str, d_in: int, hookpoint: str) -> None:
     """The block's channel count (a DiT's token width) must equal the SAE's input width."""
     module = model.get_model_object(f"diffusion_model.{block}")
-    family = dit_family(model)
-    channels = family.width(module) if family is not None else module.in_channels
+    kind = block_kind(module)
+    channels = kind.width(module) if kind is not None else module.in_channels
     if channels != d_in:
         raise HookpointError(f"the SAE reads {d_in}-dimensional activations at {hookpoint}, but this model's "
                              f"{block} has {channels} channels: the SAE was trained for another model")
@@ -70,7 +70,7 @@ MULTIGPU_CALLBACKS = [getattr(CallbacksMP, name) for name in ("ON_DEEPCLONE_MULT
 class BlockOutputPatch:
     """The object patch on a block's `forward`: runs what was there before (the block's own forward, or an
     earlier patch), then `edit(output, transformer_options)` on its output, or on its image tokens for a DiT block
-    (the other element of its output pair passes unchanged).
+    (its text tokens pass unchanged).
 
     It remembers how it was made so that a MultiGPU clone (ComfyUI 0.23+: a fresh copy of the model per device)
     can rebuild it on that copy's own block with that copy's own weights (`rebind`): ComfyUI copies object
@@ -79,14 +79,19 @@ class BlockOutputPatch:
 
     def __init__(self, module, previous: Callable, edit: Callable, make_edit: Callable):
         self.module, self.previous, self.edit, self.make_edit = module, previous, edit, make_edit
-        self.image_output = image_output(module)
+        kind = block_kind(module)
+        self.image = None if kind is None else kind.image
 
     def __call__(self, *args, **kwargs):
         out = self.previous(*args, **kwargs)
-        if self.image_output is None:  # a UNet block, called as block(x, context, transformer_options)
+        if self.image is None:  # a UNet block, called as block(x, context, transformer_options)
             return self.edit(out, kwargs.get("transformer_options", args[2] if len(args) > 2 else None) or {})
-        pair = list(out)  # DiT blocks get transformer_options by keyword
-        pair[self.image_output] = self.edit(pair[self.image_output], kwargs.get("transformer_options") or {})
+        options = kwargs.get("transformer_options") or {}  # DiT blocks get it by keyword
+        if self.image == JOINED:  # text tokens, then image tokens (dit_blocks offers these only where marked)
+            start, end = options["img_slice"]
+            return torch.cat([out[:, :start], self.edit(out[:, start:end], options), out[:, end:]], 1)
+        pair = list(out)
+        pair[self.image] = self.edit(pair[self.image], options)
         return tuple(pair)
 
     def rebind(self, model, module) -> BlockOutputPatch:

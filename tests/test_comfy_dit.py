@@ -114,6 +114,24 @@ def test_nothing_chosen_samples_bit_for_bit_and_a_concept_changes_the_image(dit)
     assert torch.equal(sample(model), plain)  # the caller's model is unchanged
 
 
+def block_calls(block, run) -> list[tuple[dict, tuple, tuple]]:
+    """While `run()` samples: per call of `block`, (its keyword inputs, its output, the block's own output for the
+    same inputs, unpatched). The inputs are copied first: Flux's block adds to its input in place."""
+    copy = lambda v: v.clone() if isinstance(v, torch.Tensor) else v  # noqa: E731
+    calls, outputs = [], []
+    hooks = [block.register_forward_pre_hook(lambda _m, args, kwargs: calls.append(
+                 ([copy(a) for a in args], {k: copy(v) for k, v in kwargs.items()})), with_kwargs=True),
+             block.register_forward_hook(lambda _m, _args, out: outputs.append(out))]
+    try:
+        run()
+    finally:
+        for hook in hooks:
+            hook.remove()
+    with torch.no_grad():
+        return [(kwargs, out, type(block).forward(block, *args, **kwargs))
+                for (args, kwargs), out in zip(calls, outputs)]
+
+
 def test_the_edit_replaces_the_image_tokens_of_its_block_and_leaves_the_text_stream(dit):
     """At the block, for the inputs it got while sampling: the image tokens are ConceptEraser's edit of the block's
     own output at the call's sigma, the text tokens are the block's own output, bit for bit."""
@@ -123,28 +141,32 @@ def test_the_edit_replaces_the_image_tokens_of_its_block_and_leaves_the_text_str
 
     family, model, loaded, _ = dit
     block = model.get_model_object(f"diffusion_model.{COMFY_BLOCK[family]}")
-    inputs, outputs = [], []
-
-    def keep_inputs(_module, args, kwargs):  # copies: Flux's block adds to its input in place
-        copy = lambda v: v.clone() if isinstance(v, torch.Tensor) else v  # noqa: E731
-        inputs.append(([copy(a) for a in args], {k: copy(v) for k, v in kwargs.items()}))
-
-    hooks = [block.register_forward_pre_hook(keep_inputs, with_kwargs=True),
-             block.register_forward_hook(lambda _m, _args, out: outputs.append(out))]
-    try:
-        sample(erase_concepts(model, loaded, {"Hearts": None}, 0.0), steps=1, cfg=1.0)
-    finally:
-        for hook in hooks:
-            hook.remove()
-    ((args, kwargs),), (out,) = inputs, outputs
-    with torch.no_grad():
-        own = type(block).forward(block, *args, **kwargs)  # the block's own output for the same inputs
+    patched = erase_concepts(model, loaded, {"Hearts": None}, 0.0)
+    (kwargs, out, own), = block_calls(block, lambda: sample(patched, steps=1, cfg=1.0))
     image = 0 if family == "flux" else 1
     assert out[image].shape[-1] == WIDTH[family] and out[image].dim() == 3
     assert torch.equal(out[1 - image], own[1 - image])
     t = schedule_position(model.get_model_object("model_sampling"), kwargs["transformer_options"]["sigmas"])
     eraser = ConceptEraser.from_file(loaded.file, {"Hearts": 0.0}, "exact", sae=loaded.sae)
     assert torch.equal(out[image], eraser(own[image], t)) and not torch.equal(out[image], own[image])
+
+
+def test_edits_only_the_chosen_cfg_branch(dit):
+    from saemnesia_comfy.erase import erase_concepts
+    from saemnesia_comfy.patch import item_branches
+
+    family, model, loaded, _ = dit
+    block = model.get_model_object(f"diffusion_model.{COMFY_BLOCK[family]}")
+    image = 0 if family == "flux" else 1
+    for chosen, branch in (("cond", 0), ("uncond", 1)):
+        patched = erase_concepts(model, loaded, {"Hearts": None}, 0.0, branches=chosen)
+        calls = block_calls(block, lambda: sample(patched, steps=1, cfg=2.0))
+        assert calls
+        for kwargs, out, own in calls:
+            branches = item_branches(kwargs["transformer_options"], out[image].shape[0])
+            changed = (out[image] != own[image]).flatten(1).any(1)
+            assert set(branches.tolist()) == {0, 1}  # one call holds both branches
+            assert changed.tolist() == (branches == branch).tolist()
 
 
 def test_edits_only_inside_the_step_range(dit):
@@ -286,3 +308,45 @@ def test_the_sampling_benchmark_counts_the_edits_share_at_sdxl_and_flux_scale(tm
         share = {row["variant"]: row["flop_overhead"] for row in result["rows"]}
         assert 0 < share["Erase Concepts, exact (ours)"] < share["dense hook (papers' formulation)"] < 1
     assert "FLOP share of the step" in (tmp_path / "scale.md").read_text()
+
+
+def test_flux_single_stream_blocks_edit_only_their_image_tokens_where_the_host_marks_them(comfy, tmp_path):
+    """A single-stream block returns text and image tokens joined; the edit touches the image part only, which
+    ComfyUI marks in transformer_options["img_slice"]. A host that does not mark it (0.3.75) does not offer these
+    blocks: the hookpoint fails with the blocks it does offer."""
+    from saemnesia_comfy.dit import host_marks_image_tokens
+    from saemnesia_comfy.erase import erase_concepts
+    from saemnesia_comfy.patch import HookpointError, comfy_block_name, schedule_position
+    from saemnesia_core.eraser import ConceptEraser
+
+    model, hookpoint = tiny_model("flux"), "transformer.single_transformer_blocks.0"
+    if not host_marks_image_tokens():
+        with pytest.raises(HookpointError, match=r"its blocks are: transformer\.transformer_blocks\.0, "
+                                                 r"transformer\.transformer_blocks\.1$"):
+            comfy_block_name(model, hookpoint)
+        return
+    assert comfy_block_name(model, hookpoint) == "single_blocks.0"
+    loaded = dit_sae("flux", tmp_path / "single.safetensors", hookpoint=hookpoint)
+    plain = sample(model)
+    assert torch.equal(sample(erase_concepts(model, loaded, {}, -1.0)), plain)
+
+    block = model.get_model_object("diffusion_model.single_blocks.0")
+    slices, erased = [], []
+
+    def run():
+        patched = erase_concepts(model, loaded, {"Hearts": None}, 0.0)
+        handle = block.register_forward_pre_hook(  # the options dict is shared and changes as sampling goes on
+            lambda _m, _a, kwargs: slices.append(list(kwargs["transformer_options"]["img_slice"])), with_kwargs=True)
+        try:
+            erased.append(sample(patched))
+        finally:
+            handle.remove()
+
+    (kwargs, out, own), *_ = block_calls(block, run)
+    (start, end), *_ = slices
+    assert torch.isfinite(erased[0]).all() and not torch.equal(erased[0], plain)
+    assert 0 < start < end == own.shape[1] and end - start == 64  # 8 text tokens, then 8×8 image tokens
+    t = schedule_position(model.get_model_object("model_sampling"), kwargs["transformer_options"]["sigmas"])
+    eraser = ConceptEraser.from_file(loaded.file, {"Hearts": 0.0}, "exact", sae=loaded.sae)
+    assert torch.equal(out[:, :start], own[:, :start])
+    assert torch.equal(out[:, start:], eraser(own[:, start:], t)) and not torch.equal(out, own)

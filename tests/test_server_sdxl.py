@@ -46,7 +46,7 @@ def server(comfy, tmp_path_factory):
 def sdxl_prompt(concepts=None, prefix="sdxl") -> dict:
     prompt = {
         "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": CHECKPOINT}},
-        "2": {"class_type": "CLIPTextEncode", "inputs": {"text": "An image of Hearts in Neon style.", "clip": ["1", 1]}},
+        "2": {"class_type": "CLIPTextEncode", "inputs": {"text": "An image of Hearts.", "clip": ["1", 1]}},
         "3": {"class_type": "CLIPTextEncode", "inputs": {"text": "", "clip": ["1", 1]}},
         "4": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
         "5": {"class_type": "KSampler", "inputs": {
