@@ -179,26 +179,20 @@ COUNTED_TOKENS = 256  # the edit is counted on this many real tokens and scaled
 
 def meta_step_flops(family: str) -> tuple[int, int]:
     """(FLOPs of one sampling step at 1024 px, parameters) of the family's real model, built on the meta device."""
-    import comfy.ldm.flux.model
     import comfy.supported_models
+
+    from saemnesia_comfy.testing import flux_model_config, sdxl_unet_config
 
     meta, half = torch.device("meta"), torch.bfloat16
     if family == "sdxl":
-        config = comfy.supported_models.SDXL({
-            **comfy.supported_models.SDXL.unet_config, "num_res_blocks": [2, 2, 2], "channel_mult": [1, 2, 4],
-            "transformer_depth_middle": 10, "transformer_depth_output": [0, 0, 0, 2, 2, 2, 10, 10, 10],
-            "num_head_channels": 64, "num_heads": -1, "num_classes": "sequential", "in_channels": 4,
-            "out_channels": 4, "use_spatial_transformer": True, "legacy": False, "image_size": 32,
-            "use_checkpoint": False, "use_temporal_resblock": False})
+        config = comfy.supported_models.SDXL(sdxl_unet_config([0, 0, 2, 2, 10, 10], 10, [0, 0, 0, 2, 2, 2, 10, 10, 10]))
         inputs = dict(x=torch.zeros(2, 4, 128, 128), timesteps=torch.zeros(2), context=torch.zeros(2, 77, 2048),
                       y=torch.zeros(2, 2816))
-    else:
-        fields = {f.name for f in __import__("dataclasses").fields(comfy.ldm.flux.model.FluxParams)}
-        flux_dev = {"image_model": "flux", "in_channels": 16, "out_channels": 16, "vec_in_dim": 768,
-                    "context_in_dim": 4096, "hidden_size": 3072, "mlp_ratio": 4.0, "num_heads": 24, "depth": 19,
-                    "depth_single_blocks": 38, "axes_dim": [16, 56, 56], "theta": 10000, "patch_size": 2,
-                    "qkv_bias": True, "guidance_embed": True, "txt_ids_dims": []}
-        config = comfy.supported_models.Flux({k: v for k, v in flux_dev.items() if k in fields or k == "image_model"})
+    else:  # Flux.1-dev, as ComfyUI's detection reads it
+        config = flux_model_config(in_channels=16, out_channels=16, vec_in_dim=768, context_in_dim=4096,
+                                   hidden_size=3072, mlp_ratio=4.0, num_heads=24, depth=19, depth_single_blocks=38,
+                                   axes_dim=[16, 56, 56], theta=10000, patch_size=2, qkv_bias=True,
+                                   guidance_embed=True, txt_ids_dims=[])
         inputs = dict(x=torch.zeros(1, 16, 128, 128), timestep=torch.zeros(1), context=torch.zeros(1, 512, 4096),
                       y=torch.zeros(1, 768), guidance=torch.zeros(1))
     config.set_inference_dtype(half, None)

@@ -60,6 +60,27 @@ def make_sd15_model(model_channels=32, context_dim=64, in_channels=4, seed=0, fu
     return comfy.model_patcher.ModelPatcher(base, load_device=dev, offload_device=comfy.model_management.unet_offload_device())
 
 
+def sdxl_unet_config(transformer_depth: list[int], transformer_depth_middle: int,
+                     transformer_depth_output: list[int]) -> dict:
+    """A full SDXL-family UNet config (SDXL's widths, three levels) with the given transformer layers per block."""
+    return {**comfy.supported_models.SDXL.unet_config, "transformer_depth": transformer_depth,
+            "transformer_depth_middle": transformer_depth_middle, "transformer_depth_output": transformer_depth_output,
+            "num_res_blocks": [2, 2, 2], "channel_mult": [1, 2, 4], "num_head_channels": 64, "num_heads": -1,
+            "num_classes": "sequential", "in_channels": 4, "out_channels": 4, "use_spatial_transformer": True,
+            "legacy": False, "image_size": 32, "use_checkpoint": False, "use_temporal_resblock": False}
+
+
+def flux_model_config(**params) -> comfy.supported_models.Flux:
+    """ComfyUI's Flux model config for these parameters, keeping those this host's FluxParams knows (its fields
+    differ by version)."""
+    import dataclasses
+
+    import comfy.ldm.flux.model
+
+    fields = {f.name for f in dataclasses.fields(comfy.ldm.flux.model.FluxParams)}
+    return comfy.supported_models.Flux({"image_model": "flux", **{k: v for k, v in params.items() if k in fields}})
+
+
 def save_random_sdxl_checkpoint(path: Path, seed: int = 0) -> None:
     """An SDXL-family checkpoint with random weights, written by ComfyUI's own `save_checkpoint` (its key layout), so
     that CheckpointLoaderSimple detects it: the smallest SDXL topology ComfyUI knows (Segmind Vega: SDXL's widths,
@@ -67,12 +88,7 @@ def save_random_sdxl_checkpoint(path: Path, seed: int = 0) -> None:
     SD VAE; fp16, about 3.6 GB. It takes about 10 GB of memory while written."""
     import comfy.sd
 
-    unet = {**comfy.supported_models.Segmind_Vega.unet_config, "num_res_blocks": [2, 2, 2], "channel_mult": [1, 2, 4],
-            "transformer_depth_middle": 1, "transformer_depth_output": [0, 0, 0, 1, 1, 1, 2, 2, 2],
-            "num_head_channels": 64, "num_heads": -1, "num_classes": "sequential", "in_channels": 4, "out_channels": 4,
-            "use_spatial_transformer": True, "legacy": False, "image_size": 32, "use_checkpoint": False,
-            "use_temporal_resblock": False}
-    config = comfy.supported_models.Segmind_Vega(unet)
+    config = comfy.supported_models.Segmind_Vega(sdxl_unet_config([0, 0, 1, 1, 2, 2], 1, [0, 0, 0, 1, 1, 1, 2, 2, 2]))
     config.set_inference_dtype(torch.float16, None)
     base = config.get_model({})
     init_random_weights(base.diffusion_model, seed)

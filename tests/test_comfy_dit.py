@@ -5,14 +5,12 @@ plain model; a chosen concept changes the image only inside the step range; the 
 its block and leaves the text stream; it composes with a second Erase Concepts and with ComfyUI's own DiT
 block-replace patch of the same block; wrong hookpoints and widths fail clearly; sigma maps to the schedule."""
 
-import dataclasses
-
 import pytest
 import torch
 
 pytestmark = pytest.mark.comfy
 
-FLUX_CONFIG = {"image_model": "flux", "in_channels": 16, "out_channels": 16, "vec_in_dim": 32, "context_in_dim": 32,
+FLUX_CONFIG = {"in_channels": 16, "out_channels": 16, "vec_in_dim": 32, "context_in_dim": 32,
                "hidden_size": 64, "mlp_ratio": 2.0, "num_heads": 2, "depth": 2, "depth_single_blocks": 1,
                "axes_dim": [8, 12, 12], "theta": 10000, "patch_size": 2, "qkv_bias": True, "guidance_embed": True,
                "txt_ids_dims": []}
@@ -29,15 +27,13 @@ HOOKPOINT = {"flux": "transformer.transformer_blocks.1", "sd3": "transformer.tra
 
 def tiny_model(family: str):
     """A ModelPatcher around ComfyUI's own Flux or SD3 model class at a tiny size, random weights (seeded)."""
-    import comfy.ldm.flux.model
     import comfy.model_management
     import comfy.model_patcher
     import comfy.supported_models
+    from saemnesia_comfy.testing import flux_model_config
 
     if family == "flux":
-        fields = {f.name for f in dataclasses.fields(comfy.ldm.flux.model.FluxParams)}  # differs by version
-        config = comfy.supported_models.Flux({k: v for k, v in FLUX_CONFIG.items()
-                                              if k in fields or k == "image_model"})
+        config = flux_model_config(**FLUX_CONFIG)
     else:
         config = comfy.supported_models.SD3(dict(SD3_CONFIG))
     config.set_inference_dtype(torch.float32, None)
