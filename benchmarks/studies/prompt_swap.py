@@ -7,9 +7,10 @@ set: for styles the conditional branch's text conditioning at those blocks is re
 "An image of {object}." (the style removed, the object kept); for objects by that of the empty prompt (what the
 model learnt without a prompt). The unconditional branch and every other block are untouched. What survives the
 swap at a block set is read (also) somewhere else. This is why the toy world's style SAEs sit at the 16x16 decoder
-level (`saemnesia_core.toy.assets.SITES`), and it says at which blocks an object edit would have to act.
+level (`saemnesia_core.toy.assets.SITES`), and why a third SAE pair sits at the 16x16 encoder level for multi-site
+erasure (`assets.ENCODER_SITE`): the rows pairing an encoder level with a decoder level say where both must act.
 
-    .venv/bin/python benchmarks/studies/prompt_swap.py      # about 15 minutes on 2 cores
+    .venv/bin/python benchmarks/studies/prompt_swap.py      # about 18 minutes on 2 cores
 
 Writes benchmarks/studies/results/prompt_swap.json and .md.
 """
@@ -38,7 +39,14 @@ BLOCK_SETS = {  # diffusers names of the toy model's cross-attention blocks (SD1
     "middle block (4x4)": ["mid_block.attentions.0"],
     "decoder 8x8 (up_blocks.1, the object SAEs' level)": [f"up_blocks.1.attentions.{i}" for i in range(3)],
     "decoder 16x16 (up_blocks.2, the style SAEs' level)": [f"up_blocks.2.attentions.{i}" for i in range(3)],
+    "encoder 16x16 (down_blocks.1)": ["down_blocks.1.attentions.0", "down_blocks.1.attentions.1"],
+    "encoder 8x8 (down_blocks.2)": ["down_blocks.2.attentions.0", "down_blocks.2.attentions.1"],
 }
+DECODER_LEVELS = {"8x8": "decoder 8x8 (up_blocks.1, the object SAEs' level)",
+                  "16x16": "decoder 16x16 (up_blocks.2, the style SAEs' level)"}
+for encoder in ("encoder 16x16 (down_blocks.1)", "encoder 8x8 (down_blocks.2)"):  # what a two-site edit could cover
+    for size, decoder in DECODER_LEVELS.items():
+        BLOCK_SETS[f"{encoder.split(' (')[0]} + decoder {size}"] = BLOCK_SETS[encoder] + BLOCK_SETS[decoder]
 BLOCK_SETS["everywhere"] = sorted({b for blocks in BLOCK_SETS.values() for b in blocks})
 
 
