@@ -71,6 +71,30 @@ def test_a_concept_is_erased_at_every_block_whose_sae_knows_it(toy):
     assert not any(torch.equal(two, image) for image in (plain, *one.values()))
 
 
+@pytest.mark.parametrize("group", sorted(assets.MULTI_SITE))
+def test_the_shipped_multi_site_chain_of_a_group_is_the_identity_with_nothing_chosen_and_acts_at_each_block(toy,
+                                                                                                        group):
+    """The toy world's multi-site edit (assets.MULTI_SITE: the 16x16 encoder level and the group's own site): no
+    patch and the same pixels with nothing chosen; the group's concept at the node's default strength patches every
+    block of the chain and changes the image beyond what either block alone does."""
+    from saemnesia_comfy.erase import chain_saes, erase_concepts, sae_sites
+    from saemnesia_comfy.sae_library import load_sae_path
+
+    model = toy[0]
+    first, *rest = [load_sae_path(assets.path(site.saemnesia)) for site in assets.MULTI_SITE[group]]
+    chain = first
+    for loaded in rest:
+        chain = chain_saes(chain, loaded)
+    assert [s.file.hookpoint for s in sae_sites(chain)] == [site.hookpoint for site in assets.MULTI_SITE[group]]
+    nothing = erase_concepts(model, chain, {}, -1.0)
+    assert patched_blocks(nothing) == [] and torch.equal(images(toy, nothing), images(toy, model))
+    concept = {"object": "Hearts", "style": "Neon"}[group]
+    both = erase_concepts(model, chain, {concept: None}, -1.0)
+    assert len(patched_blocks(both)) == len(assets.MULTI_SITE[group])
+    alone = [images(toy, erase_concepts(model, loaded, {concept: None}, -1.0)) for loaded in sae_sites(chain)]
+    assert not any(torch.equal(images(toy, both), image) for image in (images(toy, model), *alone))
+
+
 def test_an_unknown_concept_lists_what_every_chained_sae_knows(toy):
     from dataclasses import replace
 

@@ -58,8 +58,8 @@ def test_a_tiny_eval_run_writes_json_markdown_and_plots_and_reruns_from_cache(ev
             best = max(c["score"] for c in target["selection"][method])
             chosen = next(c for c in target["selection"][method] if c["gamma"] == target["chosen"][method]["gamma"])
             assert chosen["score"] == best
-        assert {"saemnesia_paper", "saemnesia_paper_gamma1", "saemnesia_uncalibrated", "text", "text_gamma1"} \
-            <= set(target["test"])
+        assert {"saemnesia_paper", "saemnesia_paper_gamma1", "saemnesia_uncalibrated", "saemnesia_multisite", "text",
+                "text_gamma1"} <= set(target["test"])
         for m in target["test"].values():
             assert all(0 <= m[k] <= 1 for k in ("UA", "IRA", "CRA"))
             images = sum(m["judged_as"].values())  # what the judges saw in the target's images: UA's complement
@@ -75,6 +75,8 @@ def test_a_tiny_eval_run_writes_json_markdown_and_plots_and_reruns_from_cache(ev
     assert "| SAEmnesia, paper mode (γ = −1) | 1 |" in (out / "report.md").read_text()
     assert "| SAEmnesia, text encoder (γ = −1) | 1 |" in (out / "report.md").read_text()
     assert "| objects | text encoder, γ = −1 |" in (out / "report.md").read_text()
+    assert "| SAEmnesia, multi-site (γ = −1) | 1 |" in (out / "report.md").read_text()
+    assert "| styles | its own block and the 16x16 encoder level |" in (out / "report.md").read_text()
     assert f"- text encoder: one SAE for objects and styles at `{assets.TEXT_HOOKPOINT}`" in \
         (out / "README_snippet.md").read_text()
     assert ("| target | exact, γ = −1: UA / IRA / CRA | exact uncalibrated, γ = −1: UA / IRA / CRA | paper, γ = −1: "

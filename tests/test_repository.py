@@ -80,7 +80,7 @@ def test_design_citations_in_the_code_name_sections_of_docs_design():
 
 def test_the_toy_worlds_file_names_appear_only_in_the_assets_module():
     names = [Path(assets.MODEL).name, Path(assets.JUDGES).name, assets.TEXT_SAE] + \
-        [site.sae(m) for site in assets.SITES.values() for m in ("saemnesia", "saeuron")]
+        [site.sae(m) for site in assets.ALL_SITES for m in ("saemnesia", "saeuron")]
     found = [f"{path.relative_to(ROOT)}: {name}" for path in tracked(".py", ".sh", ".js")
              if path != ROOT / "saemnesia_core" / "toy" / "assets.py" for name in names if name in path.read_text()]
     assert found == []
@@ -102,8 +102,8 @@ def test_no_comfyui_side_module_is_longer_than_400_lines():
 def test_the_readme_shows_the_evaluation_table_and_the_demo_caption_as_their_files_write_them():
     import json
 
-    from saemnesia_core.toy.evaluation.report import (one_setting_findings, paper_and_exact, replace_findings,
-                                                      summary_table, text_findings)
+    from saemnesia_core.toy.evaluation.report import (multi_site_findings, one_setting_findings, paper_and_exact,
+                                                      replace_findings, summary_table, text_findings)
 
     readme = (ROOT / "README.md").read_text()
     results = json.loads((ROOT / "benchmarks" / "results" / "eval_quick" / "results.json").read_text())
@@ -112,6 +112,7 @@ def test_the_readme_shows_the_evaluation_table_and_the_demo_caption_as_their_fil
     assert paper_and_exact(results) in readme
     assert one_setting_findings(results) in readme
     assert text_findings(results) in readme
+    assert multi_site_findings(results) in readme
     verdicts = json.loads((ROOT / "docs" / "demo" / "verdicts.json").read_text())
     assert verdicts["caption"] in " ".join(readme.split())  # the README may wrap the caption's lines
 
@@ -124,7 +125,7 @@ def test_the_readme_shows_the_shipped_saes_numbers_as_the_build_report_writes_th
 
     report = json.loads((ROOT / "models" / "toy" / "build_report.json").read_text())
     lines = sae_lines(report)
-    assert len(lines.splitlines()) == len(report["saes"]) + 1 == 3  # the two sites and the text encoder's SAE
+    assert len(lines.splitlines()) == len(report["saes"]) + 1 == 4  # the three sites and the text encoder's SAE
     assert textwrap.indent(lines, "  ") in (ROOT / "README.md").read_text()  # sub-items of the toy world's SAEs
 
 

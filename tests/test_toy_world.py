@@ -83,7 +83,7 @@ def test_the_report_step_rebuilds_the_committed_build_report_byte_for_byte(comfy
     from saemnesia_comfy.toy.build import write_report
 
     models = tmp_path / "models"
-    saes = [s.sae(m) for s in assets.SITES.values() for m in ("saemnesia", "saeuron")]
+    saes = [s.sae(m) for s in assets.ALL_SITES for m in ("saemnesia", "saeuron")]
     for name in (assets.MODEL, assets.JUDGES, assets.TEXT_SAE, *saes):
         target = assets.path(name, models)
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -134,20 +134,20 @@ def test_the_regeneration_command_runs_end_to_end_in_smoke_mode(comfy, tmp_path)
     from saemnesia_core.sae_file import read_header
     from saemnesia_core.toy.render import OBJECTS, STYLES
 
-    for site in assets.SITES.values():
+    for site in assets.ALL_SITES:
         for method, supervised in (("saemnesia", True), ("saeuron", False)):
             header = read_header(assets.path(site.sae(method), out))
             assert header.hookpoint == site.hookpoint and header.supervised == supervised
             assert {c.label for c in header.concepts} == set(OBJECTS) | set(STYLES)
             assert all(c.erasure is not None and c.erasure["images"] == 1 for c in header.concepts)
-        # the supervised SAE's concepts of its site's group are calibrated (DESIGN §6.7: a κ of the grid, or None
+        # the supervised SAE's concepts of its site's groups are calibrated (DESIGN §6.7: a κ of the grid, or None
         # where the papers' formula did as well), and measured at −1
         header = read_header(assets.path(site.saemnesia, out))
         chosen = header.provenance["calibration"]["chosen"]
-        assert set(chosen) == set(OBJECTS if site.group == "object" else STYLES)
+        assert set(chosen) == {*(OBJECTS if "object" in site.groups else ()), *(STYLES if "style" in site.groups else ())}
         assert set(chosen.values()) <= {*KAPPAS, None}
-        assert {c.label: c.calibration for c in header.concepts if c.group == site.group} == chosen
-        assert all(c.calibration is None for c in header.concepts if c.group != site.group)
+        assert {c.label: c.calibration for c in header.concepts if c.group in site.groups} == chosen
+        assert all(c.calibration is None for c in header.concepts if c.group not in site.groups)
         assert all(c.erasure["strength"] == -1.0 for c in header.concepts)
     report = json.loads((out / "toy" / "build_report.json").read_text())
     assert 0 <= report["quality"]["object"] <= 1
@@ -235,13 +235,13 @@ def test_the_calibration_chooses_again_from_recorded_counts_without_new_images(c
                    "chosen": {"Circles": 4.0, "Stars": 1.0}}
     save_sae_file(sae_file.__class__(**{**vars(sae_file), "provenance": {"calibration": calibration}}), path)
 
-    calibrate_strengths(recipe, path, "object", None, None, None, None, no_images, kappas=(1.0, 4.0))
+    calibrate_strengths(recipe, path, ("object",), None, None, None, None, no_images, kappas=(1.0, 4.0))
     chosen = load_sae_file(path)
     assert [(c.label, c.calibration) for c in chosen.concepts] == [("Circles", None), ("Stars", 1.0), ("Neon", None)]
     assert [c.erasure for c in chosen.concepts] == [None, record, record]  # Circles' record was made with κ 4
     assert chosen.provenance["calibration"] == {**calibration, "chosen": {"Circles": None, "Stars": 1.0}}
     written = path.read_bytes()
-    calibrate_strengths(recipe, path, "object", None, None, None, None, no_images, kappas=(1.0, 4.0))
+    calibrate_strengths(recipe, path, ("object",), None, None, None, None, no_images, kappas=(1.0, 4.0))
     assert path.read_bytes() == written
     with pytest.raises(AssertionError, match="sampled images"):  # another grid of κ: the counts do not apply
-        calibrate_strengths(recipe, path, "object", None, None, None, None, no_images, kappas=(1.0, 2.0, 4.0))
+        calibrate_strengths(recipe, path, ("object",), None, None, None, None, no_images, kappas=(1.0, 2.0, 4.0))

@@ -1,5 +1,5 @@
 """Regenerate the whole toy world from scratch, deterministically: judges → text-to-image model → the text
-encoder's SAE (`text_sae.py`, DESIGN §6.8) → per SAE site (`saemnesia_core.toy.assets.SITES`) activations → an
+encoder's SAE (`text_sae.py`, DESIGN §6.8) → per SAE site (`saemnesia_core.toy.assets.ALL_SITES`) activations → an
 unsupervised (SAeUron) SAE → the supervised (SAEmnesia) SAE fine-tuned from it → concept statistics on held-out
 prompts → the supervised SAE's strengths calibrated (`calibration.py`, DESIGN §6.7) → each SAE's erasure measured
 per concept → the shipped files → the build report.
@@ -242,14 +242,15 @@ def build(models: Path, work: Path, recipe: Recipe) -> dict:
     encoder, seen_without = PromptEncoder(clip), {}
     artifact_judge = functools.cache(lambda: fit_artifact_judge(recipe, model, vae, encoder, judges))
     build_text_sae(recipe, models, work, clip)
-    for site in assets.SITES.values():
+    for site in assets.ALL_SITES:
         build_saes(recipe, models, work, model, encoder, site)
         measure_centralisation(recipe, models, work, model, encoder, site)
         supervised = assets.path(site.saemnesia, models)
-        calibrate_strengths(recipe, supervised, site.group, model, vae, encoder, judges, artifact_judge)
-        # SAEmnesia at the node's default strength (calibrated at its site); SAeUron at the demo's strength
+        calibrate_strengths(recipe, supervised, site.groups, model, vae, encoder, judges, artifact_judge)
+        # SAEmnesia at the node's default strength (calibrated at its site); SAeUron at the demo's strength for the
+        # site's first group
         measure_erasure(recipe, supervised, -1.0, model, vae, encoder, judges, seen_without)
-        measure_erasure(recipe, assets.path(site.saeuron, models), demo.GAMMAS[site.group], model, vae, encoder,
+        measure_erasure(recipe, assets.path(site.saeuron, models), demo.GAMMAS[site.groups[0]], model, vae, encoder,
                         judges, seen_without)
     return write_report(models)
 
@@ -320,8 +321,8 @@ def build_report(models: Path) -> dict:
         "judges": {"held_out_renders": held_out_accuracy(judges, seed=recipe.seed + JUDGES_HELDOUT_OFFSET)},
         "model": model_provenance,
         "quality": grid_accuracy(model, vae, PromptEncoder(clip), judges, recipe),
-        "saes": {site.hookpoint: {"group": site.group, **sae_report(models, site.saemnesia)}
-                 for site in assets.SITES.values()},
+        "saes": {site.hookpoint: {"groups": list(site.groups), **sae_report(models, site.saemnesia)}
+                 for site in assets.ALL_SITES},
         **({"text_sae": {"hookpoint": assets.TEXT_HOOKPOINT, **sae_report(models, assets.TEXT_SAE)}}
            if assets.path(assets.TEXT_SAE, models).exists() else {}),
     }

@@ -47,16 +47,16 @@ def fit_artifact_judge(recipe: Recipe, model, vae, encoder: PromptEncoder, judge
     return ArtifactJudge.fit(judges, (images[:len(fit)], fit), images[len(fit):])
 
 
-def calibrate_strengths(recipe: Recipe, sae_path: Path, group: str, model, vae, encoder: PromptEncoder,
+def calibrate_strengths(recipe: Recipe, sae_path: Path, groups: tuple[str, ...], model, vae, encoder: PromptEncoder,
                         judges: Judges, artifact_judge: Callable[[], ArtifactJudge], kappas=KAPPAS) -> None:
-    """Store κ (Concept.calibration, DESIGN §6.7) for each concept of `group` (the one the file's site erases): the
+    """Store κ (Concept.calibration, DESIGN §6.7) for each concept of `groups` (those the file's site erases): the
     κ of `kappas`, or none (the papers' formula), at which the node's default strength, −1, gave the most clean
     erasures (concept gone, the other group's concept kept, image not flagged by `artifact_judge()`) on
     `recipe.erasure_images` images per concept (seeds CALIBRATION_SEED…), ties broken by `choose_kappa`. The counts go
     in the provenance, with the judges-only counts. Counts recorded under the same protocol are not measured again:
     the choice is made from them, so a change of `choose_kappa` reaches the file without new images."""
     sae_file = load_sae_file(sae_path)
-    chosen = [c for c in sae_file.concepts if c.group == group]
+    chosen = [c for c in sae_file.concepts if c.group in groups]
     protocol = {"kappas": list(kappas), "strength": -1.0, "first_seed": CALIBRATION_SEED,
                 "images": len(cells_showing(chosen[0], recipe.erasure_images)[0]),
                 "criterion": "concept gone, other group's concept kept, image not flagged by the artifact judge",

@@ -14,8 +14,8 @@ import torch
 from saemnesia_core.concepts import build_tables, select_saeuron
 from saemnesia_core.files import atomic_path
 from saemnesia_core.toy import assets
-from saemnesia_core.toy.evaluation.protocol import (LOOKS, OBJECT, PAPER_PERCENTILES, SAE_METHODS, TEXT, Item,
-                                                    Judged, Protocol, Setting, quality_items, scaled_percentile)
+from saemnesia_core.toy.evaluation.protocol import (LOOKS, MULTI_SITE, OBJECT, PAPER_PERCENTILES, SAE_METHODS, TEXT,
+                                                    Item, Judged, Protocol, Setting, quality_items, scaled_percentile)
 from saemnesia_core.toy.evaluation.quality import ArtifactJudge
 from saemnesia_core.toy.judges import Judges
 from saemnesia_core.toy.render import OBJECTS, SIZE, STYLES
@@ -36,10 +36,17 @@ def asset_name(method: str, group: str) -> str:
     return method if group == OBJECT or method == TEXT else f"{method}_{group}s"
 
 
+ENCODER = "saemnesia_encoder"  # the SAEmnesia file at assets.ENCODER_SITE, one of each group's multi-site files
 DEFAULT_ASSETS = {"model": assets.path(assets.MODEL), "judges": assets.path(assets.JUDGES),
                   **{asset_name(method, group): assets.path(site.sae(method))
                      for group, site in assets.SITES.items() for method in SAE_METHODS},
-                  TEXT: assets.path(assets.TEXT_SAE)}
+                  ENCODER: assets.path(assets.ENCODER_SITE.saemnesia), TEXT: assets.path(assets.TEXT_SAE)}
+
+
+def multi_site_assets(group: str) -> tuple[str, ...]:
+    """The names of the group's SAEmnesia files at every block that reads it (assets.MULTI_SITE), in its order."""
+    names = {site.saemnesia: asset_name("saemnesia", group) for group, site in assets.SITES.items()}
+    return tuple(names.get(site.saemnesia, ENCODER) for site in assets.MULTI_SITE[group])
 
 
 def _digest(value) -> str:
@@ -71,6 +78,9 @@ class Runner:
         self.saes = {(method, group): load_sae_path(self.assets[asset_name(method, group)])
                      for group in assets.SITES for method in SAE_METHODS}
         self.text_sae = load_sae_path(self.assets[TEXT])
+        saemnesia = {asset_name("saemnesia", group): self.saes[("saemnesia", group)] for group in assets.SITES}
+        saemnesia[ENCODER] = load_sae_path(self.assets[ENCODER])
+        self.multi_site = {group: tuple(saemnesia[name] for name in multi_site_assets(group)) for group in assets.SITES}
         self._text_encoders: dict[Setting, PromptEncoder] = {}
         self.scores, self.means = {}, {}
         self._saeuron_variants: dict[tuple, LoadedSAE] = {}
@@ -123,6 +133,8 @@ class Runner:
             return self.model
         method, group = setting.sae
         strengths = {label: gamma for label, gamma, _ in setting.erase}
+        if method == MULTI_SITE:
+            return erase_concepts(self.model, self.multi_site[group], strengths, -1.0, mode=setting.mode)
         loaded = self.saes[setting.sae] if method == "saemnesia" else \
             self._saeuron_for(group, {label: kept for label, _, kept in setting.erase})
         if setting.uncalibrated:
@@ -143,7 +155,7 @@ class Runner:
     def images(self, setting: Setting, items: list[Item]) -> np.ndarray:
         """uint8 [N, 32, 32, 3]: every prompt of the setting in one sampling call, cached on disk."""
         key = _digest({"model": self.digests["model"],
-                       "sae": self.digests[asset_name(*setting.sae)] if setting.sae else None,
+                       "sae": self._sae_digest(setting),
                        "setting": setting.key(), "steps": self.protocol.steps, "cfg": self.protocol.cfg,
                        "items": [(i.prompt, i.seed) for i in items]})
         path = self.cache / "images" / f"{key}.npy"
@@ -162,6 +174,13 @@ class Runner:
         if self.bar is not None:
             self.bar.update(len(items))
         return images
+
+    def _sae_digest(self, setting: Setting) -> str | list[str] | None:
+        if setting.sae is None:
+            return None
+        if setting.sae[0] == MULTI_SITE:
+            return [self.digests[name] for name in multi_site_assets(setting.sae[1])]
+        return self.digests[asset_name(*setting.sae)]
 
     def artifact_judge(self) -> ArtifactJudge:
         """Fitted once per run on renders and the model's own un-erased images of the quality set."""

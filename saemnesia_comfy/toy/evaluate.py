@@ -5,7 +5,8 @@ The protocol (what is generated, the methods compared), the metrics and the repo
 Concepts node's own patch path, `evaluate` chooses each method's setting on the selection set and measures it
 on the test set, plus sequential erasure of the objects and the targets under rephrased prompts. Both SAE
 methods erase objects with the SAEs at one block and styles with those at another (`saemnesia_core.toy.assets`);
-the text-encoder SAE erases both in the prompt's conditioning (DESIGN §6.8).
+the multi-site row adds the SAEmnesia file at the 16x16 encoder level to each (DESIGN §6.6); the text-encoder SAE
+erases both in the prompt's conditioning (DESIGN §6.8).
 
     saemnesia eval                  # quick (QUICK; it prints how many images it makes at most)
     saemnesia eval --full           # every concept, 5 test seeds per prompt (hours; resumable)
@@ -28,8 +29,8 @@ from tqdm.auto import tqdm
 from saemnesia_core.toy.assets import REPO_ROOT
 from saemnesia_core.toy.evaluation.metrics import (best_candidate, erasure_metrics, judged_as, selection_score,
                                                    summarize)
-from saemnesia_core.toy.evaluation.protocol import (FULL, OBJECT, QUICK, SAE_METHODS, STYLE, TEXT, Item, Protocol,
-                                                    Setting, example_cells, grid_items, planned_images,
+from saemnesia_core.toy.evaluation.protocol import (FULL, MULTI_SITE, OBJECT, QUICK, SAE_METHODS, STYLE, TEXT, Item,
+                                                    Protocol, Setting, example_cells, grid_items, planned_images,
                                                     rephrase_items, selection_items)
 from saemnesia_core.toy.evaluation.quality import quality_metrics
 from saemnesia_core.toy.evaluation.report import Results, shown_path, summary_table, write_reports
@@ -95,6 +96,7 @@ def evaluate_target(runner: Runner, group: str, concept: str, tests: list[Item],
     chosen = {"saemnesia": (concept, sm["gamma"], 0), "saeuron": (concept, su["gamma"], su["kept"])}
     settings = {"none": Setting(), "saemnesia": Setting(sae["saemnesia"], (chosen["saemnesia"],)),
                 "saemnesia_gamma1": Setting(sae["saemnesia"], ((concept, -1.0, 0),)),
+                "saemnesia_multisite": Setting((MULTI_SITE, group), ((concept, -1.0, 0),)),
                 "saemnesia_uncalibrated": Setting(sae["saemnesia"], ((concept, -1.0, 0),), uncalibrated=True),
                 "saemnesia_paper": Setting(sae["saemnesia"], ((concept, sp["gamma"], 0),), mode="paper"),
                 "saemnesia_paper_gamma1": Setting(sae["saemnesia"], ((concept, -1.0, 0),), mode="paper"),

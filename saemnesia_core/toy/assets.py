@@ -21,9 +21,10 @@ SAE_FOLDER = "saemnesia"
 
 @dataclass(frozen=True)
 class SAESite:
-    """One block the toy world's SAEs read, the concept group erased there, and the two SAE files trained on it."""
+    """One block the toy world's SAEs read, the concept groups its SAEmnesia file is calibrated to erase there, and
+    the two SAE files trained on it (both know all 16 concepts)."""
 
-    group: str
+    groups: tuple[str, ...]
     hookpoint: str
     saemnesia: str
     """The supervised SAE's file name (one latent per concept)."""
@@ -39,11 +40,20 @@ class SAESite:
 # again at the 16x16 decoder level (benchmarks/studies/prompt_swap.py), so the style SAEs sit at that level's
 # last block, the last cross-attention before the image is drawn.
 SITES = {
-    "object": SAESite("object", "unet.up_blocks.1.attentions.1", "toy_saemnesia.safetensors",
+    "object": SAESite(("object",), "unet.up_blocks.1.attentions.1", "toy_saemnesia.safetensors",
                       "toy_saeuron.safetensors"),
-    "style": SAESite("style", "unet.up_blocks.2.attentions.2", "toy_saemnesia_styles.safetensors",
+    "style": SAESite(("style",), "unet.up_blocks.2.attentions.2", "toy_saemnesia_styles.safetensors",
                      "toy_saeuron_styles.safetensors"),
 }
+
+# Multi-site erasure (DESIGN §6.6). Both groups are also read at the 16x16 encoder level: the prompt swapped there and
+# at a group's own site together leaves far fewer objects and styles than at either alone (prompt_swap.py), so one
+# more SAE pair sits at that level's last block, calibrated for both groups. A group's multi-site edit chains it with
+# the group's own site (Load SAE's `also`), in the order the UNet runs them.
+ENCODER_SITE = SAESite(("object", "style"), "unet.down_blocks.1.attentions.1", "toy_saemnesia_encoder.safetensors",
+                       "toy_saeuron_encoder.safetensors")
+ALL_SITES = (*SITES.values(), ENCODER_SITE)
+MULTI_SITE = {group: (ENCODER_SITE, site) for group, site in SITES.items()}
 
 # The text-encoder SAE (DESIGN §6.8): the middle layer of the toy's 3-layer CLIP, one file for both groups.
 TEXT_SAE = "toy_saemnesia_text.safetensors"

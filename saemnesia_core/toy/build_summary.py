@@ -57,16 +57,19 @@ def _training(hookpoint: str, what: str, sae: dict, groups: tuple[str, ...], zet
 def site_line(report: dict, hookpoint: str) -> str:
     """One site's training, centralisation and calibration numbers, as one README list item."""
     site = report["saes"][hookpoint]
-    group, supervised = site["group"], site["supervised"]
-    other = "style" if group == "object" else "object"
-    parts = _training(hookpoint, f"{group}s", site, (group, other), report["recipe"].get("supervised_exclusivity", 0))
+    groups, supervised = site["groups"], site["supervised"]
+    parts = _training(hookpoint, " and ".join(f"{g}s" for g in groups), site,
+                      (*groups, *({"object", "style"} - set(groups))), report["recipe"].get("supervised_exclusivity", 0))
     if "centralisation_after" in supervised:
-        (share_before, others_before), (share_after, others_after) = (
-            _centralisation(supervised[f"centralisation_{when}"], group) for when in ("before", "after"))
+        shares = []
+        for group in groups:
+            (share_before, others_before), (share_after, others_after) = (
+                _centralisation(supervised[f"centralisation_{when}"], group) for when in ("before", "after"))
+            shares.append(f"{_pct(share_before)} of their {group}'s mean difference before the fine-tune and "
+                          f"{_pct(share_after)} after, with {others_before:.1f} other latents per {group} before and "
+                          f"{others_after:.1f} after above AUROC {AUROC_THRESHOLD:g}")
         parts.append(f"centralisation ({supervised['centralisation_records']}): the assigned latents carry on average "
-                     f"{_pct(share_before)} of their {group}'s mean difference before the fine-tune and "
-                     f"{_pct(share_after)} after, with {others_before:.1f} other latents per {group} before and "
-                     f"{others_after:.1f} after above AUROC {AUROC_THRESHOLD:g}")
+                     + "; ".join(shares))
     if "calibration" in site:
         parts.append(_calibration(site["calibration"]))
     return "- " + "; ".join(parts) + "."

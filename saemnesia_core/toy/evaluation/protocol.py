@@ -10,6 +10,8 @@ unstyled, the papers' prompt form) with fixed seeds. Methods, side by side:
   strengths, DESIGN §6.7, where it has them, and once more without them) and in paper mode;
 - SAeUron mode: the unsupervised SAE, latents by score at the percentiles that keep 1, 2 and 3 latents per
   bucket (as 99.999 / 99.995 / 99.99 do of 20480, DESIGN §5.2) × the same γ grid, chosen the same way;
+- SAEmnesia, multi-site: the node's default (γ = −1, calibrated, exact) at every block that reads the group (the
+  group's SAEmnesia files chained, `assets.MULTI_SITE`, DESIGN §6.6);
 - SAEmnesia, replace: the same SAE as a detector only; detected tokens take the nearest undetected token's
   activations (DESIGN §6.4), one setting for every concept (strength −1: replace fully), no search;
 - SAEmnesia, text encoder: the toy's text SAE (one file for objects and styles, at a layer of the CLIP text
@@ -39,10 +41,13 @@ QUALITY_FIT_SEEDS = 2  # un-erased images per grid prompt the artifact judge is 
 
 SAE_METHODS = ("saemnesia", "saeuron")  # UNet-side SAEs, one file per group (assets.SITES)
 TEXT = "text"  # Setting.sae's method for the text-encoder SAE, one file for both groups (assets.TEXT_SAE)
+MULTI_SITE = "multisite"  # Setting.sae's method for the group's SAEmnesia files at every block (assets.MULTI_SITE)
 METHODS = {  # name -> (label in reports, configurations searched per concept)
     "none": ("no erasure", None),
     "saemnesia": ("SAEmnesia (γ tuned)", "gammas"),
     "saemnesia_gamma1": ("SAEmnesia (γ = −1)", 1),
+    # the same setting at every block that reads the group (the group's SAEmnesia files chained, DESIGN §6.6)
+    "saemnesia_multisite": ("SAEmnesia, multi-site (γ = −1)", 1),
     # the papers' z·γ·μ on the same file, its calibrations ignored (DESIGN §6.7): what γ = −1 did before them
     "saemnesia_uncalibrated": ("SAEmnesia, uncalibrated (γ = −1)", 1),
     # the formula of the released hooks (2·x̂ − x + change, DESIGN §6.1), so rows compare with the papers' tables
@@ -91,8 +96,9 @@ class Judged:
 @dataclass(frozen=True)
 class Setting:
     """What changes the images: which SAE erases what, or a negative prompt. `sae` is (method, group): the SAE
-    file of SAE_METHODS that erases that group's concepts (assets.SITES), or (TEXT, group) for the text-encoder
-    SAE; `erase` holds (label, γ, latents kept per bucket — SAeUron only, 0 for SAEmnesia)."""
+    file of SAE_METHODS that erases that group's concepts (assets.SITES), (MULTI_SITE, group) for the group's
+    SAEmnesia files at every block that reads it (assets.MULTI_SITE), or (TEXT, group) for the text-encoder SAE;
+    `erase` holds (label, γ, latents kept per bucket — SAeUron only, 0 for SAEmnesia)."""
 
     sae: tuple[str, str] | None = None
     erase: tuple[tuple[str, float, int], ...] = ()

@@ -105,10 +105,10 @@ def protocol_text(data: dict) -> str:
 
 
 def _findings(data: dict) -> list[str]:
-    """The summary's follow-ups (replace mode, the one setting, paper vs exact, text encoder vs UNet), each with a
-    blank line after."""
+    """The summary's follow-ups (replace mode, the one setting, paper vs exact, one block vs several, text encoder vs
+    UNet), each with a blank line after."""
     return [line for text in (replace_findings(data), one_setting_findings(data), paper_and_exact(data),
-                              text_findings(data)) if text for line in (text, "")]
+                              multi_site_findings(data), text_findings(data)) if text for line in (text, "")]
 
 
 def markdown_report(data: dict) -> str:
@@ -217,14 +217,29 @@ TEXT_AND_UNET = (("text_gamma1", "text encoder, γ = −1"), ("saemnesia_gamma1"
 
 def text_findings(data: dict) -> str:
     """The text-encoder SAE against the UNet-side SAEmnesia, per group, at γ = −1 (the nodes' default) and with γ
-    tuned: UA, IRA, CRA, AR, CE, UA on rephrased prompts and, for styles, the share of the target's images judged
-    unstyled (the rest of UA is the style replaced by another). Empty for runs without the text row."""
-    if "text" not in data["summary"] or not _has_quality(data):
+    tuned. Empty for runs without the text row."""
+    return _group_table(data, TEXT_AND_UNET) if "text" in data["summary"] else ""
+
+
+ONE_AND_MORE_SITES = (("none", "no erasure"), ("saemnesia_gamma1", "its own block"),
+                      ("saemnesia_multisite", "its own block and the 16x16 encoder level"))
+
+
+def multi_site_findings(data: dict) -> str:
+    """SAEmnesia at the node's default at one block against every block that reads the group (DESIGN §6.6), per
+    group, with no erasure for reference. Empty for runs without the multi-site row."""
+    return _group_table(data, ONE_AND_MORE_SITES) if "saemnesia_multisite" in data["summary"] else ""
+
+
+def _group_table(data: dict, methods) -> str:
+    """Per group and method: UA, IRA, CRA, AR, CE, UA on rephrased prompts and, for styles, the share of the target's
+    images judged unstyled (the rest of UA is the style replaced by another). Empty for runs without quality."""
+    if not _has_quality(data):
         return ""
     lines = ["| group | SAE at | UA | IRA | CRA | AR | CE | UA, rephrased | judged unstyled |",
              "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     for group in (g for g in (OBJECT, STYLE) if data["targets"].get(g)):
-        for method, label in TEXT_AND_UNET:
+        for method, label in methods:
             m = data["summary"][method][group]
             rephrased = [t["rephrased_UA"][method] for t in data["targets"][group].values()]
             unstyled = _pct(_unstyled(data, method)) if group == STYLE else "—"
@@ -254,7 +269,8 @@ def plot(results: Results, out: Path) -> None:
     colors = {"none": "0.6", "saemnesia": "tab:blue", "saemnesia_gamma1": "tab:cyan",
               "saemnesia_uncalibrated": "tab:olive", "saemnesia_paper": "tab:red",
               "saemnesia_paper_gamma1": "tab:pink", "saeuron": "tab:orange", "replace": "tab:purple",
-              "negative": "tab:green", "text": "tab:brown", "text_gamma1": "goldenrod"}
+              "negative": "tab:green", "text": "tab:brown", "text_gamma1": "goldenrod",
+              "saemnesia_multisite": "navy"}
     groups = [g for g in (OBJECT, STYLE) if data["targets"].get(g)]
     height = 3.6 * len(groups) + 0.8  # 0.8 inch below the plots for the legend, so that it covers no bar
     fig, axes = plt.subplots(len(groups), 3, figsize=(15, height), squeeze=False)
