@@ -72,8 +72,7 @@ def test_a_concept_is_erased_at_every_block_whose_sae_knows_it(toy):
 
 
 @pytest.mark.parametrize("group", sorted(assets.MULTI_SITE))
-def test_the_shipped_multi_site_chain_of_a_group_is_the_identity_with_nothing_chosen_and_acts_at_each_block(toy,
-                                                                                                        group):
+def test_the_shipped_multi_site_chain_is_the_identity_with_nothing_chosen_and_acts_at_each_block(toy, group):
     """The toy world's multi-site edit (assets.MULTI_SITE: the 16x16 encoder level and the group's own site): no
     patch and the same pixels with nothing chosen; the group's concept at the node's default strength patches every
     block of the chain and changes the image beyond what either block alone does."""
@@ -81,10 +80,8 @@ def test_the_shipped_multi_site_chain_of_a_group_is_the_identity_with_nothing_ch
     from saemnesia_comfy.sae_library import load_sae_path
 
     model = toy[0]
-    first, *rest = [load_sae_path(assets.path(site.saemnesia)) for site in assets.MULTI_SITE[group]]
-    chain = first
-    for loaded in rest:
-        chain = chain_saes(chain, loaded)
+    encoder_level, own = (load_sae_path(assets.path(site.saemnesia)) for site in assets.MULTI_SITE[group])
+    chain = chain_saes(encoder_level, own)  # what Load SAE (own) with Load SAE (encoder level) in `also` passes on
     assert [s.file.hookpoint for s in sae_sites(chain)] == [site.hookpoint for site in assets.MULTI_SITE[group]]
     nothing = erase_concepts(model, chain, {}, -1.0)
     assert patched_blocks(nothing) == [] and torch.equal(images(toy, nothing), images(toy, model))

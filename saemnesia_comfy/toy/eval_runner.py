@@ -45,7 +45,7 @@ DEFAULT_ASSETS = {"model": assets.path(assets.MODEL), "judges": assets.path(asse
 
 def multi_site_assets(group: str) -> tuple[str, ...]:
     """The names of the group's SAEmnesia files at every block that reads it (assets.MULTI_SITE), in its order."""
-    names = {site.saemnesia: asset_name("saemnesia", group) for group, site in assets.SITES.items()}
+    names = {site.saemnesia: asset_name("saemnesia", g) for g, site in assets.SITES.items()}
     return tuple(names.get(site.saemnesia, ENCODER) for site in assets.MULTI_SITE[group])
 
 
