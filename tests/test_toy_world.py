@@ -144,7 +144,8 @@ def test_the_regeneration_command_runs_end_to_end_in_smoke_mode(comfy, tmp_path)
         # where the papers' formula did as well), and measured at −1
         header = read_header(assets.path(site.saemnesia, out))
         chosen = header.provenance["calibration"]["chosen"]
-        assert set(chosen) == {*(OBJECTS if "object" in site.groups else ()), *(STYLES if "style" in site.groups else ())}
+        groups = {"object": OBJECTS, "style": STYLES}
+        assert set(chosen) == {label for group in site.groups for label in groups[group]}
         assert set(chosen.values()) <= {*KAPPAS, None}
         assert {c.label: c.calibration for c in header.concepts if c.group in site.groups} == chosen
         assert all(c.calibration is None for c in header.concepts if c.group not in site.groups)

@@ -58,8 +58,9 @@ def site_line(report: dict, hookpoint: str) -> str:
     """One site's training, centralisation and calibration numbers, as one README list item."""
     site = report["saes"][hookpoint]
     groups, supervised = site["groups"], site["supervised"]
-    parts = _training(hookpoint, " and ".join(f"{g}s" for g in groups), site,
-                      (*groups, *({"object", "style"} - set(groups))), report["recipe"].get("supervised_exclusivity", 0))
+    others = tuple(g for g in ("object", "style") if g not in groups)
+    parts = _training(hookpoint, " and ".join(f"{g}s" for g in groups), site, (*groups, *others),
+                      report["recipe"].get("supervised_exclusivity", 0))
     if "centralisation_after" in supervised:
         shares = []
         for group in groups:
