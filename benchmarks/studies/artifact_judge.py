@@ -37,6 +37,7 @@ RESULTS = Path(__file__).resolve().parent / "results"
 SEED = 11_000_000  # fresh renders, apart from every other seed base
 PER_SET = 144
 OWN = "clean: the model's own images (test grid, no erasure)"
+EDITED = ("Circles", "Hearts")  # the objects whose erased images the judge is shown (the quick eval's two when this study ran)
 SUBSETS, SUBSET_SIZE = 20, 64  # KID's spread: random subsets of the test grid's prompts
 
 
@@ -74,7 +75,7 @@ def main() -> None:
             OWN: runner.images(Setting(), tests),
             "clean: empty backgrounds": fresh_renders(PER_SET, SEED + 10, empty=True),
             **{f"broken: {k}": v for k, v in broken_sets(SEED + 20).items()}}
-    for concept in QUICK.object_targets:
+    for concept in EDITED:
         rows = [k for k, i in enumerate(tests) if i.obj == concept]
         for label, setting in (("exact, γ = −5", Setting(("saemnesia", OBJECT), ((concept, -5.0, 0),))),
                                ("exact, γ = −30", Setting(("saemnesia", OBJECT), ((concept, -30.0, 0),))),
