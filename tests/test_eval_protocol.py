@@ -14,7 +14,7 @@ from saemnesia_core.toy import assets
 from saemnesia_core.toy.evaluation.metrics import best_candidate, erasure_metrics, selection_score
 from saemnesia_core.toy.evaluation.protocol import (OBJECT, PAPER_PERCENTILES, QUICK, STYLE, Item, Judged, grid_items,
                                                     rephrase_items, scaled_percentile, selection_items)
-from saemnesia_core.toy.evaluation.report import shown_path
+from saemnesia_core.toy.evaluation.report import default_against_bar, judged_instead, shown_path
 
 
 def _judged(answers):
@@ -118,3 +118,14 @@ def test_a_settings_cache_key_leaves_out_the_uncalibrated_flag_at_its_default():
     plain = Setting(("saemnesia", "object"), (("Hearts", -1.0, 0),))
     assert plain.key() == {k: v for k, v in asdict(plain).items() if k != "uncalibrated"}  # the images made before it
     assert Setting(("saemnesia", "object"), (("Hearts", -1.0, 0),), uncalibrated=True).key() != plain.key()
+
+
+def test_the_default_is_held_against_its_bar_with_the_margin_met_or_missed_by():
+    summary = {"none": {"object": {"UA": 0.0, "IRA": 0.90, "CRA": 0.98, "AR": 0.05}},
+               "saemnesia_gamma1": {"object": {"UA": 0.96, "IRA": 0.86, "CRA": 0.96, "AR": 0.20}}}
+    test = {"saemnesia_gamma1": {"judged_as": {"Squares": 7, "Circles": 2}, "RM": 0.0}}
+    data = {"summary": summary, "targets": {OBJECT: {"Circles": {"test": test}}}, "artifact_judge": {}}
+    assert default_against_bar(data).splitlines()[2] == \
+        "| objects | 96.0 (met) | 86.0 (missed by 1.0) | 96.0 (met) | 20.0 (missed by 5.0) |"
+    assert judged_instead(data).splitlines()[2] == "| Circles (object) | Squares 7, Circles 2 (0.0 %) |"
+    assert default_against_bar({k: v for k, v in data.items() if k != "artifact_judge"}) == ""

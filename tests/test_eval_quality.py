@@ -37,6 +37,32 @@ def test_the_artifact_judge_spares_clean_renders_and_empty_backgrounds(artifact_
     assert artifact_judge.rate(empty) <= 0.05
 
 
+def test_the_artifact_judge_tells_an_empty_background_from_any_object(artifact_judge):
+    """What RM counts for an object target: the object removed, not replaced by another."""
+    objects, _ = renders(144, 14)
+    empty, _ = renders(72, 15, empty=True)
+    assert artifact_judge.empty(empty).double().mean() >= 0.95
+    assert artifact_judge.empty(objects).double().mean() <= 0.05
+
+
+def test_removed_counts_empty_images_for_objects_and_unstyled_ones_for_styles(artifact_judge):
+    images, cells = renders(72, 16)
+    items = [Item(o, s, k) for k, (o, s) in enumerate(cells)]
+    hearts = [k for k, i in enumerate(items) if i.obj == "Hearts"]
+    emptied = images.copy()
+    emptied[hearts[:4]] = renders(4, 17, empty=True)[0]  # four of Hearts' images lose their object
+    judged = [Judged(i, "Circles" if i.obj == "Hearts" else i.obj, i.style or "Unstyled") for i in items]
+    reference = dict(zip(cells, images))
+    assert quality_metrics(artifact_judge, judged, images, "object", {"Hearts"}, reference)["RM"] == 0.0  # replaced
+    assert quality_metrics(artifact_judge, judged, emptied, "object", {"Hearts"}, reference)["RM"] == \
+        pytest.approx(4 / len(hearts))
+    dots = [k for k, i in enumerate(items) if i.style == "Dots"]
+    unstyled = [Judged(i, i.obj, "Unstyled" if k in dots[:3] else "Stripes" if k in dots else i.style or "Unstyled")
+                for k, i in enumerate(items)]
+    assert quality_metrics(artifact_judge, unstyled, images, "style", {"Dots"}, reference)["RM"] == \
+        pytest.approx(3 / len(dots))
+
+
 def test_the_artifact_judge_flags_noise_fields_and_shuffled_tiles(artifact_judge):
     """(Blends of two renders are not flagged: benchmarks/studies/artifact_judge.py reports that limit.)"""
     base, _ = renders(72, 5)

@@ -7,6 +7,7 @@ import pytest
 
 from saemnesia_core.toy import assets
 from saemnesia_core.toy.evaluation.protocol import planned_images
+from saemnesia_core.toy.evaluation.report import default_against_bar, judged_instead
 
 pytestmark = [pytest.mark.comfy, pytest.mark.timeout(2400)]  # a smoke toy build, then an eval of 11 methods
 
@@ -70,13 +71,15 @@ def test_a_tiny_eval_run_writes_json_markdown_and_plots_and_reruns_from_cache(ev
     single = data["targets"]["object"]["Circles"]["test"]["saeuron"]
     assert rows["saeuron"][0] == {"erased": ["Circles"], **{k: single[k] for k in ("UA", "IRA", "CRA")}}
     for m in data["targets"]["object"]["Circles"]["test"].values():  # image quality, for every method
-        assert 0 <= m["CE"] <= min(m["UA"], 1 - m["AR"]) and m["KID"] is not None
+        assert 0 <= m["CE"] <= min(m["UA"], 1 - m["AR"]) and m["KID"] is not None and 0 <= m["RM"] <= 1
     assert "| SAEmnesia (γ tuned) | 2 |" in (out / "report.md").read_text()
     assert "| SAEmnesia, paper mode (γ = −1) | 1 |" in (out / "report.md").read_text()
     assert "| SAEmnesia, text encoder (γ = −1) | 1 |" in (out / "report.md").read_text()
     assert "| objects | text encoder, γ = −1 |" in (out / "report.md").read_text()
     assert "| SAEmnesia, multi-site (γ = −1) | 1 |" in (out / "report.md").read_text()
     assert "| styles | its own block and the 16x16 encoder level |" in (out / "report.md").read_text()
+    assert default_against_bar(data) in (out / "README_snippet.md").read_text()
+    assert "| Circles (object) | " in judged_instead(data) and judged_instead(data) in (out / "report.md").read_text()
     assert f"- text encoder: one SAE for objects and styles at `{assets.TEXT_HOOKPOINT}`" in \
         (out / "README_snippet.md").read_text()
     assert ("| target | exact, γ = −1: UA / IRA / CRA | exact uncalibrated, γ = −1: UA / IRA / CRA | paper, γ = −1: "

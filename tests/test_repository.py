@@ -102,8 +102,9 @@ def test_no_comfyui_side_module_is_longer_than_400_lines():
 def test_the_readme_shows_the_evaluation_table_and_the_demo_caption_as_their_files_write_them():
     import json
 
-    from saemnesia_core.toy.evaluation.report import (multi_site_findings, one_setting_findings, paper_and_exact,
-                                                      replace_findings, summary_table, text_findings)
+    from saemnesia_core.toy.evaluation.report import (default_against_bar, judged_instead, multi_site_findings,
+                                                      one_setting_findings, paper_and_exact, replace_findings,
+                                                      summary_table, text_findings)
 
     readme = (ROOT / "README.md").read_text()
     results = json.loads((ROOT / "benchmarks" / "results" / "eval_quick" / "results.json").read_text())
@@ -111,6 +112,7 @@ def test_the_readme_shows_the_evaluation_table_and_the_demo_caption_as_their_fil
     assert replace_findings(results) in readme
     assert paper_and_exact(results) in readme
     assert one_setting_findings(results) in readme
+    assert default_against_bar(results) in readme and judged_instead(results) in readme
     assert text_findings(results) in readme
     assert multi_site_findings(results) in readme
     verdicts = json.loads((ROOT / "docs" / "demo" / "verdicts.json").read_text())

@@ -16,7 +16,8 @@ from safetensors.torch import load_file, save_file
 
 from .render import OBJECTS, STYLES, render_batch
 
-STYLE_CLASSES = STYLES + ("Unstyled",)
+UNSTYLED = "Unstyled"  # the style judge's class for an image with no style
+STYLE_CLASSES = STYLES + (UNSTYLED,)
 
 
 class JudgeCNN(torch.nn.Module):

@@ -17,6 +17,9 @@ style target s:   UA  = share of s's images not judged s
 several erased concepts (sequential): UA pools the erased concepts' images, IRA the rest of the group's
 image quality:    AR  = share of the target's images the artifact judge flags as broken (quality.py)
                   CE  = clean erasure: share of the target's images with the target gone and not flagged
+                  RM  = removed, not replaced: share of the target's images with no object left (the artifact
+                        judge's nearest class an empty background; the object judge always names an object)
+                        for an object target, judged unstyled for a style target
                   KID = kernel inception distance (×10³ in tables) of the other images to the model's own
                         un-erased images of their prompts at another seed"""
 

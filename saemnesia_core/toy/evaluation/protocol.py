@@ -60,7 +60,7 @@ METHODS = {  # name -> (label in reports, configurations searched per concept)
     "text_gamma1": ("SAEmnesia, text encoder (γ = −1)", 1),
     "negative": ("negative prompt", 1),
 }
-QUALITY_METRICS = ("AR", "CE", "KID")
+QUALITY_METRICS = ("AR", "CE", "RM", "KID")
 
 
 @dataclass(frozen=True)

@@ -29,9 +29,9 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from ..judges import Judges, augment
+from ..judges import UNSTYLED, Judges, augment
 from ..render import OBJECTS, render_batch
-from .protocol import LOOKS, Item, Judged
+from .protocol import LOOKS, OBJECT, Item, Judged
 
 REFERENCE_SEED = 8_000_000  # render seeds of the fit (+1e6: the calibration), apart from every other seed base
 PER_CLASS = 16              # renders per class for the fit, and again for the calibration
@@ -116,10 +116,22 @@ class ArtifactJudge:
         """The judges' features, centred and scaled as the fitted ones (zero mean, unit RMS there), [N, F] float64."""
         return (self.judges.embed(_as_unit(images)).double() - self.center) / self.scale
 
+    def _distances(self, images) -> torch.Tensor:
+        """Squared Mahalanobis distance to every class, [N, K] float64."""
+        diff = self.judges.embed(_as_unit(images)).double()[:, None] - self.means[None]     # [N, K, F]
+        return torch.einsum("nkf,fg,nkg->nk", diff, self.precision, diff)
+
     def scores(self, images) -> torch.Tensor:
         """Squared Mahalanobis distance to the nearest class, [N] float64."""
-        diff = self.judges.embed(_as_unit(images)).double()[:, None] - self.means[None]     # [N, K, F]
-        return torch.einsum("nkf,fg,nkg->nk", diff, self.precision, diff).min(1).values
+        return self._distances(images).min(1).values
+
+    def empty(self, images) -> torch.Tensor:
+        """bool [N]: the nearest class is a look's background with no object (the render classes come first, the
+        objects' before the empty ones: `reference_renders`). The object judge always names an object; this is
+        what tells an object removed from one turned into another."""
+        first = len(OBJECTS) * len(LOOKS)
+        nearest = self._distances(images).argmin(1)
+        return (nearest >= first) & (nearest < first + len(LOOKS))
 
     def flag_parts(self, images) -> dict[str, torch.Tensor]:
         """bool [N] per score: semantic (Mahalanobis), border (off the background's colour), stray (pieces)."""
@@ -201,17 +213,20 @@ def kid(artifacts: ArtifactJudge, images, reference, prompts: list | None = None
 
 def quality_metrics(artifacts: ArtifactJudge, judged: list[Judged], images, group: str, erased,
                     reference: dict) -> dict:
-    """On the erased concepts' images: AR, and CE (clean erasure: the concept gone and the image not flagged);
-    KID of the other images against `reference`: {(object, look): the model's un-erased image of that prompt at
-    another seed}."""
+    """On the erased concepts' images: AR, CE (clean erasure: the concept gone and the image not flagged) and RM
+    (removed, not replaced: for objects no object left, for styles judged unstyled); KID of the other images against
+    `reference`: {(object, look): the model's un-erased image of that prompt at another seed}."""
     images = _as_unit(images)
     erased = set(erased)
     target = [k for k, j in enumerate(judged) if j.item.concept(group) in erased]
     rest = [k for k, j in enumerate(judged) if j.item.concept(group) not in erased]
     flags = artifacts.flags(images[target])
     gone = torch.tensor([judged[k].predicted(group) != judged[k].item.concept(group) for k in target])
+    removed = (artifacts.empty(images[target]) if group == OBJECT else
+               torch.tensor([judged[k].predicted(group) == UNSTYLED for k in target]))
     prompts = [(judged[k].item.obj, judged[k].item.style) for k in rest]
     others = _as_unit(np.stack([np.asarray(reference[p]) for p in prompts])) if len(rest) >= 2 else None
     return {"AR": float(flags.double().mean()) if target else None,
             "CE": float((gone & ~flags).double().mean()) if target else None,
+            "RM": float(removed.double().mean()) if target else None,
             "KID": kid(artifacts, images[rest], others, prompts) if others is not None else None}

@@ -105,18 +105,19 @@ def protocol_text(data: dict) -> str:
 
 
 def _findings(data: dict) -> list[str]:
-    """The summary's follow-ups (replace mode, the one setting, paper vs exact, one block vs several, text encoder vs
-    UNet), each with a blank line after."""
-    return [line for text in (replace_findings(data), one_setting_findings(data), paper_and_exact(data),
-                              multi_site_findings(data), text_findings(data)) if text for line in (text, "")]
+    """The summary's follow-ups (replace mode, the one setting against its bar and what the judges saw instead,
+    paper vs exact, one block vs several, text encoder vs UNet), each with a blank line after."""
+    return [line for text in (replace_findings(data), one_setting_findings(data), default_against_bar(data),
+                              judged_instead(data), paper_and_exact(data), multi_site_findings(data),
+                              text_findings(data)) if text for line in (text, "")]
 
 
 def markdown_report(data: dict) -> str:
     lines = ["# Miniature UnlearnCanvas on the toy world", "", summary_table(data), "", *_findings(data), "## Protocol", "",
              protocol_text(data), "", "## Definitions", "", "```", DEFINITIONS, "```", "", "## Per concept (test set, %)", "",
-             "| target | method | UA | IRA | CRA | UA rephrased | AR | CE | KID ×10³ | chosen "
+             "| target | method | UA | IRA | CRA | UA rephrased | AR | CE | RM | KID ×10³ | chosen "
              "| target's images judged as |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|---|---|"]
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---|"]
     for group, per_concept in data["targets"].items():
         for concept, t in per_concept.items():
             for method in _methods(data):
@@ -126,9 +127,10 @@ def markdown_report(data: dict) -> str:
                     chosen = f"γ = {t['chosen'][method]['gamma']:g}"
                 elif method == "saeuron":
                     chosen = f"{t['chosen']['saeuron']['kept']} latent(s), γ = {t['chosen']['saeuron']['gamma']:g}"
-                lines.append(f"| {concept} ({group}) | {label} | {_pct(m['UA'])} | {_pct(m['IRA'])} | "
-                             f"{_pct(m['CRA'])} | {_pct(t['rephrased_UA'][method])} | {_pct(m.get('AR'))} | {_pct(m.get('CE'))} | "
-                             f"{_kid(m.get('KID'))} | {chosen} | {_judged_as(m)} |")
+                cells = [m["UA"], m["IRA"], m["CRA"], t["rephrased_UA"][method],
+                         *(m.get(k) for k in ("AR", "CE", "RM"))]
+                lines.append(f"| {concept} ({group}) | {label} | " + " | ".join(map(_pct, cells))
+                             + f" | {_kid(m.get('KID'))} | {chosen} | {_judged_as(m)} |")
     seq = data["sequential"]
     if seq["order"]:
         lines += ["", "## Sequential erasure of objects (%)", "", f"Order: {', '.join(seq['order'])}.", "",
@@ -144,14 +146,6 @@ def markdown_report(data: dict) -> str:
 
 def _judged_as(m: dict) -> str:
     return ", ".join(f"{label} {n}" for label, n in m["judged_as"].items()) if "judged_as" in m else "—"
-
-
-def _unstyled(data: dict, method: str) -> float | None:
-    """The share of the style targets' images the style judge saw unstyled: the style removed, not replaced."""
-    counts = [t["test"][method].get("judged_as") for t in data["targets"][STYLE].values()]
-    if None in counts:
-        return None
-    return sum(c.get("Unstyled", 0) for c in counts) / sum(sum(c.values()) for c in counts)
 
 
 def replace_findings(data: dict) -> str:
@@ -184,6 +178,50 @@ def one_setting_findings(data: dict) -> str:
                      f"{_pct(n['IRA'])} %), CRA {_pct(c['CRA'])} % (no erasure {_pct(n['CRA'])} %), "
                      f"AR {_pct(c['AR'])} % (no erasure {_pct(n['AR'])} %), CE {_pct(c['CE'])} %; "
                      f"uncalibrated UA {_pct(u['UA'])} %, AR {_pct(u['AR'])} %, CE {_pct(u['CE'])} %.")
+    return "\n".join(lines)
+
+
+# What the node's default (γ = −1 with the file's calibrations, no search) should reach per group (DESIGN §9): UA
+# at least this, IRA and CRA at most this many points below no erasure's, AR at most this many points above it.
+DEFAULT_BAR = {"UA": 95.0, "IRA": 3.0, "CRA": 3.0, "AR": 10.0}
+
+
+def default_against_bar(data: dict) -> str:
+    """The node's default per group against DEFAULT_BAR: each measure, its bound and the margin by which it is met
+    or missed. Empty for runs without the default's row or quality."""
+    S = data["summary"]
+    if "saemnesia_gamma1" not in S or not _has_quality(data):
+        return ""
+    b = DEFAULT_BAR
+    lines = [f"| group | UA (≥ {b['UA']:g}) | IRA (≥ no erasure − {b['IRA']:g}) "
+             f"| CRA (≥ no erasure − {b['CRA']:g}) | AR (≤ no erasure + {b['AR']:g}) |", "|---|---|---|---|---|"]
+    for group in (g for g in (OBJECT, STYLE) if data["targets"].get(g)):
+        d, n = ({k: 100 * S[m][group][k] for k in b} for m in ("saemnesia_gamma1", "none"))
+        margins = {"UA": d["UA"] - b["UA"], "IRA": d["IRA"] - (n["IRA"] - b["IRA"]),
+                   "CRA": d["CRA"] - (n["CRA"] - b["CRA"]), "AR": n["AR"] + b["AR"] - d["AR"]}
+        cells = [f"{d[k]:.1f} ({'met' if margin >= 0 else f'missed by {-margin:.1f}'})"
+                 for k, margin in margins.items()]
+        lines.append(f"| {group}s | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+AT_THE_DEFAULT = (("saemnesia_gamma1", "SAEmnesia, its own block"), ("saemnesia_multisite", "SAEmnesia, multi-site"),
+                  ("text_gamma1", "text encoder"))
+
+
+def judged_instead(data: dict) -> str:
+    """Per target, what the judges saw in its test images at the nodes' default (γ = −1) and RM, the share removed:
+    the target where it survived, another concept where the edit steered it (the object judge always names an
+    object; RM counts the images left empty). Empty for runs without the default's row."""
+    columns = [(m, label) for m, label in AT_THE_DEFAULT if m in data["summary"]]
+    if "saemnesia_gamma1" not in data["summary"]:
+        return ""
+    lines = ["| target | " + " | ".join(f"{label}: judged as (removed)" for _, label in columns) + " |",
+             "|---|" + "---|" * len(columns)]
+    cell = lambda m: f"{_judged_as(m)} ({_pct(m.get('RM'))} %)"
+    for group, per_concept in data["targets"].items():
+        for concept, t in per_concept.items():
+            lines.append(f"| {concept} ({group}) | " + " | ".join(cell(t["test"][m]) for m, _ in columns) + " |")
     return "\n".join(lines)
 
 
@@ -232,19 +270,18 @@ def multi_site_findings(data: dict) -> str:
 
 
 def _group_table(data: dict, methods) -> str:
-    """Per group and method: UA, IRA, CRA, AR, CE, UA on rephrased prompts and, for styles, the share of the target's
-    images judged unstyled (the rest of UA is the style replaced by another). Empty for runs without quality."""
+    """Per group and method: UA, IRA, CRA, AR, CE, UA on rephrased prompts and RM, the share of the target's images
+    with the concept removed (the rest of UA is the concept replaced by another). Empty for runs without quality."""
     if not _has_quality(data):
         return ""
-    lines = ["| group | SAE at | UA | IRA | CRA | AR | CE | UA, rephrased | judged unstyled |",
+    lines = ["| group | SAE at | UA | IRA | CRA | AR | CE | UA, rephrased | removed (RM) |",
              "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     for group in (g for g in (OBJECT, STYLE) if data["targets"].get(g)):
         for method, label in methods:
             m = data["summary"][method][group]
             rephrased = [t["rephrased_UA"][method] for t in data["targets"][group].values()]
-            unstyled = _pct(_unstyled(data, method)) if group == STYLE else "—"
             lines.append(f"| {group}s | {label} | " + " | ".join(_pct(m[k]) for k in ("UA", "IRA", "CRA", "AR", "CE"))
-                         + f" | {_pct(sum(rephrased) / len(rephrased))} | {unstyled} |")
+                         + f" | {_pct(sum(rephrased) / len(rephrased))} | {_pct(m.get('RM'))} |")
     return "\n".join(lines)
 
 
