@@ -37,7 +37,7 @@ RESULTS = Path(__file__).resolve().parent / "results"
 SEED = 11_000_000  # fresh renders, apart from every other seed base
 PER_SET = 144
 OWN = "clean: the model's own images (test grid, no erasure)"
-EDITED = ("Circles", "Hearts")  # the objects whose erased images the judge is shown (the quick eval's two when this study ran)
+EDITED = ("Circles", "Hearts")  # the objects whose erased images the judge sees (the quick eval's two then)
 SUBSETS, SUBSET_SIZE = 20, 64  # KID's spread: random subsets of the test grid's prompts
 
 
