@@ -24,8 +24,8 @@ import saemnesia_comfy  # noqa: F401  (makes ComfyUI importable)
 from saemnesia_comfy.toy.eval_runner import DEFAULT_ASSETS, Runner
 from saemnesia_core.files import write_bytes_atomic, write_json_atomic
 from saemnesia_core.toy.assets import REPO_ROOT
-from saemnesia_core.toy.evaluation.protocol import OBJECT, QUICK, TEXT, Setting, selection_items
-from saemnesia_core.toy.judges import UNSTYLED
+from saemnesia_core.toy.evaluation.protocol import QUICK, TEXT, Setting, selection_items
+from saemnesia_core.toy.evaluation.quality import removed
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -45,12 +45,11 @@ def score(runner: Runner, group: str, concept: str, scan, gamma: float) -> dict:
     target = torch.from_numpy(images[rows])
     judge = runner.artifact_judge()
     flagged = judge.flags(target)
-    removed = judge.empty(target) if group == OBJECT else \
-        torch.tensor([judged[k].predicted(group) == UNSTYLED for k in rows])
+    is_removed = removed(judge, [judged[k] for k in rows], target, group)
     gone = torch.tensor([judged[k].predicted(group) != concept for k in rows])
     share = lambda flags: round(float(flags.double().mean()), 4)
-    return {"gamma": gamma, "UA": share(gone), "AR": share(flagged), "RM": share(removed),
-            "CR": share(removed & ~flagged), "images": len(rows)}
+    return {"gamma": gamma, "UA": share(gone), "AR": share(flagged), "RM": share(is_removed),
+            "CR": share(is_removed & ~flagged), "images": len(rows)}
 
 
 def plot(result: dict, path: Path) -> None:

@@ -211,6 +211,14 @@ def kid(artifacts: ArtifactJudge, images, reference, prompts: list | None = None
     return float(kernel(x, x, within_x) + kernel(y, y, within_y) - 2 * kernel(x, y, across))
 
 
+def removed(artifacts: ArtifactJudge, judged: list[Judged], images, group: str) -> torch.Tensor:
+    """bool [N]: the image's concept of `group` is removed, not replaced by another (RM, DESIGN §9): no object left
+    (the artifact judge's nearest class an empty background), or judged unstyled."""
+    if group == OBJECT:
+        return artifacts.empty(images)
+    return torch.tensor([j.predicted(group) == UNSTYLED for j in judged], dtype=torch.bool)
+
+
 def quality_metrics(artifacts: ArtifactJudge, judged: list[Judged], images, group: str, erased,
                     reference: dict) -> dict:
     """On the erased concepts' images: AR, CE (clean erasure: the concept gone and the image not flagged) and RM
@@ -222,11 +230,10 @@ def quality_metrics(artifacts: ArtifactJudge, judged: list[Judged], images, grou
     rest = [k for k, j in enumerate(judged) if j.item.concept(group) not in erased]
     flags = artifacts.flags(images[target])
     gone = torch.tensor([judged[k].predicted(group) != judged[k].item.concept(group) for k in target])
-    removed = (artifacts.empty(images[target]) if group == OBJECT else
-               torch.tensor([judged[k].predicted(group) == UNSTYLED for k in target]))
+    is_removed = removed(artifacts, [judged[k] for k in target], images[target], group)
     prompts = [(judged[k].item.obj, judged[k].item.style) for k in rest]
     others = _as_unit(np.stack([np.asarray(reference[p]) for p in prompts])) if len(rest) >= 2 else None
     return {"AR": float(flags.double().mean()) if target else None,
             "CE": float((gone & ~flags).double().mean()) if target else None,
-            "RM": float(removed.double().mean()) if target else None,
+            "RM": float(is_removed.double().mean()) if target else None,
             "KID": kid(artifacts, images[rest], others, prompts) if others is not None else None}
