@@ -132,6 +132,7 @@ def test_the_regeneration_command_runs_end_to_end_in_smoke_mode(comfy, tmp_path)
         assert assets.path(path, out).exists(), path
     from saemnesia_comfy.toy.calibration import KAPPAS
     from saemnesia_core.sae_file import read_header
+    from saemnesia_core.toy.evaluation.protocol import GROUP_CONCEPTS
     from saemnesia_core.toy.render import OBJECTS, STYLES
 
     for site in assets.ALL_SITES:
@@ -144,8 +145,7 @@ def test_the_regeneration_command_runs_end_to_end_in_smoke_mode(comfy, tmp_path)
         # where the papers' formula did as well), and measured at −1
         header = read_header(assets.path(site.saemnesia, out))
         chosen = header.provenance["calibration"]["chosen"]
-        groups = {"object": OBJECTS, "style": STYLES}
-        assert set(chosen) == {label for group in site.groups for label in groups[group]}
+        assert set(chosen) == {label for group in site.groups for label in GROUP_CONCEPTS[group]}
         assert set(chosen.values()) <= {*KAPPAS, None}
         assert {c.label: c.calibration for c in header.concepts if c.group in site.groups} == chosen
         assert all(c.calibration is None for c in header.concepts if c.group not in site.groups)

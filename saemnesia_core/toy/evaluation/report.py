@@ -213,9 +213,9 @@ def judged_instead(data: dict) -> str:
     """Per target, what the judges saw in its test images at the nodes' default (γ = −1) and RM, the share removed:
     the target where it survived, another concept where the edit steered it (the object judge always names an
     object; RM counts the images left empty). Empty for runs without the default's row."""
-    columns = [(m, label) for m, label in AT_THE_DEFAULT if m in data["summary"]]
     if "saemnesia_gamma1" not in data["summary"]:
         return ""
+    columns = [(m, label) for m, label in AT_THE_DEFAULT if m in data["summary"]]
     lines = ["| target | " + " | ".join(f"{label}: judged as (removed)" for _, label in columns) + " |",
              "|---|" + "---|" * len(columns)]
     cell = lambda m: f"{_judged_as(m)} ({_pct(m.get('RM'))} %)"
