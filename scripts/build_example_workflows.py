@@ -293,22 +293,23 @@ def screenshots(page, erase_one: dict) -> None:
 
 
 def main() -> None:
-    server = ComfyServer(Path(tempfile.mkdtemp(prefix="saemnesia_examples_"))).start()
-    try:
-        with comfy_page(server) as page:
-            OUT_DIR.mkdir(exist_ok=True)
-            built = {}
-            for name in EXAMPLES:
-                built[name] = build(page, name)
-                (OUT_DIR / f"{name}.json").write_text(json.dumps(built[name], indent=2) + "\n")
-                print("wrote", OUT_DIR / f"{name}.json")
-            for name, workflow in built.items():
-                thumbnail(server, page, workflow, name).save(OUT_DIR / f"{name}.jpg", quality=90)
-                print("wrote", OUT_DIR / f"{name}.jpg")
-            screenshots(page, built[ERASE_ONE])
-            print("wrote", SCREENSHOTS / "templates_dialog.png", SCREENSHOTS / "erase_node.png")
-    finally:
-        server.stop()
+    with tempfile.TemporaryDirectory(prefix="saemnesia_examples_") as folder:
+        server = ComfyServer(Path(folder)).start()
+        try:
+            with comfy_page(server) as page:
+                OUT_DIR.mkdir(exist_ok=True)
+                built = {}
+                for name in EXAMPLES:
+                    built[name] = build(page, name)
+                    (OUT_DIR / f"{name}.json").write_text(json.dumps(built[name], indent=2) + "\n")
+                    print("wrote", OUT_DIR / f"{name}.json")
+                for name, workflow in built.items():
+                    thumbnail(server, page, workflow, name).save(OUT_DIR / f"{name}.jpg", quality=90)
+                    print("wrote", OUT_DIR / f"{name}.jpg")
+                screenshots(page, built[ERASE_ONE])
+                print("wrote", SCREENSHOTS / "templates_dialog.png", SCREENSHOTS / "erase_node.png")
+        finally:
+            server.stop()
 
 
 if __name__ == "__main__":
