@@ -74,9 +74,10 @@ def plot(result: dict, path: Path) -> None:
 
 
 def markdown(result: dict) -> str:
+    counts = [f"{next(iter(best.values()))['images']} per {group}" for group, best in result["best"].items()]
     lines = ["# Does any strength remove the concept?", "",
-             "Every setting the quick evaluation scans on its selection set, scored on the target's images (9 per "
-             "object, 8 per style): UA / RM / AR / CR in % (RM: removed, not replaced; CR: removed and not flagged "
+             f"Every setting the quick evaluation scans on its selection set, scored on the target's images "
+             f"({', '.join(counts)}): UA / RM / AR / CR in % (RM: removed, not replaced; CR: removed and not flagged "
              "as broken). Written by `benchmarks/studies/removal_by_strength.py` from the evaluation's image cache.",
              "", "Best clean removal per target over every setting:", "",
              "| target | best CR | at | UA / RM / AR there |", "|---|---:|---|---|"]
