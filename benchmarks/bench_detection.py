@@ -23,18 +23,18 @@ from pathlib import Path
 
 import torch
 
-import saemnesia_comfy  # noqa: F401  (makes ComfyUI importable)
-from saemnesia_comfy.erase import target_block
+import saemnesia_tools.comfyui  # noqa: F401  (makes ComfyUI importable)
+from saemnesia_comfy.patch import block_for
 from saemnesia_comfy.patch import StepGate, patch_block_output
 from saemnesia_comfy.sae_library import load_sae_path
-from saemnesia_comfy.toy.sampling import generate, load_toy_world
+from saemnesia_tools.comfyui.toy.sampling import generate, load_toy_world
 from saemnesia_core.files import write_bytes_atomic, write_json_atomic
 from saemnesia_core.sae import block_to_tokens
-from saemnesia_core.testing import random_sae
+from saemnesia_tools.testing import random_sae
 from saemnesia_core.timesteps import bucket_index
-from saemnesia_core.toy import assets
-from saemnesia_core.toy.prompts import make_prompt
-from saemnesia_core.toy.render import OBJECTS, STYLES
+from saemnesia_tools.toy import assets
+from saemnesia_tools.toy.prompts import make_prompt
+from saemnesia_tools.toy.render import OBJECTS, STYLES
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SEED = 12_000_000  # apart from every other seed base
@@ -79,7 +79,7 @@ def toy() -> dict:
                         totals[method][key] += value
             return out
 
-        patch_block_output(m, target_block(m, files["saemnesia"]), record)
+        patch_block_output(m, block_for(m, files["saemnesia"].file.hookpoint, files["saemnesia"].file.config.d_in), record)
     generate(m, vae, encoder, prompts, [SEED + i for i in range(len(prompts))])
     return rows
 

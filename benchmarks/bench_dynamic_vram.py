@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from saemnesia_comfy.runtime import import_comfy
+from saemnesia_tools.comfyui.host import import_comfy
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -75,12 +75,8 @@ def main() -> None:
         time_variants,
     )
 
-    from saemnesia_comfy.erase import (
-        ADDITIONAL_MODELS_KEY,
-        erase_concepts,
-        target_block,
-    )
-    from saemnesia_comfy.patch import patch_block_output
+    from saemnesia_comfy.erase import erase_concepts
+    from saemnesia_comfy.patch import ADDITIONAL_MODELS_KEY, block_for, patch_block_output
     from saemnesia_core.files import write_bytes_atomic, write_json_atomic
 
     # The random weights are made first: under dynamic VRAM, ComfyUI's layers are built without weights.
@@ -99,7 +95,7 @@ def main() -> None:
 
     watched, placements = variants["Erase Concepts, exact"].clone(), []
     (sae_patcher,) = watched.get_additional_models_with_key(ADDITIONAL_MODELS_KEY)
-    patch_block_output(watched, target_block(watched, loaded), lambda out, options: placements.append(
+    patch_block_output(watched, block_for(watched, loaded.file.hookpoint, loaded.file.config.d_in), lambda out, options: placements.append(
         (str(sae_patcher.model.sae.W_dec.device), str(out.device))) or out)
     with torch.no_grad():
         first = {name: sample(m, args.steps) for name, m in variants.items()}  # the first run pages weights in

@@ -35,7 +35,7 @@ from saemnesia_core.eraser import ConceptEraser
 from saemnesia_core.files import write_bytes_atomic, write_json_atomic
 from saemnesia_core.sae import TopKSAE, block_to_tokens, tokens_to_block
 from saemnesia_core.sae_file import SAEFile
-from saemnesia_core.testing import random_sae, released_hook, sae_file_with_assigned_latents
+from saemnesia_tools.testing import random_sae, released_hook, sae_file_with_assigned_latents
 
 D, N_LATENTS, K = 1280, 20480, 32
 BATCH, H, W = 2, 16, 16
@@ -57,7 +57,7 @@ def setup(dtype: torch.dtype, seed: int = 0, device: str = "cpu"):
 
 
 def dense_reference(sae: TopKSAE, sae_file: SAEFile, x: torch.Tensor, exact: bool = False):
-    """The released hook's formulation (saemnesia_core.testing.released_hook) on the block x.
+    """The released hook's formulation (saemnesia_tools.testing.released_hook) on the block x.
     exact=True (for checking our exact mode only): x + (z' − z)·W_dec, computed densely."""
     out = released_hook(sae, sae_file.concepts, sae_file.tables, block_to_tokens(x), T, {ERASED: GAMMA}, exact=exact)
     return tokens_to_block(out, H, W)

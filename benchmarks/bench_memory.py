@@ -41,7 +41,8 @@ def measure(chain: int, sae_path: Path, size: int, steps: int) -> dict:
     import torch
 
     from bench_sampling import sd15_model, sd15_sampler
-    from saemnesia_comfy.erase import ADDITIONAL_MODELS_KEY, erase_concepts
+    from saemnesia_comfy.erase import erase_concepts
+    from saemnesia_comfy.patch import ADDITIONAL_MODELS_KEY
     from saemnesia_comfy.sae_library import load_sae_path
 
     model, sample = sd15_model(), sd15_sampler(size)
@@ -83,12 +84,12 @@ def main() -> None:
     p.add_argument("--out", type=Path, default=RESULTS)
     args = p.parse_args()
     if args.measure is not None:
-        import saemnesia_comfy  # noqa: F401  (makes ComfyUI importable)
+        import saemnesia_tools.comfyui  # noqa: F401  (makes ComfyUI importable)
 
         print(json.dumps(measure(args.measure, args.sae, args.size, args.steps)))
         return
 
-    import saemnesia_comfy  # noqa: F401
+    import saemnesia_tools.comfyui  # noqa: F401  (makes ComfyUI importable)
     from bench_sampling import random_sae_file
     from saemnesia_core.sae_file import save_sae_file
 

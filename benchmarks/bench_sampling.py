@@ -10,7 +10,7 @@ Two models, each sampled by ComfyUI (`comfy.sample.sample`, Euler, CFG, so every
 Variants: no erasure; Erase Concepts (ours: `erase_concepts`, the node's code) in exact and replace mode, each with
 top-k and with threshold detection (DESIGN §6.4); the papers' dense hook
 (DESIGN §6.1: scatter the top-k code to a dense [tokens, n] buffer, edit, decode twice, add the error x̂ − x;
-`saemnesia_core.testing.released_hook`), as a patch on the same block. Time: variants interleaved round by round after a warm-up, median.
+`saemnesia_tools.testing.released_hook`), as a patch on the same block. Time: variants interleaved round by round after a warm-up, median.
 FLOPs: one sampling step of each variant under torch's FlopCounterMode (with CPU attention counted, which it
 misses by default); edit FLOPs = variant − no erasure. The measured overhead is compared with that ratio.
 
@@ -44,19 +44,19 @@ from pathlib import Path
 import torch
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
-import saemnesia_comfy  # noqa: F401  (makes ComfyUI importable)
+import saemnesia_tools.comfyui  # noqa: F401  (makes ComfyUI importable)
 import comfy.model_management
 import comfy.sample
 
-from saemnesia_comfy.erase import attach_sae_weights, erase_concepts, target_block
-from saemnesia_comfy.patch import StepGate, patch_block_output
+from saemnesia_comfy.erase import erase_concepts
+from saemnesia_comfy.patch import StepGate, attach_weights, block_for, patch_block_output
 from saemnesia_comfy.sae_library import LoadedSAE, load_sae_path
-from saemnesia_comfy.testing import make_sd15_model
+from saemnesia_tools.comfyui.testing import make_sd15_model
 from saemnesia_core.sae import block_to_tokens, tokens_to_block
 from saemnesia_core.sae_file import SAEFile, save_sae_file
 from saemnesia_core.files import write_bytes_atomic, write_json_atomic
-from saemnesia_core.testing import random_sae, released_hook, sae_file_with_assigned_latents
-from saemnesia_core.toy import assets
+from saemnesia_tools.testing import random_sae, released_hook, sae_file_with_assigned_latents
+from saemnesia_tools.toy import assets
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -92,8 +92,8 @@ def dense_hook(model, loaded: LoadedSAE, concept: str, gamma: float):
         edited = released_hook(sae, f.concepts, f.tables, x, t.cpu(), {concept: gamma})
         return tokens_to_block(edited.to(out.dtype), *out.shape[2:])
 
-    patch_block_output(m, target_block(m, loaded), edit)
-    attach_sae_weights(m, loaded)  # ComfyUI places the SAE on the model's device, as for Erase Concepts
+    patch_block_output(m, block_for(m, loaded.file.hookpoint, loaded.file.config.d_in), edit)
+    attach_weights(m, loaded.patcher)  # ComfyUI places the SAE on the model's device, as for Erase Concepts
     return m
 
 
@@ -114,10 +114,10 @@ def variants(model, loaded: LoadedSAE, concept: str) -> dict:
 
 def toy_setup(args, folder: Path):
     """(sample(model, steps), loaded SAE, description) for the toy model."""
-    from saemnesia_comfy.toy.model import load_toy_model
-    from saemnesia_comfy.toy.sampling import PromptEncoder, generate
-    from saemnesia_core.toy.prompts import make_prompt
-    from saemnesia_core.toy.render import OBJECTS, STYLES
+    from saemnesia_comfy.toy_model import load_toy_model
+    from saemnesia_tools.comfyui.toy.sampling import PromptEncoder, generate
+    from saemnesia_tools.toy.prompts import make_prompt
+    from saemnesia_tools.toy.render import OBJECTS, STYLES
 
     model, clip, vae = load_toy_model(args.toy_model)
     if args.toy_sae.exists():
@@ -181,7 +181,7 @@ def meta_step_flops(family: str) -> tuple[int, int]:
     """(FLOPs of one sampling step at 1024 px, parameters) of the family's real model, built on the meta device."""
     import comfy.supported_models
 
-    from saemnesia_comfy.testing import flux_model_config, sdxl_unet_config
+    from saemnesia_tools.comfyui.testing import flux_model_config, sdxl_unet_config
 
     meta, half = torch.device("meta"), torch.bfloat16
     if family == "sdxl":

@@ -39,10 +39,10 @@ from torch import nn
 
 from saemnesia_core.concepts import Concept
 from saemnesia_core.sae import SAEConfig, TopKSAE
-from saemnesia_core.training.distributed import DistContext
-from saemnesia_core.training.shards import RecordBatch
-from saemnesia_core.training.supervised import SupervisedConfig, SupervisedStep
-from saemnesia_core.training.trainer import TrainConfig, UnsupervisedStep, make_adam, total_variance
+from saemnesia_tools.training.distributed import DistContext
+from saemnesia_tools.training.shards import RecordBatch
+from saemnesia_tools.training.supervised import SupervisedConfig, SupervisedStep
+from saemnesia_tools.training.trainer import TrainConfig, UnsupervisedStep, make_adam, total_variance
 
 D, N_LATENTS, K = 1280, 20480, 32
 TOKENS_PER_RECORD = 256  # a 16x16 up_blocks.1 map at 512 px

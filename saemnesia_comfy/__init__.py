@@ -1,6 +1,3 @@
-"""ComfyUI-aware parts shared by the nodes, tools and tests. Importing it makes ComfyUI importable
-(a no-op inside a running ComfyUI; elsewhere it finds the host, see runtime.comfyui_path)."""
-
-from .runtime import import_comfy
-
-import_comfy()
+"""SAEmnesia for ComfyUI, the runtime: exactly what ComfyUI loads (the nodes, the block patch, erasure and probing of
+a MODEL or CLIP, the SAE library of the model folders, the toy model's loader). It imports only `saemnesia_core` and
+ComfyUI, and importing it has no side effects; the tools live in `saemnesia_tools`."""

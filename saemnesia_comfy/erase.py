@@ -5,17 +5,16 @@ from __future__ import annotations
 import json
 import logging
 
-from saemnesia_core.concepts import MAX_STRENGTH, ConceptTables
-from saemnesia_core.eraser import ConceptEraser, UnknownConceptError
+from saemnesia_core.concepts import MAX_STRENGTH, check_known
+from saemnesia_core.eraser import ConceptEraser
 from saemnesia_core.regions import item_weights, token_weights
 
 from comfy.patcher_extension import CallbacksMP
 
 from .dit import dit_family
-from .patch import UNCOND, StepGate, check_block_width, comfy_block_name, item_latent_index, patch_block_output
+from .patch import (ADDITIONAL_MODELS_KEY, UNCOND, StepGate, attach_weights, block_for, item_latent_index,
+                    patch_block_output, weights_of)
 from .sae_library import LoadedSAE, compute_dtype
-
-ADDITIONAL_MODELS_KEY = "saemnesia_sae"
 
 
 def parse_concepts(text: str) -> dict[str, float | None]:
@@ -56,29 +55,6 @@ def _refuse_duplicates(pairs: list[tuple[str, object]]) -> dict:
     return dict(pairs)
 
 
-def attach_sae_weights(model, loaded: LoadedSAE) -> None:
-    """Hand the SAE's ModelPatcher to ComfyUI's memory manager with this model (once, however many edits)."""
-    attached = model.get_additional_models_with_key(ADDITIONAL_MODELS_KEY)
-    if not any(p.model.sae is loaded.sae for p in attached):
-        model.set_additional_models(ADDITIONAL_MODELS_KEY, attached + [loaded.patcher])
-
-
-def sae_weights_of(model, loaded: LoadedSAE):
-    """The copy of `loaded`'s SAE that `model` carries: its own, or on a MultiGPU copy of the model the one ComfyUI
-    made with it for that device (a copy of the same patcher shares its clone_base_uuid)."""
-    for patcher in model.get_additional_models_with_key(ADDITIONAL_MODELS_KEY):
-        if patcher.clone_base_uuid == loaded.patcher.clone_base_uuid:
-            return patcher.model.sae
-    raise RuntimeError(f"this model carries no copy of the SAE {loaded.name!r}")
-
-
-def target_block(model, loaded: LoadedSAE) -> str:
-    """The ComfyUI block of the SAE's hookpoint, checked against the SAE's width."""
-    block = comfy_block_name(model, loaded.file.hookpoint)
-    check_block_width(model, block, loaded.file.config.d_in, loaded.file.hookpoint)
-    return block
-
-
 def sae_sites(sae) -> list[LoadedSAE]:
     """One SAE, or the SAEs of a Load SAE chain (one per block, DESIGN §6.6), as a list; two for one block fail."""
     sites = list(sae) if isinstance(sae, (list, tuple)) else [sae]
@@ -96,6 +72,20 @@ def chain_saes(earlier, loaded: LoadedSAE) -> tuple[LoadedSAE, ...]:
     return tuple(sae_sites([*sae_sites(earlier), loaded]))
 
 
+def single_sae(sae, node: str) -> LoadedSAE:
+    """The SAE of a node that reads one (Erase Concepts (text), Concept Probe): a Load SAE chain is refused."""
+    sites = list(sae) if isinstance(sae, (list, tuple)) else [sae]
+    if len(sites) > 1:
+        raise ValueError(f"{node} reads one SAE, got {len(sites)} chained ({', '.join(s.name for s in sites)}): "
+                         "connect a single Load SAE")
+    return sites[0]
+
+
+def resolve_strengths(concepts: dict[str, float | None], strength: float) -> dict[str, float]:
+    """The `concepts` string's labels with their strengths: each its own, or the node's where it gave none."""
+    return {label: strength if s is None else s for label, s in concepts.items()}
+
+
 def erase_concepts(model, sae: LoadedSAE | tuple[LoadedSAE, ...], concepts: dict[str, float | None],
                    strength: float, start_percent: float = 0.0, end_percent: float = 1.0, branches: str = "both",
                    mode: str = "exact", mask=None, detection: str = "topk"):
@@ -104,29 +94,26 @@ def erase_concepts(model, sae: LoadedSAE | tuple[LoadedSAE, ...], concepts: dict
     chosen latents' threshold alone). `sae`: one SAE, or several for different blocks (a Load SAE chain): each
     erases, at its own block, the chosen concepts it knows; every chosen concept must be known to one of them.
 
-    With no concept chosen the clone is returned unpatched, in every mode: no node, no change.
+    With no concept chosen, `model` itself is returned (after every input was checked), in every mode: no node, no
+    change, and nothing that could make ComfyUI load or page the model again.
     """
     if mask is not None:
         token_weights(mask, (1, 1))  # shape and range, before anything is patched
         if dit_family(model) is not None:  # the mask is resampled to a UNet block's [H, W] token grid
             raise ValueError("regional erasure (a MASK) works at UNet blocks only for now; this is a DiT model")
-    strengths = {label: strength if s is None else s for label, s in concepts.items()}
+    strengths = resolve_strengths(concepts, strength)
     sites = [loaded.for_dtype(compute_dtype(model)) for loaded in sae_sites(sae)]
-    known = [label for loaded in sites for label in loaded.labels]
-    unknown = [label for label in strengths if label not in known]
-    if unknown:
-        raise UnknownConceptError(unknown, list(dict.fromkeys(known)))
+    check_known(strengths, [label for loaded in sites for label in loaded.labels])
 
     def make_eraser(loaded, sae_weights):  # the chosen concepts this site knows; checks strengths and mode
-        tables = loaded.file.tables if loaded.file.tables is not None else ConceptTables.empty(loaded.file.num_buckets)
         chosen = {label: s for label, s in strengths.items() if label in loaded.labels}
-        return ConceptEraser(sae_weights, loaded.file.concepts, tables, chosen, mode, detection)
+        return ConceptEraser.from_file(loaded.file, chosen, mode, sae=sae_weights, detection=detection)
 
     erasers = [make_eraser(loaded, loaded.sae) for loaded in sites]
+    gate = StepGate(model, start_percent, end_percent, branches)
+    if not strengths:  # checked like any other input, then given back as it came: no node, no change, no cost
+        return model
     m = model.clone()
-    if not strengths:
-        return m
-    gate = StepGate(m, start_percent, end_percent, branches)
     uncond_seen = [False]  # in the current sampling run
     regions = {}  # the mask's token weights per (grid, device)
 
@@ -150,10 +137,11 @@ def erase_concepts(model, sae: LoadedSAE | tuple[LoadedSAE, ...], concepts: dict
             continue
 
         def edit_for_copy(copy, loaded=loaded):  # a MultiGPU copy erases with its own copy of the SAE's weights
-            return edit_with(make_eraser(loaded, sae_weights_of(copy, loaded)))
+            return edit_with(make_eraser(loaded, weights_of(copy, loaded.patcher)))
 
-        patch_block_output(m, target_block(m, loaded), edit_with(eraser), edit_for_copy)
-        attach_sae_weights(m, loaded)
+        patch_block_output(m, block_for(m, loaded.file.hookpoint, loaded.file.config.d_in), edit_with(eraser),
+                           edit_for_copy)
+        attach_weights(m, loaded.patcher)
     if branches == "uncond":  # at cfg 1 ComfyUI skips the unconditional pass: nothing would be erased, silently
         def forget(_patcher):
             uncond_seen[0] = False

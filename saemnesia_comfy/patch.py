@@ -61,6 +61,33 @@ def check_block_width(model, block: str, d_in: int, hookpoint: str) -> None:
                              f"{block} has {channels} channels: the SAE was trained for another model")
 
 
+def block_for(model, hookpoint: str, d_in: int) -> str:
+    """The ComfyUI block an SAE of this hookpoint and width reads in `model`, checked (HookpointError otherwise)."""
+    block = comfy_block_name(model, hookpoint)
+    check_block_width(model, block, d_in, hookpoint)
+    return block
+
+
+ADDITIONAL_MODELS_KEY = "saemnesia_sae"
+
+
+def attach_weights(patcher, sae_patcher) -> None:
+    """Hand an SAE's ModelPatcher to ComfyUI's memory manager with the patched model's (or CLIP's) patcher: once,
+    however many edits use it."""
+    attached = patcher.get_additional_models_with_key(ADDITIONAL_MODELS_KEY)
+    if not any(p.model is sae_patcher.model for p in attached):
+        patcher.set_additional_models(ADDITIONAL_MODELS_KEY, attached + [sae_patcher])
+
+
+def weights_of(model, sae_patcher):
+    """The copy of an SAE's weights that `model` carries: its own, or on a MultiGPU copy of the model the one ComfyUI
+    made with it for that device (a copy of the same patcher shares its clone_base_uuid)."""
+    for patcher in model.get_additional_models_with_key(ADDITIONAL_MODELS_KEY):
+        if patcher.clone_base_uuid == sae_patcher.clone_base_uuid:
+            return patcher.model.sae
+    raise RuntimeError("this model carries no copy of the SAE's weights")
+
+
 _REBIND_KEY = "saemnesia_block_patches"
 # ComfyUI's callbacks when it makes or matches a MultiGPU copy of a model (none before 0.23)
 MULTIGPU_CALLBACKS = [getattr(CallbacksMP, name) for name in ("ON_DEEPCLONE_MULTIGPU", "ON_MATCH_MULTIGPU_CLONES")

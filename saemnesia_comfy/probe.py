@@ -12,13 +12,12 @@ import torch
 import torch.nn.functional as F
 
 from comfy.patcher_extension import CallbacksMP
-from saemnesia_core.concepts import ConceptTables
-from saemnesia_core.eraser import concept_activation_maps, UnknownConceptError
+from saemnesia_core.concepts import check_known
+from saemnesia_core.eraser import concept_activation_maps
 from saemnesia_core.timesteps import bucket_index
 
 from .dit import dit_family
-from .erase import attach_sae_weights, target_block
-from .patch import COND, StepGate, item_branches, patch_block_output
+from .patch import COND, StepGate, attach_weights, block_for, item_branches, patch_block_output
 from .sae_library import LoadedSAE, compute_dtype
 
 
@@ -69,17 +68,15 @@ class ProbeRecord:
 
 def probe_concepts(model, loaded: LoadedSAE, labels: list[str], start_percent=0.0, end_percent=1.0):
     """(clone of `model` that records, its ProbeRecord). Only conditional-branch items are recorded."""
-    unknown = [label for label in labels if label not in loaded.labels]
-    if unknown:
-        raise UnknownConceptError(unknown, loaded.labels)
+    check_known(labels, loaded.labels)
     if not labels:
         raise ValueError("choose at least one concept to probe")
     loaded = loaded.for_dtype(compute_dtype(model))
-    tables = loaded.file.tables if loaded.file.tables is not None else ConceptTables.empty(loaded.file.num_buckets)
+    tables = loaded.file.concept_tables
     index = [loaded.labels.index(label) for label in labels]
     record = ProbeRecord(labels)
     m = model.clone()
-    block = target_block(m, loaded)
+    block = block_for(m, loaded.file.hookpoint, loaded.file.config.d_in)
     if dit_family(m) is not None:  # its maps need the image's token grid, which a DiT block's tokens do not carry
         raise ValueError("Concept Probe reads UNet blocks only for now; this is a DiT model")
     gate = StepGate(m, start_percent, end_percent, "cond")
@@ -99,7 +96,7 @@ def probe_concepts(model, loaded: LoadedSAE, labels: list[str], start_percent=0.
 
     patch_block_output(m, block, observe)
     m.add_callback_with_key(CallbacksMP.ON_PRE_RUN, "saemnesia_probe", lambda _patcher: record.reset())
-    attach_sae_weights(m, loaded)
+    attach_weights(m, loaded.patcher)
     return m, record
 
 

@@ -26,18 +26,19 @@ from saemnesia_core.concepts import with_calibrations
 from saemnesia_core.importers import CONFIG_FILES, WEIGHT_FILES, is_checkpoint_folder, load_any
 from saemnesia_core.sae import TopKSAE
 from saemnesia_core.sae_file import SAEFile, SAEFileError, SAEHeader, read_header
-from saemnesia_core.toy import assets
 
 SAE_FOLDER = "saemnesia"
 TOY_FOLDER = "saemnesia_toy"
+PACK_MODELS = Path(__file__).resolve().parents[1] / "models"
+"""The pack's own models: the toy world's SAEs (saemnesia/) and its model (toy/), listed without copying."""
 
 
 def register_folders() -> None:
     """Add our model folders, keeping any paths extra_model_paths.yaml already gave them."""
     for name, paths, extensions in (
-        (SAE_FOLDER, [Path(folder_paths.models_dir) / "saemnesia", assets.MODELS / assets.SAE_FOLDER],
+        (SAE_FOLDER, [Path(folder_paths.models_dir) / "saemnesia", PACK_MODELS / "saemnesia"],
          {".safetensors"}),
-        (TOY_FOLDER, [Path(folder_paths.models_dir) / "saemnesia_toy", assets.path(assets.MODEL).parent],
+        (TOY_FOLDER, [Path(folder_paths.models_dir) / "saemnesia_toy", PACK_MODELS / "toy"],
          {".safetensors"}),
     ):
         for path in paths:

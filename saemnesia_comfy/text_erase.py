@@ -16,8 +16,8 @@ import torch
 
 from saemnesia_core.eraser import ConceptEraser
 
-from .erase import attach_sae_weights
-from .patch import HookpointError
+from .erase import resolve_strengths, single_sae
+from .patch import HookpointError, attach_weights
 from .sae_library import LoadedSAE
 
 ENCODERS = ("clip_l", "clip_g")
@@ -70,16 +70,15 @@ class LayerOutputPatch:
 def erase_text_concepts(clip, sae: LoadedSAE, concepts: dict[str, float | None], strength: float,
                         mode: str = "exact"):
     """A clone of `clip` that erases `concepts` (label → strength, None = `strength`) at the SAE's layer for every
-    prompt it encodes. With no concept chosen the clone is returned unpatched."""
-    if isinstance(sae, (list, tuple)):
-        raise ValueError(f"Erase Concepts (text) reads one SAE, got {len(sae)} chained: connect a single Load SAE")
-    strengths = {label: strength if s is None else s for label, s in concepts.items()}
+    prompt it encodes. With no concept chosen, `clip` itself is returned (after every input was checked)."""
+    sae = single_sae(sae, "Erase Concepts (text)")
+    strengths = resolve_strengths(concepts, strength)
     # checks the labels (UnknownConceptError lists the known ones), the strengths and the mode
     eraser = ConceptEraser.from_file(sae.file, strengths, mode, sae=sae.sae)
     layer = layer_path(clip, sae.file.hookpoint, sae.file.config.d_in)
-    patched = clip.clone()
     if not strengths:
-        return patched
+        return clip
+    patched = clip.clone()
     patch_layer_output(patched, layer, lambda out: eraser(out, 0.0))
-    attach_sae_weights(patched.patcher, sae)
+    attach_weights(patched.patcher, sae.patcher)
     return patched

@@ -44,6 +44,25 @@ class Concept:
 MEASURED_KEYS = ("strength", "images", "seen_without", "gone", "other_kept")
 
 
+class UnknownConceptError(KeyError, ValueError):
+    """Concept labels the file does not have; the message lists the ones it has."""
+
+    def __init__(self, unknown: Sequence[str], known: Sequence[str]):
+        self.unknown, self.known = list(unknown), list(known)
+        super().__init__(self.__str__())
+
+    def __str__(self) -> str:
+        known = ", ".join(map(repr, self.known)) or "none"
+        return f"unknown concept(s) {', '.join(map(repr, self.unknown))}; this SAE knows: {known}"
+
+
+def check_known(labels, known: Sequence[str]) -> None:
+    """Every label in `labels` must be one of `known`; UnknownConceptError lists the others and what is known."""
+    unknown = [label for label in labels if label not in known]
+    if unknown:
+        raise UnknownConceptError(unknown, list(dict.fromkeys(known)))
+
+
 def with_calibrations(concepts: Sequence[Concept], kappas: dict[str, float | None]) -> list[Concept]:
     """The concepts with κ set (None: removed) for the labels in `kappas`; the others as they are. A concept whose κ
     changes loses its erasure record: it was measured with the old κ."""

@@ -22,7 +22,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from .concepts import MAX_STRENGTH, Concept, ConceptTables
+from .concepts import MAX_STRENGTH, Concept, ConceptTables, check_known
 from .sae import TopKSAE, block_to_tokens, pre_activations, sparse_decode, standardize
 from .timesteps import bucket_index
 
@@ -30,23 +30,9 @@ MODES = ("exact", "paper", "replace")
 DETECTIONS = ("topk", "threshold")
 
 
-class UnknownConceptError(KeyError, ValueError):
-    """Concept labels the file does not have; the message lists the ones it has."""
-
-    def __init__(self, unknown: Sequence[str], known: Sequence[str]):
-        self.unknown, self.known = list(unknown), list(known)
-        super().__init__(self.__str__())
-
-    def __str__(self) -> str:
-        known = ", ".join(map(repr, self.known)) or "none"
-        return f"unknown concept(s) {', '.join(map(repr, self.unknown))}; this SAE knows: {known}"
-
-
 def _concept_indices(concepts: Sequence[Concept], labels) -> list[int]:
     index = {c.label: i for i, c in enumerate(concepts)}
-    unknown = [label for label in labels if label not in index]
-    if unknown:
-        raise UnknownConceptError(unknown, list(index))
+    check_known(labels, list(index))
     return [index[label] for label in labels]
 
 
@@ -110,9 +96,8 @@ class ConceptEraser:
     def from_file(cls, sae_file, strengths: dict[str, float | None], mode: str = "exact",
                   sae: TopKSAE | None = None, detection: str = "topk") -> ConceptEraser:
         """From a loaded SAEFile; builds the TopKSAE unless the caller already placed one."""
-        tables = sae_file.tables if sae_file.tables is not None else ConceptTables.empty(sae_file.num_buckets)
-        return cls(sae if sae is not None else sae_file.build_sae(), sae_file.concepts, tables, strengths, mode,
-                   detection)
+        return cls(sae if sae is not None else sae_file.build_sae(), sae_file.concepts, sae_file.concept_tables,
+                   strengths, mode, detection)
 
     def _merge(self, chosen: list[int]) -> _EditTables:
         T = self.tables.num_buckets

@@ -143,8 +143,9 @@ def import_checkpoint_folder(folder, hookpoint: str | None = None) -> SAEFile:
     if not hookpoint and not (isinstance(name, str) and _HOOKPOINT.match(name)):
         raise SAEFileError(f"{folder}: cannot tell the hookpoint from the folder name {folder.resolve().name!r}; "
                            f"give it (hookpoint=… / --hookpoint {EXAMPLE_HOOKPOINT})")
-    sae_file = SAEFile(config, weights, [], None, _diffusers_hookpoint(name), "unknown", 1, False,
-                       {"imported_from": {"format": source, "folder": folder.resolve().name, "cfg": cfg}})
+    sae_file = SAEFile(config=config, weights=weights, concepts=[], hookpoint=_diffusers_hookpoint(name),
+                       model_family="unknown", num_buckets=1, supervised=False,
+                       provenance={"imported_from": {"format": source, "folder": folder.resolve().name, "cfg": cfg}})
     try:
         validate_sae_file(sae_file)
     except SAEFileError as e:

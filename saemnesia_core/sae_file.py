@@ -11,26 +11,21 @@ Every problem with a file raises `SAEFileError` with a message that says what is
 from __future__ import annotations
 
 import json
-import os
-import stat
 import unicodedata
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from .concepts import MAX_CALIBRATION, MAX_STRENGTH, MEASURED_KEYS, Concept, ConceptTables
 from .files import atomic_path
+from .safetensors_index import MAX_HEADER_BYTES, SAEFileError, read_index
 from .sae import SAEConfig, TopKSAE
 
 FORMAT_VERSION = 1
 METADATA_KEY = "saemnesia"
-MAX_HEADER_BYTES = 16 * 1024 * 1024
-"""Larger headers are refused before reading them (and never written): thousands of concepts fit in well under
-1 MiB."""
 MAX_BUCKETS = 10_000
 """Timestep buckets a file may have: the papers use 50 or 100; the tables and the eraser grow with the count."""
 
@@ -40,44 +35,15 @@ SELECTION_MODES = ("saemnesia", "saeuron")
 WEIGHT_NAMES = ("encoder.weight", "encoder.bias", "W_dec", "b_dec")
 TABLE_NAMES = ("concepts.latents", "concepts.mean_acts", "concepts.thresholds")
 
-_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,
-           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-           "BOOL": torch.bool}
-"""safetensors dtype names we can check (the weights and tables use only some of them; _check_structure says which)."""
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 
 
-class SAEFileError(ValueError):
-    """A file that is not a valid SAE file (or importable checkpoint); the message says why."""
-
-
-@dataclass
-class SAEHeader:
-    """Everything in a file except the tensors' values: what `read_header` returns."""
+@dataclass(kw_only=True)
+class SAEDescription:
+    """What an SAE file says about its SAE besides the tensors: the fields SAEHeader and SAEFile share."""
 
     config: SAEConfig
     concepts: list[Concept]
-    hookpoint: str
-    model_family: str
-    num_buckets: int
-    supervised: bool
-    selection_mode: str
-    provenance: dict
-    dtype: torch.dtype
-    """dtype of the weights as stored."""
-    format_version: int = FORMAT_VERSION
-
-
-@dataclass
-class SAEFile:
-    """One SAE with its concepts, in memory: what save_sae_file writes and load_sae_file returns."""
-
-    config: SAEConfig
-    weights: dict[str, Tensor]
-    """The four sparsify-named tensors."""
-    concepts: list[Concept]
-    tables: ConceptTables | None
-    """None exactly when there are no concepts."""
     hookpoint: str
     """diffusers-style module path, e.g. "unet.up_blocks.1.attentions.1"."""
     model_family: str
@@ -85,15 +51,43 @@ class SAEFile:
     num_buckets: int
     supervised: bool
     """Trained with SAEmnesia's concept supervision."""
+    selection_mode: str = "saemnesia"
     provenance: dict = field(default_factory=dict)
     """Free-form JSON: how the SAE was trained or where it was imported from."""
-    selection_mode: str = "saemnesia"
+
+
+def description_of(source: SAEDescription) -> dict:
+    """The shared fields of a header or file, as keyword arguments for the other."""
+    return {f.name: getattr(source, f.name) for f in fields(SAEDescription)}
+
+
+@dataclass(kw_only=True)
+class SAEHeader(SAEDescription):
+    """Everything in a file except the tensors' values: what `read_header` returns."""
+
+    dtype: torch.dtype = torch.float32
+    """dtype of the weights as stored."""
+    format_version: int = FORMAT_VERSION
+
+
+@dataclass(kw_only=True)
+class SAEFile(SAEDescription):
+    """One SAE with its concepts, in memory: what save_sae_file writes and load_sae_file returns."""
+
+    weights: dict[str, Tensor]
+    """The four sparsify-named tensors."""
+    tables: ConceptTables | None = None
+    """None exactly when there are no concepts."""
 
     @property
     def header(self) -> SAEHeader:
         dtype = self.weights["encoder.weight"].dtype if "encoder.weight" in self.weights else torch.float32
-        return SAEHeader(self.config, self.concepts, self.hookpoint, self.model_family, self.num_buckets,
-                         self.supervised, self.selection_mode, self.provenance, dtype)
+        return SAEHeader(**description_of(self), dtype=dtype)
+
+    @property
+    def concept_tables(self) -> ConceptTables:
+        """The tables, or empty ones for a file without concepts (an eraser of it edits nothing)."""
+        return self.tables if self.tables is not None else ConceptTables.empty(self.num_buckets)
 
     def build_sae(self, device=None, dtype=None) -> TopKSAE:
         """The TopKSAE module with these weights (stored dtype unless one is given; shares their memory if unchanged)."""
@@ -156,7 +150,7 @@ def _metadata_json(h: SAEHeader) -> str:
 
 def read_header(path) -> SAEHeader:
     """Metadata and concepts without reading any tensor data (fast enough for every UI refresh)."""
-    metadata, entries = _read_index(path)
+    metadata, entries = read_index(path)
     if METADATA_KEY not in metadata:
         raise SAEFileError(f"{path}: a safetensors file without SAEmnesia metadata; import it with "
                            "`saemnesia convert` (importers.load_any) instead")
@@ -168,7 +162,7 @@ def read_header(path) -> SAEHeader:
 
 def is_sae_file(path) -> bool:
     """Whether a safetensors file carries our metadata (a sparsify sae.safetensors does not)."""
-    return METADATA_KEY in _read_index(path)[0]
+    return METADATA_KEY in read_index(path)[0]
 
 
 def load_sae_file(path) -> SAEFile:
@@ -179,8 +173,7 @@ def load_sae_file(path) -> SAEFile:
     except Exception as e:  # the safetensors reader's own errors (SafetensorError, OSError, …)
         raise SAEFileError(f"{path}: cannot read tensors: {e}") from e
     tables = ConceptTables(*(tensors[n] for n in TABLE_NAMES)) if h.concepts else None
-    sae_file = SAEFile(h.config, {n: tensors[n] for n in WEIGHT_NAMES}, h.concepts, tables, h.hookpoint,
-                       h.model_family, h.num_buckets, h.supervised, h.provenance, h.selection_mode)
+    sae_file = SAEFile(**description_of(h), weights={n: tensors[n] for n in WEIGHT_NAMES}, tables=tables)
     with _naming(path):
         _check_values(sae_file)
     return sae_file
@@ -193,60 +186,6 @@ def _naming(path):
         yield
     except SAEFileError as e:
         raise SAEFileError(f"{path}: {e}") from None
-
-
-def _read_index(path) -> tuple[dict[str, str], dict[str, tuple[torch.dtype, tuple]]]:
-    """(string metadata, {tensor name: (dtype, shape)}) of a safetensors file, by safetensors' own reader.
-
-    The library checks the header's JSON, its size (up to 100 MB), the dtypes, and that the tensors' offsets
-    agree with their shapes and cover the data exactly. What it lacks, and this adds before opening the file:
-    a header cap suited to a request the UI makes on every refresh (MAX_HEADER_BYTES, 16 MiB, instead of
-    100 MB), a refusal of anything that is not a regular file (opening a FIFO blocks), and errors of our own
-    type whose messages say what is wrong.
-    """
-    try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))  # a FIFO opens without waiting for a writer
-        try:
-            info = os.fstat(fd)
-            if not stat.S_ISREG(info.st_mode):
-                raise SAEFileError(f"{path}: not a regular file")
-            prefix = os.read(fd, 8)
-        finally:
-            os.close(fd)
-    except OSError as e:
-        raise SAEFileError(f"{path}: cannot read: {e}") from e
-    if len(prefix) < 8:
-        raise SAEFileError(f"{path}: too short to be a safetensors file ({info.st_size} bytes)")
-    header_bytes = int.from_bytes(prefix, "little")
-    if header_bytes > info.st_size - 8:
-        raise SAEFileError(f"{path}: not a safetensors file (its first 8 bytes do not give a header length that fits "
-                           f"in its {info.st_size} bytes)")
-    if header_bytes > MAX_HEADER_BYTES:
-        raise SAEFileError(f"{path}: header of {header_bytes} bytes exceeds the {MAX_HEADER_BYTES}-byte limit")
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            metadata = f.metadata() or {}
-            index = {name: (f.get_slice(name).get_dtype(), tuple(f.get_slice(name).get_shape())) for name in f.keys()}
-    except Exception as e:  # the library's SafetensorError, or OSError
-        raise SAEFileError(f"{path}: {_library_error(e)}") from e
-    entries = {}
-    for name, (dtype, shape) in index.items():
-        if dtype not in _DTYPES:
-            raise SAEFileError(f"{path}: tensor {name!r} has dtype {dtype}, which SAE files do not use")
-        entries[name] = (_DTYPES[dtype], shape)
-    return metadata, entries
-
-
-def _library_error(e: Exception) -> str:
-    """safetensors' reader's message, said plainly."""
-    text = str(e)
-    if "not fully covered" in text:
-        return "truncated (or padded): the tensors listed in the header do not cover the file's data exactly"
-    if "invalid JSON" in text:
-        return f"header is not valid JSON or not a safetensors header ({text.split(': ', 1)[-1]})"
-    if "header too" in text:
-        return f"not a safetensors file ({text.split(': ', 1)[-1]})"
-    return f"not a valid safetensors file: {text}"
 
 
 def _parse_metadata(text: str, dtype: torch.dtype | None) -> SAEHeader:
@@ -267,9 +206,11 @@ def _parse_metadata(text: str, dtype: torch.dtype | None) -> SAEHeader:
     except ValueError as e:
         raise SAEFileError(f"metadata: {e}") from e
     concepts = [_parse_concept(c, i) for i, c in enumerate(get("concepts", list))]
-    return SAEHeader(config, concepts, get("hookpoint", str), get("model_family", str), get("num_buckets", int),
-                     get("supervised", bool), get("selection_mode", str), get("provenance", dict),
-                     dtype if dtype is not None else torch.float32, version)
+    return SAEHeader(config=config, concepts=concepts, hookpoint=get("hookpoint", str),
+                     model_family=get("model_family", str), num_buckets=get("num_buckets", int),
+                     supervised=get("supervised", bool), selection_mode=get("selection_mode", str),
+                     provenance=get("provenance", dict), dtype=dtype if dtype is not None else torch.float32,
+                     format_version=version)
 
 
 def _parse_concept(entry, i: int) -> Concept:

@@ -72,7 +72,7 @@ else
   ln -sfn "$root" "$comfy/custom_nodes/saemnesia"
 fi
 mkdir -p "$host_dir"
-# Where this venv's host is (saemnesia_comfy/runtime.py reads it); the first host is also the checkout's default.
+# Where this venv's host is (saemnesia_tools/comfyui/host.py reads it); the first host is also the checkout's default.
 printf '%s\n' "$comfy" > "$venv/comfyui_path"
 [ -n "${SAEMNESIA_HOST_SOURCE:-}" ] || printf '%s\n' "$comfy" > "$host_dir/comfyui_path"
 
@@ -89,7 +89,7 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   "${pip[@]}" install -e "$root[test]"
   echo "$want" > "$stamp"
 fi
-# The newest frontend, for the browser tests (saemnesia_comfy/browser.py serves it with --front-end-root); kept apart
+# The newest frontend, for the browser tests (saemnesia_tools/comfyui/browser.py serves it with --front-end-root); kept apart
 # from the frontend each host pins, once per checkout.
 newest_frontend="comfyui-frontend-package==1.58.1"
 frontend_dir="$root/.frontends/newest"

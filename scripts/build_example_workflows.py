@@ -1,7 +1,7 @@
 """Makes the example workflows ComfyUI lists as templates, with the real frontend: each graph is built in the
 ComfyUI page (nodes created by the app, widgets set, links connected) and exported as the app's Export writes it,
 so the files are exactly what this frontend version writes. The workflows use the shipped toy world
-(`saemnesia_core.toy.assets`) at the node's default strength, −1 (for each concept of their block's group, the
+(`saemnesia_tools.toy.assets`) at the node's default strength, −1 (for each concept of their block's group, the
 toy's SAEmnesia files keep the κ or the papers' formula that erased it best, DESIGN §6.7), enlarge their 32×32 images ×8
 (nearest neighbour) for display, and open with every node in view. Each is then run once, and its images make
 the template's thumbnail (example_workflows/<name>.jpg). Last, screenshots of the templates dialog and of an
@@ -21,9 +21,9 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont
 
-from saemnesia_comfy.browser import comfy_page, load_workflow, queue_from_page, wait_for_checklists
-from saemnesia_comfy.server import ComfyServer
-from saemnesia_core.toy import assets
+from saemnesia_tools.comfyui.browser import comfy_page, load_workflow, queue_from_page, wait_for_checklists
+from saemnesia_tools.comfyui.server import ComfyServer
+from saemnesia_tools.toy import assets
 
 TOY_MODEL = Path(assets.MODEL).name
 SAE = assets.SITES["object"].saemnesia

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from saemnesia_core.toy.render import render_batch
+from saemnesia_tools.toy.render import render_batch
 
 ICON = Path(__file__).resolve().parents[1] / "web" / "icon.png"
 SIZE = 256

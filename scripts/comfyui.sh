@@ -3,4 +3,4 @@
 set -euo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 "$root/scripts/bootstrap.sh"
-exec "$root/.venv/bin/python" -m saemnesia_comfy.server "$@"
+exec "$root/.venv/bin/python" -m saemnesia_tools.comfyui.server "$@"

@@ -20,11 +20,11 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from saemnesia_comfy.server import ComfyServer
+from saemnesia_tools.comfyui.server import ComfyServer
 from saemnesia_core.files import write_json_atomic
-from saemnesia_core.toy import assets, demo
-from saemnesia_core.toy.evaluation.quality import ArtifactJudge
-from saemnesia_core.toy.judges import Judges
+from saemnesia_tools.toy import assets, demo
+from saemnesia_tools.toy.evaluation.quality import ArtifactJudge
+from saemnesia_tools.toy.judges import Judges
 
 
 def toy_prompt(text: str, seed: int, erase: dict[str, dict[str, float]], steps=25, cfg=5.0) -> dict:
@@ -108,7 +108,7 @@ def main(argv=None) -> int:
     for path in needed:
         if not path.exists():
             made_by = "saemnesia eval" if path.name == Path(demo.ARTIFACT_JUDGE).name else \
-                "python -m saemnesia_comfy.toy.build"
+                "python -m saemnesia_tools.comfyui.toy.build"
             print(f"missing {path}: regenerate it with `{made_by}`")
             return 1
     (args.out / "images").mkdir(parents=True, exist_ok=True)

@@ -27,7 +27,7 @@ status=0
 "$python" -m pytest -q -p no:cacheprovider tests/test_gpu.py >"$log" 2>&1 || status=$?
 {
   echo "# GPU tests: tests/test_gpu.py on $("$python" -c 'import torch; print(torch.cuda.get_device_name())'), ComfyUI $(
-    "$python" -c 'import saemnesia_comfy, comfyui_version; print(comfyui_version.__version__)' 2>/dev/null)"
+    "$python" -c 'import saemnesia_tools.comfyui, comfyui_version; print(comfyui_version.__version__)' 2>/dev/null)"
   echo
   echo '```'
   cat "$log"

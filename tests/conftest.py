@@ -1,6 +1,7 @@
 """Shared fixtures: the real ComfyUI host imported in-process (CPU, PyTorch attention), with this pack loaded.
 
-Tests that need no ComfyUI (everything of saemnesia_core) never touch these fixtures, so they run without a host.
+Tests that need no ComfyUI (the core, the ComfyUI-free tools) never touch these fixtures, so they run without a host.
+Test modules that import ComfyUI or the runtime at their top find the host because this file looks for it first.
 """
 
 import asyncio
@@ -8,14 +9,19 @@ from pathlib import Path
 
 import pytest
 
+from saemnesia_tools.comfyui.host import import_comfy
+
+try:
+    import_comfy(cpu=True)
+except RuntimeError:  # no host set up: only the tests that need one fail, at their own imports
+    pass
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="session")
 def comfy():
     """The real ComfyUI, imported in-process on the CPU (no server); its folder."""
-    from saemnesia_comfy.runtime import import_comfy
-
     root = import_comfy(cpu=True)
     import comfy.model_management  # noqa: F401  (reads the settings import_comfy chose)
 
@@ -37,9 +43,9 @@ def comfy_nodes(comfy):
 @pytest.fixture(scope="session")
 def toy_servers(tmp_path_factory):
     """toy_servers(frontend) -> a live toy-world server (fixtures_server) serving the host's own frontend ("host")
-    or the newest one ("newest", saemnesia_comfy.browser.newest_frontend); each started once, on first use."""
+    or the newest one ("newest", saemnesia_tools.comfyui.browser.newest_frontend); each started once, on first use."""
     from fixtures_server import start_toy_server
-    from saemnesia_comfy.browser import newest_frontend
+    from saemnesia_tools.comfyui.browser import newest_frontend
 
     started = {}
 

@@ -18,8 +18,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from saemnesia_comfy.server import ComfyServer
-from saemnesia_core.toy import assets
+from saemnesia_tools.comfyui.server import ComfyServer
+from saemnesia_tools.toy import assets
 
 REPO_ROOT = assets.REPO_ROOT
 TOY_MODEL = Path(assets.MODEL).name
@@ -33,7 +33,7 @@ SAE_RECIPE = "v1"  # bump when _build_toy_sae changes
 
 
 def toy_labels() -> tuple[list[str], list[str]]:
-    from saemnesia_core.toy.render import OBJECTS, STYLES
+    from saemnesia_tools.toy.render import OBJECTS, STYLES
 
     return list(OBJECTS) + list(STYLES), ["object"] * len(OBJECTS) + ["style"] * len(STYLES)
 
@@ -53,7 +53,7 @@ def make_toy_sae(folder: Path) -> Path:
 
 def _build_toy_sae(model_path: Path, out: Path) -> None:
     from helpers_comfy import record_block_outputs, sae_file_for_activations, sample
-    from saemnesia_comfy.toy.model import load_toy_model
+    from saemnesia_comfy.toy_model import load_toy_model
     from saemnesia_core.sae import block_to_tokens
     from saemnesia_core.sae_file import save_sae_file
 

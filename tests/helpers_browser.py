@@ -1,12 +1,12 @@
 """Module-scoped fixtures shared by the browser test modules (import them by name: `from helpers_browser import
 browser_setup, page, server`): each module runs once per browser set-up, on one live toy-world server per
-frontend (conftest's `toy_servers`) and one page. The page helpers: saemnesia_comfy.browser."""
+frontend (conftest's `toy_servers`) and one page. The page helpers: saemnesia_tools.comfyui.browser."""
 
 from __future__ import annotations
 
 import pytest
 
-from saemnesia_comfy.browser import comfy_page
+from saemnesia_tools.comfyui.browser import comfy_page
 
 BROWSER_SETUPS = {  # id: (frontend, Vue node renderer)
     "host-frontend": ("host", False),           # the frontend the host pins, classic canvas

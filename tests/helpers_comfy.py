@@ -1,7 +1,11 @@
 """ComfyUI helpers for tests: sampling, recording a block's outputs, an SAE fitted to recorded activations.
-Random SD1.5-topology models: saemnesia_comfy.testing."""
+Random SD1.5-topology models: saemnesia_tools.comfyui.testing."""
 
 import torch
+
+NODE_IDS = ("SAEmnesiaLoadSAE", "SAEmnesiaEraseConcepts", "SAEmnesiaEraseConceptsText", "SAEmnesiaConceptProbe",
+            "SAEmnesiaProbeReport", "SAEmnesiaToyModelLoader", "SAEmnesiaToyEmptyLatent")
+"""Every node the pack registers."""
 
 
 def sample(model, positive, negative, latent, steps=4, cfg=5.0, seed=0, sampler="euler", scheduler="normal",
@@ -44,7 +48,7 @@ def sae_file_for_activations(acts: torch.Tensor, labels=("Hearts", "Neon"), n=25
     and μ = 1, so erasing them with γ = −1 flips their latent wherever it is active.
     """
     from saemnesia_core.sae import scatter_dense
-    from saemnesia_core.testing import random_sae, sae_file_with_assigned_latents
+    from saemnesia_tools.testing import random_sae, sae_file_with_assigned_latents
 
     sae = random_sae(d=acts.shape[-1], n=n, k=k, seed=seed)
     with torch.no_grad():

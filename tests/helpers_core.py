@@ -1,6 +1,6 @@
 """Factories for core tests: the papers' score as their code computes it, checkpoint folders and statistics
 pickles in other projects' layouts. Random SAEs and SAE files shared with the benchmarks are in
-saemnesia_core.testing."""
+saemnesia_tools.testing."""
 
 from __future__ import annotations
 

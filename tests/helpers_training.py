@@ -45,7 +45,7 @@ def planted_dataset(root, *, num_samples=64, tokens=(2, 4), d=32, num_atoms=32, 
     ``concept_scale`` > 0 the sample's object and style directions are added to all its tokens at that scale.
     Returns (path, atoms [num_atoms, d], object_dirs [O, d], style_dirs [S, d]).
     """
-    from saemnesia_core.training.shards import ShardWriter
+    from saemnesia_tools.training.shards import ShardWriter
 
     gen = torch.Generator().manual_seed(seed)
     unit = lambda m: m / m.norm(dim=1, keepdim=True)  # noqa: E731
@@ -102,6 +102,6 @@ def tiny_sdxl_pipeline(seed: int = 0):
 
 def clip_tokenizer_folder():
     """The real CLIP tokenizer that ComfyUI ships (transformers and diffusers ship none): only its files are read."""
-    from saemnesia_comfy.runtime import comfyui_path
+    from saemnesia_tools.comfyui.host import comfyui_path
 
     return comfyui_path() / "comfy" / "sd1_tokenizer"

@@ -14,9 +14,9 @@ from PIL import Image
 
 from fixtures_server import execution_error, pixels
 from helpers_browser import browser_setup, page, server  # noqa: F401 (fixtures)
-from saemnesia_comfy.browser import load_workflow, wait_for_checklists
+from saemnesia_tools.comfyui.browser import load_workflow, wait_for_checklists
 from conftest import REPO_ROOT
-from saemnesia_core.toy import assets
+from saemnesia_tools.toy import assets
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow, pytest.mark.timeout(3600)]
 
@@ -113,7 +113,7 @@ def test_the_page_runs_the_chosen_frontend_and_renderer_with_the_checklist_insid
                                                                                           browser_setup):
     from importlib.metadata import version
 
-    from saemnesia_comfy.browser import newest_frontend
+    from saemnesia_tools.comfyui.browser import newest_frontend
 
     frontend, vue = browser_setup
     expected = newest_frontend()[1] if frontend == "newest" else version("comfyui-frontend-package")

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from helpers_core import synthetic_statistics, write_pickle, write_sparsify_folder
-from saemnesia_core.testing import make_random_sae_file, random_sae
-from saemnesia_core import cli
+from saemnesia_tools.testing import make_random_sae_file, random_sae
+from saemnesia_tools import cli
 from saemnesia_core.sae_file import load_sae_file
 
 HOOK = "unet.up_blocks.1.attentions.1"

@@ -6,8 +6,8 @@ import hashlib
 import pytest
 import torch
 
-from saemnesia_core.training.shards import ActivationDataset
-from saemnesia_core.training.specs import PromptSpec
+from saemnesia_tools.training.shards import ActivationDataset
+from saemnesia_tools.training.specs import PromptSpec
 
 pytestmark = pytest.mark.comfy
 
@@ -25,7 +25,7 @@ def fake_text_encoder(prompt: str):
 
 @pytest.fixture(scope="module")
 def model(comfy):
-    from saemnesia_comfy.testing import make_sd15_model
+    from saemnesia_tools.comfyui.testing import make_sd15_model
 
     return make_sd15_model(model_channels=32, context_dim=CONTEXT_DIM, full_res_attention=False)
 
@@ -45,7 +45,7 @@ def test_hookpoints_map_to_comfy_blocks(model):
 
 
 def test_collection_writes_expected_rows_and_labels(model, tmp_path):
-    from saemnesia_comfy.capture import collect_from_comfy
+    from saemnesia_tools.comfyui.capture import collect_from_comfy
 
     collect_from_comfy(model, fake_text_encoder, SPECS, tmp_path, batch_size=2, progress=False, **settings())
     ds = ActivationDataset(tmp_path)
@@ -64,7 +64,7 @@ def test_collection_writes_expected_rows_and_labels(model, tmp_path):
 
 
 def test_cond_and_uncond_branches_come_from_the_right_chunks(model):
-    from saemnesia_comfy.capture import ComfyCaptureSource
+    from saemnesia_tools.comfyui.capture import ComfyCaptureSource
 
     both = ComfyCaptureSource(model, fake_text_encoder, **settings(branch="both")).run(["a cat"], [7])
     both = {c.branch: c.tokens for c in both if c.step == 0}
@@ -78,7 +78,7 @@ def test_cond_and_uncond_branches_come_from_the_right_chunks(model):
 
 
 def test_batching_does_not_change_records_and_the_model_is_left_unpatched(model):
-    from saemnesia_comfy.capture import ComfyCaptureSource
+    from saemnesia_tools.comfyui.capture import ComfyCaptureSource
 
     source = ComfyCaptureSource(model, fake_text_encoder, **settings())
     batched = source.run(["a cat", "a dog"], [1, 2])

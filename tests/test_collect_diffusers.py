@@ -5,9 +5,9 @@ import pytest
 import torch
 
 from helpers_training import tiny_sd_pipeline
-from saemnesia_core.training.collect import Capture, DiffusersSource, collect
-from saemnesia_core.training.shards import ActivationDataset
-from saemnesia_core.training.specs import PromptSpec
+from saemnesia_tools.training.collect import Capture, DiffusersSource, collect
+from saemnesia_tools.training.shards import ActivationDataset
+from saemnesia_tools.training.specs import PromptSpec
 
 SPECS = [PromptSpec("An image of Cats in Pop Art style.", {"object": "Cats", "style": "Pop_Art"}),
          PromptSpec("An image of Dogs.", {"object": "Dogs"}),

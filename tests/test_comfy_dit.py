@@ -30,7 +30,7 @@ def tiny_model(family: str):
     import comfy.model_management
     import comfy.model_patcher
     import comfy.supported_models
-    from saemnesia_comfy.testing import flux_model_config
+    from saemnesia_tools.comfyui.testing import flux_model_config
 
     if family == "flux":
         config = flux_model_config(**FLUX_CONFIG)
@@ -67,7 +67,7 @@ def dit_sae(family: str, path, hookpoint: str | None = None, d: int | None = Non
     every bucket), "Neon" never."""
     from saemnesia_comfy.sae_library import load_sae_path
     from saemnesia_core.sae_file import save_sae_file
-    from saemnesia_core.testing import random_sae, sae_file_with_assigned_latents
+    from saemnesia_tools.testing import random_sae, sae_file_with_assigned_latents
 
     sae = random_sae(d=d or WIDTH[family], n=32, k=32, seed=1)  # k = n: detection is the threshold alone
     save_sae_file(sae_file_with_assigned_latents(sae, [0, 1], ["Hearts", "Neon"], ["object", "style"], num_buckets=4,
@@ -220,7 +220,7 @@ def test_sigma_maps_to_the_same_schedule_position_in_every_family(comfy):
     """t = 1 at the schedule's largest sigma and 0 at its smallest, for a discrete schedule (the toy, SD1.x's kind)
     and the flow-matching ones of SD3 and Flux, whose timesteps are on different scales (σ·1000 and σ)."""
     from saemnesia_comfy.patch import schedule_position
-    from saemnesia_comfy.toy.model import build_base_model
+    from saemnesia_comfy.toy_model import build_base_model
 
     for sampling in (build_base_model().model_sampling, tiny_model("sd3").model.model_sampling,
                      tiny_model("flux").model.model_sampling):
@@ -239,14 +239,14 @@ def test_collect_train_and_erase_round_trip_at_a_dit_block(dit, tmp_path):
     sample and step, 8×8 tokens of a 16×16 latent) → the unsupervised SAE → the supervised fine-tune with its
     statistics → Erase Concepts: the file names the block and the family, and erasing Hearts changes a Hearts
     prompt's image exactly when the fine-tuned SAE detects Hearts in that prompt's recorded tokens."""
-    from saemnesia_comfy.capture import collect_from_comfy
+    from saemnesia_tools.comfyui.capture import collect_from_comfy
     from saemnesia_comfy.erase import erase_concepts
     from saemnesia_comfy.sae_library import load_sae_path
     from saemnesia_core.eraser import ConceptEraser
-    from saemnesia_core.training.shards import ActivationDataset
-    from saemnesia_core.training.specs import PromptSpec
-    from saemnesia_core.training.supervised import SupervisedConfig, finetune_supervised
-    from saemnesia_core.training.trainer import TrainConfig, train_unsupervised
+    from saemnesia_tools.training.shards import ActivationDataset
+    from saemnesia_tools.training.specs import PromptSpec
+    from saemnesia_tools.training.supervised import SupervisedConfig, finetune_supervised
+    from saemnesia_tools.training.trainer import TrainConfig, train_unsupervised
 
     family, model, _, _ = dit
     objects = ("Circles", "Hearts", "Stars", "Rings")

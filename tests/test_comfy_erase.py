@@ -8,6 +8,8 @@ import types
 import pytest
 import torch
 
+from helpers_comfy import NODE_IDS
+
 pytestmark = pytest.mark.comfy
 
 BLOCK = "output_blocks.4.1"
@@ -17,7 +19,7 @@ BLOCK = "output_blocks.4.1"
 def world(comfy_nodes, tmp_path_factory):
     import folder_paths
     from helpers_comfy import conditioning, record_block_outputs, sae_file_for_activations, sample
-    from saemnesia_comfy.testing import make_sd15_model
+    from saemnesia_tools.comfyui.testing import make_sd15_model
     from saemnesia_comfy import sae_library
     from saemnesia_core.sae import block_to_tokens
     from saemnesia_core.sae_file import save_sae_file
@@ -47,9 +49,7 @@ def run(world, model, **kw):
 
 
 def test_pack_registers_its_nodes(comfy_nodes):
-    ids = {"SAEmnesiaLoadSAE", "SAEmnesiaEraseConcepts", "SAEmnesiaConceptProbe", "SAEmnesiaProbeReport",
-           "SAEmnesiaToyModelLoader", "SAEmnesiaToyEmptyLatent"}
-    assert ids <= set(comfy_nodes.NODE_CLASS_MAPPINGS)
+    assert set(NODE_IDS) <= set(comfy_nodes.NODE_CLASS_MAPPINGS)
 
 
 def test_nothing_selected_gives_the_same_image_bit_for_bit(world):
@@ -135,7 +135,8 @@ def test_each_image_of_a_batch_is_edited_as_if_alone(world):
 
 
 def test_chained_erasures_compose_and_share_one_copy_of_the_sae(world):
-    from saemnesia_comfy.erase import ADDITIONAL_MODELS_KEY, erase_concepts
+    from saemnesia_comfy.erase import erase_concepts
+    from saemnesia_comfy.patch import ADDITIONAL_MODELS_KEY
 
     first = erase(world, {"Hearts": None})
     second = erase_concepts(first, world.loaded, {"Hearts": None}, -1.0)
@@ -149,7 +150,7 @@ def test_chained_erasures_compose_and_share_one_copy_of_the_sae(world):
 
 
 def test_unknown_concepts_fail_listing_the_known_ones(world):
-    from saemnesia_core.eraser import UnknownConceptError
+    from saemnesia_core.concepts import UnknownConceptError
 
     with pytest.raises(UnknownConceptError, match="Hearts.*Neon|Neon.*Hearts") as info:
         erase(world, {"Dogs": None})
@@ -157,7 +158,7 @@ def test_unknown_concepts_fail_listing_the_known_ones(world):
 
 
 def test_an_sae_for_another_width_fails_naming_both_widths(world, tmp_path):
-    from saemnesia_core.testing import make_random_sae_file
+    from saemnesia_tools.testing import make_random_sae_file
     from saemnesia_comfy.erase import erase_concepts
     from saemnesia_comfy.patch import HookpointError
     from saemnesia_comfy.sae_library import LoadedSAE
@@ -186,7 +187,7 @@ def _model_like(unet_config):
 
 
 def test_sd15_hookpoints_map_to_comfyui_blocks(comfy):
-    from saemnesia_comfy.testing import sd15_unet_config
+    from saemnesia_tools.comfyui.testing import sd15_unet_config
     from saemnesia_comfy.patch import comfy_block_name
 
     cfg = sd15_unet_config(model_channels=320, context_dim=768)  # SD1.5's own layout and widths
@@ -216,7 +217,7 @@ def test_sdxl_hookpoints_map_to_comfyui_blocks(comfy):
 def test_load_sae_lists_and_loads_every_checkpoint_folder_layout_the_importer_reads(world, layout):
     from helpers_core import write_openai_folder, write_sparsify_folder
     from saemnesia_comfy import sae_library
-    from saemnesia_core.testing import random_sae
+    from saemnesia_tools.testing import random_sae
 
     sae = random_sae(d=128, n=256, k=8, seed=3)
     write = write_sparsify_folder if layout == "sparsify" else write_openai_folder
@@ -229,8 +230,9 @@ def test_load_sae_lists_and_loads_every_checkpoint_folder_layout_the_importer_re
 
 
 def test_an_fp32_sae_on_a_bf16_model_is_converted_once_held_by_its_own_patcher_and_shared(world):
-    from saemnesia_comfy.erase import ADDITIONAL_MODELS_KEY, erase_concepts
-    from saemnesia_comfy.testing import make_sd15_model
+    from saemnesia_comfy.erase import erase_concepts
+    from saemnesia_comfy.patch import ADDITIONAL_MODELS_KEY
+    from saemnesia_tools.comfyui.testing import make_sd15_model
     from saemnesia_core.eraser import ConceptEraser
 
     model = make_sd15_model(model_channels=32, context_dim=64, in_channels=4, seed=0, dtype=torch.bfloat16)

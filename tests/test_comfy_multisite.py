@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from saemnesia_core.toy import assets
+from saemnesia_tools.toy import assets
 
 pytestmark = pytest.mark.comfy
 
@@ -17,8 +17,8 @@ OBJECT_SAE, STYLE_SAE = assets.SITES["object"].saemnesia, assets.SITES["style"].
 @pytest.fixture(scope="module")
 def toy(comfy_nodes):
     from saemnesia_comfy.sae_library import load_sae_path
-    from saemnesia_comfy.toy.model import load_toy_model
-    from saemnesia_comfy.toy.sampling import PromptEncoder
+    from saemnesia_comfy.toy_model import load_toy_model
+    from saemnesia_tools.comfyui.toy.sampling import PromptEncoder
 
     model, clip, vae = load_toy_model(assets.path(assets.MODEL))
     encoder = PromptEncoder(clip)
@@ -27,7 +27,7 @@ def toy(comfy_nodes):
 
 
 def images(toy, model):
-    from saemnesia_comfy.toy.sampling import generate
+    from saemnesia_tools.comfyui.toy.sampling import generate
 
     _, vae, encoder, _, _ = toy
     prompts = ["An image of Hearts in Neon style.", "An image of Circles in Dots style."]
@@ -96,7 +96,7 @@ def test_an_unknown_concept_lists_what_every_chained_sae_knows(toy):
     from dataclasses import replace
 
     from saemnesia_comfy.erase import chain_saes, erase_concepts
-    from saemnesia_core.eraser import UnknownConceptError
+    from saemnesia_core.concepts import UnknownConceptError
 
     model, _, _, saes, _ = toy
     styles_only = saes[STYLE_SAE]

@@ -64,7 +64,7 @@ def test_report_gives_heatmaps_per_image_and_concept_and_flags(world):
 
 
 def test_probing_an_unknown_concept_fails_listing_the_known_ones(world):
-    from saemnesia_core.eraser import UnknownConceptError
+    from saemnesia_core.concepts import UnknownConceptError
 
     with pytest.raises(UnknownConceptError, match="Hearts"):
         probe(world, ["Dogs"])

@@ -15,7 +15,7 @@ HOOKPOINT = "unet.up_blocks.0.attentions.1"  # SDXL's deepest decoder level, as 
 def tiny_sdxl():
     import comfy.model_patcher
     import comfy.supported_models
-    from saemnesia_comfy.testing import init_random_weights, sd15_unet_config
+    from saemnesia_tools.comfyui.testing import init_random_weights, sd15_unet_config
 
     config = {**sd15_unet_config(model_channels=32, context_dim=32),
               "num_res_blocks": [2, 2, 2], "channel_mult": [1, 2, 4], "transformer_depth": [0, 0, 1, 1, 1, 1],
@@ -47,7 +47,7 @@ def test_erase_concepts_on_an_sdxl_topology_unet(comfy, tmp_path):
     from saemnesia_comfy.patch import HookpointError, comfy_block_name
     from saemnesia_comfy.sae_library import load_sae_path
     from saemnesia_core.sae_file import save_sae_file
-    from saemnesia_core.testing import random_sae, sae_file_with_assigned_latents
+    from saemnesia_tools.testing import random_sae, sae_file_with_assigned_latents
 
     model = tiny_sdxl()
     assert type(model.model).__name__ == "SDXL"

@@ -38,7 +38,7 @@ def hearts_sae(clip, layer, path):
     tokens from the other objects' prompts', with a threshold above every token of those; Neon never fires."""
     from saemnesia_comfy.sae_library import load_sae_path
     from saemnesia_core.sae_file import save_sae_file
-    from saemnesia_core.testing import random_sae, sae_file_with_assigned_latents
+    from saemnesia_tools.testing import random_sae, sae_file_with_assigned_latents
 
     acts = {o: layer_activations(clip, f"An image of {o}.", layer) for o in OBJECTS}
     hearts = acts.pop("Hearts")
@@ -62,8 +62,8 @@ def hearts_sae(clip, layer, path):
 
 @pytest.fixture(scope="module")
 def world(comfy, tmp_path_factory):
-    from saemnesia_comfy.toy.model import load_toy_model
-    from saemnesia_core.toy import assets
+    from saemnesia_comfy.toy_model import load_toy_model
+    from saemnesia_tools.toy import assets
 
     _, clip, _ = load_toy_model(assets.path(assets.MODEL))
     loaded = hearts_sae(clip, LAYER, tmp_path_factory.mktemp("text_sae") / "text.safetensors")
@@ -132,8 +132,8 @@ def test_two_text_nodes_compose_and_each_clone_keeps_its_own_patches(world):
 def test_wrong_hookpoint_width_label_or_chain_fail_clearly(world):
     from saemnesia_comfy.patch import HookpointError
     from saemnesia_comfy.sae_library import LoadedSAE
-    from saemnesia_core.eraser import UnknownConceptError
-    from saemnesia_core.testing import random_sae
+    from saemnesia_core.concepts import UnknownConceptError
+    from saemnesia_tools.testing import random_sae
 
     def with_file(**changes):
         file = dataclasses.replace(world.loaded.file, **changes)
@@ -160,13 +160,13 @@ def test_capture_train_and_erase_round_trip_at_a_text_layer(world, tmp_path):
     changes exactly the prompts in which the fine-tuned SAE detects it. A few training steps test the plumbing, not
     how well the SAE separates the concepts."""
     from saemnesia_comfy.sae_library import load_sae_path
-    from saemnesia_comfy.text_capture import collect_from_clip
+    from saemnesia_tools.comfyui.text_capture import collect_from_clip
     from saemnesia_comfy.text_erase import erase_text_concepts
     from saemnesia_core.eraser import ConceptEraser
-    from saemnesia_core.training.shards import ActivationDataset
-    from saemnesia_core.training.specs import PromptSpec
-    from saemnesia_core.training.supervised import SupervisedConfig, finetune_supervised
-    from saemnesia_core.training.trainer import TrainConfig, train_unsupervised
+    from saemnesia_tools.training.shards import ActivationDataset
+    from saemnesia_tools.training.specs import PromptSpec
+    from saemnesia_tools.training.supervised import SupervisedConfig, finetune_supervised
+    from saemnesia_tools.training.trainer import TrainConfig, train_unsupervised
 
     specs = [PromptSpec(f"An image of {o} in {s} style." if s else f"An image of {o}.",
                         {"object": o, **({"style": s} if s else {})})

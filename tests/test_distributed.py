@@ -17,13 +17,13 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from helpers_training import planted_dataset
-from saemnesia_core.cli import main as cli_main
+from saemnesia_tools.cli import main as cli_main
 from saemnesia_core.sae_file import load_sae_file
-from saemnesia_core.training.collect import Capture, collect
-from saemnesia_core.training.distributed import DistContext
-from saemnesia_core.training.shards import ActivationDataset
-from saemnesia_core.testing import free_port
-from saemnesia_core.training.specs import PromptSpec
+from saemnesia_tools.training.collect import Capture, collect
+from saemnesia_tools.training.distributed import DistContext
+from saemnesia_tools.training.shards import ActivationDataset
+from saemnesia_tools.testing import free_port
+from saemnesia_tools.training.specs import PromptSpec
 
 TOLERANCE = 1e-5
 TORCHRUN = Path(sys.executable).with_name("torchrun")
@@ -31,7 +31,7 @@ TORCHRUN = Path(sys.executable).with_name("torchrun")
 
 def torchrun_cli(args: list[str]) -> None:
     cmd = [str(TORCHRUN), "--nproc-per-node", "2", "--master-addr", "127.0.0.1", "--master-port", str(free_port()),
-           "-m", "saemnesia_core.cli", *args]
+           "-m", "saemnesia_tools.cli", *args]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert done.returncode == 0, done.stderr[-3000:]
 

@@ -7,9 +7,9 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from saemnesia_core.testing import ablated_codes, concept_tokens, dense_codes, make_random_sae_file, released_hook
-from saemnesia_core.concepts import Concept, ConceptTables
-from saemnesia_core.eraser import ConceptEraser, UnknownConceptError, concept_activation_maps
+from saemnesia_tools.testing import ablated_codes, concept_tokens, dense_codes, make_random_sae_file, released_hook
+from saemnesia_core.concepts import Concept, ConceptTables, UnknownConceptError
+from saemnesia_core.eraser import ConceptEraser, concept_activation_maps
 from saemnesia_core.sae import block_to_tokens, tokens_to_block
 from saemnesia_core.timesteps import bucket_index
 
@@ -18,7 +18,7 @@ TOL = dict(rtol=1e-5, atol=1e-5)
 
 # ---------------------------------------------------------------------------------------------- references
 # The dense re-implementation of the released hook (paper mode) and of exact mode's meaning:
-# saemnesia_core.testing.released_hook, shared with the benchmarks.
+# saemnesia_tools.testing.released_hook, shared with the benchmarks.
 
 
 def reference(sae_file, sae, x, t, strengths, exact=False):

@@ -11,7 +11,7 @@ import torch
 from saemnesia_core.concepts import ConceptTables
 from saemnesia_core.eraser import ConceptEraser, nearest_undetected
 from saemnesia_core.sae import block_to_tokens, tokens_to_block
-from saemnesia_core.testing import concept_tokens, dense_codes, make_random_sae_file
+from saemnesia_tools.testing import concept_tokens, dense_codes, make_random_sae_file
 from saemnesia_core.timesteps import bucket_index
 
 T_PER_ITEM = torch.tensor([0.05, 0.3, 0.6, 0.99])  # one item in each of the 4 buckets

@@ -10,11 +10,11 @@ import pytest
 import torch
 
 from saemnesia_core.concepts import select_saeuron
-from saemnesia_core.toy import assets
-from saemnesia_core.toy.evaluation.metrics import best_candidate, erasure_metrics, selection_score
-from saemnesia_core.toy.evaluation.protocol import (OBJECT, PAPER_PERCENTILES, QUICK, STYLE, Item, Judged, grid_items,
+from saemnesia_tools.toy import assets
+from saemnesia_tools.toy.evaluation.metrics import best_candidate, erasure_metrics, selection_score
+from saemnesia_tools.toy.evaluation.protocol import (OBJECT, PAPER_PERCENTILES, QUICK, STYLE, Item, Judged, grid_items,
                                                     rephrase_items, scaled_percentile, selection_items)
-from saemnesia_core.toy.evaluation.report import default_against_bar, judged_instead, shown_path
+from saemnesia_tools.toy.evaluation.report import default_against_bar, judged_instead, shown_path
 
 
 def _judged(answers):
@@ -98,7 +98,7 @@ def test_selection_sets_cover_the_target_and_use_other_seeds_than_the_test_set()
 
 
 def test_the_eval_command_is_registered_without_importing_comfyui():
-    code = ("import sys; from saemnesia_core.cli import build_parser; "
+    code = ("import sys; from saemnesia_tools.cli import build_parser; "
             "a = build_parser().parse_args(['eval', '--full', '--out', 'x']); "
             "assert a.argv == ['--full', '--out', 'x'], a; "
             "assert not any(m.split('.')[0] in ('comfy', 'saemnesia_comfy') for m in sys.modules)")
@@ -113,7 +113,7 @@ def test_report_paths_inside_the_repository_are_relative():
 def test_a_settings_cache_key_leaves_out_the_uncalibrated_flag_at_its_default():
     from dataclasses import asdict
 
-    from saemnesia_core.toy.evaluation.protocol import Setting
+    from saemnesia_tools.toy.evaluation.protocol import Setting
 
     plain = Setting(("saemnesia", "object"), (("Hearts", -1.0, 0),))
     assert plain.key() == {k: v for k, v in asdict(plain).items() if k != "uncalibrated"}  # the images made before it

@@ -5,11 +5,11 @@ import numpy as np
 import pytest
 import torch
 
-from saemnesia_core.toy import assets
-from saemnesia_core.toy.evaluation.protocol import LOOKS, Item, Judged
-from saemnesia_core.toy.evaluation.quality import ArtifactJudge, kid, quality_metrics, scene_cues
-from saemnesia_core.toy.judges import Judges
-from saemnesia_core.toy.render import OBJECTS, render_batch
+from saemnesia_tools.toy import assets
+from saemnesia_tools.toy.evaluation.protocol import LOOKS, Item, Judged
+from saemnesia_tools.toy.evaluation.quality import ArtifactJudge, kid, quality_metrics, scene_cues
+from saemnesia_tools.toy.judges import Judges
+from saemnesia_tools.toy.render import OBJECTS, render_batch
 
 
 @pytest.fixture(scope="module")

@@ -5,16 +5,16 @@ import json
 
 import pytest
 
-from saemnesia_core.toy import assets
-from saemnesia_core.toy.evaluation.protocol import planned_images
-from saemnesia_core.toy.evaluation.report import default_against_bar, judged_instead
+from saemnesia_tools.toy import assets
+from saemnesia_tools.toy.evaluation.protocol import planned_images
+from saemnesia_tools.toy.evaluation.report import default_against_bar, judged_instead
 
 pytestmark = [pytest.mark.comfy, pytest.mark.timeout(2400)]  # a smoke toy build, then an eval of 11 methods
 
 
 @pytest.fixture(scope="module")
 def ev(comfy):
-    from saemnesia_comfy.toy import evaluate
+    from saemnesia_tools.comfyui.toy import evaluate
 
     return evaluate
 
@@ -22,8 +22,8 @@ def ev(comfy):
 @pytest.fixture(scope="module")
 def smoke_assets(comfy, tmp_path_factory):
     """The toy world at smoke size (meaningless quality, every file in place)."""
-    from saemnesia_comfy.toy.build import Recipe, build
-    from saemnesia_comfy.toy.eval_runner import DEFAULT_ASSETS
+    from saemnesia_tools.comfyui.toy.build import Recipe, build
+    from saemnesia_tools.comfyui.toy.eval_runner import DEFAULT_ASSETS
 
     root = tmp_path_factory.mktemp("toy_smoke")
     build(root / "models", root / "work", Recipe.smoke())
@@ -34,7 +34,7 @@ def smoke_assets(comfy, tmp_path_factory):
 
 @pytest.mark.slow
 def test_a_tiny_eval_run_writes_json_markdown_and_plots_and_reruns_from_cache(ev, smoke_assets, tmp_path):
-    from saemnesia_core.cli import main
+    from saemnesia_tools.cli import main
 
     out, cache = tmp_path / "report", tmp_path / "cache"
     argv = ["eval", "--objects", "Circles,Squares", "--styles", "Dots", "--test-seeds", "1", "--select-others", "1",

@@ -12,7 +12,7 @@ from PIL import Image
 
 from fixtures_server import EXAMPLES, execution_error
 from helpers_browser import browser_setup, page, server  # noqa: F401 (fixtures)
-from saemnesia_comfy.browser import exported_workflow, load_workflow, queue_from_page, wait_for_checklists
+from saemnesia_tools.comfyui.browser import exported_workflow, load_workflow, queue_from_page, wait_for_checklists
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow, pytest.mark.timeout(3600)]
 

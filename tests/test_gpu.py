@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from saemnesia_core.eraser import ConceptEraser
-from saemnesia_core.testing import concept_tokens, make_random_sae_file
+from saemnesia_tools.testing import concept_tokens, make_random_sae_file
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (scripts/gpu_check.sh)")
 
@@ -53,10 +53,10 @@ def test_exact_mode_on_cuda_is_the_identity_bit_for_bit_when_nothing_is_chosen(d
 
 def test_erase_concepts_samples_on_the_gpu_with_the_sae_placed_there(comfy_gpu):
     from helpers_comfy import conditioning, record_block_outputs, sae_file_for_activations, sample
-    from saemnesia_comfy.erase import ADDITIONAL_MODELS_KEY, erase_concepts
-    from saemnesia_comfy.patch import patch_block_output
+    from saemnesia_comfy.erase import erase_concepts
+    from saemnesia_comfy.patch import ADDITIONAL_MODELS_KEY, patch_block_output
     from saemnesia_comfy.sae_library import load_sae_path
-    from saemnesia_comfy.testing import make_sd15_model
+    from saemnesia_tools.comfyui.testing import make_sd15_model
     from saemnesia_core.sae import block_to_tokens
     from saemnesia_core.sae_file import save_sae_file
 
@@ -86,7 +86,7 @@ def test_erase_concepts_samples_on_the_gpu_with_the_sae_placed_there(comfy_gpu):
 @pytest.fixture(scope="module")
 def comfy_gpu(tmp_path_factory):
     """ComfyUI imported in-process on the GPU; a folder for files."""
-    from saemnesia_comfy.runtime import import_comfy
+    from saemnesia_tools.comfyui.host import import_comfy
 
     import_comfy(cpu=False)
     import comfy.model_management

@@ -16,12 +16,12 @@ import torch
 from safetensors.torch import save_file
 
 from helpers_core import write_sparsify_folder
-from saemnesia_core.cli import main as cli_main
+from saemnesia_tools.cli import main as cli_main
 from saemnesia_core.eraser import ConceptEraser
 from saemnesia_core.importers import import_concept_statistics, load_pickle
 from saemnesia_core.sae_file import (MAX_BUCKETS, METADATA_KEY, SAEFileError, load_sae_file, read_header,
                                      save_sae_file)
-from saemnesia_core.testing import make_random_sae_file, random_sae, sae_file_with_assigned_latents
+from saemnesia_tools.testing import make_random_sae_file, random_sae, sae_file_with_assigned_latents
 
 BASE = make_random_sae_file(d=8, n=16, k=2, concepts=())
 

@@ -13,7 +13,7 @@ from helpers_core import (
     write_pickle,
     write_sparsify_folder,
 )
-from saemnesia_core.testing import make_random_sae_file, random_sae
+from saemnesia_tools.testing import make_random_sae_file, random_sae
 from saemnesia_core.importers import import_concept_statistics, load_any, load_pickle
 from saemnesia_core.sae_file import SAEFileError, load_sae_file, save_sae_file
 

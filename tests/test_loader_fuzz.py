@@ -31,7 +31,7 @@ from saemnesia_core.files import write_json_atomic
 from saemnesia_core.importers import import_concept_statistics, load_any
 from saemnesia_core.sae_file import (MAX_BUCKETS, METADATA_KEY, SAEFileError, load_sae_file, read_header,
                                      save_sae_file)
-from saemnesia_core.testing import make_random_sae_file
+from saemnesia_tools.testing import make_random_sae_file
 
 COORDINATED_CASES = int(os.environ.get("SAEMNESIA_FUZZ_EXAMPLES", 2000))
 BYTE_CASES = int(os.environ.get("SAEMNESIA_FUZZ_EXAMPLES", 150))  # the byte-level targets: 150 in CI

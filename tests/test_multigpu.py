@@ -6,7 +6,7 @@ device, which is all they need (they load a fresh model through `cached_patcher_
 import pytest
 import torch
 
-from saemnesia_core.toy import assets
+from saemnesia_tools.toy import assets
 
 PROMPT = "An image of Hearts in Neon style."
 SEEDS = [900, 901]
@@ -18,18 +18,18 @@ def toy(comfy):
 
     if not hasattr(comfy.model_patcher.ModelPatcher, "deepclone_multigpu"):
         pytest.skip("this ComfyUI has no MultiGPU work units (added in 0.23; the bundled host is 0.3.75)")
-    from saemnesia_comfy.erase import target_block
+    from saemnesia_comfy.patch import block_for
     from saemnesia_comfy.sae_library import load_sae_path
-    from saemnesia_comfy.toy.model import load_toy_model
-    from saemnesia_comfy.toy.sampling import PromptEncoder
+    from saemnesia_comfy.toy_model import load_toy_model
+    from saemnesia_tools.comfyui.toy.sampling import PromptEncoder
 
     model, clip, vae = load_toy_model(assets.path(assets.MODEL))
     loaded = load_sae_path(assets.path(assets.SITES["object"].saemnesia))
-    return model, vae, PromptEncoder(clip), loaded, f"diffusion_model.{target_block(model, loaded)}.forward"
+    return model, vae, PromptEncoder(clip), loaded, f"diffusion_model.{block_for(model, loaded.file.hookpoint, loaded.file.config.d_in)}.forward"
 
 
 def images(toy, model):
-    from saemnesia_comfy.toy.sampling import generate
+    from saemnesia_tools.comfyui.toy.sampling import generate
 
     _, vae, encoder, _, _ = toy
     return generate(model, vae, encoder, [PROMPT] * len(SEEDS), SEEDS, steps=8)
@@ -43,7 +43,7 @@ def erased(toy, model):
 
 def assert_is_its_own(copy, original, toy):
     """The copy's block patch runs on the copy's module and erases with an SAE that is the copy's own."""
-    from saemnesia_comfy.erase import ADDITIONAL_MODELS_KEY
+    from saemnesia_comfy.patch import ADDITIONAL_MODELS_KEY
     from saemnesia_comfy.patch import BlockOutputPatch
 
     key = toy[4]

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import ast
 import io
+import shutil
 import subprocess
 import sys
 import tomllib
@@ -16,6 +17,9 @@ from urllib.parse import urlparse
 import pathspec
 import pytest
 from PIL import Image
+
+from helpers_comfy import NODE_IDS
+from saemnesia_tools.toy import assets
 
 ROOT = Path(__file__).resolve().parents[1]
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
@@ -61,14 +65,61 @@ def shipped_python():
     return [f for f in archive_files() if f.suffix == ".py"]
 
 
-def test_the_archive_ships_the_pack_and_not_the_dev_tools():
+ARCHIVE_TOP = {"__init__.py", "saemnesia_comfy", "saemnesia_core", "web", "example_workflows", "models",
+               "pyproject.toml", "README.md", "LICENSE"}
+"""What the archive may hold at its top: the entry, the runtime and its library, the web extension, the templates,
+the toy models, and the project's metadata."""
+
+
+def test_the_archive_holds_the_runtime_the_web_extension_the_templates_and_the_toy_assets_and_nothing_else():
     files = {str(f.relative_to(ROOT)) for f in archive_files()}
-    for needed in ("__init__.py", "nodes/__init__.py", "saemnesia_core/eraser.py", "web/concept_checklist.js",
-                   "pyproject.toml", "LICENSE", "web/icon.png"):
+    assert {f.split("/")[0] for f in files} == ARCHIVE_TOP
+    for needed in ("__init__.py", "saemnesia_comfy/nodes/__init__.py", "saemnesia_comfy/erase.py",
+                   "saemnesia_core/eraser.py", "web/concept_checklist.js", "pyproject.toml", "LICENSE", "web/icon.png"):
         assert needed in files
-    assert any(f.startswith("models/") for f in files) and any(f.startswith("example_workflows/") for f in files)
-    for dev in ("saemnesia_comfy/server.py", "saemnesia_comfy/browser.py", "scripts/demo.py", "tests/conftest.py"):
-        assert dev not in files
+    assert any(f.startswith("models/saemnesia/") for f in files) and any(f.startswith("models/toy/") for f in files)
+    assert any(f.startswith("example_workflows/") for f in files)
+
+
+def test_the_runtime_loads_into_comfyui_from_the_archives_files_alone(tmp_path, comfy):
+    """The archive's files copied into a custom_nodes folder load into ComfyUI in a fresh interpreter in which this
+    checkout is unreachable (no editable install, no repository on sys.path): every node registers, the SAE
+    library lists the shipped SAEs from the copy's own models folder, and nothing outside the copy, nothing of the
+    tools, is imported."""
+    pack = tmp_path / "custom_nodes" / "saemnesia"
+    for f in archive_files():
+        target = pack / f.relative_to(ROOT)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(f, target)
+    code = f"""
+import asyncio, sys
+sys.meta_path[:] = [f for f in sys.meta_path if "editable" not in type(f).__name__.lower()]
+sys.path[:] = [p for p in sys.path if p and p.rstrip("/") != {str(ROOT)!r}]
+sys.path.insert(0, {str(comfy)!r})
+import comfy.cli_args
+comfy.cli_args.args.cpu = True
+import nodes
+assert asyncio.run(nodes.load_custom_node({str(pack)!r}))
+from saemnesia_comfy import sae_library
+ours = sorted(m for m, module in sys.modules.items() if m.startswith("saemnesia"))
+outside = [m for m in ours if not (getattr(sys.modules[m], "__file__", None) or "").startswith({str(pack)!r})]
+assert not outside, outside
+assert not [m for m in ours if m.startswith("saemnesia_tools")], ours
+print(sorted(k for k in nodes.NODE_CLASS_MAPPINGS if k.startswith("SAEmnesia")))
+print(sae_library.list_sae_entries())
+"""
+    done = subprocess.run([sys.executable, "-I", "-c", code], capture_output=True, text=True, cwd=tmp_path,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    registered, entries = done.stdout.strip().splitlines()[-2:]
+    assert eval_list(registered) == sorted(NODE_IDS)
+    assert assets.SITES["object"].saemnesia in eval_list(entries)
+
+
+def eval_list(line: str) -> list[str]:
+    import ast as _ast
+
+    return _ast.literal_eval(line)
 
 
 def test_the_shipped_python_has_nothing_the_registry_forbids_or_flags(shipped_python):
@@ -82,7 +133,7 @@ def test_the_shipped_python_has_nothing_the_registry_forbids_or_flags(shipped_py
 
 def test_the_checks_see_what_they_look_for():
     """The same checks find the dev tools' process spawning and every kind of flagged call written in a file."""
-    assert "S603" in ruff(SPAWN_RULES, [ROOT / "saemnesia_comfy" / "server.py"])
+    assert "S603" in ruff(SPAWN_RULES, [ROOT / "saemnesia_tools" / "comfyui" / "server.py"])
     source = ("import importlib, builtins\nimportlib.import_module('os')\n__import__('os')\nbuiltins.__import__('os')\n"
               "eval('1')\nexec('x = 1')\ncompile('1', 'f', 'eval')\nprint(model.eval())\n")
     assert flagged_calls(source) == ["2: importlib.import_module", "3: __import__", "4: builtins.__import__",
@@ -115,7 +166,7 @@ def test_the_readme_and_requires_comfyui_name_the_hosts_the_suite_runs_on():
     """The host this run of the suite uses is one the README names, and requires-comfyui starts at the oldest."""
     import re
 
-    from saemnesia_comfy.runtime import comfyui_path
+    from saemnesia_tools.comfyui.host import comfyui_path
 
     readme = " ".join((ROOT / "README.md").read_text().split())
     named = re.search(r"The suite runs on ComfyUI ([\d.]+) and ([\d.]+)", readme)

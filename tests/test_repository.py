@@ -1,6 +1,7 @@
-"""The house rules that keep the repository readable (docs/DESIGN.md §2, docs/ARCHITECTURE.md): the library never
-imports ComfyUI, the design citations in the code lead somewhere, the toy world's files are named in one module,
-shared helpers are imported from packages, and no ComfyUI-side module grows past a readable size."""
+"""The house rules that keep the repository readable (docs/DESIGN.md §2, docs/ARCHITECTURE.md): the runtime imports only
+the library of ours, the library and the ComfyUI-free tools never import ComfyUI, importing the runtime does nothing,
+the design citations in the code lead somewhere, the toy world's files are named in one module, shared helpers are
+imported from packages, and no module grows past a readable size."""
 
 import ast
 import os
@@ -11,11 +12,12 @@ from pathlib import Path
 
 import pytest
 
-from saemnesia_core.toy import assets
+from saemnesia_tools.toy import assets
 
 ROOT = assets.REPO_ROOT
 COMFY_SIDE = ("comfy", "comfy_api", "comfy_extras", "folder_paths", "nodes", "server", "execution",
-              "saemnesia_comfy")
+              "saemnesia_comfy", "saemnesia_tools.comfyui")
+"""ComfyUI, the runtime, and the tools that need a host: what the ComfyUI-free packages never import."""
 
 
 def tracked(*suffixes: str) -> list[Path]:
@@ -25,39 +27,81 @@ def tracked(*suffixes: str) -> list[Path]:
     return sorted(ROOT / n for n in set(names) if Path(n).suffix in suffixes and (ROOT / n).is_file())
 
 
-def core_modules() -> list[str]:
-    return [".".join(p.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__")
-            for p in (ROOT / "saemnesia_core").rglob("*.py")]
+def module_name(path: Path) -> str:
+    return ".".join(path.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__")
 
 
-def test_every_core_module_imports_in_a_fresh_interpreter_that_cannot_import_comfyui():
+def comfyui_free_files() -> list[Path]:
+    """The core and the tools that need no host."""
+    paths = [*(ROOT / "saemnesia_core").rglob("*.py"), *(ROOT / "saemnesia_tools").rglob("*.py")]
+    return sorted(p for p in paths if not module_name(p).startswith("saemnesia_tools.comfyui"))
+
+
+def comfyui_free_modules() -> list[str]:
+    return [module_name(p) for p in comfyui_free_files()]
+
+
+def imported_names(path: Path) -> list[tuple[int, str]]:
+    """(line, module) of every absolute import in a file, inside functions too."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found += [(node.lineno, a.name) for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.level == 0:
+            found += [(node.lineno, node.module or "")]
+    return found
+
+
+def is_under(name: str, packages) -> bool:
+    return any(name == p or name.startswith(p + ".") for p in packages)
+
+
+def test_every_comfyui_free_module_imports_in_a_fresh_interpreter_that_cannot_import_comfyui():
     # -I: no PYTHONPATH, no current folder on sys.path; the finder refuses everything of the ComfyUI side
     code = f"""
 import importlib, sys
 class Refuse:
     def find_spec(self, name, path=None, target=None):
-        if name.split(".")[0] in {COMFY_SIDE!r}:
-            raise ImportError("saemnesia_core must not import " + name)
+        if any(name == p or name.startswith(p + ".") for p in {COMFY_SIDE!r}):
+            raise ImportError("a ComfyUI-free module must not import " + name)
 sys.meta_path.insert(0, Refuse())
-for name in {core_modules()!r}:
+for name in {comfyui_free_modules()!r}:
     importlib.import_module(name)
-loaded = sorted(m for m in sys.modules if m.split(".")[0] in {COMFY_SIDE!r})
-assert not loaded, loaded
-print(len({core_modules()!r}))
+print(len({comfyui_free_modules()!r}))
 """
     done = subprocess.run([sys.executable, "-I", "-c", code], capture_output=True, text=True, cwd="/")
     assert done.returncode == 0, done.stderr[-3000:]
-    assert int(done.stdout.strip()) == len(core_modules()) >= 25
+    assert int(done.stdout.strip()) == len(comfyui_free_modules()) >= 35
 
 
-def test_no_core_module_imports_the_comfyui_side_even_inside_a_function():
-    offenders = []
-    for path in (ROOT / "saemnesia_core").rglob("*.py"):
-        for node in ast.walk(ast.parse(path.read_text())):
-            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
-                [node.module or ""] if isinstance(node, ast.ImportFrom) and node.level == 0 else []
-            offenders += [f"{path.relative_to(ROOT)}:{node.lineno} {n}" for n in names if n.split(".")[0] in COMFY_SIDE]
+def test_no_comfyui_free_module_imports_the_comfyui_side_even_inside_a_function():
+    offenders = [f"{p.relative_to(ROOT)}:{line} {name}" for p in comfyui_free_files()
+                 for line, name in imported_names(p) if is_under(name, COMFY_SIDE)]
     assert offenders == []
+
+
+def test_the_runtime_imports_only_the_core_of_ours_and_the_core_none_of_the_rest():
+    """The arrows of docs/ARCHITECTURE.md: runtime -> core, tools -> runtime and core, never back."""
+    ours = ("saemnesia_core", "saemnesia_comfy", "saemnesia_tools")
+    allowed = {"saemnesia_comfy": ("saemnesia_core", "saemnesia_comfy"), "saemnesia_core": ("saemnesia_core",)}
+    offenders = [f"{p.relative_to(ROOT)}:{line} {name}" for package, may in allowed.items()
+                 for p in (ROOT / package).rglob("*.py") for line, name in imported_names(p)
+                 if is_under(name, ours) and not is_under(name, may)]
+    assert offenders == []
+
+
+def test_importing_the_runtime_package_has_no_side_effects():
+    """`import saemnesia_comfy` loads nothing else and changes no path: what ComfyUI runs is what the pack's entry
+    and `comfy_entrypoint` do, not what an import does."""
+    code = """
+import sys
+before, path = set(sys.modules), list(sys.path)
+import saemnesia_comfy
+assert set(sys.modules) - before == {"saemnesia_comfy"}, sorted(set(sys.modules) - before)
+assert sys.path == path
+"""
+    done = subprocess.run([sys.executable, "-I", "-c", code], capture_output=True, text=True, cwd="/")
+    assert done.returncode == 0, done.stderr[-3000:]
 
 
 def test_design_citations_in_the_code_name_sections_of_docs_design():
@@ -82,19 +126,21 @@ def test_the_toy_worlds_file_names_appear_only_in_the_assets_module():
     names = [Path(assets.MODEL).name, Path(assets.JUDGES).name, assets.TEXT_SAE] + \
         [site.sae(m) for site in assets.ALL_SITES for m in ("saemnesia", "saeuron")]
     found = [f"{path.relative_to(ROOT)}: {name}" for path in tracked(".py", ".sh", ".js")
-             if path != ROOT / "saemnesia_core" / "toy" / "assets.py" for name in names if name in path.read_text()]
+             if path != ROOT / "saemnesia_tools" / "toy" / "assets.py" for name in names if name in path.read_text()]
     assert found == []
 
 
 def test_tests_benchmarks_and_scripts_import_shared_helpers_from_packages_not_by_editing_sys_path():
-    allowed = {ROOT / "__init__.py", ROOT / "saemnesia_comfy" / "runtime.py"}  # the pack's entry; the host finder
-    edits = [str(p.relative_to(ROOT)) for p in tracked(".py") if p not in allowed
-             and re.search(r"sys\.path\.(insert|append)|sys\.path\s*=", p.read_text())]
+    # the pack's entry; the host finder; the archive test, which hides this checkout from a fresh interpreter
+    allowed = {ROOT / "__init__.py", ROOT / "saemnesia_tools" / "comfyui" / "host.py", ROOT / "tests" / "test_registry.py"}
+    edits = [str(p.relative_to(ROOT)) for p in tracked(".py") if p not in allowed and p != Path(__file__).resolve()
+             and re.search(r"sys\.path\.(insert|append)|sys\.path(\[:\])?\s*=(?!=)", p.read_text())]
     assert edits == []
 
 
-def test_no_comfyui_side_module_is_longer_than_400_lines():
-    long = {str(p.relative_to(ROOT)): n for p in (ROOT / "saemnesia_comfy").rglob("*.py")
+def test_no_module_of_ours_is_longer_than_400_lines():
+    long = {str(p.relative_to(ROOT)): n for package in ("saemnesia_comfy", "saemnesia_core", "saemnesia_tools")
+            for p in (ROOT / package).rglob("*.py")
             if (n := len(p.read_text().splitlines())) > 400}
     assert long == {}
 
@@ -102,7 +148,7 @@ def test_no_comfyui_side_module_is_longer_than_400_lines():
 def test_the_readme_shows_the_evaluation_table_and_the_demo_caption_as_their_files_write_them():
     import json
 
-    from saemnesia_core.toy.evaluation.report import (default_against_bar, judged_instead, multi_site_findings,
+    from saemnesia_tools.toy.evaluation.report import (default_against_bar, judged_instead, multi_site_findings,
                                                       one_setting_findings, paper_and_exact, replace_findings,
                                                       summary_table, text_findings)
 
@@ -123,7 +169,7 @@ def test_the_readme_shows_the_shipped_saes_numbers_as_the_build_report_writes_th
     import json
     import textwrap
 
-    from saemnesia_core.toy.build_summary import sae_lines
+    from saemnesia_tools.toy.build_summary import sae_lines
 
     report = json.loads((ROOT / "models" / "toy" / "build_report.json").read_text())
     lines = sae_lines(report)

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from saemnesia_core.testing import random_sae
+from saemnesia_tools.testing import random_sae
 from saemnesia_core.sae import SAEConfig, TopKSAE, block_to_tokens, scatter_dense, tokens_to_block
 
 

@@ -11,7 +11,7 @@ from safetensors.torch import save_file
 
 import saemnesia_core.sae_file as sae_file_module
 from saemnesia_core.concepts import Concept
-from saemnesia_core.testing import make_random_sae_file
+from saemnesia_tools.testing import make_random_sae_file
 from saemnesia_core.sae_file import (
     FORMAT_VERSION,
     MAX_HEADER_BYTES,

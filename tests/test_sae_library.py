@@ -8,7 +8,7 @@ import threading
 import pytest
 
 from helpers_core import write_sparsify_folder
-from saemnesia_core.testing import make_random_sae_file, random_sae
+from saemnesia_tools.testing import make_random_sae_file, random_sae
 
 pytestmark = pytest.mark.comfy
 

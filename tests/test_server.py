@@ -7,12 +7,11 @@ from pathlib import Path
 import pytest
 
 from fixtures_server import SAE_NAME, execution_error, saved_pixels, start_toy_server, toy_labels, toy_prompt
-from saemnesia_core.toy import assets
+from helpers_comfy import NODE_IDS
+from saemnesia_tools.toy import assets
 
 pytestmark = [pytest.mark.server, pytest.mark.slow, pytest.mark.timeout(3600)]
 
-NODES = ("SAEmnesiaLoadSAE", "SAEmnesiaEraseConcepts", "SAEmnesiaEraseConceptsText", "SAEmnesiaConceptProbe",
-         "SAEmnesiaProbeReport", "SAEmnesiaToyModelLoader", "SAEmnesiaToyEmptyLatent")
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +29,7 @@ def run_ok(server, prompt) -> dict:
 
 def test_object_info_lists_every_node_with_a_tooltip_on_each_input_and_output(server):
     info = server.get("/object_info").json()
-    for node_id in NODES:
+    for node_id in NODE_IDS:
         node = info[node_id]
         inputs = {**node["input"].get("required", {}), **node["input"].get("optional", {})}
         for name, (_, options) in inputs.items():

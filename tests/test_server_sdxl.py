@@ -1,4 +1,4 @@
-"""SDXL end to end in a live ComfyUI server: a random SDXL-family checkpoint (saemnesia_comfy.testing) loaded by
+"""SDXL end to end in a live ComfyUI server: a random SDXL-family checkpoint (saemnesia_tools.comfyui.testing) loaded by
 CheckpointLoaderSimple (ComfyUI's own detection, two text encoders, the pooled output), then Load SAE + Erase
 Concepts + KSampler through /prompt. Nothing chosen gives the same pixels, a concept that fires changes them, and
 the concept route the checklist reads lists the SAE's concepts. Random weights: the plumbing, not the quality."""
@@ -8,7 +8,7 @@ import json
 import pytest
 
 from fixtures_server import execution_error, saved_pixels
-from saemnesia_comfy.server import ComfyServer
+from saemnesia_tools.comfyui.server import ComfyServer
 
 pytestmark = [pytest.mark.server, pytest.mark.slow, pytest.mark.timeout(3600)]
 
@@ -18,9 +18,9 @@ HOOKPOINT = "unet.up_blocks.0.attentions.1"  # output_blocks.1.1, 1280 channels
 
 @pytest.fixture(scope="module")
 def server(comfy, tmp_path_factory):
-    from saemnesia_comfy.testing import save_random_sdxl_checkpoint
+    from saemnesia_tools.comfyui.testing import save_random_sdxl_checkpoint
     from saemnesia_core.sae_file import save_sae_file
-    from saemnesia_core.testing import random_sae, sae_file_with_assigned_latents
+    from saemnesia_tools.testing import random_sae, sae_file_with_assigned_latents
 
     base = tmp_path_factory.mktemp("sdxl_server")
     (base / "models" / "checkpoints").mkdir(parents=True)

@@ -10,14 +10,14 @@ import json
 import numpy as np
 import pytest
 
-from saemnesia_core.toy import assets
+from saemnesia_tools.toy import assets
 
 # The bars the toy world must meet: judges on clean renders, the model's own generations of the full grid
 JUDGE_BAR, QUALITY_BAR = 0.98, 0.90
 
 
 def test_the_renderer_is_deterministic_and_seeds_differ():
-    from saemnesia_core.toy.render import OBJECTS, STYLES, render
+    from saemnesia_tools.toy.render import OBJECTS, STYLES, render
 
     for obj, style in zip(OBJECTS, (*STYLES[:7], None)):
         a, b = render(obj, style, 5), render(obj, style, 5)
@@ -27,7 +27,7 @@ def test_the_renderer_is_deterministic_and_seeds_differ():
 
 
 def test_the_renderer_refuses_unknown_concepts():
-    from saemnesia_core.toy.render import render
+    from saemnesia_tools.toy.render import render
 
     with pytest.raises(ValueError, match="Hearts"):
         render("Dogs", None, 0)
@@ -36,7 +36,7 @@ def test_the_renderer_refuses_unknown_concepts():
 
 
 def test_the_shipped_judges_recognise_fresh_renders():
-    from saemnesia_core.toy.judges import Judges, held_out_accuracy
+    from saemnesia_tools.toy.judges import Judges, held_out_accuracy
 
     accuracy = held_out_accuracy(Judges.load(assets.path(assets.JUDGES)), n=600, seed=424242)
     assert accuracy["object"] >= JUDGE_BAR and accuracy["style"] >= JUDGE_BAR
@@ -45,9 +45,9 @@ def test_the_shipped_judges_recognise_fresh_renders():
 @pytest.fixture(scope="module")
 def toy(comfy):
     from saemnesia_comfy.sae_library import load_sae_path
-    from saemnesia_comfy.toy.model import load_toy_model
-    from saemnesia_comfy.toy.sampling import PromptEncoder
-    from saemnesia_core.toy.judges import Judges
+    from saemnesia_comfy.toy_model import load_toy_model
+    from saemnesia_tools.comfyui.toy.sampling import PromptEncoder
+    from saemnesia_tools.toy.judges import Judges
 
     model, clip, vae = load_toy_model(assets.path(assets.MODEL))
     loaded = load_sae_path(assets.path(assets.SITES["object"].saemnesia))
@@ -58,7 +58,7 @@ SEEDS = list(range(900, 908))
 
 
 def _judge(toy, prompt, model=None):
-    from saemnesia_comfy.toy.sampling import generate
+    from saemnesia_tools.comfyui.toy.sampling import generate
 
     base, vae, encoder, judges, _ = toy
     images = generate(model or base, vae, encoder, [prompt] * len(SEEDS), SEEDS)
@@ -80,7 +80,7 @@ def test_the_build_report_shows_the_shipped_model_meets_the_quality_bar():
 
 @pytest.mark.slow
 def test_the_report_step_rebuilds_the_committed_build_report_byte_for_byte(comfy, tmp_path):
-    from saemnesia_comfy.toy.build import write_report
+    from saemnesia_tools.comfyui.toy.build import write_report
 
     models = tmp_path / "models"
     saes = [s.sae(m) for s in assets.ALL_SITES for m in ("saemnesia", "saeuron")]
@@ -122,7 +122,7 @@ def test_the_regeneration_command_runs_end_to_end_in_smoke_mode(comfy, tmp_path)
     out = tmp_path / "models"
 
     def run_build():
-        result = subprocess.run([sys.executable, "-m", "saemnesia_comfy.toy.build", "--smoke", "--out", str(out),
+        result = subprocess.run([sys.executable, "-m", "saemnesia_tools.comfyui.toy.build", "--smoke", "--out", str(out),
                                  "--work", str(tmp_path / "work")], cwd=assets.REPO_ROOT, capture_output=True,
                                 text=True, timeout=3000)
         assert result.returncode == 0, result.stderr[-3000:]
@@ -130,10 +130,10 @@ def test_the_regeneration_command_runs_end_to_end_in_smoke_mode(comfy, tmp_path)
     run_build()
     for path in (assets.JUDGES, assets.MODEL, assets.BUILD_REPORT):
         assert assets.path(path, out).exists(), path
-    from saemnesia_comfy.toy.calibration import KAPPAS
+    from saemnesia_tools.comfyui.toy.calibration import KAPPAS
     from saemnesia_core.sae_file import read_header
-    from saemnesia_core.toy.evaluation.protocol import GROUP_CONCEPTS
-    from saemnesia_core.toy.render import OBJECTS, STYLES
+    from saemnesia_tools.toy.evaluation.protocol import GROUP_CONCEPTS
+    from saemnesia_tools.toy.render import OBJECTS, STYLES
 
     for site in assets.ALL_SITES:
         for method, supervised in (("saemnesia", True), ("saeuron", False)):
@@ -177,7 +177,7 @@ def test_the_regeneration_command_runs_end_to_end_in_smoke_mode(comfy, tmp_path)
     assert assets.path(style_site.saeuron, out).read_bytes() == saeuron_bytes
     refined = read_header(assets.path(style_site.saemnesia, out))
     assert refined.provenance["config"]["exclusivity"] == report["recipe"]["supervised_exclusivity"] > 0
-    assert refined.provenance["unsupervised"]["built_by"] == "saemnesia_comfy.toy.build"  # from the SAeUron file
+    assert refined.provenance["unsupervised"]["built_by"] == "saemnesia_tools.comfyui.toy.build"  # from the SAeUron file
     chosen = refined.provenance["calibration"]["chosen"]  # a κ of the grid, or None: the papers' formula
     assert set(chosen) == set(STYLES) and set(chosen.values()) <= {*KAPPAS, None}
     assert all(c.calibration == chosen[c.label] for c in refined.concepts if c.group == "style")
@@ -192,7 +192,7 @@ def test_the_regeneration_command_runs_end_to_end_in_smoke_mode(comfy, tmp_path)
 
 
 def test_the_calibration_prefers_clean_erasures_then_what_the_judges_alone_count_then_the_smaller_kappa(comfy):
-    from saemnesia_comfy.toy.calibration import choose_kappa
+    from saemnesia_tools.comfyui.toy.calibration import choose_kappa
 
     kappas = (0.5, 1.0, 2.0, 4.0)
     assert choose_kappa(kappas, [1, 5, 2, 0], [1, 5, 7, 8]) == 1.0   # artifacts count: not the κ that erases most
@@ -209,11 +209,11 @@ def test_the_calibration_chooses_again_from_recorded_counts_without_new_images(c
     """A change of the choice rule reaches a calibrated file from the counts in its provenance (the build does not
     sample again), drops the erasure record of each concept whose κ changed, and leaves a file it would not change
     untouched; counts recorded under another protocol are measured again."""
-    from saemnesia_comfy.toy.build import Recipe
-    from saemnesia_comfy.toy.calibration import calibrate_strengths
+    from saemnesia_tools.comfyui.toy.build import Recipe
+    from saemnesia_tools.comfyui.toy.calibration import calibrate_strengths
     from saemnesia_core.concepts import Concept
     from saemnesia_core.sae_file import load_sae_file, save_sae_file
-    from saemnesia_core.testing import make_random_sae_file
+    from saemnesia_tools.testing import make_random_sae_file
 
     def no_images():
         raise AssertionError("the calibration sampled images")

@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 
 from helpers_training import tiny_sd_pipeline
-from saemnesia_core.cli import main
+from saemnesia_tools.cli import main
 from saemnesia_core.sae_file import read_header
-from saemnesia_core.training.shards import ActivationDataset
+from saemnesia_tools.training.shards import ActivationDataset
 
 SAEMNESIA = Path(sys.executable).with_name("saemnesia")
 

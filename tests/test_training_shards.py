@@ -7,7 +7,7 @@ from collections import Counter
 import pytest
 import torch
 
-from saemnesia_core.training.shards import (
+from saemnesia_tools.training.shards import (
     INDEX_NAME, ActivationDataset, ShardError, ShardWriter, merge_parts, validation_mask,
 )
 

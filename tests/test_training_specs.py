@@ -3,7 +3,7 @@
 
 import pytest
 
-from saemnesia_core.training.specs import (
+from saemnesia_tools.training.specs import (
     PromptSpec, SpecError, label_vocabulary, read_specs, saeuron_grid, write_specs,
 )
 

@@ -9,13 +9,13 @@ from helpers_training import planted_dataset
 from saemnesia_core.concepts import Concept
 from saemnesia_core.sae import SAEConfig, TopKSAE
 from saemnesia_core.sae_file import load_sae_file, read_header
-from saemnesia_core.training.distributed import DistContext
-from saemnesia_core.training.shards import ActivationDataset, validation_mask
-from saemnesia_core.training.statistics import auroc, compute_statistics, concept_activations
-from saemnesia_core.training.supervised import (
+from saemnesia_tools.training.distributed import DistContext
+from saemnesia_tools.training.shards import ActivationDataset, validation_mask
+from saemnesia_tools.training.statistics import auroc, compute_statistics, concept_activations
+from saemnesia_tools.training.supervised import (
     SupervisedConfig, SupervisedStep, assign_latents, cross_group_decorrelation, finetune_supervised,
 )
-from saemnesia_core.training.trainer import TrainConfig, train_unsupervised
+from saemnesia_tools.training.trainer import TrainConfig, train_unsupervised
 
 FINETUNE = dict(lr=2e-2, batch_records=16, max_epochs=20, patience=5, num_buckets=2)
 
@@ -69,7 +69,7 @@ def test_concept_logits_are_the_spatial_mean_of_pre_relu_encoder_outputs():
 
 
 def _tiny_records():
-    from saemnesia_core.training.shards import RecordBatch
+    from saemnesia_tools.training.shards import RecordBatch
 
     torch.manual_seed(1)
     yield RecordBatch(acts=torch.randn(3, 4, 8), t=torch.ones(3), timestep=torch.full((3,), 999.0),
@@ -191,7 +191,7 @@ def test_interrupted_finetuning_resumes_to_the_same_result(planted_concepts, tmp
 
 
 def test_the_exclusivity_loss_counts_non_assigned_latents_beyond_the_margin_only():
-    from saemnesia_core.training.supervised import other_latent_label_correlation
+    from saemnesia_tools.training.supervised import other_latent_label_correlation
 
     y = torch.tensor([1.0, 0, 1, 0, 1, 0, 1, 0])
     noise = torch.tensor([0.1, 0.2, -0.1, 0.0, 0.05, -0.2, 0.1, 0.3])
@@ -205,7 +205,7 @@ def test_the_exclusivity_loss_counts_non_assigned_latents_beyond_the_margin_only
 
 
 def test_column_aurocs_match_the_pairwise_auroc_with_ties():
-    from saemnesia_core.training.centralisation import column_aurocs
+    from saemnesia_tools.training.centralisation import column_aurocs
 
     g = torch.Generator().manual_seed(0)
     values = torch.randint(0, 4, (30, 5), generator=g).float()  # many ties
@@ -231,13 +231,14 @@ def twin_latents(tmp_path_factory):
         sae.encoder.bias.zero_()
         sae.W_dec.copy_(rows)
         sae.b_dec.zero_()
-    save_sae_file(SAEFile(sae.cfg, {k: v.detach().clone() for k, v in sae.state_dict().items()}, [], None,
-                          "unet.synthetic", "planted", 2, False, {}, "saeuron"), root / "twins.safetensors")
+    save_sae_file(SAEFile(config=sae.cfg, weights={k: v.detach().clone() for k, v in sae.state_dict().items()},
+                          concepts=[], hookpoint="unet.synthetic", model_family="planted", num_buckets=2,
+                          supervised=False, selection_mode="saeuron"), root / "twins.safetensors")
     return root
 
 
 def test_the_exclusivity_loss_makes_the_assigned_latent_take_the_concept_from_its_twin(twin_latents):
-    from saemnesia_core.training.centralisation import centralisation
+    from saemnesia_tools.training.centralisation import centralisation
 
     def finetune(exclusivity):
         cfg = SupervisedConfig(**{**FINETUNE, "lr": 1e-2, "max_epochs": 15, "patience": 15, "l1": 0.0},

@@ -7,9 +7,9 @@ import torch
 from helpers_training import planted_dataset
 from saemnesia_core.sae import SAEConfig, TopKSAE
 from saemnesia_core.sae_file import load_sae_file
-from saemnesia_core.training.distributed import DistContext
-from saemnesia_core.training.sparse_ops import batch_topk, per_token_topk
-from saemnesia_core.training.trainer import TrainConfig, UnsupervisedStep, train_unsupervised
+from saemnesia_tools.training.distributed import DistContext
+from saemnesia_tools.training.sparse_ops import batch_topk, per_token_topk
+from saemnesia_tools.training.trainer import TrainConfig, UnsupervisedStep, train_unsupervised
 
 SMALL = dict(expansion_factor=2, k=3, batch_size=64, lr=2e-2, dead_tokens_threshold=2000, log_every=10)
 

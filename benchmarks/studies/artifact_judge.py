@@ -1,5 +1,5 @@
 # SPDX-License-Identifier: GPL-3.0-or-later
-"""Does the evaluation's artifact judge (saemnesia_core.toy.evaluation.quality) flag what a person calls broken,
+"""Does the evaluation's artifact judge (saemnesia_tools.toy.evaluation.quality) flag what a person calls broken,
 and only that?
 
 The judge is fitted exactly as `saemnesia eval` fits it (renders + the model's own un-erased images of the quality
@@ -25,13 +25,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-import saemnesia_comfy  # noqa: F401  (makes ComfyUI importable)
-from saemnesia_comfy.toy.eval_runner import DEFAULT_ASSETS, Runner
+import saemnesia_tools.comfyui  # noqa: F401  (makes ComfyUI importable)
+from saemnesia_tools.comfyui.toy.eval_runner import DEFAULT_ASSETS, Runner
 from saemnesia_core.files import write_bytes_atomic, write_json_atomic
-from saemnesia_core.toy.assets import REPO_ROOT
-from saemnesia_core.toy.evaluation.protocol import LOOKS, OBJECT, QUICK, Setting, grid_items
-from saemnesia_core.toy.evaluation.quality import kid, renders_of
-from saemnesia_core.toy.render import OBJECTS, render_batch
+from saemnesia_tools.toy.assets import REPO_ROOT
+from saemnesia_tools.toy.evaluation.protocol import LOOKS, OBJECT, QUICK, Setting, grid_items
+from saemnesia_tools.toy.evaluation.quality import kid, renders_of
+from saemnesia_tools.toy.render import OBJECTS, render_batch
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SEED = 11_000_000  # fresh renders, apart from every other seed base

@@ -11,7 +11,7 @@ with their own assignment on the build's held-out activations (the concept stati
   in tests/test_training_supervised.py), which penalises other latents' correlation with the label: the toy build's
   recipe since this study.
 Centralisation: the assigned latent's AUROC, its share of the object's mean difference, and how many other latents
-separate the object with AUROC > 0.8 (`saemnesia_core.training.centralisation`).
+separate the object with AUROC > 0.8 (`saemnesia_tools.training.centralisation`).
 
     .venv/bin/python benchmarks/studies/centralising_finetune.py   # about 50 minutes on 2 cores
 
@@ -27,14 +27,15 @@ from pathlib import Path
 
 import torch
 
-from saemnesia_comfy.toy import model as toy_model
-from saemnesia_comfy.toy.build import Recipe, site_activations, site_work
-from saemnesia_comfy.toy.sampling import PromptEncoder
+import saemnesia_tools.comfyui  # noqa: F401  (makes ComfyUI importable)
+from saemnesia_comfy import toy_model
+from saemnesia_tools.comfyui.toy.build import Recipe, site_activations, site_work
+from saemnesia_tools.comfyui.toy.sampling import PromptEncoder
 from saemnesia_core.files import write_bytes_atomic, write_json_atomic
 from saemnesia_core.sae_file import load_sae_file
-from saemnesia_core.toy import assets
-from saemnesia_core.training import SupervisedConfig, finetune_supervised
-from saemnesia_core.training.centralisation import AUROC_THRESHOLD, centralisation
+from saemnesia_tools.toy import assets
+from saemnesia_tools.training import SupervisedConfig, finetune_supervised
+from saemnesia_tools.training.centralisation import AUROC_THRESHOLD, centralisation
 
 RESULTS = Path(__file__).resolve().parent / "results"
 ZETA = 3.0

@@ -1,5 +1,5 @@
 # SPDX-License-Identifier: GPL-3.0-or-later
-"""The pool the demo's rows were chosen from: every object in each of `saemnesia_core.toy.demo.POOL_STYLES` at the
+"""The pool the demo's rows were chosen from: every object in each of `saemnesia_tools.toy.demo.POOL_STYLES` at the
 demo's seed, in the demo's four columns (original, object erased, style erased, both), judged.
 
 The same workflow as the demo (Euler, 25 steps, CFG 5, the same modes, strengths and SAE files, each image sampled
@@ -16,13 +16,13 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-import saemnesia_comfy  # noqa: F401  (makes ComfyUI importable)
+import saemnesia_tools.comfyui  # noqa: F401  (makes ComfyUI importable)
 from saemnesia_comfy.erase import erase_concepts
 from saemnesia_comfy.sae_library import load_sae_path
-from saemnesia_comfy.toy.sampling import generate, load_toy_world
+from saemnesia_tools.comfyui.toy.sampling import generate, load_toy_world
 from saemnesia_core.files import write_bytes_atomic, write_json_atomic
-from saemnesia_core.toy import assets, demo
-from saemnesia_core.toy.render import OBJECTS
+from saemnesia_tools.toy import assets, demo
+from saemnesia_tools.toy.render import OBJECTS
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

@@ -7,7 +7,7 @@ set: for styles the conditional branch's text conditioning at those blocks is re
 "An image of {object}." (the style removed, the object kept); for objects by that of the empty prompt (what the
 model learnt without a prompt). The unconditional branch and every other block are untouched. What survives the
 swap at a block set is read (also) somewhere else. This is why the toy world's style SAEs sit at the 16x16 decoder
-level (`saemnesia_core.toy.assets.SITES`), and why a third SAE pair sits at the 16x16 encoder level for multi-site
+level (`saemnesia_tools.toy.assets.SITES`), and why a third SAE pair sits at the 16x16 encoder level for multi-site
 erasure (`assets.ENCODER_SITE`): the rows pairing an encoder level with a decoder level say where both must act.
 
     .venv/bin/python benchmarks/studies/prompt_swap.py      # about 18 minutes on 2 cores
@@ -23,12 +23,12 @@ from pathlib import Path
 
 import torch
 
-import saemnesia_comfy  # noqa: F401  (makes ComfyUI importable)
+import saemnesia_tools.comfyui  # noqa: F401  (makes ComfyUI importable)
 from saemnesia_comfy.patch import comfy_block_name, item_branches
-from saemnesia_comfy.toy.sampling import generate, load_toy_world
+from saemnesia_tools.comfyui.toy.sampling import generate, load_toy_world
 from saemnesia_core.files import write_bytes_atomic, write_json_atomic
-from saemnesia_core.toy.prompts import make_prompt
-from saemnesia_core.toy.render import OBJECTS, STYLES
+from saemnesia_tools.toy.prompts import make_prompt
+from saemnesia_tools.toy.render import OBJECTS, STYLES
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SEED = 5_000_000  # disjoint from the build's and the evaluation's seeds

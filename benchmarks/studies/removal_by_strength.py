@@ -20,12 +20,12 @@ from pathlib import Path
 import matplotlib
 import torch
 
-import saemnesia_comfy  # noqa: F401  (makes ComfyUI importable)
-from saemnesia_comfy.toy.eval_runner import DEFAULT_ASSETS, Runner
+import saemnesia_tools.comfyui  # noqa: F401  (makes ComfyUI importable)
+from saemnesia_tools.comfyui.toy.eval_runner import DEFAULT_ASSETS, Runner
 from saemnesia_core.files import write_bytes_atomic, write_json_atomic
-from saemnesia_core.toy.assets import REPO_ROOT
-from saemnesia_core.toy.evaluation.protocol import QUICK, TEXT, Setting, selection_items
-from saemnesia_core.toy.evaluation.quality import removed
+from saemnesia_tools.toy.assets import REPO_ROOT
+from saemnesia_tools.toy.evaluation.protocol import QUICK, TEXT, Setting, selection_items
+from saemnesia_tools.toy.evaluation.quality import removed
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402

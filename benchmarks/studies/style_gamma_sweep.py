@@ -1,11 +1,11 @@
 # SPDX-License-Identifier: GPL-3.0-or-later
 """Which strength erases a style at the style site? Every style erased at several γ with the shipped style SAE
-(`saemnesia_core.toy.assets.SITES["style"]`), on every object.
+(`saemnesia_tools.toy.assets.SITES["style"]`), on every object.
 
 Per style and γ: 8 images (each object in that style, one seed; Euler, 25 steps, CFG 5; exact mode with the
 papers' formula, the file's calibrations set aside), judged:
 how often the style is still seen, and how often the object still is; γ = 0 is no erasure. The demo's style
-strength comes from here (`saemnesia_core.toy.demo.GAMMAS`).
+strength comes from here (`saemnesia_tools.toy.demo.GAMMAS`).
 
     .venv/bin/python benchmarks/studies/style_gamma_sweep.py     # about 5 minutes on 2 cores
 
@@ -17,14 +17,14 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-import saemnesia_comfy  # noqa: F401  (makes ComfyUI importable)
+import saemnesia_tools.comfyui  # noqa: F401  (makes ComfyUI importable)
 from saemnesia_comfy.erase import erase_concepts
 from saemnesia_comfy.sae_library import load_sae_path
-from saemnesia_comfy.toy.sampling import generate, load_toy_world
+from saemnesia_tools.comfyui.toy.sampling import generate, load_toy_world
 from saemnesia_core.files import write_bytes_atomic, write_json_atomic
-from saemnesia_core.toy import assets
-from saemnesia_core.toy.prompts import make_prompt
-from saemnesia_core.toy.render import OBJECTS, STYLES
+from saemnesia_tools.toy import assets
+from saemnesia_tools.toy.prompts import make_prompt
+from saemnesia_tools.toy.render import OBJECTS, STYLES
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SEED = 6_000_000  # disjoint from the build's and the evaluation's seeds

@@ -14,12 +14,12 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
-import saemnesia_comfy  # noqa: F401  (makes ComfyUI importable)
-from saemnesia_comfy.toy.model import load_toy_model
-from saemnesia_comfy.toy.sampling import PromptEncoder, generate
-from saemnesia_core.toy import assets
-from saemnesia_core.toy.prompts import make_prompt
-from saemnesia_core.toy.render import OBJECTS, SIZE, STYLES
+import saemnesia_tools.comfyui  # noqa: F401  (makes ComfyUI importable)
+from saemnesia_comfy.toy_model import load_toy_model
+from saemnesia_tools.comfyui.toy.sampling import PromptEncoder, generate
+from saemnesia_tools.toy import assets
+from saemnesia_tools.toy.prompts import make_prompt
+from saemnesia_tools.toy.render import OBJECTS, SIZE, STYLES
 
 
 def main(argv=None) -> None:

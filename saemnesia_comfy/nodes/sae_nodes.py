@@ -1,0 +1,185 @@
+"""The SAE nodes: Load SAE, Erase Concepts (on the model and on the text encoder), Concept Probe and Probe Report —
+thin adapters over saemnesia_comfy."""
+
+from __future__ import annotations
+
+import json
+
+from comfy_api.latest import io
+
+from saemnesia_comfy import erase, probe as probing, sae_library, text_erase
+from saemnesia_comfy.patch import BRANCHES
+from saemnesia_core.concepts import MAX_STRENGTH
+from saemnesia_core.eraser import MODES
+
+SAE = io.Custom("SAE")
+PROBE = io.Custom("SAEMNESIA_PROBE")
+CATEGORY = "SAEmnesia"
+CONCEPTS_TOOLTIP = ('Concepts as JSON: a list of labels ["Hearts", "Neon"] or {"Hearts": -1.0, "Neon": null} '
+                    "(null = the node's strength). The checklist writes this for you.")
+
+
+class LoadSAE(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="SAEmnesiaLoadSAE", display_name="Load SAE (SAEmnesia)", category=CATEGORY,
+            description="Load a concept SAE from models/saemnesia (our .safetensors files or sparsify/SAeUron "
+                        "checkpoint folders). The weights are loaded once and placed by ComfyUI's memory manager.",
+            inputs=[io.Combo.Input("sae_name", options=sae_library.list_sae_entries(),
+                                   tooltip="An SAE file or checkpoint folder in the saemnesia model folders."),
+                    SAE.Input("also", optional=True,
+                              tooltip="SAEs of other blocks, from another Load SAE: they are passed on with this "
+                                      "one, and Erase Concepts erases at every block each chosen concept is known "
+                                      "at (one SAE per block).")],
+            outputs=[SAE.Output(display_name="SAE", tooltip="The SAE: its weights, hookpoint and concepts (with "
+                                                            "the SAEs chained into `also`).")],
+        )
+
+    @classmethod
+    def fingerprint_inputs(cls, sae_name, also=None):
+        return sae_library.fingerprint(sae_library.resolve_sae(sae_name))
+
+    @classmethod
+    def execute(cls, sae_name, also=None):
+        loaded = sae_library.load_sae(sae_name)
+        return io.NodeOutput(loaded if also is None else erase.chain_saes(also, loaded))
+
+
+def _step_inputs():
+    return [
+        io.Float.Input("start_percent", default=0.0, min=0.0, max=1.0, step=0.001,
+                       tooltip="Where in sampling to start (0 = the first, noisiest step)."),
+        io.Float.Input("end_percent", default=1.0, min=0.0, max=1.0, step=0.001,
+                       tooltip="Where in sampling to stop (1 = the last step)."),
+    ]
+
+
+class EraseConcepts(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="SAEmnesiaEraseConcepts", display_name="Erase Concepts (SAEmnesia)", category=CATEGORY,
+            description="Suppress the chosen concepts in the SAE's block during sampling (a UNet transformer block, or "
+                        "the image tokens of a Flux or SD3 transformer block). The model's weights "
+                        "never change: remove the node and the model is exactly as before. A positive strength "
+                        "amplifies instead (steering).",
+            inputs=[
+                io.Model.Input("model", tooltip="The diffusion model to patch (it is cloned, never modified)."),
+                SAE.Input("sae", tooltip="A concept SAE from Load SAE; its hookpoint must exist in this model. "
+                                         "Several chained Load SAE nodes erase at several blocks."),
+                io.String.Input("concepts", default="[]", multiline=False, tooltip=CONCEPTS_TOOLTIP),
+                io.Float.Input("strength", default=-1.0, min=-MAX_STRENGTH, max=MAX_STRENGTH, step=0.1,
+                               tooltip="How strongly to erase. Negative erases: −1 is SAEmnesia's single knob, and for "
+                                       "the concepts a file calibrates (the toy's SAEmnesia files: their block's "
+                                       "group, where a κ erased better than the papers' formula) −1 is the "
+                                       "strength measured to erase them. 0 ablates the "
+                                       "concept's latent; positive amplifies the concept (steering). "
+                                       "Formula (γ): a firing concept latent z becomes z·γ·μ, or, for a concept "
+                                       "the file calibrates (κ), γ·κ·‖x‖ in exact mode, so that −1 is the "
+                                       "strength measured to erase it; in replace mode, how far a detected token "
+                                       "moves to its replacement (|γ|, at most 1)."),
+                *_step_inputs(),
+                io.Combo.Input("branches", options=list(BRANCHES), default="both",
+                               tooltip="Which classifier-free-guidance branch to edit: both (as the papers), "
+                                       "cond only, or uncond only."),
+                io.Combo.Input("mode", options=list(MODES), default="exact",
+                               tooltip="exact: add only the change of the erased latents (identity elsewhere). "
+                                       "paper: the released hooks' formula, to reproduce published numbers. "
+                                       "replace: the SAE only detects the concept's tokens, which are replaced by "
+                                       "the nearest tokens that do not carry it (strength: how far, |strength| "
+                                       "capped at 1)."),
+                io.Mask.Input("mask", optional=True,
+                              tooltip="Erase only inside this mask (white = erase); without it, everywhere. "
+                                      "UNet blocks only for now."),
+            ],
+            outputs=[io.Model.Output(tooltip="The model with the concepts erased during sampling.")],
+        )
+
+    @classmethod
+    def execute(cls, model, sae, concepts, strength, start_percent, end_percent, branches, mode, mask=None):
+        chosen = erase.parse_concepts(concepts)
+        return io.NodeOutput(erase.erase_concepts(model, sae, chosen, strength, start_percent, end_percent,
+                                                  branches, mode, mask))
+
+
+class EraseConceptsText(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="SAEmnesiaEraseConceptsText", display_name="Erase Concepts (text, SAEmnesia)", category=CATEGORY,
+            description="Suppress the chosen concepts in a layer of the CLIP text encoder, for every prompt encoded "
+                        "with the CLIP this node outputs: before sampling, for any model that uses this encoder "
+                        "(CLIP-L: SD1.x, SDXL, SD3, Flux; CLIP-G: SDXL, SD3). The encoder's weights never change, and "
+                        "prompts in which no chosen concept fires encode exactly as before.",
+            inputs=[
+                io.Clip.Input("clip", tooltip="The text encoder to patch (it is cloned, never modified)."),
+                SAE.Input("sae", tooltip="A text-encoder SAE from Load SAE: its hookpoint names a layer of this "
+                                         "encoder, e.g. clip_l.text_model.encoder.layers.5."),
+                io.String.Input("concepts", default="[]", multiline=False, tooltip=CONCEPTS_TOOLTIP),
+                io.Float.Input("strength", default=-1.0, min=-MAX_STRENGTH, max=MAX_STRENGTH, step=0.1,
+                               tooltip="How strongly to erase, as in Erase Concepts: a firing concept latent z "
+                                       "becomes z·γ·μ (or γ·κ·‖x‖ for a concept the file calibrates). Negative "
+                                       "erases, 0 ablates, positive amplifies."),
+                io.Combo.Input("mode", options=list(MODES), default="exact",
+                               tooltip="exact: add only the change of the erased latents (identity elsewhere). "
+                                       "paper: the released hooks' formula. replace: a token carrying the concept "
+                                       "becomes the nearest prompt token that does not."),
+            ],
+            outputs=[io.Clip.Output(tooltip="The text encoder with the concepts erased from what it encodes.")],
+        )
+
+    @classmethod
+    def execute(cls, clip, sae, concepts, strength, mode):
+        chosen = erase.parse_concepts(concepts)
+        return io.NodeOutput(text_erase.erase_text_concepts(clip, sae, chosen, strength, mode))
+
+
+class ConceptProbe(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="SAEmnesiaConceptProbe", display_name="Concept Probe (SAEmnesia)", category=CATEGORY,
+            description="Record where the chosen concepts fire during sampling (nothing is edited). Connect the "
+                        "probe to Probe Report with the decoded image for heatmaps and presence scores.",
+            inputs=[
+                io.Model.Input("model", tooltip="The diffusion model to observe (cloned, never modified)."),
+                SAE.Input("sae", tooltip="A concept SAE from Load SAE."),
+                io.String.Input("concepts", default="[]", multiline=False, tooltip=CONCEPTS_TOOLTIP),
+                *_step_inputs(),
+            ],
+            outputs=[io.Model.Output(tooltip="The model, observed while it samples."),
+                     PROBE.Output(display_name="probe", tooltip="What the probe recorded in the last sampling.")],
+        )
+
+    @classmethod
+    def execute(cls, model, sae, concepts, start_percent, end_percent):
+        labels = list(erase.parse_concepts(concepts))
+        m, record = probing.probe_concepts(model, erase.single_sae(sae, "Concept Probe"), labels, start_percent,
+                                           end_percent)
+        return io.NodeOutput(m, record)
+
+
+class ProbeReport(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="SAEmnesiaProbeReport", display_name="Probe Report (SAEmnesia)", category=CATEGORY,
+            description="Heatmaps of where each probed concept fired over each image, and presence scores.",
+            inputs=[
+                PROBE.Input("probe", tooltip="From Concept Probe, after its model has sampled."),
+                io.Image.Input("images", tooltip="The decoded images of that sampling (they also order this node "
+                                                 "after the sampler)."),
+                io.Float.Input("flag_threshold", default=0.05, min=0.0, max=1.0, step=0.005,
+                               tooltip="Flag a concept in an image when it fires on at least this fraction of "
+                                       "the recorded (step, position) pairs."),
+            ],
+            outputs=[io.Image.Output(display_name="heatmaps", tooltip="Each image overlaid with each concept's "
+                                                                      "activation (image-major)."),
+                     io.String.Output(display_name="report", tooltip="JSON: per image and concept, the presence "
+                                                                     "score, peak and flag.")],
+        )
+
+    @classmethod
+    def execute(cls, probe, images, flag_threshold):
+        return io.NodeOutput(probing.overlays(probe, images), json.dumps(probing.report(probe, flag_threshold)))
