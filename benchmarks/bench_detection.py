@@ -79,7 +79,8 @@ def toy() -> dict:
                         totals[method][key] += value
             return out
 
-        patch_block_output(m, block_for(m, files["saemnesia"].file.hookpoint, files["saemnesia"].file.config.d_in), record)
+        sae = files["saemnesia"].file
+        patch_block_output(m, block_for(m, sae.hookpoint, sae.config.d_in), record)
     generate(m, vae, encoder, prompts, [SEED + i for i in range(len(prompts))])
     return rows
 

@@ -67,13 +67,7 @@ def main() -> None:
         return
     import_comfy(cpu=False)
     import comfy.sd
-    from bench_sampling import (
-        load_random_sae,
-        random_sae_file,
-        sd15_model,
-        sd15_sampler,
-        time_variants,
-    )
+    from bench_sampling import PARTIAL, load_random_sae, random_sae_file, sd15_model, sd15_sampler, time_variants
 
     from saemnesia_comfy.erase import erase_concepts
     from saemnesia_comfy.patch import ADDITIONAL_MODELS_KEY, block_for, patch_block_output
@@ -95,8 +89,14 @@ def main() -> None:
 
     watched, placements = variants["Erase Concepts, exact"].clone(), []
     (sae_patcher,) = watched.get_additional_models_with_key(ADDITIONAL_MODELS_KEY)
-    patch_block_output(watched, block_for(watched, loaded.file.hookpoint, loaded.file.config.d_in), lambda out, options: placements.append(
-        (str(sae_patcher.model.sae.W_dec.device), str(out.device))) or out)
+    sae_bytes = sum(p.numel() * p.element_size() for p in sae_patcher.model.parameters())
+
+    def where_the_sae_is(out, options):  # per call: the SAE's device, dtype and storage, and the block's device
+        w = sae_patcher.model.sae.W_dec
+        placements.append((str(w.device), str(w.dtype), w.data_ptr(), str(out.device)))
+        return out
+
+    patch_block_output(watched, block_for(watched, loaded.file.hookpoint, loaded.file.config.d_in), where_the_sae_is)
     with torch.no_grad():
         first = {name: sample(m, args.steps) for name, m in variants.items()}  # the first run pages weights in
         images = {name: sample(m, args.steps) for name, m in variants.items()}
@@ -118,19 +118,27 @@ def main() -> None:
         "replace mode changes the image": not torch.equal(images["Erase Concepts, replace"], images["no erasure"]),
         "edit calls seen": len(placements),
         "SAE weights and block output on the GPU at every call": bool(placements) and all(
-            w.startswith("cuda") and o.startswith("cuda") for w, o in placements),
+            w.startswith("cuda") and o.startswith("cuda") for w, _, _, o in placements),
     }
+    # where the SAE lives at each call of a 2-step run, and how often it was placed anew (each time, its bytes move)
+    storages = [ptr for _, _, ptr, _ in placements]
+    moves = 1 + sum(a != b for a, b in zip(storages, storages[1:])) if storages else 0
+    residency = {"calls": len(placements), "devices": sorted({w for w, _, _, _ in placements}),
+                 "dtypes": sorted({d for _, d, _, _ in placements}), "placements": moves,
+                 "sae_bytes": sae_bytes, "bytes_moved_per_run": moves * sae_bytes}
     times = time_variants(sample, variants, args.steps, args.repeats, args.warmup)
     base = statistics.median(times["no erasure"])
-    rows = [{"variant": name, "median_s": statistics.median(t), "per_step_ms": 1e3 * statistics.median(t) / args.steps,
-             "overhead": statistics.median(t) / base - 1} for name, t in times.items()]
+    rows = [{"variant": name, "median_s": statistics.median(t), "min_s": min(t), "max_s": max(t), "repeats": len(t),
+             "per_step_ms": 1e3 * statistics.median(t) / args.steps, "overhead": statistics.median(t) / base - 1,
+             "overhead_spread": [min(t) / base - 1, max(t) / base - 1]} for name, t in times.items()]
     result = {"environment": {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
                               "comfyui": host, "comfy_aimdo": version("comfy-aimdo")},
               "config": {"model": "SD1.5 UNet config, random weights, fp16, loaded by comfy.sd.load_diffusion_model_"
                                   "state_dict", "pixels": args.size, "steps": args.steps, "sampler": "euler",
                          "cfg": 7.5, "sae": "random, d=1280, n=20480, k=32", "repeats": args.repeats,
                          "warmup": args.warmup},
-              "observations": observations, "checks": checks, "rows": rows}
+              "observations": observations, "checks": checks, "residency": residency,
+              "partial": PARTIAL["rounds_cut"], "rows": rows}
     RESULTS.mkdir(exist_ok=True)
     write_json_atomic(RESULTS / f"{args.out_name}.json", result, indent=2)
     table = markdown(result)
@@ -153,9 +161,19 @@ def markdown(result: dict) -> str:
     lines += ["", "The host's own behaviour (not a check): a model's first run under dynamic VRAM, with the weights paged "
               "in as the layers run, against its second run.", "", "| observation | result |", "|---|---|"]
     lines += [f"| {name} | {value} |" for name, value in result["observations"].items()]
-    lines += ["", "| variant | median s | ms / step | overhead |", "|---|---:|---:|---:|"]
-    lines += [f"| {r['variant']} | {r['median_s']:.3f} | {r['per_step_ms']:.1f} | {100 * r['overhead']:+.1f} % |"
+    res = result["residency"]
+    lines += ["", f"Where the SAE lives (a 2-step run with exact mode): at {res['calls']} calls on {res['devices']} in "
+              f"{res['dtypes']}; placed {res['placements']} time(s), "
+              f"{res['bytes_moved_per_run'] / 2**20:.1f} MiB moved "
+              f"per run (the SAE holds {res['sae_bytes'] / 2**20:.1f} MiB)."]
+    lines += ["", "| variant | median s | spread s (min–max) | ms / step | overhead | overhead spread |",
+              "|---|---:|---:|---:|---:|---:|"]
+    lines += [f"| {r['variant']} | {r['median_s']:.3f} | {r['min_s']:.3f}–{r['max_s']:.3f} | {r['per_step_ms']:.1f} | "
+              f"{100 * r['overhead']:+.1f} % | "
+              f"{100 * r['overhead_spread'][0]:+.1f} … {100 * r['overhead_spread'][1]:+.1f} % |"
               for r in result["rows"]]
+    if result.get("partial"):
+        lines += ["", "Partial: the time budget stopped the timing; each row says its repeats."]
     return "\n".join(lines)
 
 

@@ -4,7 +4,11 @@ DESIGN §6.4) against the dense formulation of the released SAeUron/SAEmnesia ho
 d = 1280, n = 20480, k = 32; x = [2, 1280, 16, 16], i.e. one CFG step (cond + uncond) at 512 px. Random weights;
 one concept erased (SAEmnesia-style file: 20 concepts, 50 buckets, one latent each, μ = 1, θ = 0).
 
-Time: all variants run interleaved (one call of each per round), after warm-up; we report the median.
+Time: all variants run interleaved (one call of each per round), after warm-up; we report the median and the
+spread (min–max over the rounds). Kernels: the ATen ops one call launches (views aside), counted with a
+TorchDispatchMode, against one call of the released hook as their code runs it (saemnesia_tools.testing.
+released_hook_call). Ours is called as the ComfyUI patch calls it (each item's t and edit flag from the host).
+Interrupted (Ctrl-C, or SIGINT from scripts/gpu_check.sh's time budget), it writes the rounds it has, marked partial.
 Memory: the peak resident memory one call adds above its inputs, measured per variant in a fresh subprocess:
 Linux VmHWM after resetting it through /proc/self/clear_refs, with glibc's mmap threshold pinned at 64 KiB so
 that freed buffers go back to the OS instead of hiding in the heap.
@@ -26,16 +30,18 @@ import re
 import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 from saemnesia_core.eraser import ConceptEraser
 from saemnesia_core.files import write_bytes_atomic, write_json_atomic
+from saemnesia_tools.timing import interleaved
 from saemnesia_core.sae import TopKSAE, block_to_tokens, tokens_to_block
 from saemnesia_core.sae_file import SAEFile
-from saemnesia_tools.testing import random_sae, released_hook, sae_file_with_assigned_latents
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from saemnesia_tools.testing import random_sae, released_hook, released_hook_call, sae_file_with_assigned_latents
 
 D, N_LATENTS, K = 1280, 20480, 32
 BATCH, H, W = 2, 16, 16
@@ -63,6 +69,18 @@ def dense_reference(sae: TopKSAE, sae_file: SAEFile, x: torch.Tensor, exact: boo
     return tokens_to_block(out, H, W)
 
 
+TS, EDIT = [T] * BATCH, [True] * BATCH  # as the ComfyUI patch passes them: each item's t and edit flag, on the host
+
+
+def released_call(sae, sae_file, x):
+    """One call of the released hook at the erased concept's latent (its θ and γ·μ at T's bucket)."""
+    c = [c.label for c in sae_file.concepts].index(ERASED)
+    b = min(int(T * BUCKETS), BUCKETS - 1)
+    tables = sae_file.tables
+    return released_hook_call(sae, tables.latents[c, b].to(x.device), tables.thresholds[c, b].to(x.device, x.dtype),
+                              (GAMMA * tables.mean_acts[c, b]).to(x.device, x.dtype), x)
+
+
 def variants(sae, sae_file, x):
     def eraser(mode, detection="topk"):
         return ConceptEraser(sae, sae_file.concepts, sae_file.tables, {ERASED: GAMMA}, mode=mode, detection=detection)
@@ -80,20 +98,39 @@ def variants(sae, sae_file, x):
         kept = ConceptEraser(sae32, sae_file.concepts, sae_file.tables, {ERASED: GAMMA})
 
         def fresh():
-            return ConceptEraser(sae32, sae_file.concepts, sae_file.tables, {ERASED: GAMMA})(x, T)
+            return ConceptEraser(sae32, sae_file.concepts, sae_file.tables, {ERASED: GAMMA})(x, TS, EDIT)
 
-        mixed = {"ours, exact mode, fp32 SAE (weights cast once, kept)": lambda: kept(x, T),
+        mixed = {"ours, exact mode, fp32 SAE (weights cast once, kept)": lambda: kept(x, TS, EDIT),
                  "ours, exact mode, fp32 SAE, a new eraser per call (a cast per call)": fresh}
     return {
-        "dense reference (released hook)": lambda: dense_reference(sae, sae_file, x),
-        "ours, paper mode": lambda: paper(x, T),
-        "ours, exact mode": lambda: exact(x, T),
-        "ours, replace mode": lambda: replace(x, T),
-        "ours, exact mode, threshold detection": lambda: exact_fast(x, T),
-        "ours, replace mode, threshold detection": lambda: replace_fast(x, T),
+        "dense reference (released hook)": lambda: released_call(sae, sae_file, x),
+        "ours, paper mode": lambda: paper(x, TS, EDIT),
+        "ours, exact mode": lambda: exact(x, TS, EDIT),
+        "ours, replace mode": lambda: replace(x, TS, EDIT),
+        "ours, exact mode, threshold detection": lambda: exact_fast(x, TS, EDIT),
+        "ours, replace mode, threshold detection": lambda: replace_fast(x, TS, EDIT),
         **mixed,
         "encoder + top-k only (floor)": encoder_only,
     }
+
+
+class Kernels(TorchDispatchMode):
+    """Counts the ops that compute something (a view's output aliases its input and launches no kernel)."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        schema = func._schema
+        self.count += schema.is_mutable or not any(r.alias_info is not None for r in schema.returns)
+        return func(*args, **(kwargs or {}))
+
+
+def kernels(fn) -> int:
+    with Kernels() as counter:
+        fn()
+    return counter.count
 
 
 def vm_bytes(key: str) -> int | None:
@@ -151,22 +188,15 @@ def main() -> None:
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     sae, sae_file, x = setup(dtype, device=args.device)
     fns = variants(sae, sae_file, x)
-    times = {name: [] for name in fns}
     with torch.no_grad():
         outputs = {name: fn() for name, fn in fns.items()}
+        counts = {name: kernels(fn) for name, fn in fns.items()}
+        paper_dense = dense_reference(sae, sae_file, x)
         exact_dense = dense_reference(sae, sae_file, x, exact=True)
-        for _ in range(args.warmup):
-            for fn in fns.values():
-                fn()
-        for _ in range(args.repeats):
-            for name, fn in fns.items():
-                sync()
-                start = time.perf_counter()
-                fn()
-                sync()
-                times[name].append(time.perf_counter() - start)
-        peaks = {name: cuda_peak(fn) if cuda else peak_in_subprocess(name, args.dtype) for name, fn in fns.items()}
-    paper_diff = (outputs["ours, paper mode"].float() - outputs["dense reference (released hook)"].float()).abs().max()
+        times, partial = interleaved(fns, args.repeats, args.warmup, sync)
+        peaks = {name: cuda_peak(fn) if cuda else None if partial else peak_in_subprocess(name, args.dtype)
+                 for name, fn in fns.items()}
+    paper_diff = (outputs["ours, paper mode"].float() - paper_dense.float()).abs().max()
     exact_diff = (outputs["ours, exact mode"].float() - exact_dense.float()).abs().max()
     edited = (outputs["ours, exact mode"] != x).any(1).float().mean()
 
@@ -175,12 +205,13 @@ def main() -> None:
     for name in fns:
         median = statistics.median(times[name])
         rows.append({"variant": name, "median_ms": 1e3 * median, "min_ms": 1e3 * min(times[name]),
-                     "speedup_vs_dense": reference / median, "peak_mb": _mb(peaks[name])})
+                     "max_ms": 1e3 * max(times[name]), "speedup_vs_dense": reference / median,
+                     "peak_mb": _mb(peaks[name]), "kernels": counts[name]})
     result = {
         "config": {"d": D, "n": N_LATENTS, "k": K, "x": [BATCH, D, H, W], "tokens": BATCH * H * W,
                    "dtype": args.dtype, "device": torch.cuda.get_device_name() if cuda else "CPU",
-                   "erased_concepts": 1, "buckets": BUCKETS, "repeats": args.repeats,
-                   "warmup": args.warmup},
+                   "erased_concepts": 1, "buckets": BUCKETS, "repeats": len(times[next(iter(times))]),
+                   "warmup": args.warmup, "partial": partial},
         "environment": {"torch": torch.__version__, "threads": torch.get_num_threads(), "cpus": os.cpu_count(),
                         "machine": platform.machine(), "python": platform.python_version(),
                         "load_average": os.getloadavg()},
@@ -209,15 +240,16 @@ def _markdown(result: dict) -> str:
         f"{cfg['dtype']}, {cfg['device']})",
         "",
         f"torch {env['torch']}, {env['threads']} threads on {env['cpus']} CPUs ({env['machine']}), "
-        f"load average {env['load_average'][0]:.2f}; median of {cfg['repeats']} interleaved calls.",
+        f"load average {env['load_average'][0]:.2f}; median of {cfg['repeats']} interleaved calls"
+        + (" (partial: stopped by its time budget)." if cfg.get("partial") else "."),
         "",
-        "| variant | median ms | min ms | speed-up vs dense | peak MiB per call |",
-        "|---|---:|---:|---:|---:|",
+        "| variant | median ms | spread ms (min–max) | speed-up vs dense | kernels per call | peak MiB per call |",
+        "|---|---:|---:|---:|---:|---:|",
     ]
     for r in result["results"]:
         peak = "n/a" if r["peak_mb"] is None else f"{r['peak_mb']:.1f}"
-        lines.append(f"| {r['variant']} | {r['median_ms']:.1f} | {r['min_ms']:.1f} | {r['speedup_vs_dense']:.2f}× "
-                     f"| {peak} |")
+        lines.append(f"| {r['variant']} | {r['median_ms']:.1f} | {r['min_ms']:.1f}–{r['max_ms']:.1f} | "
+                     f"{r['speedup_vs_dense']:.2f}× | {r['kernels']} | {peak} |")
     lines += [
         "",
         f"Paper mode vs the dense reference: max |Δ| = {checks['paper_vs_dense_max_abs_diff']:.2e}; exact mode vs "

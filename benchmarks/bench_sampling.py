@@ -38,7 +38,6 @@ import os
 import platform
 import statistics
 import tempfile
-import time
 from pathlib import Path
 
 import torch
@@ -55,6 +54,7 @@ from saemnesia_tools.comfyui.testing import make_sd15_model
 from saemnesia_core.sae import block_to_tokens, tokens_to_block
 from saemnesia_core.sae_file import SAEFile, save_sae_file
 from saemnesia_core.files import write_bytes_atomic, write_json_atomic
+from saemnesia_tools.timing import interleaved
 from saemnesia_tools.testing import random_sae, released_hook, sae_file_with_assigned_latents
 from saemnesia_tools.toy import assets
 
@@ -249,20 +249,17 @@ def count_flops(sample, models: dict) -> dict[str, int]:
     return flops
 
 
+PARTIAL = {"rounds_cut": False}
+"""Set when a time budget (SIGINT) stopped the timing: the results hold the rounds every variant finished."""
+
+
 def time_variants(sample, models: dict, steps: int, repeats: int, warmup: int) -> dict[str, list[float]]:
+    """Seconds per sampling run of each model (timing.interleaved); a cut timing sets PARTIAL."""
     sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
-    times = {name: [] for name in models}
     with torch.no_grad():
-        for _ in range(warmup):
-            for m in models.values():
-                sample(m, steps)
-        for _ in range(repeats):
-            for name, m in models.items():
-                sync()
-                start = time.perf_counter()
-                sample(m, steps)
-                sync()
-                times[name].append(time.perf_counter() - start)
+        times, partial = interleaved({name: (lambda m=m: sample(m, steps)) for name, m in models.items()}, repeats,
+                                     warmup, sync)
+    PARTIAL["rounds_cut"] |= partial
     return times
 
 
@@ -277,6 +274,7 @@ def run_model(name: str, args, folder: Path) -> dict:
         median = statistics.median(times[variant])
         edit_flops = flops[variant] - base_flops
         rows.append({"variant": variant, "median_s": median, "min_s": min(times[variant]),
+                     "max_s": max(times[variant]), "repeats": len(times[variant]),
                      "per_step_ms": 1e3 * median / steps, "measured_overhead": median / base_time - 1,
                      "flops_per_step": flops[variant], "edit_flops_per_step": edit_flops,
                      "flop_overhead": edit_flops / base_flops})
@@ -311,7 +309,7 @@ def main() -> None:
                               "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU",
                               "machine": platform.machine(), "load_average_before": load_before,
                               "load_average_after": os.getloadavg()},
-              "repeats": args.repeats, "warmup": args.warmup, "models": results}
+              "repeats": args.repeats, "warmup": args.warmup, "partial": PARTIAL["rounds_cut"], "models": results}
     args.out.mkdir(parents=True, exist_ok=True)
     write_json_atomic(args.out / f"{args.out_name}.json", result, indent=2)
     table = markdown(result)
@@ -325,7 +323,9 @@ def markdown(result: dict) -> str:
     lines = [f"# Sampling with vs without Erase Concepts ({env.get('device', 'CPU')})", "",
              f"torch {env['torch']}, {env['threads']} threads on {env['cpus']} CPUs; load average "
              f"{env['load_average_before'][0]:.2f} before, {env['load_average_after'][0]:.2f} after; " +
-             (f"median of {result['repeats']} interleaved repeats after {result['warmup']} warm-up. FLOPs: one "
+             (f"median of {result['repeats']} interleaved repeats after {result['warmup']} warm-up" +
+              (" (partial: the time budget stopped it; each row says its repeats)" if result.get("partial") else "") +
+              ". FLOPs: one "
               "sampling step (cond + uncond) under FlopCounterMode." if timed else
               "FLOPs under FlopCounterMode: one step's forward of the real-size model on the meta device, and the edit "
               f"counted on {COUNTED_TOKENS} real tokens and scaled to the block's (no timing: a CPU cannot sample "
@@ -343,10 +343,11 @@ def markdown(result: dict) -> str:
             continue
         lines += ["", f"## {name}: {c['model']}; {c['steps']} steps, batch {c['batch']}; SAE {c['sae']} "
                       f"(d={c['d']}, n={c['n']}, k={c['k']})", "",
-                  "| variant | median s | ms / step | measured overhead | GFLOP / step | edit GFLOP / step "
-                  "| FLOP overhead |", "|---|---:|---:|---:|---:|---:|---:|"]
+                  "| variant | median s | spread s (min–max) | ms / step | measured overhead | GFLOP / step "
+                  "| edit GFLOP / step | FLOP overhead |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
         for row in r["rows"]:
-            lines.append(f"| {row['variant']} | {row['median_s']:.2f} | {row['per_step_ms']:.0f} | "
+            lines.append(f"| {row['variant']} | {row['median_s']:.2f} | {row['min_s']:.2f}–{row['max_s']:.2f} | "
+                         f"{row['per_step_ms']:.0f} | "
                          f"{100 * row['measured_overhead']:+.1f} % | {row['flops_per_step'] / 1e9:.2f} | "
                          f"{row['edit_flops_per_step'] / 1e9:.4f} | {100 * row['flop_overhead']:+.3f} % |")
     return "\n".join(lines)

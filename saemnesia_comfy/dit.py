@@ -31,6 +31,7 @@ class BlockKind:
     block_class: type                       # ComfyUI's class for them
     image: int | str                        # the image tokens' place in the block's output pair, or JOINED
     width: Callable[[object], int]          # a block's token width
+    image_input: tuple[int, str]            # the image tokens' argument of the block's forward: (position, name)
 
 
 @dataclass(frozen=True)
@@ -44,11 +45,12 @@ class DitFamily:
 FAMILIES = (
     DitFamily("flux", comfy.ldm.flux.model.Flux, comfy.utils.flux_to_diffusers, (
         BlockKind("transformer_blocks", comfy.ldm.flux.layers.DoubleStreamBlock, 0,
-                  lambda block: block.img_attn.qkv.in_features),
+                  lambda block: block.img_attn.qkv.in_features, (0, "img")),
         BlockKind("single_transformer_blocks", comfy.ldm.flux.layers.SingleStreamBlock, JOINED,
-                  lambda block: block.linear1.in_features))),
+                  lambda block: block.linear1.in_features, (0, "x")))),
     DitFamily("sd3", mmdit.MMDiT, comfy.utils.mmdit_to_diffusers, (
-        BlockKind("transformer_blocks", mmdit.JointBlock, 1, lambda block: block.x_block.attn.qkv.in_features),)),
+        BlockKind("transformer_blocks", mmdit.JointBlock, 1, lambda block: block.x_block.attn.qkv.in_features,
+                  (1, "x")),)),
 )
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import logging
 
-from saemnesia_core.concepts import MAX_STRENGTH, check_known
+from saemnesia_core.concepts import MAX_STRENGTH, check_known, latent_ref
 from saemnesia_core.eraser import ConceptEraser
 from saemnesia_core.regions import item_weights, token_weights
 
@@ -81,6 +81,18 @@ def single_sae(sae, node: str) -> LoadedSAE:
     return sites[0]
 
 
+def with_latent_refs(sites: list[LoadedSAE], labels) -> list[LoadedSAE]:
+    """The sites, each able to erase latents named by index ("#123", DESIGN §7) among `labels`: a reference names a
+    latent of one SAE, so a chain of several refuses it."""
+    refs = [label for label in labels if latent_ref(label) is not None
+            and not any(label in loaded.labels for loaded in sites)]
+    if refs and len(sites) > 1:
+        raise ValueError(f"latent references ({', '.join(refs)}) name latents of one SAE, but {len(sites)} are "
+                         "chained: "
+                         "connect a single Load SAE")
+    return [loaded.with_latent_refs(refs) for loaded in sites]
+
+
 def resolve_strengths(concepts: dict[str, float | None], strength: float) -> dict[str, float]:
     """The `concepts` string's labels with their strengths: each its own, or the node's where it gave none."""
     return {label: strength if s is None else s for label, s in concepts.items()}
@@ -102,7 +114,7 @@ def erase_concepts(model, sae: LoadedSAE | tuple[LoadedSAE, ...], concepts: dict
         if dit_family(model) is not None:  # the mask is resampled to a UNet block's [H, W] token grid
             raise ValueError("regional erasure (a MASK) works at UNet blocks only for now; this is a DiT model")
     strengths = resolve_strengths(concepts, strength)
-    sites = [loaded.for_dtype(compute_dtype(model)) for loaded in sae_sites(sae)]
+    sites = with_latent_refs([loaded.for_dtype(compute_dtype(model)) for loaded in sae_sites(sae)], strengths)
     check_known(strengths, [label for loaded in sites for label in loaded.labels])
 
     def make_eraser(loaded, sae_weights):  # the chosen concepts this site knows; checks strengths and mode
@@ -126,10 +138,10 @@ def erase_concepts(model, sae: LoadedSAE | tuple[LoadedSAE, ...], concepts: dict
         return item_weights(regions[key], item_latent_index(options, out.shape[0]))
 
     def edit_with(eraser):
-        def edit(out, options):
+        def edit(out, options, inp=None):  # inp: the block's input, for an SAE that reads the update
             uncond_seen[0] |= UNCOND in (options.get("cond_or_uncond") or ())
-            items, t = gate.items(options, out.shape[0], out.device)
-            return eraser(out, t, items, region(out, options)) if bool(items.any()) else out
+            items, t = gate.edits(options, out.shape[0])
+            return eraser(out, t, items, region(out, options), base=inp) if any(items) else out
         return edit
 
     for loaded, eraser in zip(sites, erasers):
@@ -139,8 +151,9 @@ def erase_concepts(model, sae: LoadedSAE | tuple[LoadedSAE, ...], concepts: dict
         def edit_for_copy(copy, loaded=loaded):  # a MultiGPU copy erases with its own copy of the SAE's weights
             return edit_with(make_eraser(loaded, weights_of(copy, loaded.patcher)))
 
-        patch_block_output(m, block_for(m, loaded.file.hookpoint, loaded.file.config.d_in), edit_with(eraser),
-                           edit_for_copy)
+        f = loaded.file
+        patch_block_output(m, block_for(m, f.hookpoint, f.config.d_in, f.tokens), edit_with(eraser), edit_for_copy,
+                           with_input=f.reads == "update")
         attach_weights(m, loaded.patcher)
     if branches == "uncond":  # at cfg 1 ComfyUI skips the unconditional pass: nothing would be erased, silently
         def forget(_patcher):

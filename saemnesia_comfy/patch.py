@@ -1,5 +1,6 @@
 """Patching one block of a ComfyUI MODEL so that a function sees, and may replace, its output: a UNet's transformer
-block ([B, C, H, W]) or a DiT's double-stream / joint block (its image tokens [B, N, d], `dit`).
+block ([B, C, H, W]) or a DiT's double-stream / joint block (its image tokens [B, N, d], `dit`), and, for an SAE
+that reads the block's update (output − input), the block's input beside it.
 
 The patch is an object patch on the block's `forward` (DESIGN §6.3): ComfyUI still sees the real block (its
 isinstance dispatch and argument list are kept, and DiT block-replace patches still call it), the patch wraps
@@ -10,6 +11,7 @@ undoes it when the model is unpatched. Per batch item, the step comes from the s
 
 from __future__ import annotations
 
+import copy
 import types
 from typing import Callable
 
@@ -61,10 +63,17 @@ def check_block_width(model, block: str, d_in: int, hookpoint: str) -> None:
                              f"{block} has {channels} channels: the SAE was trained for another model")
 
 
-def block_for(model, hookpoint: str, d_in: int) -> str:
-    """The ComfyUI block an SAE of this hookpoint and width reads in `model`, checked (HookpointError otherwise)."""
+def block_for(model, hookpoint: str, d_in: int, tokens: str = "") -> str:
+    """The ComfyUI block an SAE of this hookpoint, width and token layout reads in `model`, checked (HookpointError
+    otherwise): a UNet block's tokens are its whole map; a DiT block's edit reaches its image tokens, so an SAE of its
+    text tokens cannot serve."""
     block = comfy_block_name(model, hookpoint)
     check_block_width(model, block, d_in, hookpoint)
+    dit = block_kind(model.get_model_object(f"diffusion_model.{block}")) is not None
+    usable = ("image", "joined") if dit else ("block",)
+    if tokens and tokens not in usable:
+        raise HookpointError(f"the SAE reads the {tokens} tokens of {hookpoint}, but Erase Concepts reads and edits "
+                             f"{'the image tokens of a DiT block' if dit else 'the whole map of a UNet block'}")
     return block
 
 
@@ -104,22 +113,39 @@ class BlockOutputPatch:
     patches to such clones as they are, still bound to the original device's module.
     """
 
-    def __init__(self, module, previous: Callable, edit: Callable, make_edit: Callable):
+    def __init__(self, module, previous: Callable, edit: Callable, make_edit: Callable, with_input: bool = False):
         self.module, self.previous, self.edit, self.make_edit = module, previous, edit, make_edit
+        self.with_input = with_input
         kind = block_kind(module)
         self.image = None if kind is None else kind.image
+        self.image_input = (0, "x") if kind is None else kind.image_input
 
     def __call__(self, *args, **kwargs):
+        inp = self._input(args, kwargs) if self.with_input else None  # before the block: some add to it in place
         out = self.previous(*args, **kwargs)
         if self.image is None:  # a UNet block, called as block(x, context, transformer_options)
-            return self.edit(out, kwargs.get("transformer_options", args[2] if len(args) > 2 else None) or {})
+            options = kwargs.get("transformer_options", args[2] if len(args) > 2 else None) or {}
+            return self._edit(out, options, inp)
         options = kwargs.get("transformer_options") or {}  # DiT blocks get it by keyword
         if self.image == JOINED:  # text tokens, then image tokens (dit_blocks offers these only where marked)
             start, end = options["img_slice"]
-            return torch.cat([out[:, :start], self.edit(out[:, start:end], options), out[:, end:]], 1)
+            image_in = None if inp is None else inp[:, start:end]
+            return torch.cat([out[:, :start], self._edit(out[:, start:end], options, image_in), out[:, end:]], 1)
         pair = list(out)
-        pair[self.image] = self.edit(pair[self.image], options)
+        pair[self.image] = self._edit(pair[self.image], options, inp)
         return tuple(pair)
+
+    def _edit(self, out, options, inp):
+        return self.edit(out, options, inp) if self.with_input else self.edit(out, options)
+
+    def _input(self, args, kwargs):
+        """The block's input (its image tokens' argument): what an SAE of the block's update subtracts."""
+        position, name = self.image_input
+        inp = kwargs.get(name, args[position] if len(args) > position else None)
+        if not isinstance(inp, torch.Tensor):
+            raise HookpointError(f"the SAE reads the update (output − input) of {type(self.module).__name__}, but the "
+                                 f"block was called without its input ({name!r}): it cannot be read here")
+        return inp.clone()
 
     def rebind(self, model, module) -> BlockOutputPatch:
         """This patch on `model`, whose block is `module`."""
@@ -128,18 +154,19 @@ class BlockOutputPatch:
             previous = previous.rebind(model, module)
         elif getattr(previous, "__self__", None) is self.module:  # the block's own (or another pack's) method
             previous = types.MethodType(previous.__func__, module)
-        return BlockOutputPatch(module, previous, self.make_edit(model), self.make_edit)
+        return BlockOutputPatch(module, previous, self.make_edit(model), self.make_edit, self.with_input)
 
 
-def patch_block_output(model, block: str, edit: Callable[[torch.Tensor, dict], torch.Tensor],
-                       make_edit: Callable[[object], Callable] | None = None) -> None:
-    """Make `edit(output, transformer_options)` see and replace the output of `diffusion_model.<block>` in `model`.
-    An edit that holds weights of its own gives `make_edit(model_copy)`, which makes the edit for a MultiGPU copy
-    of the model (with that copy's weights); without it, copies share `edit`."""
+def patch_block_output(model, block: str, edit: Callable[..., torch.Tensor],
+                       make_edit: Callable[[object], Callable] | None = None, with_input: bool = False) -> None:
+    """Make `edit(output, transformer_options)` see and replace the output of `diffusion_model.<block>` in `model`;
+    with `with_input`, `edit(output, transformer_options, input)` also gets the block's input (a DiT block's image
+    tokens, as its output). An edit that holds weights of its own gives `make_edit(model_copy)`, which makes the edit
+    for a MultiGPU copy of the model (with that copy's weights); without it, copies share `edit`."""
     key = f"diffusion_model.{block}.forward"
     module = model.get_model_object(f"diffusion_model.{block}")
     previous = model.get_model_object(key)  # the block's own forward, or an earlier patch in this clone chain
-    model.add_object_patch(key, BlockOutputPatch(module, previous, edit, make_edit or (lambda _copy: edit)))
+    model.add_object_patch(key, BlockOutputPatch(module, previous, edit, make_edit or (lambda _copy: edit), with_input))
     for hook in MULTIGPU_CALLBACKS:  # one registration however many patches (rebinding covers the whole chain)
         model.remove_callbacks_with_key(hook, _REBIND_KEY)
         model.add_callback_with_key(hook, _REBIND_KEY, _rebind_block_patches)
@@ -166,21 +193,35 @@ class StepGate:
             raise ValueError(f"branches must be one of {', '.join(BRANCHES)}, got {branches!r}")
         if not 0.0 <= start_percent <= end_percent <= 1.0:
             raise ValueError(f"need 0 <= start_percent <= end_percent <= 1, got {start_percent}, {end_percent}")
-        self.model_sampling = model.get_model_object("model_sampling")
-        self.sigma_start = float(self.model_sampling.percent_to_sigma(start_percent))
-        self.sigma_end = float(self.model_sampling.percent_to_sigma(end_percent))
+        self.model_sampling, self._host = model.get_model_object("model_sampling"), None
+        # as float32, the sigmas' own dtype, so that comparing them on the host decides as on the device
+        self.sigma_start, self.sigma_end = (
+            torch.tensor(float(self.model_sampling.percent_to_sigma(p)), dtype=torch.float32).item()
+            for p in (start_percent, end_percent))
         self.branches = BRANCHES[branches]
 
-    def items(self, options: dict, batch: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-        """(mask bool [B], t float [B]) for a block call on `batch` items."""
+    def edits(self, options: dict, batch: int) -> tuple[list[bool], list[float]]:
+        """Per item of a block call on `batch` items, whether the edit applies and its t ∈ [0, 1], worked out on the
+        host (one copy of the call's sigmas; a copy of the model's schedule there), so the edit launches no kernels
+        for its bookkeeping."""
         sigmas = options.get("sigmas")
         if sigmas is None:  # not inside a sampler (e.g. a direct apply_model call): nothing to edit
-            return torch.zeros(batch, dtype=torch.bool, device=device), torch.zeros(batch, device=device)
-        sigmas = item_sigmas(sigmas, batch).to(device=device, dtype=torch.float32)
-        mask = (sigmas <= self.sigma_start) & (sigmas >= self.sigma_end)
-        branch = item_branches(options, batch).to(device)
-        mask &= torch.isin(branch, torch.tensor(self.branches, device=device))
-        return mask, schedule_position(self.model_sampling, sigmas)
+            return [False] * batch, [0.0] * batch
+        sigmas = item_sigmas(sigmas.detach().to("cpu", torch.float32), batch)
+        branch = item_branches(options, batch).tolist()
+        edit = [self.sigma_end <= s <= self.sigma_start and b in self.branches for s, b in zip(sigmas.tolist(), branch)]
+        return edit, schedule_position(self._host_sampling(), sigmas).tolist()
+
+    def items(self, options: dict, batch: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """`edits` as tensors on `device`: (mask bool [B], t float [B])."""
+        edit, t = self.edits(options, batch)
+        return torch.tensor(edit, device=device), torch.tensor(t, device=device)
+
+    def _host_sampling(self):
+        """The model's sampling schedule on the CPU (a copy, made once: it is small)."""
+        if self._host is None:
+            self._host = copy.deepcopy(self.model_sampling).to("cpu")
+        return self._host
 
 
 def schedule_position(model_sampling, sigmas: torch.Tensor) -> torch.Tensor:

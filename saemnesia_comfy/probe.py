@@ -68,25 +68,27 @@ class ProbeRecord:
 
 def probe_concepts(model, loaded: LoadedSAE, labels: list[str], start_percent=0.0, end_percent=1.0):
     """(clone of `model` that records, its ProbeRecord). Only conditional-branch items are recorded."""
+    loaded = loaded.with_latent_refs(labels)
     check_known(labels, loaded.labels)
     if not labels:
-        raise ValueError("choose at least one concept to probe")
+        raise ValueError("choose at least one concept (or latent, #123) to probe")
     loaded = loaded.for_dtype(compute_dtype(model))
     tables = loaded.file.concept_tables
     index = [loaded.labels.index(label) for label in labels]
     record = ProbeRecord(labels)
     m = model.clone()
-    block = block_for(m, loaded.file.hookpoint, loaded.file.config.d_in)
+    block = block_for(m, loaded.file.hookpoint, loaded.file.config.d_in, loaded.file.tokens)
     if dit_family(m) is not None:  # its maps need the image's token grid, which a DiT block's tokens do not carry
         raise ValueError("Concept Probe reads UNet blocks only for now; this is a DiT model")
     gate = StepGate(m, start_percent, end_percent, "cond")
 
-    def observe(out, options):
+    def observe(out, options, inp=None):  # inp: the block's input, for an SAE that reads the update
         mask, t = gate.items(options, out.shape[0], out.device)
         branch = item_branches(options, out.shape[0]).to(out.device)
         cond = branch == COND
         if bool(mask.any()) and bool(mask[cond].all()):  # record steps in range, for all images at once
-            maps = concept_activation_maps(loaded.sae, loaded.file.concepts, tables, out[cond], t[cond], labels)
+            signal = out if inp is None else out - inp
+            maps = concept_activation_maps(loaded.sae, loaded.file.concepts, tables, signal[cond], t[cond], labels)
             buckets = bucket_index(t[cond], tables.num_buckets).cpu()
             theta = tables.thresholds[index].float().clamp_min(0)                       # [C, T, L]
             valid = tables.latents[index] >= 0
@@ -94,7 +96,7 @@ def probe_concepts(model, loaded: LoadedSAE, labels: list[str], start_percent=0.
             record.add(maps, per_bucket[:, buckets].T)
         return out
 
-    patch_block_output(m, block, observe)
+    patch_block_output(m, block, observe, with_input=loaded.file.reads == "update")
     m.add_callback_with_key(CallbacksMP.ON_PRE_RUN, "saemnesia_probe", lambda _patcher: record.reset())
     attach_weights(m, loaded.patcher)
     return m, record

@@ -22,8 +22,8 @@ import comfy.model_management
 import comfy.model_patcher
 import folder_paths
 
-from saemnesia_core.concepts import with_calibrations
-from saemnesia_core.importers import CONFIG_FILES, WEIGHT_FILES, is_checkpoint_folder, load_any
+from saemnesia_core.concepts import with_calibrations, with_latent_refs
+from saemnesia_core.importers import CONFIG_FILES, WEIGHT_FILES, checkpoint_header, is_checkpoint_folder, load_any
 from saemnesia_core.sae import TopKSAE
 from saemnesia_core.sae_file import SAEFile, SAEFileError, SAEHeader, read_header
 
@@ -106,11 +106,12 @@ def fingerprint(path: Path) -> str:
     return f"{stat.st_size}:{stat.st_mtime_ns}"
 
 
-def read_entry_header(name: str) -> SAEHeader | None:
-    """The header of an entry without reading tensors (None for checkpoint folders, which have no concepts)."""
+def read_entry_header(name: str) -> SAEHeader:
+    """The header of an entry without reading tensors (for a checkpoint folder, from its config and its files' names:
+    it has no concepts)."""
     path = resolve_sae(name)
     with _naming_the_entry(name, path):
-        return None if path.is_dir() else read_header(path)
+        return checkpoint_header(path) if path.is_dir() else read_header(path)
 
 
 @contextmanager
@@ -144,6 +145,13 @@ class LoadedSAE:
     @property
     def labels(self) -> list[str]:
         return [c.label for c in self.file.concepts]
+
+    def with_latent_refs(self, labels) -> "LoadedSAE":
+        """The same weights, with a concept for each latent reference ("#123") among `labels`
+        (concepts.with_latent_refs)."""
+        f = self.file
+        concepts, tables = with_latent_refs(f.concepts, f.concept_tables, labels, f.config.num_latents, f.latent_means)
+        return self if concepts is f.concepts else replace(self, file=replace(f, concepts=concepts, tables=tables))
 
     def with_calibrations(self, kappas: dict[str, float | None]) -> "LoadedSAE":
         """The same weights with κ set (None: removed) for the labels in `kappas` (DESIGN §6.7), the file untouched."""

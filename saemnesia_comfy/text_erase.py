@@ -72,7 +72,11 @@ def erase_text_concepts(clip, sae: LoadedSAE, concepts: dict[str, float | None],
     """A clone of `clip` that erases `concepts` (label → strength, None = `strength`) at the SAE's layer for every
     prompt it encodes. With no concept chosen, `clip` itself is returned (after every input was checked)."""
     sae = single_sae(sae, "Erase Concepts (text)")
+    if sae.file.reads != "output":
+        raise HookpointError(f"{sae.name} reads a block's update (output − input); Erase Concepts (text) edits the "
+                             "output of a text encoder layer")
     strengths = resolve_strengths(concepts, strength)
+    sae = sae.with_latent_refs(strengths)
     # checks the labels (UnknownConceptError lists the known ones), the strengths and the mode
     eraser = ConceptEraser.from_file(sae.file, strengths, mode, sae=sae.sae)
     layer = layer_path(clip, sae.file.hookpoint, sae.file.config.d_in)

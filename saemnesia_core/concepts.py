@@ -6,6 +6,7 @@ A selection is an int64 [C, T, L] tensor of latent ids, −1 = padding.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
@@ -54,6 +55,48 @@ class UnknownConceptError(KeyError, ValueError):
     def __str__(self) -> str:
         known = ", ".join(map(repr, self.known)) or "none"
         return f"unknown concept(s) {', '.join(map(repr, self.unknown))}; this SAE knows: {known}"
+
+
+LATENT_GROUP = "latent"
+"""The group of a latent referenced by its index ("#123") instead of a concept label."""
+
+
+def latent_ref(label: str) -> int | None:
+    """The latent index that "#123" names, or None for a concept label."""
+    match = re.fullmatch(r"#(\d{1,9})", label)
+    return int(match.group(1)) if match else None
+
+
+def with_latent_refs(concepts: list[Concept], tables: ConceptTables, labels, num_latents: int,
+                     latent_means: Tensor | None = None) -> tuple[list[Concept], ConceptTables]:
+    """The concepts and tables with one more concept per latent reference among `labels` ("#123" = latent 123),
+    so an SAE without concepts (or a latent no concept owns) can be probed and erased: the latent in every bucket,
+    μ = its mean activation where the file has one (sdxl-unbox's unit of a latent's strength) else 1, θ = 0 (it fires
+    wherever it is active). Labels that are concepts of the file stay theirs; a latent out of range is refused."""
+    known = {c.label for c in concepts}
+    refs = [label for label in dict.fromkeys(labels) if label not in known and latent_ref(label) is not None]
+    if not refs:
+        return concepts, tables
+    bad = [label for label in refs if latent_ref(label) >= num_latents]
+    if bad:
+        raise ValueError(f"latent reference(s) {', '.join(bad)} out of range: this SAE has {num_latents} latents "
+                         f"(#0 to #{num_latents - 1})")
+    ids = [latent_ref(label) for label in refs]
+    T, L = tables.num_buckets, max(1, tables.latents.shape[2])
+    means = latent_means[ids].float() if latent_means is not None else torch.ones(len(ids))
+
+    def rows(values: Tensor, pad) -> Tensor:  # [R] -> [R, T, L]: the value in slot 0 of every bucket, then padding
+        out = torch.full((len(ids), T, L), pad, dtype=values.dtype)
+        out[:, :, 0] = values[:, None]
+        return out
+
+    def grown(table: Tensor, pad) -> Tensor:  # the file's [C, T, L'] padded to L slots
+        return torch.nn.functional.pad(table, (0, L - table.shape[2]), value=pad)
+
+    extra = (rows(torch.tensor(ids), -1), rows(means, 0.0), rows(torch.zeros(len(ids)), 0.0))
+    tables = ConceptTables(*(torch.cat([grown(old.cpu(), pad), new]) for old, new, pad in
+                             zip((tables.latents, tables.mean_acts, tables.thresholds), extra, (-1, 0.0, 0.0))))
+    return [*concepts, *(Concept(label, LATENT_GROUP, i) for label, i in zip(refs, ids))], tables
 
 
 def check_known(labels, known: Sequence[str]) -> None:

@@ -12,10 +12,18 @@ Only the encoder's dense pre-activations are n wide; x̂ and the change are gath
 detection="threshold" (exact and replace modes) computes only the chosen latents' pre-activations and drops the
 top-k membership test: m dot products per token instead of n (DESIGN §6.4).
 A region (per item and token, weights in [0, 1]) limits any mode: out = x + w·(edited − x), x itself where w = 0.
+
+What the SAE reads (the file's `reads`, DESIGN §7): the block's output x, or its update u = x − x_in (x_in the
+block's input, given as `base`). For an update-reading SAE every formula above encodes u instead of x and writes
+back consistently: exact adds the same change to x (so x stays bit for bit where nothing changes), paper returns
+x_in + 2·û − u + Δ, replace copies the source token's update onto the detected token's input.
+Strength unit (the file's `strength_unit`): "mean", the formula above; "beta", SAEmnesia's `use_beta`:
+z'_i = z_i·γ_c·β_i with β_i = ‖z‖₂ / ‖W_dec[i]‖₂ per token (‖z‖₂ of the token's whole code).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import NamedTuple
 
@@ -27,7 +35,13 @@ from .sae import TopKSAE, block_to_tokens, pre_activations, sparse_decode, stand
 from .timesteps import bucket_index
 
 MODES = ("exact", "paper", "replace")
+BETA_EPS = 1e-8
+"""Added to ‖W_dec[i]‖ in β, as SAEmnesia's hook does."""
 DETECTIONS = ("topk", "threshold")
+SIGNALS = ("output", "update")
+"""What an SAE reads: the block's output, or its update (output − input)."""
+STRENGTH_UNITS = ("mean", "beta")
+"""What γ multiplies: the concept's mean activation μ_c (the papers), or SAEmnesia's β = ‖z‖₂ / ‖W_dec[i]‖₂."""
 
 
 def _concept_indices(concepts: Sequence[Concept], labels) -> list[int]:
@@ -36,35 +50,46 @@ def _concept_indices(concepts: Sequence[Concept], labels) -> list[int]:
     return [index[label] for label in labels]
 
 
-class _EditTables(NamedTuple):
-    """The chosen concepts' statistics merged per bucket; S = union width."""
+class _Plan(NamedTuple):
+    """What one edit call needs of the chosen concepts, on one device: the latents it may touch, and per timestep
+    bucket what each of them does. Bucket T (one past the last) is "off": items the call does not edit use it."""
 
-    latents: Tensor
-    """[T, S] int64 latent ids, −1 = padding."""
-    scale: Tensor
-    """[T, S] float32 γ_c·μ_c(i, t), or γ_c·κ_c where `relative`."""
-    relative: Tensor
-    """[T, S] bool: the latent's concept is calibrated, so z' = scale·‖x − b_dec‖ instead of scale·z."""
-    thresholds: Tensor
-    """[T, S] float32 θ(i, t)."""
-    blend: Tensor
-    """[T, S] float32 min(1, |γ_c|): how far replace mode moves a detected token towards its source."""
-    slots: Tensor
-    """[T, S] int64 position of each latent in `rows`."""
     rows: Tensor
-    """[U] int64 every latent id the edit may touch: the decoder rows to gather."""
+    """[U] int64: every latent a chosen concept selects in some bucket, ascending."""
+    table: Tensor
+    """[T + 1, U, 5] float32, per bucket and latent: θ (+inf where the latent is not selected, and in the off
+    bucket), the scale (γ·μ, γ·κ for a calibrated concept, γ under the beta unit), scale − 1, replace mode's
+    blend α = min(1, |γ|), and 1 where the concept is calibrated (z' = scale·‖x − b_dec‖)."""
 
-    def to(self, device) -> _EditTables:
-        return _EditTables(*(t.to(device) for t in self))
+    def to(self, device) -> _Plan:
+        return _Plan(self.rows.to(device), self.table.to(device))
 
 
-class _Code(NamedTuple):
-    acts: Tensor
-    """[b, N, k] top-k activations, in x's dtype."""
-    indices: Tensor
-    """[b, N, k]"""
-    std: Tensor | None
-    """[b, N, 1] the tokens' std under input_unit_norm, else None."""
+THRESHOLD, SCALE, SCALE_MINUS_ONE, BLEND, RELATIVE = range(5)
+
+
+class _Weights(NamedTuple):
+    """The SAE's tensors one call uses, in the activations' device (and dtype, for the encoder)."""
+
+    W_enc: Tensor
+    """[n, d] (top-k detection) or [U, d] (threshold detection)."""
+    b_enc: Tensor
+    b_dec: Tensor
+    pre: tuple[Tensor, Tensor] | None
+    """(weight, bias) of SAEParate's pre-encoder, or None."""
+    W_rows: Tensor
+    """[U, d] float32: the decoder rows of the latents the edit may touch."""
+    W_dec: Tensor | None
+    """[n, d] in the activations' dtype, for paper mode's full reconstruction; None otherwise."""
+    b_dec32: Tensor
+    """[d] float32, the unit of a calibrated concept's strength (‖x − b_dec‖)."""
+
+
+def _parameter(sae: TopKSAE, name: str) -> Tensor:
+    if name in ("W_pre", "b_pre"):
+        linear = sae.pre_encoder[0]
+        return linear.weight if name == "W_pre" else linear.bias
+    return {"W_enc": sae.encoder.weight, "b_enc": sae.encoder.bias, "b_dec": sae.b_dec, "W_dec": sae.W_dec}[name]
 
 
 class ConceptEraser:
@@ -73,77 +98,78 @@ class ConceptEraser:
     `strengths` maps concept labels to γ (None = the concept's default strength); several concepts edit the
     union of their latents, each with its own γ and statistics. If two chosen concepts select the same latent in
     one bucket, the one later in the file's concept order applies, as in the released hooks (later overwrites).
+
+    A call (`__call__`) checks its inputs, returns x itself when nothing is to be edited, and otherwise runs
+    `edit`: a function of tensors alone, without Python decisions on their values, which `torch.compile` captures
+    whole (fullgraph) and which launches fewer kernels than the released dense hook.
     """
 
     def __init__(self, sae: TopKSAE, concepts: list[Concept], tables: ConceptTables,
-                 strengths: dict[str, float | None], mode: str = "exact", detection: str = "topk"):
+                 strengths: dict[str, float | None], mode: str = "exact", detection: str = "topk", *,
+                 reads: str = "output", strength_unit: str = "mean"):
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         if detection not in DETECTIONS or (detection == "threshold" and mode == "paper"):
             raise ValueError(f"detection must be one of {DETECTIONS} ('threshold' needs exact or replace mode: paper "
                              f"mode decodes the whole code), got {detection!r} in {mode} mode")
+        if reads not in SIGNALS or strength_unit not in STRENGTH_UNITS:
+            raise ValueError(f"reads must be one of {SIGNALS} and strength_unit one of {STRENGTH_UNITS}, got "
+                             f"{reads!r} and {strength_unit!r}")
+        if strength_unit == "beta" and detection == "threshold":
+            raise ValueError("the beta strength unit needs the whole code of a token (‖z‖₂): use top-k detection")
         if tables.latents.shape[0] != len(concepts):
             raise ValueError(f"{len(concepts)} concepts but tables for {tables.latents.shape[0]}")
         self.sae, self.concepts, self.tables, self.mode, self.detection = sae, list(concepts), tables, mode, detection
+        self.reads, self.beta = reads, strength_unit == "beta"
         chosen = sorted(_concept_indices(concepts, list(strengths)))
         self.strengths = {concepts[i].label: _strength(concepts[i], strengths[concepts[i].label]) for i in chosen}
-        self._tables = {torch.device("cpu"): self._merge(chosen)}
-        self.calibrated = bool(self._tables[torch.device("cpu")].relative.any())
+        self._plans = {torch.device("cpu"): self._plan(chosen)}
+        self.calibrated = bool(self._plans[torch.device("cpu")].table[..., RELATIVE].any())
         """Some chosen concept is calibrated: the edit needs the tokens' norms."""
         self._casts: dict[tuple, tuple[tuple, Tensor]] = {}
+        self._grids: dict[tuple, Tensor] = {}
 
     @classmethod
     def from_file(cls, sae_file, strengths: dict[str, float | None], mode: str = "exact",
                   sae: TopKSAE | None = None, detection: str = "topk") -> ConceptEraser:
-        """From a loaded SAEFile; builds the TopKSAE unless the caller already placed one."""
+        """From a loaded SAEFile (its concepts, tables, what it reads and its strength unit); builds the TopKSAE unless
+        the caller already placed one."""
         return cls(sae if sae is not None else sae_file.build_sae(), sae_file.concepts, sae_file.concept_tables,
-                   strengths, mode, detection)
+                   strengths, mode, detection, reads=sae_file.reads, strength_unit=sae_file.strength_unit)
 
-    def _merge(self, chosen: list[int]) -> _EditTables:
-        T = self.tables.num_buckets
-        if not chosen or self.tables.latents.shape[2] == 0:  # nothing to edit (tables without latent slots too)
-            return _EditTables(torch.full((T, 1), -1), torch.zeros(T, 1), torch.zeros(T, 1, dtype=torch.bool),
-                               torch.zeros(T, 1), torch.zeros(T, 1), torch.zeros(T, 1, dtype=torch.int64),
-                               torch.zeros(1, dtype=torch.int64))
-        gamma = torch.tensor(list(self.strengths.values()), dtype=torch.float32)[:, None, None]
-        kappa = torch.tensor([(self.mode != "paper" and self.concepts[i].calibration) or 0.0 for i in chosen],
-                             dtype=torch.float32)[:, None, None]
-        mean_acts = self.tables.mean_acts[chosen].float().cpu()
-        calibrated = (kappa > 0).expand_as(mean_acts)
+    # ------------------------------------------------------------------------------------------ once per eraser
 
-        def per_bucket(t: Tensor) -> Tensor:  # chosen concepts' [C', T, L] -> [T, C'·L]
-            return t.cpu().transpose(0, 1).reshape(T, t.shape[0] * t.shape[2])
+    def _plan(self, chosen: list[int]) -> _Plan:
+        """The chosen concepts' statistics over the union of their latents, per bucket (later concepts overwrite)."""
+        T, n = self.tables.num_buckets, self.sae.cfg.num_latents
+        latents = self.tables.latents[chosen].cpu()                            # [C', T, L]
+        rows = torch.unique(latents[latents >= 0]) if chosen else torch.zeros(0, dtype=torch.int64)
+        table = torch.zeros(T + 1, max(1, len(rows)), 5)
+        table[..., THRESHOLD] = float("inf")
+        slot = torch.full((n,), -1, dtype=torch.int64)
+        slot[rows] = torch.arange(len(rows))
+        for c, i in enumerate(chosen):  # in file order: a later concept's entry overwrites an earlier one's
+            concept, gamma = self.concepts[i], self.strengths[self.concepts[i].label]
+            kappa = concept.calibration if self.mode != "paper" else None
+            for t_, l_ in (latents[c] >= 0).nonzero().tolist():
+                u = slot[latents[c, t_, l_]]
+                mu = 1.0 if self.beta else float(self.tables.mean_acts[i, t_, l_])
+                scale = gamma * kappa if kappa else gamma * mu
+                table[t_, u] = torch.tensor([float(self.tables.thresholds[i, t_, l_]), scale, scale - 1,
+                                             min(1.0, abs(gamma)), 1.0 if kappa else 0.0])
+        return _Plan(rows, table)
 
-        latents = per_bucket(self.tables.latents[chosen])
-        scale = per_bucket(torch.where(calibrated, gamma * kappa, gamma * mean_acts))
-        relative = per_bucket(calibrated)
-        thresholds = per_bucket(self.tables.thresholds[chosen].float())
-        blend = per_bucket(gamma.abs().clamp(max=1).expand_as(mean_acts))
-        # A latent listed again by a later concept is dropped from the earlier one (later overwrites).
-        S = latents.shape[1]
-        later = torch.ones(S, S, dtype=torch.bool).triu(1)
-        repeated = ((latents[:, :, None] == latents[:, None, :]) & later).any(-1)
-        latents = torch.where(repeated, -1, latents)
-        # Move padding to the end and drop columns that are padding in every bucket.
-        order = (latents < 0).to(torch.uint8).argsort(dim=1, stable=True)
-        width = max(1, int((latents >= 0).sum(1).max()))
-        latents, scale, relative, thresholds, blend = (t.gather(1, order)[:, :width]
-                                                       for t in (latents, scale, relative, thresholds, blend))
-        rows, slots = torch.unique(latents.clamp(min=0), return_inverse=True)
-        return _EditTables(latents, scale, relative, thresholds, blend, slots, rows)
-
-    def _tables_on(self, device: torch.device) -> _EditTables:
-        if device not in self._tables:
-            self._tables[device] = self._tables[torch.device("cpu")].to(device)
-        return self._tables[device]
+    def _plan_on(self, device: torch.device) -> _Plan:
+        if device not in self._plans:
+            self._plans[device] = self._plans[torch.device("cpu")].to(device)
+        return self._plans[device]
 
     def _weight(self, name: str, device: torch.device, dtype: torch.dtype, rows: bool = False) -> Tensor:
-        """The SAE's tensor `name` (W_enc, b_enc, b_dec, W_dec; with `rows`, only the rows the edit may touch) in
-        the activations' device and dtype. A cast or gathered copy is made once and kept until the SAE's own tensor
-        changes (moved by ComfyUI's memory manager, or rewritten): an fp32 SAE editing an fp16 UNet would otherwise
-        copy the whole encoder at every block call. A tensor that needs neither is used as it is."""
-        source = {"W_enc": self.sae.encoder.weight, "b_enc": self.sae.encoder.bias, "b_dec": self.sae.b_dec,
-                  "W_dec": self.sae.W_dec}[name]
+        """The SAE's tensor `name` (W_enc, b_enc, b_dec, W_dec, W_pre, b_pre; with `rows`, only the rows the edit may
+        touch) in the activations' device and dtype. A cast or gathered copy is made once and kept until the SAE's
+        own tensor changes (moved by ComfyUI's memory manager, or rewritten): an fp32 SAE editing an fp16 UNet would
+        otherwise copy the whole encoder at every block call. A tensor that needs neither is used as it is."""
+        source = _parameter(self.sae, name)
         if not rows and source.device == device and source.dtype == dtype:
             return source
         # where the values live, and how often they were rewritten in place (untracked for inference tensors,
@@ -152,100 +178,168 @@ class ConceptEraser:
         key = (name, rows, device, dtype)
         kept = self._casts.get(key)
         if kept is None or kept[0] != stamp:
-            picked = source[self._tables_on(source.device).rows] if rows else source
+            picked = source[self._plan_on(source.device).rows] if rows else source
             kept = self._casts[key] = (stamp, picked.to(device, dtype))
         return kept[1]
 
-    def _encoder(self, tokens: Tensor, rows: bool = False) -> tuple[Tensor, Tensor, Tensor]:
-        """(W_enc, b_enc, b_dec) for `tokens`: every latent, or with `rows` the latents the edit may touch."""
-        dev, dt = tokens.device, tokens.dtype
-        return self._weight("W_enc", dev, dt, rows), self._weight("b_enc", dev, dt, rows), self._weight("b_dec", dev, dt)
+    def _weights(self, device: torch.device, dtype: torch.dtype) -> _Weights:
+        rows = self.detection == "threshold"
+        pre = (self._weight("W_pre", device, dtype), self._weight("b_pre", device, dtype)) \
+            if self.sae.cfg.pre_encoder else None
+        return _Weights(self._weight("W_enc", device, dtype, rows), self._weight("b_enc", device, dtype, rows),
+                        self._weight("b_dec", device, dtype), pre,
+                        self._weight("W_dec", device, torch.float32, rows=True),
+                        self._weight("W_dec", device, dtype) if self.mode == "paper" else None,
+                        self._weight("b_dec", device, torch.float32))
+
+    def _nearest(self, grid: tuple[int, int], device) -> Tensor:
+        """[N, N] squared distances between the tokens of an H×W grid, made once per grid and device."""
+        key = (grid, device)
+        if key not in self._grids:
+            H, W = grid
+            position = torch.arange(H * W, device=device)
+            yx = torch.stack([position // W, position % W], -1).float()
+            self._grids[key] = (yx[:, None] - yx[None]).pow(2).sum(-1)
+        return self._grids[key]
+
+    # ------------------------------------------------------------------------------------------ per call
 
     @torch.no_grad()
-    def __call__(self, x: Tensor, t: Tensor | float, edit_mask: Tensor | None = None,
-                 region: Tensor | None = None) -> Tensor:
-        """x [B, C, H, W] block output or [B, N, d] tokens; t ∈ [0, 1] (float or [B]); edit_mask bool [B]
-        (None = every item); region [B, N] or [B, H, W] weights in [0, 1] (None = everywhere, DESIGN §6.5).
-        Returns the edited activations, same shape and dtype; unedited items and tokens are x's values.
-        In exact and replace mode with no concept chosen, returns x itself."""
+    def __call__(self, x: Tensor, t: Tensor | float | Sequence[float], edit_mask: Tensor | Sequence[bool] | None = None,
+                 region: Tensor | None = None, base: Tensor | None = None) -> Tensor:
+        """x [B, C, H, W] block output or [B, N, d] tokens; t ∈ [0, 1] (a number, one per item, or a tensor [B]);
+        edit_mask bool [B] or one bool per item (None = every item); region [B, N] or [B, H, W] weights in [0, 1]
+        (None = everywhere, DESIGN §6.5); base: the block's input, x's shape, for an SAE that reads the update
+        (required there, ignored otherwise). Returns the edited activations, same shape and dtype; unedited items and
+        tokens are x's values. In exact and replace mode with no concept chosen, or with no item to edit, returns x
+        itself. Given t and edit_mask as Python numbers (as the ComfyUI patch does), its bookkeeping launches no
+        kernel but the one that puts each item's bucket on x's device."""
         tokens = _tokens(x, self.sae.cfg.d_in)
-        items = _items(edit_mask, tokens.shape[0], x.device)
+        base_tokens = self._base_tokens(base, x)
+        B, T = tokens.shape[0], self.tables.num_buckets
         weights = _region(region, tokens.shape[:2], x.device)
-        if weights is not None:
-            items = items & (weights > 0).any(1)
-        if (self.mode != "paper" and not self.strengths) or not bool(items.any()):
-            return x
-        tab = self._tables_on(x.device)
-        buckets = bucket_index(t, self.tables.num_buckets).to(x.device).expand(tokens.shape[0])[items]
-        x_in = tokens[items]                                                  # [b, N, d]
-        lat = tab.latents[buckets]                                            # [b, S]
+        if isinstance(t, Tensor) or isinstance(edit_mask, Tensor) or weights is not None:
+            items = _items(edit_mask, B, x.device)
+            if weights is not None:
+                items = items & weights.gt(0).any(1)
+            if (self.mode != "paper" and not self.strengths) or not bool(items.any()):
+                return x
+            buckets = _buckets(t, T, B, x.device).masked_fill(~items, T)  # items not edited take the off bucket
+            step, edited_items = self._plan_on(x.device).table[buckets], items
+        else:
+            edit = [True] * B if edit_mask is None else [bool(e) for e in edit_mask]
+            times = [float(t)] * B if isinstance(t, (int, float)) else [float(v) for v in t]
+            if len(edit) != B or len(times) != B:
+                raise ValueError(f"edit_mask and t must give one value per item ({B}), got {len(edit)} and "
+                                 f"{len(times)}")
+            if (self.mode != "paper" and not self.strengths) or not any(edit):
+                return x
+            buckets = [_bucket(v, T) if e else T for v, e in zip(times, edit)]
+            table = self._plan_on(x.device).table
+            # one bucket for every item (cond and uncond of one step): its row, a view; else one small upload
+            step = table[buckets[0]][None] if len(set(buckets)) == 1 else table[torch.tensor(buckets, device=x.device)]
+            edited_items = None if all(edit) else torch.tensor(edit, device=x.device)
+        grid = tuple(x.shape[2:]) if x.dim() == 4 else (1, x.shape[1])
+        distances = self._nearest(grid, x.device) if self.mode == "replace" else None
+        return self.edit(x, base_tokens, step, edited_items, weights, self._plan_on(x.device).rows,
+                         self._weights(x.device, x.dtype), distances)
+
+    def edit(self, x: Tensor, base: Tensor | None, step: Tensor, edited_items: Tensor | None, region: Tensor | None,
+             rows: Tensor, weights: _Weights, distances: Tensor | None) -> Tensor:
+        """The edit itself, on tensors alone: x (a block [B, C, H, W] or tokens [B, N, d]), the block input's tokens
+        (or None), the plan's table rows of each item's bucket [B or 1, U, 5] (the off bucket for items not edited),
+        the items edited (bool [B], or None for all), the region [B, N] (or None), the latents the edit may touch
+        [U], the weights, and replace mode's [N, N] grid distances. Every Python decision here is on the eraser's
+        settings and these arguments' presence, none on a tensor's values."""
+        tokens = _tokens(x, self.sae.cfg.d_in)
+        signal = tokens if base is None else tokens - base                 # what the SAE reads
+        B, N, d = tokens.shape
+        step = step[:, None]                                                 # [B or 1, 1, U, 5]
+        pre, std = _pre_activations(self.sae, signal, weights.W_enc, weights.b_enc, weights.b_dec, weights.pre)
         if self.detection == "threshold":
-            pre, std = _pre_activations(self.sae, x_in, *self._encoder(x_in, rows=True))
-            slots = tab.slots[buckets][:, None].expand(*pre.shape[:2], -1)
-            z = pre.float().gather(2, slots)                                  # [b, N, S] fp32
+            z, code = pre.float(), None                                        # [B, N, U]: the rows' own
         else:
-            code = _encode(self.sae, x_in, *self._encoder(x_in))
-            z, std = _selected_acts(code, lat), code.std                      # [b, N, S] fp32
-        fires = (z > tab.thresholds[buckets][:, None]) & (lat >= 0)[:, None]
+            code = pre.topk(self.sae.cfg.k, dim=-1)                            # sorted: the k-th is the last
+            z = pre[..., rows]                                                 # [B, N, U]
+            z = (z * (z >= code.values[..., -1:])).float()                    # 0 where not among the top k
+        fires = z > step[..., THRESHOLD]
         if self.mode == "replace":
-            alpha = (fires * tab.blend[buckets][:, None]).amax(-1)            # [b, N]
-            source = nearest_undetected(alpha > 0, x.shape[2:] if x.dim() == 4 else (1, x.shape[1]))
-            x_src = x_in.gather(1, source.clamp(min=0)[..., None].expand_as(x_in))
-            edited = _blend(x_in, x_src, torch.where(source >= 0, alpha, 0.0))
+            alpha = (fires * step[..., BLEND]).amax(-1)                        # [B, N]
+            edited = self._replaced(tokens, signal, base, alpha, distances)
         else:
-            scale = tab.scale[buckets][:, None]                              # [b, 1, S]
-            target = z * scale
+            dz = z * step[..., SCALE_MINUS_ONE]                                # z'_i − z_i = z·γμ − z
+            if self.beta:
+                row_norms = weights.W_rows.norm(dim=-1)
+                beta = code.values.float().norm(dim=-1, keepdim=True) / (row_norms + BETA_EPS)
+                dz = z * step[..., SCALE] * beta - z
             if self.calibrated:
-                norm = _token_norm(self.sae, x_in, self._weight("b_dec", x.device, torch.float32))
-                target = torch.where(tab.relative[buckets][:, None], scale * norm, target)
-            dz = torch.where(fires, target - z, 0.0)                          # z'_i − z_i
-            rows = self._weight("W_dec", x.device, torch.float32, rows=True)
-            delta = sparse_decode(dz, tab.slots[buckets][:, None].expand_as(dz), rows)   # [b, N, d] fp32
+                norm = _token_norm(self.sae, signal, weights.b_dec32)
+                dz = torch.where(step[..., RELATIVE] > 0, step[..., SCALE] * norm - z, dz)
+            dz = dz * fires
+            delta = (dz.reshape(B * N, -1) @ weights.W_rows).reshape(B, N, d)  # Σ_i (z'_i − z_i)·W_dec[i]
             if self.mode == "exact":
                 if std is not None:
                     delta = delta * std.float()
                 changed = (dz != 0).any(-1, keepdim=True)
-                edited = torch.where(changed, (x_in.float() + delta).to(x.dtype), x_in)
+                edited = torch.where(changed, (tokens.float() + delta).to(x.dtype), tokens)
             else:
                 # The released hooks add error = x̂ − x to the edited reconstruction (x − x̂ would give back x),
                 # hence 2·x̂ − x. They never undo input_unit_norm either, so x̂ and the change stay in the
-                # standardised space.
-                W_dec, b_dec = (self._weight(name, x.device, x.dtype) for name in ("W_dec", "b_dec"))
-                x_hat = sparse_decode(code.acts, code.indices, W_dec) + b_dec
-                edited = (2 * x_hat.float() - x_in.float() + delta).to(x.dtype)
-        if weights is not None:
-            edited = _blend(x_in, edited, weights[items])
-        out = x.clone()
-        _tokens(out, self.sae.cfg.d_in)[items] = edited
-        return out
+                # standardised space. An update-reading SAE's result is added to the block's input.
+                x_hat = sparse_decode(code.values, code.indices, weights.W_dec) + weights.b_dec
+                edited_signal = 2 * x_hat.float() - signal.float() + delta
+                edited = (edited_signal if base is None else base.float() + edited_signal).to(x.dtype)
+                if edited_items is not None:
+                    edited = torch.where(edited_items[:, None, None], edited, tokens)
+        if region is not None:
+            edited = _blend(tokens, edited, region)
+        return _untokens(edited, x)
+
+    def _replaced(self, tokens: Tensor, signal: Tensor, base: Tensor | None, alpha: Tensor,
+                  distances: Tensor) -> Tensor:
+        """Replace mode: each detected token (alpha > 0) moves α of the way to the nearest undetected token of its
+        feature map (ties to the lowest index), or, for an update-reading SAE, to its own input plus that token's
+        update; a map detected everywhere is left as it is (DESIGN §6.4)."""
+        detected = alpha > 0                                                   # [B, N]
+        nearest = distances.masked_fill(detected[:, None, :], float("inf")).argmin(-1)  # [B, N], among undetected
+        source = signal.gather(1, nearest[..., None].expand_as(signal))
+        target = source if base is None else base + source
+        return _blend(tokens, target, alpha.masked_fill(detected.all(-1, keepdim=True), 0))  # none undetected: kept
+
+    def _base_tokens(self, base: Tensor | None, x: Tensor) -> Tensor | None:
+        """The block input's tokens for an update-reading SAE (checked); None for one that reads the output."""
+        if self.reads == "output":
+            return None
+        if base is None:
+            raise ValueError("this SAE reads the block's update (output − input), but the block's input was not given")
+        if base.shape != x.shape:
+            raise ValueError(f"the block's input has shape {list(base.shape)}, its output {list(x.shape)}: an SAE "
+                             "that reads the update needs both of one shape")
+        return _tokens(base, self.sae.cfg.d_in)
 
 
 def nearest_undetected(detected: Tensor, grid: Sequence[int]) -> Tensor:
     """For each detected token, the index of the nearest undetected token of its feature map (Euclidean distance on
     the H×W grid, ties to the lowest index); −1 for undetected tokens and where every token is detected.
 
-    detected bool [b, N] with N = H·W -> int64 [b, N]. Cost O(detected × undetected) per item, no N×N table.
-    """
+    detected bool [b, N] with N = H·W -> int64 [b, N] (replace mode's choice of source, as a function of its own)."""
     H, W = (int(g) for g in grid)
     if detected.shape[1] != H * W:
         raise ValueError(f"{detected.shape[1]} tokens do not fill a {H}×{W} grid")
     position = torch.arange(H * W, device=detected.device)
-    row, col = (position // W).float(), (position % W).float()
-    source = torch.full(detected.shape, -1, dtype=torch.int64, device=detected.device)
-    for item, mask in enumerate(detected):
-        targets, candidates = mask.nonzero()[:, 0], (~mask).nonzero()[:, 0]
-        if len(targets) == 0 or len(candidates) == 0:
-            continue
-        d2 = ((row[targets, None] - row[None, candidates]) ** 2 + (col[targets, None] - col[None, candidates]) ** 2)
-        source[item, targets] = candidates[d2.argmin(1)]
-    return source
+    yx = torch.stack([position // W, position % W], -1).float()
+    distances = (yx[:, None] - yx[None]).pow(2).sum(-1)
+    nearest = torch.where(detected[:, None, :], float("inf"), distances).argmin(-1)
+    placed = detected & ~detected.all(-1, keepdim=True)
+    return torch.where(placed, nearest, -1)
 
 
 def concept_activation_maps(sae: TopKSAE, concepts: list[Concept], tables: ConceptTables, x: Tensor,
                             t: Tensor | float, labels: Sequence[str]) -> Tensor:
     """Where each concept fires: Σ over its selected latents (bucket of t) of z_i per token; nothing is edited.
 
-    x [B, C, H, W] -> [B, len(labels), H, W]; x [B, N, d] -> [B, len(labels), N]; float32.
+    x (the signal the SAE reads: the block's output, or its update) [B, C, H, W] -> [B, len(labels), H, W];
+    [B, N, d] -> [B, len(labels), N]; float32.
     """
     chosen = _concept_indices(concepts, labels)
     with torch.no_grad():
@@ -254,8 +348,13 @@ def concept_activation_maps(sae: TopKSAE, concepts: list[Concept], tables: Conce
         buckets = bucket_index(t, tables.num_buckets).expand(B).cpu()
         lat = tables.latents[chosen].cpu()[:, buckets]                      # [C', B, L]
         lat = lat.transpose(0, 1).reshape(B, -1).to(x.device)               # [B, C'·L]
-        weights = (p.to(x.device, x.dtype) for p in (sae.encoder.weight, sae.encoder.bias, sae.b_dec))
-        z = _selected_acts(_encode(sae, tokens, *weights), lat)             # [B, N, C'·L]
+        cast = [p.to(x.device, x.dtype) for p in (sae.encoder.weight, sae.encoder.bias, sae.b_dec)]
+        pre_encoder = sae.pre_encoder_weights
+        pre_encoder = None if pre_encoder is None else tuple(p.to(x.device, x.dtype) for p in pre_encoder)
+        pre, _ = _pre_activations(sae, tokens, *cast, pre_encoder)
+        kth = pre.topk(sae.cfg.k, dim=-1).values[..., -1:]
+        z = pre.gather(-1, lat.clamp(min=0)[:, None, :].expand(B, N, -1))  # [B, N, C'·L]
+        z = torch.where((z >= kth) & (lat >= 0)[:, None, :], z, 0.0).float()
         maps = z.reshape(B, N, len(chosen), -1).sum(-1).transpose(1, 2)     # [B, C', N]
     return maps.reshape(B, len(chosen), *x.shape[2:]) if x.dim() == 4 else maps
 
@@ -277,7 +376,8 @@ def _tokens(x: Tensor, d: int) -> Tensor:
     return x
 
 
-def _items(edit_mask: Tensor | None, batch: int, device) -> Tensor:
+def _items(edit_mask: Tensor | Sequence[bool] | None, batch: int, device) -> Tensor:
+    """The items to edit as bool [B]."""
     if edit_mask is None:
         return torch.ones(batch, dtype=torch.bool, device=device)
     mask = torch.as_tensor(edit_mask, device=device).bool()
@@ -302,27 +402,20 @@ def _region(region: Tensor | None, shape: Sequence[int], device) -> Tensor | Non
 
 
 def _blend(x: Tensor, target: Tensor, w: Tensor) -> Tensor:
-    """x + w·(target − x) per token (w [b, N]): x itself where w = 0, target itself where w = 1."""
+    """x + w·(target − x) per token (w [b, N]): x itself, bit for bit, where w = 0, target itself where w = 1
+    (torch.lerp computes t − (t − x)·(1 − w) from w = 0.5 on)."""
     w = w[..., None]
-    mixed = (x.float() + w * (target.float() - x.float())).to(x.dtype)
-    return torch.where(w <= 0, x, torch.where(w >= 1, target, mixed))
+    return torch.where(w > 0, torch.lerp(x.float(), target.float(), w).to(x.dtype), x)
 
 
-def _encode(sae: TopKSAE, tokens: Tensor, W_enc: Tensor, b_enc: Tensor, b_dec: Tensor) -> _Code:
-    """TopK code of [b, N, d] tokens; the weights are already in the tokens' dtype and device."""
-    pre, std = _pre_activations(sae, tokens, W_enc, b_enc, b_dec)
-    acts, indices = pre.topk(sae.cfg.k, dim=-1, sorted=False)
-    return _Code(acts, indices, std)
-
-
-def _pre_activations(sae: TopKSAE, tokens: Tensor, W_enc: Tensor, b_enc: Tensor,
-                     b_dec: Tensor) -> tuple[Tensor, Tensor | None]:
+def _pre_activations(sae: TopKSAE, tokens: Tensor, W_enc: Tensor, b_enc: Tensor, b_dec: Tensor,
+                     pre: tuple[Tensor, Tensor] | None) -> tuple[Tensor, Tensor | None]:
     """ReLU pre-activations of the latents whose encoder rows are given (all n, or the U rows threshold detection
     reads) -> ([b, N, n or U], the tokens' std under input_unit_norm, else None)."""
     sae_in, std = tokens, None
     if sae.cfg.input_unit_norm:
         sae_in, _, std = standardize(tokens)
-    return pre_activations(sae_in, W_enc, b_enc, b_dec), std
+    return pre_activations(sae_in, W_enc, b_enc, b_dec, pre), std
 
 
 def _token_norm(sae: TopKSAE, tokens: Tensor, b_dec: Tensor) -> Tensor:
@@ -334,7 +427,22 @@ def _token_norm(sae: TopKSAE, tokens: Tensor, b_dec: Tensor) -> Tensor:
     return (sae_in - b_dec).norm(dim=-1, keepdim=True)
 
 
-def _selected_acts(code: _Code, latents: Tensor) -> Tensor:
-    """z_i of the latents [b, S] (per batch item) at every token -> [b, N, S] fp32 (0 where i is not in the top k)."""
-    match = code.indices[..., :, None] == latents[:, None, None, :]         # [b, N, k, S]
-    return (code.acts.float()[..., None] * match).sum(-2)
+def _bucket(t: float, num_buckets: int) -> int:
+    """timesteps.bucket_index of one number, on the host."""
+    if not math.isfinite(t):
+        raise ValueError(f"timestep fraction must be finite, got {t}")
+    return min(max(math.floor(t * num_buckets), 0), num_buckets - 1)
+
+
+def _buckets(t: Tensor | float | Sequence[float], num_buckets: int, batch: int, device) -> Tensor:
+    """Each item's bucket [B] for t ∈ [0, 1] (numbers, or a tensor [B] on any device): timesteps.bucket_index,
+    without its trip through the host for a tensor (float64 on the tensor's own device gives the same buckets)."""
+    if not isinstance(t, Tensor):
+        values = [float(t)] * batch if isinstance(t, (int, float)) else [float(v) for v in t]
+        return torch.tensor([_bucket(v, num_buckets) for v in values], device=device)
+    return (t.to(device, torch.float64) * num_buckets).floor_().clamp_(0, num_buckets - 1).long().expand(batch)
+
+
+def _untokens(tokens: Tensor, like: Tensor) -> Tensor:
+    """[B, N, d] tokens back into `like`'s layout ([B, C, H, W] blocks; tokens as they are)."""
+    return tokens.transpose(1, 2).reshape(like.shape) if like.dim() == 4 else tokens

@@ -1,28 +1,32 @@
-"""Bring SAEs and concept statistics from other layouts into our SAE file (DESIGN §7.1).
+"""Bring SAEs and concept statistics from other layouts into our SAE file (DESIGN §7.1), with what each reads.
 
+Layouts, told apart by the files a folder holds (LAYOUTS; `layout=` / `--layout` overrides):
 - our own .safetensors file;
-- a sparsify / SAeUron folder: `cfg.json` + `sae.safetensors`, given as the folder itself or as a parent holding
-  one folder per hookpoint; `d_model` / `n_dirs_local` accepted for `d_in` / `num_latents`;
-- SAEmnesia's root-level checkpoint (the same files without a hookpoint folder) and its `state_dict.pth`
-  variant (OpenAI / sdxl-unbox key names: pre_bias, latent_bias, decoder.weight [d, n]);
-- SAeUron / SAEmnesia concept statistics: a pickle `{concept: tensor[n_prompts, steps, n]}` of spatially
-  averaged latents over a DDIM run, plus optional `class_params.pth` `{concept: {percentile, multiplier}}`.
-
-Pickles are never given to `pickle.load`: torch.save archives go through `torch.load(weights_only=True)`
-and plain pickles through an unpickler that only knows how to rebuild tensors.
+- "sparsify": `cfg.json` + `sae.safetensors` — sparsify, SAeUron, SAEmnesia, and SAEParate (its `cfg.json` has
+  `use_pre_encoder_gelu`, its weights `pre_encoder.0.*`); given as the folder itself or as a parent holding one folder
+  per hookpoint; `d_model` / `n_dirs_local` accepted for `d_in` / `num_latents`;
+- "openai": `config.json` (or `cfg.json`) + `state_dict.pth` with OpenAI / sdxl-unbox key names (pre_bias,
+  latent_bias, decoder.weight [d, n]) — SAEmnesia's state-dict checkpoint;
+- "unbox": the same plus `mean.pt` — sdxl-unbox's SDXL SAEs (folders `<hookpoint>_k10_hidden5120_…/final/`) and the
+  Flux SAE `antoniomari/SAE_flux_18`: they read the block's update, and `mean.pt` (each latent's mean activation, the
+  authors' unit of a latent's strength) is kept in the file;
+- "hub-topk": `config.json` (`features`, `pages`, `k`) + `model.safetensors` (encoder.weight, encoder.bias,
+  decoder.weight [d, n], bias) — TopK SAEs saved with PyTorchModelHubMixin (Krea / finebooru Flux SAEs); folders named
+  like `cc3m-transformer_blocks.18-1` (stream 1: image tokens, 0: text tokens) or `…-single_transformer_blocks.9`
+  (joined text and image tokens).
+What a layout cannot tell — the block, the model, SAEmnesia's `residual_sae` (reads the update) and `use_beta` (the
+beta strength unit) — comes from the caller (`hookpoint`, `model_family`, `reads`, `strength_unit`), and an import
+that needs the block and cannot find it in the folder's name says so. Concept statistics: SAeUron / SAEmnesia pickles
+`{concept: tensor[n_prompts, steps, n]}` of spatially averaged latents over a DDIM run, plus optional
+`class_params.pth` `{concept: {percentile, multiplier}}`. Pickles are read only through `pickles.load_pickle`.
 """
 
 from __future__ import annotations
 
-import codecs
-import collections
 import dataclasses
-import io
 import json
 import math
-import pickle
 import re
-import zipfile
 from pathlib import Path
 
 import torch
@@ -30,15 +34,26 @@ from safetensors.torch import load_file
 from torch import Tensor
 
 from .concepts import Concept, build_tables, saeuron_scores, select_saeuron
+from .pickles import load_pickle
 from .sae import SAEConfig
-from .sae_file import (MAX_BUCKETS, WEIGHT_NAMES, SAEFile, SAEFileError, is_clean_name, is_sae_file, load_sae_file,
-                       validate_sae_file)
+from .sae_file import (MAX_BUCKETS, SIGNALS, STRENGTH_UNITS, TOKEN_LAYOUTS, SAEFile, SAEFileError, SAEHeader,
+                       is_clean_name, is_sae_file, load_sae_file, validate_sae_file, weight_names)
 from .timesteps import bucket_index, ddim_timesteps, timestep_to_t
 
 CONFIG_FILES = ("cfg.json", "config.json")
-WEIGHT_FILES = ("sae.safetensors", "state_dict.pth")
-"""A checkpoint folder holds one config and one weights file of these names (sparsify / SAeUron: cfg.json +
-sae.safetensors; SAEmnesia: config.json + state_dict.pth). The importer and Load SAE's listing both use them."""
+WEIGHT_FILES = ("sae.safetensors", "state_dict.pth", "model.safetensors")
+"""A checkpoint folder holds one config and one weights file of these names. The importer and Load SAE's listing both
+use them."""
+LAYOUTS = {
+    "sparsify": "cfg.json + sae.safetensors (sparsify, SAeUron, SAEmnesia, SAEParate)",
+    "openai": "config.json + state_dict.pth (SAEmnesia's state-dict checkpoint)",
+    "unbox": "config.json + state_dict.pth + mean.pt (sdxl-unbox's SDXL SAEs, the Flux SAE SAE_flux_18)",
+    "hub-topk": "config.json (features, pages, k) + model.safetensors (Krea / finebooru Flux SAEs)",
+}
+WEIGHTS_OF = {"sparsify": "sae.safetensors", "openai": "state_dict.pth", "unbox": "state_dict.pth",
+              "hub-topk": "model.safetensors"}
+READS = {"sparsify": "output", "openai": "output", "unbox": "update", "hub-topk": "output"}
+"""What each layout's SAEs read unless the caller says otherwise (SAEmnesia's residual_sae: `reads="update"`)."""
 MAX_WIDTH, MAX_LATENTS = 2**16, 2**24
 """Largest d_in and num_latents a checkpoint config may ask for (SD-size SAEs: 1280 and 20480; Flux: 3072 and
 about 10^5)."""
@@ -48,30 +63,43 @@ DEFAULT_PERCENTILE = 99.999
 """SAeUron's percentile for styles: about one latent of 20480 per timestep."""
 
 EXAMPLE_HOOKPOINT = "unet.up_blocks.1.attentions.1"
-_HOOKPOINT = re.compile(r"^(unet\.|transformer\.)?(down_blocks|mid_block|up_blocks|transformer_blocks)\b")
+_HOOKPOINT = re.compile(r"^(unet\.|transformer\.)?(down_blocks|mid_block|up_blocks|transformer_blocks|"
+                        r"single_transformer_blocks)\b")
+_UNBOX_SUFFIX = re.compile(r"_k\d+_hidden\d+.*$")
+_HUB_NAME = re.compile(r"(?:^|-)((?:single_)?transformer_blocks\.\d+)(?:-([01]))?$")
 
 
-def load_any(path, hookpoint: str | None = None, model_family: str | None = None) -> SAEFile:
+def load_any(path, hookpoint: str | None = None, model_family: str | None = None, *, layout: str | None = None,
+             reads: str | None = None, tokens: str | None = None, strength_unit: str | None = None) -> SAEFile:
     """Our file, or a checkpoint folder of any layout above, as an SAEFile.
 
     `hookpoint` picks a sub-folder of a multi-hookpoint folder and names the hookpoint when the folder does not;
-    `hookpoint` and `model_family`, when given, override what the source says.
+    `layout` overrides the detection; `hookpoint`, `model_family`, `reads`, `tokens` and `strength_unit`, when given,
+    override what the source says.
     """
     path = Path(path)
     if path.is_file() and path.suffix == ".safetensors" and is_sae_file(path):
         sae_file = load_sae_file(path)
     elif path.is_file() and path.name in WEIGHT_FILES:
-        sae_file = import_checkpoint_folder(path.parent, hookpoint)
+        sae_file = import_checkpoint_folder(path.parent, hookpoint, layout)
     elif path.is_dir():
-        sae_file = import_checkpoint_folder(_checkpoint_folder(path, hookpoint), hookpoint)
+        sae_file = import_checkpoint_folder(_checkpoint_folder(path, hookpoint), hookpoint, layout)
     elif path.exists():
         raise SAEFileError(f"{path}: not an SAE file nor a checkpoint folder (expected a .safetensors with "
                            f"SAEmnesia metadata, or a folder with {' or '.join(CONFIG_FILES)})")
     else:
         raise SAEFileError(f"{path}: no such file or folder")
+    for name, value, known in (("reads", reads, SIGNALS), ("tokens", tokens, tuple(TOKEN_LAYOUTS)),
+                               ("strength_unit", strength_unit, STRENGTH_UNITS)):
+        if value is not None and value not in known:
+            raise SAEFileError(f"{name} must be one of {', '.join(known)}, got {value!r}")
     overrides = {k: v for k, v in (("hookpoint", hookpoint and _diffusers_hookpoint(hookpoint)),
-                                   ("model_family", model_family)) if v}
-    return dataclasses.replace(sae_file, **overrides) if overrides else sae_file
+                                   ("model_family", model_family), ("reads", reads), ("tokens", tokens),
+                                   ("strength_unit", strength_unit)) if v}
+    if overrides:
+        sae_file = dataclasses.replace(sae_file, **overrides)
+        validate_sae_file(sae_file)
+    return sae_file
 
 
 def is_checkpoint_folder(file_names) -> bool:
@@ -80,31 +108,59 @@ def is_checkpoint_folder(file_names) -> bool:
     return bool(names & set(CONFIG_FILES)) and bool(names & set(WEIGHT_FILES))
 
 
+def detect_layout(folder: Path) -> str:
+    """The layout of a checkpoint folder, from the files it holds (LAYOUTS)."""
+    names = {p.name for p in folder.iterdir()}
+    if "sae.safetensors" in names:
+        return "sparsify"
+    if "model.safetensors" in names:
+        return "hub-topk"
+    if "state_dict.pth" in names:
+        return "unbox" if "mean.pt" in names else "openai"
+    raise SAEFileError(f"{folder}: no weights ({' or '.join(WEIGHT_FILES)})")
+
+
 def _config_file(folder: Path) -> Path | None:
     return next((folder / name for name in CONFIG_FILES if (folder / name).is_file()), None)
 
 
 def _checkpoint_folder(path: Path, hookpoint: str | None) -> Path:
-    """The folder itself if it holds a config, else its one (or the named) hookpoint sub-folder."""
+    """The folder itself if it holds a config, else its one (or the named) hookpoint sub-folder, looking one level
+    down or into a sub-folder's `final/` (sdxl-unbox's checkpoints)."""
     if _config_file(path):
         return path
-    subs = sorted(d for d in path.iterdir() if d.is_dir() and _config_file(d))
+    subs = sorted(f for d in path.iterdir() if d.is_dir() for f in (d, d / "final") if f.is_dir() and _config_file(f))
     if hookpoint:
-        named = [d for d in subs if _normalize_hookpoint(d.name) == _normalize_hookpoint(hookpoint)]
+        named = [d for d in subs if _hookpoint_in_name(d) == _normalize_hookpoint(hookpoint)]
         if named:
             return named[0]
     if len(subs) == 1:
         return subs[0]
     if not subs:
         raise SAEFileError(f"{path}: no {' or '.join(CONFIG_FILES)} in the folder or its sub-folders")
-    raise SAEFileError(f"{path} holds {len(subs)} hookpoints ({', '.join(d.name for d in subs)}); "
-                       "choose one (hookpoint=… / --hookpoint)")
+    raise SAEFileError(f"{path} holds {len(subs)} hookpoints ({', '.join(d.relative_to(path).as_posix() for d in subs)}"
+                       "); choose one (hookpoint=… / --hookpoint)")
+
+
+def _hookpoint_in_name(folder: Path) -> str | None:
+    """The hookpoint a checkpoint folder's name (or, for `final/`, its parent's) gives, in diffusers style."""
+    name = folder.resolve().name
+    if name == "final":
+        name = folder.resolve().parent.name
+    name = _UNBOX_SUFFIX.sub("", name)
+    hub = _HUB_NAME.search(name)
+    if hub and not _HOOKPOINT.match(name):
+        name = hub.group(1)
+    return _normalize_hookpoint(name) if _HOOKPOINT.match(name) else None
 
 
 def _normalize_hookpoint(name: str) -> str:
-    """diffusers style with the `unet.` prefix, e.g. up_blocks.1.attentions.1 -> unet.up_blocks.1.attentions.1."""
+    """diffusers style with the `unet.` or `transformer.` prefix: up_blocks.1.attentions.1 ->
+    unet.up_blocks.1.attentions.1, transformer_blocks.18 -> transformer.transformer_blocks.18."""
     if name.startswith(("down_blocks", "mid_block", "up_blocks")):
         return "unet." + name
+    if name.startswith(("transformer_blocks", "single_transformer_blocks")):
+        return "transformer." + name
     return name
 
 
@@ -114,43 +170,86 @@ def _diffusers_hookpoint(name: str) -> str:
     return _normalize_hookpoint(name)
 
 
-def import_checkpoint_folder(folder, hookpoint: str | None = None) -> SAEFile:
-    """A sparsify / SAeUron / SAEmnesia folder (cfg.json or config.json + sae.safetensors or state_dict.pth)."""
+def _hub_tokens(folder: Path, hookpoint: str) -> str:
+    """Which tokens a hub-topk SAE read: a single-stream block's joined ones, or the stream its folder names."""
+    if ".single_transformer_blocks." in hookpoint:
+        return "joined"
+    hub = _HUB_NAME.search(folder.resolve().name)
+    return "text" if hub and hub.group(2) == "0" else "image"
+
+
+def import_checkpoint_folder(folder, hookpoint: str | None = None, layout: str | None = None) -> SAEFile:
+    """A checkpoint folder of one of the LAYOUTS (detected from its files unless `layout` is given)."""
     folder = Path(folder)
     cfg_path = _config_file(folder)
     if cfg_path is None:
         raise SAEFileError(f"{folder}: no {' or '.join(CONFIG_FILES)}")
+    layout = layout or detect_layout(folder)
+    if layout not in LAYOUTS:
+        raise SAEFileError(f"unknown layout {layout!r} (known: {', '.join(LAYOUTS)})")
     cfg = _read_json(cfg_path)
     config = _config_from_checkpoint(cfg, cfg_path)
-    weight_file = next((folder / name for name in WEIGHT_FILES if (folder / name).is_file()), None)
-    if weight_file is not None:
-        _check_weights_can_hold(config, weight_file)
-    if (folder / "sae.safetensors").is_file():
-        source = "sparsify"
+    weight_file = folder / WEIGHTS_OF[layout]
+    if not weight_file.is_file():
+        raise SAEFileError(f"{folder}: the {layout} layout ({LAYOUTS[layout]}) needs {weight_file.name}")
+    _check_weights_can_hold(config, weight_file)
+    if layout in ("sparsify", "hub-topk"):
         try:
-            weights = load_file(str(folder / "sae.safetensors"))
+            weights = load_file(str(weight_file))
         except Exception as e:  # the safetensors reader's own errors
-            raise SAEFileError(f"{folder / 'sae.safetensors'}: cannot read: {e}") from e
-    elif (folder / "state_dict.pth").is_file():
-        source = "state_dict.pth"
-        weights = _remap_openai_state_dict(load_pickle(folder / "state_dict.pth"), folder / "state_dict.pth")
+            raise SAEFileError(f"{weight_file}: cannot read: {e}") from e
+        if layout == "hub-topk":
+            weights = _remap(weights, {"bias": "b_dec"}, weight_file)
     else:
-        raise SAEFileError(f"{folder}: no weights ({' or '.join(WEIGHT_FILES)})")
-    if set(weights) - set(WEIGHT_NAMES):
-        raise SAEFileError(f"{folder}: unsupported tensors {sorted(set(weights) - set(WEIGHT_NAMES))} "
-                           "(skip connections and transcoders are not TopK SAEs we can apply)")
-    name = hookpoint or cfg.get("hookpoint") or folder.resolve().name
-    if not hookpoint and not (isinstance(name, str) and _HOOKPOINT.match(name)):
-        raise SAEFileError(f"{folder}: cannot tell the hookpoint from the folder name {folder.resolve().name!r}; "
-                           f"give it (hookpoint=… / --hookpoint {EXAMPLE_HOOKPOINT})")
-    sae_file = SAEFile(config=config, weights=weights, concepts=[], hookpoint=_diffusers_hookpoint(name),
-                       model_family="unknown", num_buckets=1, supervised=False,
-                       provenance={"imported_from": {"format": source, "folder": folder.resolve().name, "cfg": cfg}})
+        weights = _remap(load_pickle(weight_file), {"pre_bias": "b_dec", "latent_bias": "encoder.bias"}, weight_file)
+    unexpected = set(weights) - set(weight_names(config))
+    if unexpected:
+        raise SAEFileError(f"{folder}: unsupported tensors {sorted(unexpected)} (skip connections and transcoders are "
+                           "not TopK SAEs we can apply)")
+    name = hookpoint or cfg.get("hookpoint") or _hookpoint_in_name(folder)
+    if not name or not isinstance(name, str):
+        raise SAEFileError(f"{folder}: a {layout} checkpoint whose folder name {folder.resolve().name!r} does not say "
+                           f"which block it reads; give it (hookpoint=… / --hookpoint {EXAMPLE_HOOKPOINT}, or "
+                           "transformer.transformer_blocks.18 for the Flux SAE SAE_flux_18)")
+    hookpoint = _diffusers_hookpoint(name)
+    means = _latent_means(folder / "mean.pt", config.num_latents) if layout == "unbox" else None
+    sae_file = SAEFile(config=config, weights=weights, concepts=[], hookpoint=hookpoint, model_family="unknown",
+                       num_buckets=1, supervised=False, reads=READS[layout],
+                       tokens=_hub_tokens(folder, hookpoint) if layout == "hub-topk" else "", latent_means=means,
+                       provenance={"imported_from": {"format": layout, "folder": folder.resolve().name, "cfg": cfg}})
     try:
         validate_sae_file(sae_file)
     except SAEFileError as e:
         raise SAEFileError(f"{folder}: {e}") from None
     return sae_file
+
+
+def checkpoint_header(folder) -> SAEHeader:
+    """What a checkpoint folder holds, from its config and its files' names alone (no weights read): what Load SAE's
+    concept route shows for a folder (it has no concepts)."""
+    folder = Path(folder)
+    cfg_path = _config_file(folder)
+    if cfg_path is None:
+        raise SAEFileError(f"{folder}: no {' or '.join(CONFIG_FILES)}")
+    layout = detect_layout(folder)
+    hookpoint = _hookpoint_in_name(folder) or "unknown"
+    return SAEHeader(config=_config_from_checkpoint(_read_json(cfg_path), cfg_path), concepts=[], hookpoint=hookpoint,
+                     model_family="unknown", num_buckets=1, supervised=False, reads=READS[layout],
+                     tokens=_hub_tokens(folder, hookpoint) if layout == "hub-topk" else "",
+                     has_latent_means=layout == "unbox")
+
+
+def _latent_means(path: Path, num_latents: int) -> Tensor:
+    """sdxl-unbox's `mean.pt`: each latent's mean activation, [n], finite and non-negative."""
+    means = load_pickle(path) if path.is_file() else None
+    if not isinstance(means, Tensor) or tuple(means.shape) != (num_latents,) or not means.is_floating_point():
+        shape = list(means.shape) if isinstance(means, Tensor) else type(means).__name__
+        raise SAEFileError(f"{path}: expected each latent's mean activation, a float tensor [{num_latents}], "
+                           f"got {shape}")
+    if not bool((torch.isfinite(means) & (means >= 0)).all()):
+        raise SAEFileError(f"{path}: mean activations must be finite and non-negative (it holds NaN, Inf or a "
+                           "negative value)")
+    return means.float().contiguous()
 
 
 def _read_json(path: Path) -> dict:
@@ -164,8 +263,9 @@ def _read_json(path: Path) -> dict:
 
 
 def _config_from_checkpoint(cfg: dict, where: Path) -> SAEConfig:
-    """sparsify's cfg.json, SAEmnesia's aliases (d_model, n_dirs_local) and num_latents = 0 (expansion factor).
-    Every field's type and range is checked before any arithmetic."""
+    """sparsify's cfg.json, SAEmnesia's aliases (d_model, n_dirs_local), num_latents = 0 (expansion factor), the hub
+    mixin's constructor (features, pages) and SAEParate's `use_pre_encoder_gelu`. Every field's type and range is
+    checked before any arithmetic."""
     if cfg.get("activation", "topk") != "topk":
         raise SAEFileError(f"{where}: activation {cfg['activation']!r} is not supported (only topk)")
     if cfg.get("skip_connection") or cfg.get("transcode"):
@@ -177,17 +277,20 @@ def _config_from_checkpoint(cfg: dict, where: Path) -> SAEConfig:
             return None
         if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= limit:
             raise SAEFileError(f"{where}: {' or '.join(names)} must be an int from 1 to {limit}, got {value!r}; "
-                               "needs d_in (or d_model), num_latents (or n_dirs_local, or expansion_factor) and k")
+                               "needs d_in (or d_model, features), num_latents (or n_dirs_local, pages, or "
+                               "expansion_factor) and k")
         return value
 
-    d_in = field(("d_in", "d_model"), MAX_WIDTH)
-    num_latents = field(("num_latents", "n_dirs_local"), MAX_LATENTS, required=False)
+    d_in = field(("d_in", "d_model", "features"), MAX_WIDTH)
+    num_latents = field(("num_latents", "n_dirs_local", "pages"), MAX_LATENTS, required=False)
     if num_latents is None:
         num_latents = d_in * field(("expansion_factor",), MAX_LATENTS // d_in or 1)
-    unit_norm = cfg.get("input_unit_norm", False)
-    if not isinstance(unit_norm, bool):
-        raise SAEFileError(f"{where}: input_unit_norm must be true or false, got {unit_norm!r}")
-    return SAEConfig(d_in, num_latents, field(("k",), num_latents), unit_norm)
+    flags = {}
+    for key, name in (("input_unit_norm", "input_unit_norm"), ("use_pre_encoder_gelu", "pre_encoder")):
+        flags[name] = cfg.get(key, False)
+        if not isinstance(flags[name], bool):
+            raise SAEFileError(f"{where}: {key} must be true or false, got {flags[name]!r}")
+    return SAEConfig(d_in, num_latents, field(("k",), num_latents), **flags)
 
 
 def _check_weights_can_hold(config: SAEConfig, weights: Path) -> None:
@@ -199,64 +302,25 @@ def _check_weights_can_hold(config: SAEConfig, weights: Path) -> None:
                            f"need at least {needed} bytes, but the file has {weights.stat().st_size}")
 
 
-def _remap_openai_state_dict(sd, where: Path) -> dict[str, Tensor]:
-    """OpenAI / sdxl-unbox names -> sparsify names (decoder.weight [d, n] is transposed to W_dec [n, d])."""
+def _remap(sd, rename: dict[str, str], where: Path) -> dict[str, Tensor]:
+    """Other key names -> sparsify names: `rename`'s, and decoder.weight [d, n] transposed to W_dec [n, d]; a nested
+    {"state_dict": …} is unwrapped and OpenAI's dead-latent counter dropped."""
     if isinstance(sd, dict) and isinstance(sd.get("state_dict"), dict):
         sd = sd["state_dict"]
     if not isinstance(sd, dict) or not all(isinstance(k, str) and isinstance(v, Tensor) for k, v in sd.items()):
         raise SAEFileError(f"{where}: not a state dict of named tensors")
-    rename = {"pre_bias": "b_dec", "latent_bias": "encoder.bias"}
     out = {}
     for key, value in sd.items():
         if key == "stats_last_nonzero":
             continue
         if key == "decoder.weight":
             out["W_dec"] = value.T.contiguous()
-        elif key in rename or key in WEIGHT_NAMES:
-            out[rename.get(key, key)] = value
         else:
-            raise SAEFileError(f"{where}: unexpected key {key!r} in state dict")
-    missing = set(WEIGHT_NAMES) - set(out)
+            out[rename.get(key, key)] = value
+    missing = {"encoder.weight", "encoder.bias", "W_dec", "b_dec"} - set(out)
     if missing:
         raise SAEFileError(f"{where}: missing key(s) for {sorted(missing)}")
     return out
-
-
-# ---------------------------------------------------------------------------------------------- pickles
-
-
-class _TensorUnpickler(pickle.Unpickler):
-    """Rebuilds tensors, dicts and numbers; any other global (os.system, …) is refused before it can run."""
-
-    def find_class(self, module: str, name: str):
-        allowed = {
-            ("torch._utils", "_rebuild_tensor_v2"): torch._utils._rebuild_tensor_v2,
-            ("torch.storage", "_load_from_bytes"): _storage_from_bytes,
-            ("collections", "OrderedDict"): collections.OrderedDict,
-            ("_codecs", "encode"): codecs.encode,  # how protocol 2 spells bytes
-        }
-        if (module, name) not in allowed:
-            raise pickle.UnpicklingError(f"refusing to load global {module}.{name}")
-        return allowed[(module, name)]
-
-
-def _storage_from_bytes(data: bytes):
-    """A pickled tensor's storage is itself a torch.save archive; read it the safe way too."""
-    return torch.load(io.BytesIO(data), weights_only=True, map_location="cpu")
-
-
-def load_pickle(path):
-    """A torch.save archive or a plain pickle of tensors, loaded without running code from the file."""
-    path = Path(path)
-    try:
-        if zipfile.is_zipfile(path):
-            return torch.load(path, weights_only=True, map_location="cpu")
-        with open(path, "rb") as f:
-            return _TensorUnpickler(f).load()
-    except Exception as e:  # unpickling can fail in many ways; all of them mean "not a file we accept"
-        reason = " ".join(str(e).split())[:300]  # torch's loader writes paragraphs: one line is enough
-        raise SAEFileError(f"{path}: cannot load safely (only tensors, dicts and numbers are accepted): "
-                           f"{type(e).__name__}: {reason}") from e
 
 
 def import_concept_statistics(sae_file: SAEFile, concept_stats_pkl, class_params_pth=None,

@@ -1,6 +1,7 @@
 """The TopK sparse autoencoder of DESIGN §3, with sparsify's parameter names so published checkpoints load as is.
 
 pre(x) = ReLU((x − b_dec)·W_encᵀ + b_enc);  z = TopK_k(pre(x));  x̂ = z·W_dec + b_dec (decoded sparsely).
+With SAEParate's pre-encoder, x − b_dec first goes through GELU(Linear(d, d)) (`pre_encoder.0.*`).
 """
 
 from __future__ import annotations
@@ -26,6 +27,8 @@ class SAEConfig:
     """Latents kept per token."""
     input_unit_norm: bool = False
     """Standardise each token before encoding and undo it after decoding (SAeUron's flag)."""
+    pre_encoder: bool = False
+    """SAEParate's pre-encoder: x − b_dec passes through GELU(Linear(d, d)) before the encoder."""
 
     def __post_init__(self):
         for name in ("d_in", "num_latents", "k"):
@@ -34,8 +37,9 @@ class SAEConfig:
                 raise ValueError(f"SAEConfig.{name} must be a positive int, got {value!r}")
         if self.k > self.num_latents:
             raise ValueError(f"SAEConfig.k = {self.k} exceeds num_latents = {self.num_latents}")
-        if not isinstance(self.input_unit_norm, bool):
-            raise ValueError(f"SAEConfig.input_unit_norm must be a bool, got {self.input_unit_norm!r}")
+        for name in ("input_unit_norm", "pre_encoder"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"SAEConfig.{name} must be a bool, got {getattr(self, name)!r}")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -81,13 +85,17 @@ def standardize(x: Tensor) -> Standardized:
     return Standardized(centred / (std + UNIT_NORM_EPS), mean, std)
 
 
-def pre_activations(x: Tensor, W_enc: Tensor, b_enc: Tensor, b_dec: Tensor) -> Tensor:
-    """[..., d] -> [..., n]: ReLU((x − b_dec)·W_encᵀ + b_enc). ReLU in place: one n-wide tensor, not two.
+def pre_activations(x: Tensor, W_enc: Tensor, b_enc: Tensor, b_dec: Tensor,
+                    pre_encoder: tuple[Tensor, Tensor] | None = None) -> Tensor:
+    """[..., d] -> [..., n]: ReLU((x − b_dec)·W_encᵀ + b_enc), with (weight, bias) of a pre-encoder applied as
+    GELU(Linear) to x − b_dec first. ReLU in place: one n-wide tensor, not two.
     One [tokens, d] product: given [B, N, d] tokens of a block (a strided view), PyTorch's matmul folds the batch
     into one product only when the weight requires grad, and otherwise copies W_enc once per item."""
-    centred = x - b_dec
-    out = F.linear(centred.reshape(-1, centred.shape[-1]), W_enc, b_enc).relu_()
-    return out.reshape(*centred.shape[:-1], W_enc.shape[0])
+    centred = (x - b_dec).reshape(-1, x.shape[-1])
+    if pre_encoder is not None:
+        centred = F.gelu(F.linear(centred, *pre_encoder))
+    out = F.linear(centred, W_enc, b_enc).relu_()
+    return out.reshape(*x.shape[:-1], W_enc.shape[0])
 
 
 def sparse_decode(acts: Tensor, indices: Tensor, W_dec: Tensor) -> Tensor:
@@ -114,6 +122,8 @@ class TopKSAE(nn.Module):
     def __init__(self, cfg: SAEConfig, device=None, dtype=None):
         super().__init__()
         self.cfg = cfg
+        if cfg.pre_encoder:  # SAEParate's keys: pre_encoder.0.weight, pre_encoder.0.bias
+            self.pre_encoder = nn.Sequential(nn.Linear(cfg.d_in, cfg.d_in, device=device, dtype=dtype), nn.GELU())
         self.encoder = nn.Linear(cfg.d_in, cfg.num_latents, device=device, dtype=dtype)
         self.encoder.bias.data.zero_()
         # sparsify's initialisation: the decoder starts as the (row-normalised) encoder.
@@ -136,9 +146,15 @@ class TopKSAE(nn.Module):
             return standardize(x)
         return Standardized(x, x.new_zeros(()), x.new_ones(()))
 
+    @property
+    def pre_encoder_weights(self) -> tuple[Tensor, Tensor] | None:
+        """(weight, bias) of the pre-encoder's Linear, or None."""
+        return (self.pre_encoder[0].weight, self.pre_encoder[0].bias) if self.cfg.pre_encoder else None
+
     def pre_acts(self, x: Tensor) -> Tensor:
         """[..., d] already preprocessed -> [..., n] dense pre-activations."""
-        return pre_activations(x.to(self.dtype), self.encoder.weight, self.encoder.bias, self.b_dec)
+        return pre_activations(x.to(self.dtype), self.encoder.weight, self.encoder.bias, self.b_dec,
+                               self.pre_encoder_weights)
 
     def select_topk(self, pre_acts: Tensor) -> EncoderOutput:
         return EncoderOutput(*pre_acts.topk(self.cfg.k, dim=-1, sorted=False))

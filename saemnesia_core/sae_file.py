@@ -1,9 +1,16 @@
 """The SAE file (DESIGN §7): one .safetensors holding the weights, the concept tables and a JSON header.
 
 Tensors: `encoder.weight` [n, d], `encoder.bias` [n], `W_dec` [n, d], `b_dec` [d] (sparsify names, any float
-dtype) and, when the file has concepts, `concepts.latents` int64, `concepts.mean_acts` and
-`concepts.thresholds` float32, each [C, T, L]. The safetensors string metadata holds one key, "saemnesia",
-whose JSON value carries everything else, so the concept list is readable from the header alone.
+dtype), SAEParate's `pre_encoder.0.weight` [d, d] and `pre_encoder.0.bias` [d] when the SAE has a pre-encoder, and,
+when the file has concepts, `concepts.latents` int64, `concepts.mean_acts` and `concepts.thresholds` float32, each
+[C, T, L]; `latents.mean_acts` float32 [n] when the checkpoint came with each latent's mean activation (sdxl-unbox's
+and the Flux SAE's `mean.pt`). The safetensors string metadata holds one key, "saemnesia", whose JSON value carries
+everything else, so the concept list is readable from the header alone.
+
+Format version 2 adds what an SAE reads (`reads`: the block's output or its update; `tokens`: which of the block's
+tokens), the pre-encoder, the strength unit and the latent means. A file that uses none of them is written as
+version 1, which every earlier build reads the same way; a build that knows only version 1 refuses version 2
+instead of misreading it.
 
 Every problem with a file raises `SAEFileError` with a message that says what is wrong.
 """
@@ -19,12 +26,13 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from .concepts import MAX_CALIBRATION, MAX_STRENGTH, MEASURED_KEYS, Concept, ConceptTables
+from .concepts import MAX_CALIBRATION, MAX_STRENGTH, MEASURED_KEYS, Concept, ConceptTables, latent_ref
 from .files import atomic_path
 from .safetensors_index import MAX_HEADER_BYTES, SAEFileError, read_index
 from .sae import SAEConfig, TopKSAE
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+VERSIONS = (1, 2)
 METADATA_KEY = "saemnesia"
 MAX_BUCKETS = 10_000
 """Timestep buckets a file may have: the papers use 50 or 100; the tables and the eraser grow with the count."""
@@ -33,7 +41,32 @@ SELECTION_MODES = ("saemnesia", "saeuron")
 """saemnesia: each concept's assigned latent in every bucket; saeuron: latents selected by score per bucket."""
 
 WEIGHT_NAMES = ("encoder.weight", "encoder.bias", "W_dec", "b_dec")
+PRE_ENCODER_NAMES = ("pre_encoder.0.weight", "pre_encoder.0.bias")
 TABLE_NAMES = ("concepts.latents", "concepts.mean_acts", "concepts.thresholds")
+LATENT_MEANS = "latents.mean_acts"
+
+SIGNALS = ("output", "update")
+"""What an SAE reads at its block: the output, or the update (output − input) that sdxl-unbox, the Flux SAE and
+SAEmnesia's `residual_sae` read."""
+TOKEN_LAYOUTS = {
+    "block": "every token of the block's output: a UNet block's positions (channels last), a text layer's tokens",
+    "image": "the image tokens of a DiT block",
+    "joined": "a Flux single-stream block's text and image tokens together (the edit reaches the image part)",
+    "text": "the text tokens of a DiT block",
+}
+"""Which of the hooked block's tokens the SAE was trained on."""
+STRENGTH_UNITS = ("mean", "beta")
+"""What a strength γ multiplies: the concept's mean activation, or SAEmnesia's β = ‖z‖₂ / ‖W_dec[i]‖₂ (use_beta)."""
+
+
+def default_tokens(hookpoint: str) -> str:
+    """What an SAE reads when its file does not say (version 1): a DiT block's image tokens, else the whole output."""
+    return "image" if hookpoint.startswith("transformer.") else "block"
+
+
+def weight_names(config: SAEConfig) -> tuple[str, ...]:
+    """The SAE's parameter tensors in a file with this config."""
+    return WEIGHT_NAMES + (PRE_ENCODER_NAMES if config.pre_encoder else ())
 
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -54,6 +87,24 @@ class SAEDescription:
     selection_mode: str = "saemnesia"
     provenance: dict = field(default_factory=dict)
     """Free-form JSON: how the SAE was trained or where it was imported from."""
+    reads: str = "output"
+    """SIGNALS: the block's output, or its update (output − input)."""
+    tokens: str = ""
+    """TOKEN_LAYOUTS; empty: default_tokens(hookpoint)."""
+    strength_unit: str = "mean"
+    """STRENGTH_UNITS."""
+
+    def __post_init__(self):
+        if not self.tokens and isinstance(self.hookpoint, str):
+            self.tokens = default_tokens(self.hookpoint)
+
+    @property
+    def reads_text(self) -> str:
+        """What the SAE reads, said for people (inspect, the Load SAE tooltip, the concept route)."""
+        signal = "the block's update (output − input)" if self.reads == "update" else "the block's output"
+        prep = [p for p, on in (("standardised tokens (input_unit_norm)", self.config.input_unit_norm),
+                                ("a GELU pre-encoder", self.config.pre_encoder)) if on]
+        return f"{signal}, {TOKEN_LAYOUTS.get(self.tokens, self.tokens)}" + (f"; {', '.join(prep)}" if prep else "")
 
 
 def description_of(source: SAEDescription) -> dict:
@@ -67,6 +118,8 @@ class SAEHeader(SAEDescription):
 
     dtype: torch.dtype = torch.float32
     """dtype of the weights as stored."""
+    has_latent_means: bool = False
+    """The file holds each latent's mean activation (LATENT_MEANS)."""
     format_version: int = FORMAT_VERSION
 
 
@@ -78,11 +131,15 @@ class SAEFile(SAEDescription):
     """The four sparsify-named tensors."""
     tables: ConceptTables | None = None
     """None exactly when there are no concepts."""
+    latent_means: Tensor | None = None
+    """[n] float32 each latent's mean activation, as the checkpoint's authors measured it (their unit of a
+    latent's strength), or None."""
 
     @property
     def header(self) -> SAEHeader:
         dtype = self.weights["encoder.weight"].dtype if "encoder.weight" in self.weights else torch.float32
-        return SAEHeader(**description_of(self), dtype=dtype)
+        return SAEHeader(**description_of(self), dtype=dtype, has_latent_means=self.latent_means is not None,
+                         format_version=_version(self))
 
     @property
     def concept_tables(self) -> ConceptTables:
@@ -90,7 +147,8 @@ class SAEFile(SAEDescription):
         return self.tables if self.tables is not None else ConceptTables.empty(self.num_buckets)
 
     def build_sae(self, device=None, dtype=None) -> TopKSAE:
-        """The TopKSAE module with these weights (stored dtype unless one is given; shares their memory if unchanged)."""
+        """The TopKSAE module with these weights (stored dtype unless one is given; shares their memory if
+        unchanged)."""
         sae = TopKSAE(self.config, device="meta")
         sae.load_state_dict(self.weights, assign=True)
         return sae.to(device=device, dtype=dtype or self.weights["encoder.weight"].dtype)
@@ -122,14 +180,24 @@ def _tensors(sae_file: SAEFile) -> dict[str, Tensor]:
     if sae_file.tables is not None:
         t = sae_file.tables
         tensors.update(zip(TABLE_NAMES, (t.latents, t.mean_acts, t.thresholds)))
+    if sae_file.latent_means is not None:
+        tensors[LATENT_MEANS] = sae_file.latent_means
     return tensors
 
 
+def _version(f: SAEFile) -> int:
+    """1 for a file that says nothing version 1 could not (so earlier builds read it), else 2."""
+    plain = (f.reads == "output" and f.tokens == default_tokens(f.hookpoint) and f.strength_unit == "mean"
+             and not f.config.pre_encoder and f.latent_means is None)
+    return 1 if plain else 2
+
+
 def _metadata_json(h: SAEHeader) -> str:
+    v2 = {"reads": h.reads, "tokens": h.tokens, "strength_unit": h.strength_unit, "pre_encoder": h.config.pre_encoder}
     meta = {
-        "format_version": FORMAT_VERSION,
+        "format_version": h.format_version,
         "d_in": h.config.d_in, "num_latents": h.config.num_latents, "k": h.config.k,
-        "activation": "topk", "input_unit_norm": h.config.input_unit_norm,
+        "activation": "topk", "input_unit_norm": h.config.input_unit_norm, **(v2 if h.format_version > 1 else {}),
         "hookpoint": h.hookpoint, "model_family": h.model_family, "num_buckets": h.num_buckets,
         "supervised": h.supervised, "selection_mode": h.selection_mode,
         "concepts": [{"label": c.label, "group": c.group, "latent": c.latent,
@@ -155,7 +223,8 @@ def read_header(path) -> SAEHeader:
         raise SAEFileError(f"{path}: a safetensors file without SAEmnesia metadata; import it with "
                            "`saemnesia convert` (importers.load_any) instead")
     with _naming(path):
-        header = _parse_metadata(metadata[METADATA_KEY], entries.get("encoder.weight", (None,))[0])
+        header = _parse_metadata(metadata[METADATA_KEY], entries.get("encoder.weight", (None,))[0],
+                                 LATENT_MEANS in entries)
         _check_structure(header, entries)
     return header
 
@@ -173,7 +242,8 @@ def load_sae_file(path) -> SAEFile:
     except Exception as e:  # the safetensors reader's own errors (SafetensorError, OSError, …)
         raise SAEFileError(f"{path}: cannot read tensors: {e}") from e
     tables = ConceptTables(*(tensors[n] for n in TABLE_NAMES)) if h.concepts else None
-    sae_file = SAEFile(**description_of(h), weights={n: tensors[n] for n in WEIGHT_NAMES}, tables=tables)
+    sae_file = SAEFile(**description_of(h), weights={n: tensors[n] for n in weight_names(h.config)}, tables=tables,
+                       latent_means=tensors.get(LATENT_MEANS))
     with _naming(path):
         _check_values(sae_file)
     return sae_file
@@ -188,7 +258,7 @@ def _naming(path):
         raise SAEFileError(f"{path}: {e}") from None
 
 
-def _parse_metadata(text: str, dtype: torch.dtype | None) -> SAEHeader:
+def _parse_metadata(text: str, dtype: torch.dtype | None, has_latent_means: bool) -> SAEHeader:
     try:
         meta = json.loads(text)
     except (ValueError, RecursionError) as e:
@@ -197,20 +267,24 @@ def _parse_metadata(text: str, dtype: torch.dtype | None) -> SAEHeader:
         raise SAEFileError("metadata is not a JSON object")
     get = _Getter(meta, "metadata")
     version = get("format_version", int)
-    if version != FORMAT_VERSION:
-        raise SAEFileError(f"unknown format version {version} (this build reads version {FORMAT_VERSION})")
+    if version not in VERSIONS:
+        raise SAEFileError(f"unknown format version {version} (this build reads versions "
+                           f"{', '.join(map(str, VERSIONS))})")
     if get("activation", str) != "topk":
         raise SAEFileError(f"unsupported activation {meta['activation']!r} (only 'topk')")
+    v2 = {"reads": get("reads", str), "tokens": get("tokens", str), "strength_unit": get("strength_unit", str),
+          "pre_encoder": get("pre_encoder", bool)} if version > 1 else {}
     try:
-        config = SAEConfig(get("d_in", int), get("num_latents", int), get("k", int), get("input_unit_norm", bool))
+        config = SAEConfig(get("d_in", int), get("num_latents", int), get("k", int), get("input_unit_norm", bool),
+                           v2.pop("pre_encoder", False))
     except ValueError as e:
         raise SAEFileError(f"metadata: {e}") from e
     concepts = [_parse_concept(c, i) for i, c in enumerate(get("concepts", list))]
     return SAEHeader(config=config, concepts=concepts, hookpoint=get("hookpoint", str),
                      model_family=get("model_family", str), num_buckets=get("num_buckets", int),
                      supervised=get("supervised", bool), selection_mode=get("selection_mode", str),
-                     provenance=get("provenance", dict), dtype=dtype if dtype is not None else torch.float32,
-                     format_version=version)
+                     provenance=get("provenance", dict), **v2, dtype=dtype if dtype is not None else torch.float32,
+                     has_latent_means=has_latent_means, format_version=version)
 
 
 def _parse_concept(entry, i: int) -> Concept:
@@ -299,7 +373,13 @@ def _check_structure(h: SAEHeader, tensors: dict[str, tuple[torch.dtype, tuple]]
         raise SAEFileError("supervised must be a bool and provenance a dict")
     if h.selection_mode not in SELECTION_MODES:
         raise SAEFileError(f"unknown selection mode {h.selection_mode!r} (known: {', '.join(SELECTION_MODES)})")
+    for name, known in (("reads", SIGNALS), ("tokens", tuple(TOKEN_LAYOUTS)), ("strength_unit", STRENGTH_UNITS)):
+        if getattr(h, name) not in known:
+            raise SAEFileError(f"unknown {name} {getattr(h, name)!r} (known: {', '.join(known)})")
     labels = [c.label for c in h.concepts]
+    refs = [label for label in labels if isinstance(label, str) and latent_ref(label) is not None]
+    if refs:
+        raise SAEFileError(f"concept labels {refs} look like latent references (#N name latents, not concepts)")
     if any(not isinstance(c.label, str) or not isinstance(c.group, str) for c in h.concepts):
         raise SAEFileError("concept labels and groups must be strings")
     for text in (*labels, *(c.group for c in h.concepts)):
@@ -325,6 +405,10 @@ def _check_structure(h: SAEHeader, tensors: dict[str, tuple[torch.dtype, tuple]]
 
     expected = {"encoder.weight": (cfg.num_latents, cfg.d_in), "encoder.bias": (cfg.num_latents,),
                 "W_dec": (cfg.num_latents, cfg.d_in), "b_dec": (cfg.d_in,)}
+    if cfg.pre_encoder:
+        expected.update(zip(PRE_ENCODER_NAMES, ((cfg.d_in, cfg.d_in), (cfg.d_in,))))
+    if h.has_latent_means:
+        expected[LATENT_MEANS] = (cfg.num_latents,)
     if C:
         if "concepts.latents" not in tensors:
             raise SAEFileError(f"missing tensor concepts.latents (the metadata lists {C} concepts)")
@@ -342,7 +426,8 @@ def _check_structure(h: SAEHeader, tensors: dict[str, tuple[torch.dtype, tuple]]
         if tuple(actual) != shape:
             raise SAEFileError(f"tensor {name} has shape {list(actual)}, expected {list(shape)} "
                                f"(d_in={cfg.d_in}, num_latents={cfg.num_latents}, concepts={C}, buckets={T})")
-        want = _FLOATS if name in WEIGHT_NAMES else (torch.int64,) if name == "concepts.latents" else (torch.float32,)
+        want = _FLOATS if name in weight_names(cfg) else (torch.int64,) if name == "concepts.latents" else \
+            (torch.float32,)
         if dtype not in want:
             raise SAEFileError(f"tensor {name} has dtype {dtype}, expected one of {[str(w) for w in want]}")
 
@@ -352,6 +437,8 @@ def _check_values(f: SAEFile) -> None:
     for name, t in f.weights.items():
         if not bool(torch.isfinite(t).all()):
             raise SAEFileError(f"tensor {name} contains NaN or Inf")
+    if f.latent_means is not None and not bool((torch.isfinite(f.latent_means) & (f.latent_means >= 0)).all()):
+        raise SAEFileError(f"{LATENT_MEANS} must hold finite, non-negative mean activations")
     if f.tables is None:
         return
     n = f.config.num_latents

@@ -19,8 +19,9 @@ from pathlib import Path
 from saemnesia_core import __version__
 from saemnesia_core.concepts import MAX_CALIBRATION, with_calibrations
 from saemnesia_core.concepts import UnknownConceptError
-from saemnesia_core.importers import DEFAULT_PERCENTILE, import_concept_statistics, load_any
-from saemnesia_core.sae_file import FORMAT_VERSION, SAEFile, SAEFileError, is_sae_file, load_sae_file, save_sae_file
+from saemnesia_core.importers import DEFAULT_PERCENTILE, LAYOUTS, import_concept_statistics, load_any
+from saemnesia_core.sae_file import (SIGNALS, STRENGTH_UNITS, TOKEN_LAYOUTS, SAEFile, SAEFileError, is_sae_file,
+                                     load_sae_file, save_sae_file)
 from saemnesia_tools.training import commands as training_commands
 
 
@@ -28,8 +29,8 @@ def register_inspect(subparsers) -> None:
     p = subparsers.add_parser("inspect", help="show an SAE file or checkpoint folder: dims, hookpoint, concepts",
                               description="Show what an SAE file (or an importable checkpoint folder) holds.")
     p.add_argument("path", metavar="FILE|FOLDER")
-    p.add_argument("--hookpoint", help="which hookpoint folder to read, when a folder holds several")
     p.add_argument("--json", action="store_true", help="print JSON instead of text")
+    add_reading_options(p)
     p.set_defaults(func=_inspect)
 
 
@@ -45,9 +46,30 @@ def register_convert(subparsers) -> None:
     p.add_argument("--percentile", type=float, default=DEFAULT_PERCENTILE,
                    help=f"selection percentile for concepts without class params (default {DEFAULT_PERCENTILE})")
     p.add_argument("--group", default="object", help="concept group of the imported concepts (default object)")
-    p.add_argument("--hookpoint", help="diffusers-style hookpoint, e.g. unet.up_blocks.1.attentions.1")
-    p.add_argument("--family", help="base model family, e.g. sd15, sdxl, toy")
+    add_reading_options(p)
     p.set_defaults(func=_convert)
+
+
+def add_reading_options(p) -> None:
+    """What a checkpoint's layout cannot tell: its block, model, what it reads and its strength unit."""
+    p.add_argument("--hookpoint", help="diffusers-style hookpoint, e.g. unet.up_blocks.1.attentions.1 or "
+                                       "transformer.transformer_blocks.18 (needed where the folder's name does not "
+                                       "say)")
+    p.add_argument("--model-family", "--family", dest="family", help="base model family, e.g. sd15, sdxl, flux, toy")
+    p.add_argument("--layout", choices=list(LAYOUTS),
+                   help="the checkpoint's layout, when its files do not tell: " +
+                        "; ".join(f"{k}: {v}" for k, v in LAYOUTS.items()))
+    p.add_argument("--reads", choices=SIGNALS, help="what the SAE reads at its block: the output, or the update "
+                                                    "(output − input; SAEmnesia's residual_sae, sdxl-unbox, the Flux "
+                                                    "SAE)")
+    p.add_argument("--tokens", choices=list(TOKEN_LAYOUTS), help="which of the block's tokens it was trained on")
+    p.add_argument("--strength-unit", choices=STRENGTH_UNITS,
+                   help="what a strength multiplies: the concept's mean activation, or SAEmnesia's beta (use_beta)")
+
+
+def reading_options(args) -> dict:
+    return {"hookpoint": args.hookpoint, "model_family": args.family, "layout": args.layout, "reads": args.reads,
+            "tokens": args.tokens, "strength_unit": args.strength_unit}
 
 
 def register_calibrate(subparsers) -> None:
@@ -111,9 +133,9 @@ def main(argv: list[str] | None = None) -> int:
 def _inspect(args) -> None:
     path = Path(args.path)
     ours = path.is_file() and path.suffix == ".safetensors" and is_sae_file(path)
-    sae_file = load_any(path, hookpoint=args.hookpoint)
+    sae_file = load_any(path, **reading_options(args))
     if ours:
-        kind = f"saemnesia SAE file v{FORMAT_VERSION}"
+        kind = f"saemnesia SAE file v{sae_file.header.format_version}"
     else:
         kind = f"{sae_file.provenance['imported_from']['format']} checkpoint (import it with saemnesia convert)"
     info = {"format": kind, **describe(sae_file)}
@@ -123,12 +145,14 @@ def _inspect(args) -> None:
 def _convert(args) -> None:
     if args.class_params and not args.concept_stats:
         raise SAEFileError("--class-params needs --concept-stats")
-    sae_file = load_any(args.src, hookpoint=args.hookpoint, model_family=args.family)
+    sae_file = load_any(args.src, **reading_options(args))
     if args.concept_stats:
         sae_file = import_concept_statistics(sae_file, args.concept_stats, args.class_params,
                                              percentile=args.percentile, group=args.group)
     save_sae_file(sae_file, args.out)
-    print(f"wrote {args.out}: {len(sae_file.concepts)} concepts, hookpoint {sae_file.hookpoint}")
+    print(f"wrote {args.out}: {len(sae_file.concepts)} concepts, hookpoint {sae_file.hookpoint}, model family "
+          f"{sae_file.model_family}" + (" (give --model-family)" if sae_file.model_family == "unknown" else "") +
+          f"; reads {sae_file.reads_text}")
 
 
 def _calibrate(args) -> None:
@@ -157,6 +181,8 @@ def describe(f: SAEFile) -> dict:
         "d_in": f.config.d_in, "num_latents": f.config.num_latents, "k": f.config.k,
         "input_unit_norm": f.config.input_unit_norm, "dtype": str(f.weights["encoder.weight"].dtype).removeprefix("torch."),
         "hookpoint": f.hookpoint, "model_family": f.model_family, "num_buckets": f.num_buckets,
+        "reads": f.reads, "tokens": f.tokens, "pre_encoder": f.config.pre_encoder, "strength_unit": f.strength_unit,
+        "reads_text": f.reads_text, "latent_means": f.latent_means is not None,
         "supervised": f.supervised, "selection_mode": f.selection_mode, "concepts": concepts,
         "provenance": f.provenance,
     }
@@ -172,13 +198,18 @@ def _format(info: dict) -> str:
     lines = [
         f"format        {info['format']}",
         f"hookpoint     {info['hookpoint']}",
+        f"reads         {info['reads_text']}",
         f"model family  {info['model_family']}",
         f"d / n / k     {info['d_in']} / {info['num_latents']} / {info['k']}"
         + ("  (input_unit_norm)" if info["input_unit_norm"] else ""),
         f"dtype         {info['dtype']}",
         f"buckets       {info['num_buckets']}",
         f"selection     {info['selection_mode']}" + ("  (supervised SAE)" if info["supervised"] else ""),
-        f"concepts      {len(info['concepts'])}",
+        "strength      in units of " + ("β = ‖z‖ / ‖W_dec[i]‖ (SAEmnesia's use_beta)"
+                                         if info["strength_unit"] == "beta" else "the concept's mean activation") +
+        ("; each latent's mean activation is kept (#N latents use it)" if info["latent_means"] else ""),
+        f"concepts      {len(info['concepts'])}" + (
+            "" if info["concepts"] else "  (none yet: Find Concept Latents teaches one; #N erases latent N)"),
     ]
     width = max((len(c["label"]) for c in info["concepts"]), default=0)
     for c in info["concepts"]:

@@ -11,7 +11,8 @@ from collections.abc import Sequence
 
 import torch
 
-from saemnesia_core.concepts import Concept, ConceptTables, assigned_selection, build_tables, saeuron_scores, select_saeuron
+from saemnesia_core.concepts import (Concept, ConceptTables, assigned_selection, build_tables, saeuron_scores,
+                                     select_saeuron)
 from saemnesia_core.sae import SAEConfig, TopKSAE, scatter_dense
 from saemnesia_core.sae_file import SAEFile, save_sae_file
 from saemnesia_core.timesteps import bucket_index
@@ -173,3 +174,23 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def released_hook_call(sae: TopKSAE, latents: torch.Tensor, thresholds: torch.Tensor, scale: torch.Tensor,
+                       x: torch.Tensor) -> torch.Tensor:
+    """One call of the released SAEMaskedUnlearningHook on a CFG batch x [2B, C, H, W], step for step as their hook
+    runs it: its two halves permuted to tokens and joined, encoded (ReLU, top-k), scattered into a dense code,
+    decoded, the selected latents above θ scaled, decoded again, the error x̂ − x added, and the halves put back.
+    `latents` [S], `thresholds` [S] and `scale` [S] (γ·μ) are the step's, which the hook looks up by a call counter.
+    The reference of the kernel counts (benchmarks/bench_edit.py, tests/test_eraser_cost.py)."""
+    halves = [h.permute(0, 2, 3, 1).reshape(len(h), -1, h.shape[1]) for h in x.chunk(2)]
+    tokens = torch.cat(halves)
+    pre = torch.relu(torch.nn.functional.linear(tokens - sae.b_dec, sae.encoder.weight, sae.encoder.bias))
+    acts, idx = pre.topk(sae.cfg.k, dim=-1, sorted=False)
+    code = acts.new_zeros(*acts.shape[:-1], sae.cfg.num_latents).scatter_(-1, idx, acts)
+    error = (code @ sae.W_dec + sae.b_dec - tokens).float()
+    selected = code[:, :, latents]
+    code[:, :, latents] = torch.where(selected > thresholds, selected * scale, selected)
+    out = (code @ sae.W_dec + sae.b_dec + error).to(x.dtype)
+    H, W = x.shape[2:]
+    return torch.cat([h.reshape(len(h), H, W, -1).permute(0, 3, 1, 2) for h in out.chunk(2)])

@@ -22,35 +22,17 @@ from PIL import Image, ImageDraw
 
 from saemnesia_tools.comfyui.server import ComfyServer
 from saemnesia_core.files import write_json_atomic
-from saemnesia_tools.toy import assets, demo
+from saemnesia_tools.toy import assets, demo, workflow
 from saemnesia_tools.toy.evaluation.quality import ArtifactJudge
 from saemnesia_tools.toy.judges import Judges
 
 
 def toy_prompt(text: str, seed: int, erase: dict[str, dict[str, float]], steps=25, cfg=5.0) -> dict:
-    """API-format toy workflow; for each group in `erase` ({group: {concept: γ}}), a Load SAE + Erase Concepts
-    pair with that group's SAE (assets.SITES) is chained between the model and KSampler."""
-    prompt = {
-        "1": {"class_type": "SAEmnesiaToyModelLoader", "inputs": {"model_name": Path(assets.MODEL).name}},
-        "2": {"class_type": "CLIPTextEncode", "inputs": {"text": text, "clip": ["1", 1]}},
-        "3": {"class_type": "CLIPTextEncode", "inputs": {"text": "", "clip": ["1", 1]}},
-        "4": {"class_type": "SAEmnesiaToyEmptyLatent", "inputs": {"width": 32, "height": 32, "batch_size": 1}},
-        "5": {"class_type": "KSampler", "inputs": {
-            "model": ["1", 0], "seed": seed, "steps": steps, "cfg": cfg, "sampler_name": "euler", "scheduler": "normal",
-            "denoise": 1.0, "positive": ["2", 0], "negative": ["3", 0], "latent_image": ["4", 0]}},
-        "6": {"class_type": "VAEDecode", "inputs": {"samples": ["5", 0], "vae": ["1", 2]}},
-        "7": {"class_type": "SaveImage", "inputs": {"images": ["6", 0], "filename_prefix": "saemnesia_demo"}},
-    }
-    model = ["1", 0]
-    for i, (group, concepts) in enumerate(erase.items()):
-        load, eraser = str(10 + 2 * i), str(11 + 2 * i)
-        prompt[load] = {"class_type": "SAEmnesiaLoadSAE", "inputs": {"sae_name": assets.SITES[group].saemnesia}}
-        prompt[eraser] = {"class_type": "SAEmnesiaEraseConcepts", "inputs": {
-            "model": model, "sae": [load, 0], "concepts": json.dumps(concepts), "strength": -1.0,
-            "start_percent": 0.0, "end_percent": 1.0, "branches": "both", "mode": demo.MODES[group]}}
-        model = [eraser, 0]
-    prompt["5"]["inputs"]["model"] = model
-    return prompt
+    """The toy workflow (saemnesia_tools.toy.workflow) with one Erase Concepts per group erased, each with its group's
+    SAE and mode."""
+    return workflow.toy_prompt(text, seed, steps, cfg, [
+        workflow.erasing(assets.SITES[group].saemnesia, concepts, -1.0, mode=demo.MODES[group])
+        for group, concepts in erase.items()], prefix="saemnesia_demo")
 
 
 def labelled_grid(images: dict, judged: dict, broken: dict, scale: int = 6) -> Image.Image:
@@ -123,7 +105,7 @@ def main(argv=None) -> int:
                 entry = server.run(toy_prompt(demo.prompt(obj, style), args.seed, erase))
                 if entry["status"]["status_str"] != "success":
                     raise RuntimeError(f"prompt failed: {json.dumps(entry['status'])[:2000]}")
-                png = server.images(entry, "7")[0]
+                png = server.images(entry, workflow.SAVE)[0]
                 images[(i, col)] = Image.open(io.BytesIO(png)).convert("RGB")
                 images[(i, col)].save(args.out / "images" / f"{obj}_{style}_{col.replace(' ', '_')}.png")
     finally:

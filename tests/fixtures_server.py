@@ -10,7 +10,6 @@ objects and 8 styles, each owning one of the latents that fire most on the toy m
 from __future__ import annotations
 
 import io
-import json
 import shutil
 from pathlib import Path
 
@@ -19,7 +18,8 @@ import torch
 from PIL import Image
 
 from saemnesia_tools.comfyui.server import ComfyServer
-from saemnesia_tools.toy import assets
+from saemnesia_tools.toy import assets, workflow
+from saemnesia_tools.toy.workflow import erasing
 
 REPO_ROOT = assets.REPO_ROOT
 TOY_MODEL = Path(assets.MODEL).name
@@ -85,29 +85,11 @@ def start_toy_server(base: Path, front_end_root: Path | None = None) -> ComfySer
 
 def toy_prompt(text: str = "An image of Hearts in Neon style.", seed: int = 0, steps: int = 4, cfg: float = 5.0,
                concepts=None, strength: float = -1.0, prefix: str = "toy", branches: str = "both",
-               sae: str = SAE_NAME) -> dict:
-    """The toy workflow in API format; with `concepts` (a JSON string, a list or a dict) Load SAE + Erase
-    Concepts sit between the model and the sampler."""
-    prompt = {
-        "1": {"class_type": "SAEmnesiaToyModelLoader", "inputs": {"model_name": TOY_MODEL}},
-        "2": {"class_type": "CLIPTextEncode", "inputs": {"text": text, "clip": ["1", 1]}},
-        "3": {"class_type": "CLIPTextEncode", "inputs": {"text": "", "clip": ["1", 1]}},
-        "4": {"class_type": "SAEmnesiaToyEmptyLatent", "inputs": {"width": 32, "height": 32, "batch_size": 1}},
-        "5": {"class_type": "KSampler", "inputs": {
-            "model": ["1", 0], "seed": seed, "steps": steps, "cfg": cfg, "sampler_name": "euler",
-            "scheduler": "normal", "positive": ["2", 0], "negative": ["3", 0], "latent_image": ["4", 0],
-            "denoise": 1.0}},
-        "6": {"class_type": "VAEDecode", "inputs": {"samples": ["5", 0], "vae": ["1", 2]}},
-        "9": {"class_type": "SaveImage", "inputs": {"images": ["6", 0], "filename_prefix": prefix}},
-    }
-    if concepts is not None:
-        prompt["7"] = {"class_type": "SAEmnesiaLoadSAE", "inputs": {"sae_name": sae}}
-        prompt["8"] = {"class_type": "SAEmnesiaEraseConcepts", "inputs": {
-            "model": ["1", 0], "sae": ["7", 0],
-            "concepts": concepts if isinstance(concepts, str) else json.dumps(concepts),
-            "strength": strength, "start_percent": 0.0, "end_percent": 1.0, "branches": branches, "mode": "exact"}}
-        prompt["5"]["inputs"]["model"] = ["8", 0]
-    return prompt
+               sae: str = SAE_NAME, mode: str = "exact") -> dict:
+    """The toy workflow in API format (saemnesia_tools.toy.workflow); with `concepts` (a JSON string, a list or a
+    dict) Load SAE (node 7) + Erase Concepts (node 8) sit between the model and the sampler."""
+    erase = [] if concepts is None else [erasing(sae, concepts, strength, branches, mode)]
+    return workflow.toy_prompt(text, seed, steps, cfg, erase, prefix)
 
 
 def execution_error(entry: dict) -> str:

@@ -10,42 +10,15 @@ import torch
 
 pytestmark = pytest.mark.comfy
 
-FLUX_CONFIG = {"in_channels": 16, "out_channels": 16, "vec_in_dim": 32, "context_in_dim": 32,
-               "hidden_size": 64, "mlp_ratio": 2.0, "num_heads": 2, "depth": 2, "depth_single_blocks": 1,
-               "axes_dim": [8, 12, 12], "theta": 10000, "patch_size": 2, "qkv_bias": True, "guidance_embed": True,
-               "txt_ids_dims": []}
-# SD3's MMDiT: hidden size 64 × depth, as ComfyUI's detection derives it from the weights
-SD3_CONFIG = {"in_channels": 16, "out_channels": 16, "patch_size": 2, "depth": 2, "input_size": None,
-              "adm_in_channels": 32, "pos_embed_max_size": 8, "num_patches": 64, "pos_embed_scaling_factor": None,
-              "context_embedder_config": {"target": "torch.nn.Linear", "params": {"in_features": 32,
-                                                                                 "out_features": 128}},
-              "x_block_self_attn_layers": []}
 WIDTH = {"flux": 64, "sd3": 128}
 COMFY_BLOCK = {"flux": "double_blocks.1", "sd3": "joint_blocks.0"}
 HOOKPOINT = {"flux": "transformer.transformer_blocks.1", "sd3": "transformer.transformer_blocks.0"}
 
 
 def tiny_model(family: str):
-    """A ModelPatcher around ComfyUI's own Flux or SD3 model class at a tiny size, random weights (seeded)."""
-    import comfy.model_management
-    import comfy.model_patcher
-    import comfy.supported_models
-    from saemnesia_tools.comfyui.testing import flux_model_config
+    from saemnesia_tools.comfyui.testing import tiny_dit_model
 
-    if family == "flux":
-        config = flux_model_config(**FLUX_CONFIG)
-    else:
-        config = comfy.supported_models.SD3(dict(SD3_CONFIG))
-    config.set_inference_dtype(torch.float32, None)
-    base = config.get_model({})
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        # every weight, and buffers ComfyUI leaves uninitialised (SD3's pos_embed)
-        for p in [*base.diffusion_model.parameters(), *base.diffusion_model.buffers()]:
-            if p.is_floating_point():
-                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
-    cpu = torch.device("cpu")
-    return comfy.model_patcher.ModelPatcher(base, load_device=cpu, offload_device=cpu)
+    return tiny_dit_model(family)
 
 
 def conditioning(seed: int):

@@ -56,6 +56,30 @@ def test_nothing_selected_gives_the_same_image_bit_for_bit(world):
     assert torch.equal(run(world, erase(world, {})), run(world, world.model))
 
 
+@pytest.mark.parametrize("patcher", ["ModelPatcher", "ModelPatcherDynamic"])
+def test_nothing_chosen_gives_back_the_very_model_it_was_given_whatever_its_patcher(world, patcher, monkeypatch):
+    """No concept chosen: Erase Concepts returns its input itself, in every mode and branch setting, having checked
+    every other input, so no clone can make ComfyUI load or page the model again (for ComfyUI 0.33's dynamic VRAM
+    patcher, a clone is a new model to place)."""
+    import comfy.model_patcher
+    from saemnesia_comfy.erase import erase_concepts
+
+    cls = getattr(comfy.model_patcher, patcher, None)
+    if cls is None:
+        pytest.skip(f"this ComfyUI has no {patcher} (ComfyUI 0.33 and later have it)")
+    if cls is comfy.model_patcher.ModelPatcher:
+        model = world.model
+    else:  # its own initialisation allocates comfy-aimdo's CUDA host buffers: here only the plain patcher's state
+        model = cls.__new__(cls)
+        comfy.model_patcher.ModelPatcher.__init__(model, world.model.model, torch.device("cpu"), torch.device("cpu"))
+    monkeypatch.setattr(model, "clone", lambda *a, **k: pytest.fail("cloned"))
+    for mode in ("exact", "paper", "replace"):
+        for branches in ("both", "cond", "uncond"):
+            assert erase_concepts(model, world.loaded, {}, -1.0, 0.2, 0.8, branches, mode) is model
+    with pytest.raises(ValueError, match="start_percent"):  # still checked, though nothing is erased
+        erase_concepts(model, world.loaded, {}, -1.0, 0.9, 0.1)
+
+
 def test_a_concept_that_never_passes_its_threshold_changes_nothing_bit_for_bit(world):
     assert torch.equal(run(world, erase(world, {"Neon": None})), run(world, world.model))
 

@@ -12,24 +12,6 @@ pytestmark = pytest.mark.comfy
 HOOKPOINT = "unet.up_blocks.0.attentions.1"  # SDXL's deepest decoder level, as sdxl-unbox's up.0.1
 
 
-def tiny_sdxl():
-    import comfy.model_patcher
-    import comfy.supported_models
-    from saemnesia_tools.comfyui.testing import init_random_weights, sd15_unet_config
-
-    config = {**sd15_unet_config(model_channels=32, context_dim=32),
-              "num_res_blocks": [2, 2, 2], "channel_mult": [1, 2, 4], "transformer_depth": [0, 0, 1, 1, 1, 1],
-              "transformer_depth_middle": 1, "transformer_depth_output": [0, 0, 0, 1, 1, 1, 1, 1, 1],
-              "use_linear_in_transformer": True, "num_heads": -1, "num_head_channels": 32,
-              "num_classes": "sequential", "adm_in_channels": 32 + 6 * 256}  # pooled text + six size embeddings
-    model_config = comfy.supported_models.SDXL(config)
-    model_config.set_inference_dtype(torch.float32, None)
-    base = model_config.get_model({})
-    init_random_weights(base.diffusion_model, seed=0)
-    cpu = torch.device("cpu")
-    return comfy.model_patcher.ModelPatcher(base, load_device=cpu, offload_device=cpu)
-
-
 def sample(model) -> torch.Tensor:
     import comfy.sample
 
@@ -47,9 +29,10 @@ def test_erase_concepts_on_an_sdxl_topology_unet(comfy, tmp_path):
     from saemnesia_comfy.patch import HookpointError, comfy_block_name
     from saemnesia_comfy.sae_library import load_sae_path
     from saemnesia_core.sae_file import save_sae_file
+    from saemnesia_tools.comfyui.testing import tiny_sdxl_model
     from saemnesia_tools.testing import random_sae, sae_file_with_assigned_latents
 
-    model = tiny_sdxl()
+    model = tiny_sdxl_model()
     assert type(model.model).__name__ == "SDXL"
     assert comfy_block_name(model, HOOKPOINT) == "output_blocks.1.1"
     with pytest.raises(HookpointError, match="unet.up_blocks.0.attentions.0, .*unet.up_blocks.1.attentions.2"):

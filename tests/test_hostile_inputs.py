@@ -18,7 +18,8 @@ from safetensors.torch import save_file
 from helpers_core import write_sparsify_folder
 from saemnesia_tools.cli import main as cli_main
 from saemnesia_core.eraser import ConceptEraser
-from saemnesia_core.importers import import_concept_statistics, load_pickle
+from saemnesia_core.importers import import_concept_statistics
+from saemnesia_core.pickles import load_pickle
 from saemnesia_core.sae_file import (MAX_BUCKETS, METADATA_KEY, SAEFileError, load_sae_file, read_header,
                                      save_sae_file)
 from saemnesia_tools.testing import make_random_sae_file, random_sae, sae_file_with_assigned_latents
@@ -104,9 +105,9 @@ def test_torch_loader_errors_are_reported_on_one_line(tmp_path):
 
 
 @pytest.mark.parametrize("cfg, message", [
-    ({"d_in": "x" * 10, "expansion_factor": 10**9, "k": 4}, "d_in or d_model must be an int"),   # str * int
+    ({"d_in": "x" * 10, "expansion_factor": 10**9, "k": 4}, "d_in or d_model or features must be an int"),   # str * int
     ({"d_in": 8, "expansion_factor": 10**12, "k": 4}, "expansion_factor must be an int from 1 to"),
-    ({"d_in": 8, "num_latents": 2**40, "k": 4}, "num_latents or n_dirs_local must be an int from 1 to"),
+    ({"d_in": 8, "num_latents": 2**40, "k": 4}, "num_latents or n_dirs_local or pages must be an int from 1 to"),
     ({"d_in": 8, "num_latents": 16, "k": 17}, "k must be an int from 1 to 16"),
     ({"d_in": 8, "num_latents": 16, "k": 4.5}, "k must be an int"),
     ({"d_in": 8, "num_latents": 16, "k": 4, "input_unit_norm": "yes"}, "input_unit_norm must be true or false"),

@@ -14,7 +14,8 @@ from helpers_core import (
     write_sparsify_folder,
 )
 from saemnesia_tools.testing import make_random_sae_file, random_sae
-from saemnesia_core.importers import import_concept_statistics, load_any, load_pickle
+from saemnesia_core.importers import import_concept_statistics, load_any
+from saemnesia_core.pickles import load_pickle
 from saemnesia_core.sae_file import SAEFileError, load_sae_file, save_sae_file
 
 HOOK = "unet.up_blocks.1.attentions.1"
@@ -71,7 +72,7 @@ def test_expansion_factor_gives_the_width_when_num_latents_is_zero(tmp_path, sae
 def test_saemnesia_root_checkpoint_with_aliases_needs_the_hookpoint_named(tmp_path, sae):
     folder = write_sparsify_folder(tmp_path / "checkpoint", sae, d_in=None, d_model=16, num_latents=None,
                                    n_dirs_local=64)
-    with pytest.raises(SAEFileError, match="cannot tell the hookpoint"):
+    with pytest.raises(SAEFileError, match="does not say which block it reads; give it"):
         load_any(folder)
     imported = load_any(folder, hookpoint=HOOK, model_family="sd15")
     assert_weights_of(imported, sae)
@@ -88,7 +89,7 @@ def test_a_hookpoint_not_in_diffusers_style_is_refused(tmp_path, sae):
 def test_state_dict_pth_with_openai_key_names_is_remapped(tmp_path, sae, nested):
     imported = load_any(write_openai_folder(tmp_path / HOOK, sae, nested=nested))
     assert_weights_of(imported, sae)
-    assert imported.provenance["imported_from"]["format"] == "state_dict.pth"
+    assert imported.provenance["imported_from"]["format"] == "openai"
 
 
 def test_our_own_file_loads_as_is_and_overrides_apply(tmp_path):

@@ -25,7 +25,8 @@ def toy(comfy):
 
     model, clip, vae = load_toy_model(assets.path(assets.MODEL))
     loaded = load_sae_path(assets.path(assets.SITES["object"].saemnesia))
-    return model, vae, PromptEncoder(clip), loaded, f"diffusion_model.{block_for(model, loaded.file.hookpoint, loaded.file.config.d_in)}.forward"
+    block = block_for(model, loaded.file.hookpoint, loaded.file.config.d_in)
+    return model, vae, PromptEncoder(clip), loaded, f"diffusion_model.{block}.forward"
 
 
 def images(toy, model):

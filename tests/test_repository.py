@@ -132,7 +132,8 @@ def test_the_toy_worlds_file_names_appear_only_in_the_assets_module():
 
 def test_tests_benchmarks_and_scripts_import_shared_helpers_from_packages_not_by_editing_sys_path():
     # the pack's entry; the host finder; the archive test, which hides this checkout from a fresh interpreter
-    allowed = {ROOT / "__init__.py", ROOT / "saemnesia_tools" / "comfyui" / "host.py", ROOT / "tests" / "test_registry.py"}
+    allowed = {ROOT / "__init__.py", ROOT / "saemnesia_tools" / "comfyui" / "host.py",
+               ROOT / "tests" / "test_registry.py"}
     edits = [str(p.relative_to(ROOT)) for p in tracked(".py") if p not in allowed and p != Path(__file__).resolve()
              and re.search(r"sys\.path\.(insert|append)|sys\.path(\[:\])?\s*=(?!=)", p.read_text())]
     assert edits == []
@@ -145,27 +146,24 @@ def test_no_module_of_ours_is_longer_than_400_lines():
     assert long == {}
 
 
-def test_the_readme_shows_the_evaluation_table_and_the_demo_caption_as_their_files_write_them():
+def test_the_readme_and_the_evaluation_page_show_the_evaluation_as_its_results_file_writes_it():
     import json
 
     from saemnesia_tools.toy.evaluation.report import (default_against_bar, judged_instead, multi_site_findings,
                                                       one_setting_findings, paper_and_exact, replace_findings,
                                                       summary_table, text_findings)
 
-    readme = (ROOT / "README.md").read_text()
+    readme, page = (ROOT / "README.md").read_text(), (ROOT / "docs" / "evaluation.md").read_text()
     results = json.loads((ROOT / "benchmarks" / "results" / "eval_quick" / "results.json").read_text())
-    assert summary_table(results) in readme
-    assert replace_findings(results) in readme
-    assert paper_and_exact(results) in readme
-    assert one_setting_findings(results) in readme
-    assert default_against_bar(results) in readme and judged_instead(results) in readme
-    assert text_findings(results) in readme
-    assert multi_site_findings(results) in readme
+    for shown in (summary_table, replace_findings, paper_and_exact, one_setting_findings, default_against_bar,
+                  judged_instead, text_findings, multi_site_findings):
+        assert shown(results) in page, shown.__name__
+    assert default_against_bar(results) in readme  # the README's limits hold the node's default against its bar
     verdicts = json.loads((ROOT / "docs" / "demo" / "verdicts.json").read_text())
     assert verdicts["caption"] in " ".join(readme.split())  # the README may wrap the caption's lines
 
 
-def test_the_readme_shows_the_shipped_saes_numbers_as_the_build_report_writes_them():
+def test_the_toy_world_page_shows_the_shipped_saes_numbers_as_the_build_report_writes_them():
     import json
     import textwrap
 
@@ -174,7 +172,22 @@ def test_the_readme_shows_the_shipped_saes_numbers_as_the_build_report_writes_th
     report = json.loads((ROOT / "models" / "toy" / "build_report.json").read_text())
     lines = sae_lines(report)
     assert len(lines.splitlines()) == len(report["saes"]) + 1 == 4  # the three sites and the text encoder's SAE
-    assert textwrap.indent(lines, "  ") in (ROOT / "README.md").read_text()  # sub-items of the toy world's SAEs
+    assert textwrap.indent(lines, "  ") in (ROOT / "docs" / "toy-world.md").read_text()
+
+
+def test_every_number_of_the_benchmark_table_is_in_the_results_its_row_links():
+    """benchmarks/README.md's table quotes its results files: each number of a row's result is in the files that row
+    links (rounded as those files print it)."""
+    page = (ROOT / "benchmarks" / "README.md").read_text()
+    rows = [r for r in page.splitlines() if r.startswith("| ") and not r.startswith("| what") and "---" not in r]
+    assert len(rows) >= 6
+    for row in rows:
+        result = row.split(" | ")[-1]
+        linked = re.findall(r"\]\((results/[^)]+)\)", row)
+        assert linked, row[:80]
+        text = " ".join((ROOT / "benchmarks" / name).read_text() for name in linked)
+        missing = [n for n in re.findall(r"(?<![\w.])\d+(?:\.\d+)?", result) if n not in text]
+        assert missing == [], (row[:80], missing)
 
 
 def test_the_gpu_check_says_there_is_no_cuda_and_succeeds_on_a_machine_without_one():

@@ -71,7 +71,9 @@ def test_file_without_concepts_round_trips(tmp_path):
 
 def test_metadata_is_one_json_document_with_the_documented_fields(saved):
     _, meta = raw_parts(saved[0])
-    assert meta["format_version"] == FORMAT_VERSION and meta["activation"] == "topk"
+    # a file that reads the block's output and uses nothing else of version 2 is written as version 1
+    assert meta["format_version"] == 1 < FORMAT_VERSION and meta["activation"] == "topk"
+    assert not {"reads", "tokens", "strength_unit", "pre_encoder"} & meta.keys()
     assert {"d_in", "num_latents", "k", "input_unit_norm", "hookpoint", "model_family", "num_buckets",
             "supervised", "selection_mode", "concepts", "provenance"} <= meta.keys()
     assert meta["concepts"][0].keys() == {"label", "group", "latent", "default_strength"}
@@ -91,7 +93,7 @@ def test_header_reader_returns_metadata_and_concepts_without_reading_tensors(sav
     header = read_header(path)
     assert header.concepts == original.concepts and header.config == original.config
     assert (header.hookpoint, header.model_family, header.num_buckets) == ("unet.up_blocks.1.attentions.1", "toy", 4)
-    assert header.dtype == torch.float32 and header.format_version == FORMAT_VERSION
+    assert header.dtype == torch.float32 and header.format_version == 1  # nothing of version 2 in it
 
 
 def test_build_sae_has_the_file_weights(saved):

@@ -15,6 +15,12 @@ const CHECKLIST_NODES = {
 };
 const LOADER = "SAEmnesiaLoadSAE";
 
+/** The latent index a label such as "#123" names (a latent of the SAE by index, not a concept), or null. */
+export function latentRef(label) {
+  const match = /^#(\d{1,9})$/.exec(label.trim());
+  return match ? Number(match[1]) : null;
+}
+
 /** The `concepts` string as a Map label -> strength (null = the node's strength); throws on invalid text. */
 export function parseSelection(text) {
   const trimmed = (text ?? "").trim();
@@ -150,6 +156,8 @@ class ConceptChecklist {
     const request = ++this.request;
     this.sae = name ?? null;
     this.concepts = [];
+    this.latents = null; // how many latents the SAE has (one SAE only: #N names a latent of one SAE)
+    this.reads = null;
     this.error = problem ?? null;
     this.note = null;
     this.loading = Boolean(name);
@@ -163,6 +171,8 @@ class ConceptChecklist {
     const seen = new Set();
     this.concepts = failed ? [] : answers.flatMap((a) => a.data.concepts).filter((c) => !seen.has(c.label) && seen.add(c.label));
     this.note = answers.map((a) => a.data?.note).filter(Boolean).join(" ") || null;
+    this.latents = !failed && answers.length === 1 ? answers[0].data.num_latents ?? null : null;
+    this.reads = failed ? null : answers.map((a, i) => `${names[i]} reads ${a.data.reads ?? "the block's output"}`).join("; ");
     this.render();
   }
 
@@ -184,8 +194,18 @@ class ConceptChecklist {
     return !q || label.toLowerCase().includes(q);
   }
 
+  /** A concept-like row for "#N", a latent of this SAE named by its index, when N is one of its latents. */
+  latentRow(label) {
+    const index = latentRef(label);
+    return index !== null && this.latents !== null && index < this.latents && !this.concepts.some((c) => c.label === label)
+      ? { label, group: "latents", latent: index } : null;
+  }
+
   render() {
-    const known = new Set(this.concepts.map((c) => c.label));
+    // latents named by index: the ticked ones, and the one typed in the filter
+    const latentRows = [...new Set([...this.selection.keys(), this.filter.value.trim()])]
+      .map((label) => this.latentRow(label)).filter(Boolean);
+    const known = new Set([...this.concepts, ...latentRows].map((c) => c.label));
     const groups = new Map();
     // labels the SAE does not know come first, in the error colour: running fails until they are unticked
     const unknown = [...this.selection.keys()].filter((l) => !known.has(l) && this.matches(l));
@@ -193,7 +213,7 @@ class ConceptChecklist {
       groups.set(this.sae && !this.loading && !this.error ? "unknown to this SAE" : "selected (SAE not loaded)",
         unknown.map((label) => ({ label, unknown: true })));
     }
-    for (const c of this.concepts) {
+    for (const c of [...this.concepts, ...latentRows]) {
       const group = c.group || "concepts";
       if (!this.matches(c.label)) continue;
       if (!groups.has(group)) groups.set(group, []);
@@ -203,7 +223,7 @@ class ConceptChecklist {
       element("div", { className: "saem-group-header", textContent: group }),
       ...concepts.map((c) => this.row(c)))));
 
-    const ticked = this.concepts.filter((c) => this.selection.has(c.label)).length;
+    const ticked = [...this.concepts, ...latentRows].filter((c) => this.selection.has(c.label)).length;
     const strangers = this.selection.size - ticked;
     const blocking = strangers && this.sae && !this.loading && !this.error;
     const messages = [this.invalid, this.error, this.note].filter(Boolean);
@@ -212,7 +232,7 @@ class ConceptChecklist {
       : this.loading ? `Loading the concepts of ${this.sae}…`
       : `${ticked} of ${this.concepts.length} concepts ticked` + (strangers ? `, ${strangers} unknown` +
         (blocking ? " to this SAE (listed first): untick them, or running fails" : "") : "");
-    this.status.title = this.sae ?? "";
+    this.status.title = this.reads ?? this.sae ?? "";
   }
 
   /** How well this SAE erased the concept when the file was made (the `erasure` record of its header). */
@@ -236,7 +256,8 @@ class ConceptChecklist {
     const row = element("label", { className: "saem-row" + (c.unknown ? " saem-unknown" : "") + (weak ? " saem-weak" : "") },
       tick, element("span", { className: "saem-label", textContent: c.label,
         title: c.unknown ? "Not a concept of this SAE: running fails until you untick it"
-          : `latent ${c.latent ?? "by score"}` + (c.calibration ? `; calibrated (κ ${c.calibration}): strength −1 is ` +
+          : c.group === "latents" ? `latent ${c.latent} of this SAE, by its index` :
+          `latent ${c.latent ?? "by score"}` + (c.calibration ? `; calibrated (κ ${c.calibration}): strength −1 is ` +
             "the strength measured to erase it" : "") }));
     row.dataset.label = c.label;
     if (c.erasure) row.append(this.badge(c, weak));

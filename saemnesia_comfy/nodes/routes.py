@@ -21,15 +21,17 @@ async def concepts(request: web.Request) -> web.Response:
         return web.json_response({"error": str(e)}, status=status)
     except FileNotFoundError as e:
         return web.json_response({"error": str(e)}, status=404)
-    if header is None:
-        return web.json_response({"name": name, "concepts": [], "note": "a checkpoint folder without concept "
-                                  "statistics: add them with `saemnesia convert`"})
-    return web.json_response({
-        "name": name, "hookpoint": header.hookpoint, "model_family": header.model_family,
-        "supervised": header.supervised, "selection_mode": header.selection_mode, "d_in": header.config.d_in,
-        "num_latents": header.config.num_latents, "k": header.config.k,
-        "concepts": [asdict(c) for c in header.concepts],
-    })
+    answer = {"name": name, "hookpoint": header.hookpoint, "model_family": header.model_family,
+              "supervised": header.supervised, "selection_mode": header.selection_mode, "d_in": header.config.d_in,
+              "num_latents": header.config.num_latents, "k": header.config.k, "reads": header.reads_text,
+              "concepts": [asdict(c) for c in header.concepts]}
+    if not header.concepts:
+        answer["note"] = NO_CONCEPTS
+    return web.json_response(answer)
+
+
+NO_CONCEPTS = ("This SAE has no concepts yet: teach one with Find Concept Latents (prompts that show it and prompts "
+               "that don't), or type a latent's index in the filter (#123) to erase or probe that latent.")
 
 
 def register() -> bool:

@@ -16,7 +16,8 @@ SAE = io.Custom("SAE")
 PROBE = io.Custom("SAEMNESIA_PROBE")
 CATEGORY = "SAEmnesia"
 CONCEPTS_TOOLTIP = ('Concepts as JSON: a list of labels ["Hearts", "Neon"] or {"Hearts": -1.0, "Neon": null} '
-                    "(null = the node's strength). The checklist writes this for you.")
+                    "(null = the node's strength); \"#123\" names latent 123 of an SAE without that concept (type "
+                    "#123 in the checklist's filter). The checklist writes this for you.")
 
 
 class LoadSAE(io.ComfyNode):
@@ -24,10 +25,15 @@ class LoadSAE(io.ComfyNode):
     def define_schema(cls):
         return io.Schema(
             node_id="SAEmnesiaLoadSAE", display_name="Load SAE (SAEmnesia)", category=CATEGORY,
-            description="Load a concept SAE from models/saemnesia (our .safetensors files or sparsify/SAeUron "
-                        "checkpoint folders). The weights are loaded once and placed by ComfyUI's memory manager.",
+            description="Load a concept SAE from models/saemnesia (our .safetensors files, or checkpoint folders: "
+                        "sparsify/SAeUron, SAEmnesia, SAEParate, sdxl-unbox, hub TopK). The weights are loaded once "
+                        "and placed by ComfyUI's memory manager.",
             inputs=[io.Combo.Input("sae_name", options=sae_library.list_sae_entries(),
-                                   tooltip="An SAE file or checkpoint folder in the saemnesia model folders."),
+                                   tooltip="An SAE file or checkpoint folder in the saemnesia model folders. Each SAE "
+                                           "reads what its authors trained it on, as its file says: the block's output "
+                                           "(SAeUron, SAEmnesia, the toy world's), or the block's update, output − "
+                                           "input (sdxl-unbox's SDXL SAEs, the Flux SAE, SAEmnesia's residual SAEs). "
+                                           "The concept checklist and `saemnesia inspect` show which."),
                     SAE.Input("also", optional=True,
                               tooltip="SAEs of other blocks, from another Load SAE: they are passed on with this "
                                       "one, and Erase Concepts erases at every block each chosen concept is known "

@@ -70,6 +70,47 @@ def sdxl_unet_config(transformer_depth: list[int], transformer_depth_middle: int
             "legacy": False, "image_size": 32, "use_checkpoint": False, "use_temporal_resblock": False}
 
 
+TINY_FLUX = {"in_channels": 16, "out_channels": 16, "vec_in_dim": 32, "context_in_dim": 32, "hidden_size": 64,
+             "mlp_ratio": 2.0, "num_heads": 2, "depth": 2, "depth_single_blocks": 1, "axes_dim": [8, 12, 12],
+             "theta": 10000, "patch_size": 2, "qkv_bias": True, "guidance_embed": True, "txt_ids_dims": []}
+# SD3's MMDiT: hidden size 64 × depth, as ComfyUI's detection derives it from the weights
+TINY_SD3 = {"in_channels": 16, "out_channels": 16, "patch_size": 2, "depth": 2, "input_size": None,
+            "adm_in_channels": 32, "pos_embed_max_size": 8, "num_patches": 64, "pos_embed_scaling_factor": None,
+            "context_embedder_config": {"target": "torch.nn.Linear", "params": {"in_features": 32, "out_features": 128}},
+            "x_block_self_attn_layers": []}
+
+
+def tiny_dit_model(family: str, dtype=torch.float32):
+    """A ModelPatcher around ComfyUI's own Flux or SD3 model class at a tiny size, random weights (seeded)."""
+    config = flux_model_config(**TINY_FLUX) if family == "flux" else comfy.supported_models.SD3(dict(TINY_SD3))
+    config.set_inference_dtype(dtype, None)
+    base = config.get_model({})
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        # every weight, and buffers ComfyUI leaves uninitialised (SD3's pos_embed)
+        for p in [*base.diffusion_model.parameters(), *base.diffusion_model.buffers()]:
+            if p.is_floating_point():
+                p.copy_((torch.randn(p.shape, generator=g) * 0.05).to(p.dtype))
+    cpu = torch.device("cpu")
+    return comfy.model_patcher.ModelPatcher(base, load_device=cpu, offload_device=cpu)
+
+
+def tiny_sdxl_model(dtype=torch.float32):
+    """ComfyUI's SDXL model class (pooled-text and size conditioning) at a tiny width with SDXL's block layout: three
+    levels, attention only at the two deeper ones (so sdxl-unbox's blocks exist), random weights."""
+    config = {**sd15_unet_config(model_channels=32, context_dim=32, dtype=dtype),
+              "num_res_blocks": [2, 2, 2], "channel_mult": [1, 2, 4], "transformer_depth": [0, 0, 1, 1, 1, 1],
+              "transformer_depth_middle": 1, "transformer_depth_output": [0, 0, 0, 1, 1, 1, 1, 1, 1],
+              "use_linear_in_transformer": True, "num_heads": -1, "num_head_channels": 32,
+              "num_classes": "sequential", "adm_in_channels": 32 + 6 * 256}  # pooled text + six size embeddings
+    model_config = comfy.supported_models.SDXL(config)
+    model_config.set_inference_dtype(dtype, None)
+    base = model_config.get_model({})
+    init_random_weights(base.diffusion_model, seed=0)
+    cpu = torch.device("cpu")
+    return comfy.model_patcher.ModelPatcher(base, load_device=cpu, offload_device=cpu)
+
+
 def flux_model_config(**params) -> comfy.supported_models.Flux:
     """ComfyUI's Flux model config for these parameters, keeping those this host's FluxParams knows (its fields
     differ by version)."""

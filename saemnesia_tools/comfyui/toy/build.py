@@ -36,8 +36,8 @@ from saemnesia_tools.toy import assets, demo
 from saemnesia_tools.toy.judges import STYLE_CLASSES, Judges, held_out_accuracy, train_judges
 from saemnesia_tools.toy.prompts import make_prompt
 from saemnesia_tools.toy.render import OBJECTS, STYLES
-from saemnesia_tools.training import (SupervisedConfig, TrainConfig, collect, compute_statistics,
-                                     finetune_supervised, saeuron_grid, train_unsupervised)
+from saemnesia_tools.training import SupervisedConfig, TrainConfig, collect, saeuron_grid
+from saemnesia_tools.training.pipeline import train_sae_pair
 from saemnesia_tools.training.centralisation import centralisation
 from saemnesia_tools.training.shards import ActivationDataset
 
@@ -156,29 +156,14 @@ def build_saes(recipe: Recipe, models: Path, work: Path, model, encoder, site: a
     activations = {"seconds": round(time.time() - t, 1), "train_records": ActivationDataset(train_data).num_records,
                    "heldout_records": ActivationDataset(heldout).num_records}
 
-    def save_with_statistics(source, mode: str, out: Path) -> None:
-        sae_file = compute_statistics(source, heldout, mode=mode, num_buckets=recipe.buckets,
-                                      percentile=recipe.percentile)
-        sae_file.provenance.update({"built_by": "saemnesia_tools.comfyui.toy.build", "recipe": asdict(recipe),
-                                    "activations": activations})
-        out.parent.mkdir(parents=True, exist_ok=True)
-        save_sae_file(sae_file, out)
-
-    if not saeuron_path.exists():
-        ds = ActivationDataset(train_data)
-        tokens_per_epoch = ds.num_records * ds.tokens_per_record  # dead = silent for a whole epoch (AuxK's threshold)
-        train_unsupervised(train_data, TrainConfig(
-            expansion_factor=recipe.expansion, k=recipe.k, batch_size=recipe.sae_batch_tokens,
-            epochs=recipe.sae_epochs, dead_tokens_threshold=tokens_per_epoch, seed=recipe.seed),
-            out=work / "sae_unsupervised.safetensors", checkpoint_dir=work / "sae_unsupervised_ckpt",
-            model_family="toy")
-        save_with_statistics(work / "sae_unsupervised.safetensors", "saeuron", saeuron_path)
-    if not saemnesia_path.exists():
-        finetune_supervised(saeuron_path, train_data, SupervisedConfig(
-            lr=recipe.supervised_lr, max_epochs=recipe.supervised_epochs, batch_records=recipe.supervised_batch,
-            num_buckets=recipe.buckets, exclusivity=recipe.supervised_exclusivity, seed=recipe.seed),
-            out=work / "sae_supervised.safetensors", checkpoint_dir=work / "sae_supervised_ckpt", model_family="toy")
-        save_with_statistics(work / "sae_supervised.safetensors", "saemnesia", saemnesia_path)
+    train_sae_pair(train_data, heldout, work, TrainConfig(
+        expansion_factor=recipe.expansion, k=recipe.k, batch_size=recipe.sae_batch_tokens, epochs=recipe.sae_epochs,
+        seed=recipe.seed), SupervisedConfig(
+        lr=recipe.supervised_lr, max_epochs=recipe.supervised_epochs, batch_records=recipe.supervised_batch,
+        num_buckets=recipe.buckets, exclusivity=recipe.supervised_exclusivity, seed=recipe.seed),
+        saemnesia_out=saemnesia_path, saeuron_out=saeuron_path, percentile=recipe.percentile, model_family="toy",
+        provenance={"built_by": "saemnesia_tools.comfyui.toy.build", "recipe": asdict(recipe),
+                    "activations": activations})
 
 
 HELD_OUT_CENTRALISATION = "held-out activations, measured by the build"

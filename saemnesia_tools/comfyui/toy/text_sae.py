@@ -14,11 +14,10 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from saemnesia_core.sae_file import save_sae_file
 from saemnesia_tools.toy import assets
 from saemnesia_tools.toy.render import OBJECTS, STYLES
-from saemnesia_tools.training import (SupervisedConfig, TrainConfig, compute_statistics, finetune_supervised,
-                                     saeuron_grid, train_unsupervised)
+from saemnesia_tools.training import SupervisedConfig, TrainConfig, saeuron_grid
+from saemnesia_tools.training.pipeline import train_sae_pair
 from saemnesia_tools.training.shards import ActivationDataset
 
 from ..text_capture import collect_from_clip
@@ -38,17 +37,11 @@ def build_text_sae(recipe: Recipe, models: Path, work: Path, clip) -> None:
                              hookpoint=assets.TEXT_HOOKPOINT, model_id="saemnesia-toy-world", batch_size=72)
     ds = ActivationDataset(data)
     activations = {"seconds": round(time.time() - t, 1), "records": ds.num_records}
-    train_unsupervised(data, TrainConfig(
+    train_sae_pair(data, data, work, TrainConfig(
         expansion_factor=recipe.expansion, k=recipe.k, batch_size=recipe.sae_batch_tokens,
-        epochs=recipe.text_sae_epochs, dead_tokens_threshold=ds.num_records * ds.tokens_per_record,
-        seed=recipe.seed), out=work / "sae_unsupervised.safetensors", model_family="toy", progress=False)
-    finetune_supervised(work / "sae_unsupervised.safetensors", data, SupervisedConfig(
+        epochs=recipe.text_sae_epochs, seed=recipe.seed), SupervisedConfig(
         lr=recipe.supervised_lr, max_epochs=recipe.text_supervised_epochs, batch_records=recipe.text_supervised_batch,
         num_buckets=1, exclusivity=recipe.supervised_exclusivity, seed=recipe.seed),
-        out=work / "sae_supervised.safetensors", model_family="toy", progress=False)
-    sae_file = compute_statistics(work / "sae_supervised.safetensors", data, mode="saemnesia", num_buckets=1,
-                                  progress=False)
-    sae_file.provenance.update({"built_by": "saemnesia_tools.comfyui.toy.build", "recipe": asdict(recipe),
-                                "activations": activations})
-    out.parent.mkdir(parents=True, exist_ok=True)
-    save_sae_file(sae_file, out)
+        saemnesia_out=out, model_family="toy", progress=False,
+        provenance={"built_by": "saemnesia_tools.comfyui.toy.build", "recipe": asdict(recipe),
+                    "activations": activations})
