@@ -23,7 +23,6 @@ z'_i = z_i·γ_c·β_i with β_i = ‖z‖₂ / ‖W_dec[i]‖₂ per token (‖
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from typing import NamedTuple
 
@@ -31,8 +30,9 @@ import torch
 from torch import Tensor
 
 from .concepts import MAX_STRENGTH, Concept, ConceptTables, check_known
+from .regions import blend, checked_weights
 from .sae import TopKSAE, block_to_tokens, pre_activations, sparse_decode, standardize
-from .timesteps import bucket_index
+from .timesteps import bucket_index, bucket_of, item_buckets
 
 MODES = ("exact", "paper", "replace")
 BETA_EPS = 1e-8
@@ -217,14 +217,14 @@ class ConceptEraser:
         tokens = _tokens(x, self.sae.cfg.d_in)
         base_tokens = self._base_tokens(base, x)
         B, T = tokens.shape[0], self.tables.num_buckets
-        weights = _region(region, tokens.shape[:2], x.device)
+        weights = checked_weights(region, tokens.shape[:2], x.device)
         if isinstance(t, Tensor) or isinstance(edit_mask, Tensor) or weights is not None:
             items = _items(edit_mask, B, x.device)
             if weights is not None:
                 items = items & weights.gt(0).any(1)
             if (self.mode != "paper" and not self.strengths) or not bool(items.any()):
                 return x
-            buckets = _buckets(t, T, B, x.device).masked_fill(~items, T)  # items not edited take the off bucket
+            buckets = item_buckets(t, T, B, x.device).masked_fill(~items, T)  # items not edited take the off bucket
             step, edited_items = self._plan_on(x.device).table[buckets], items
         else:
             edit = [True] * B if edit_mask is None else [bool(e) for e in edit_mask]
@@ -234,7 +234,7 @@ class ConceptEraser:
                                  f"{len(times)}")
             if (self.mode != "paper" and not self.strengths) or not any(edit):
                 return x
-            buckets = [_bucket(v, T) if e else T for v, e in zip(times, edit)]
+            buckets = [bucket_of(v, T) if e else T for v, e in zip(times, edit)]
             table = self._plan_on(x.device).table
             # one bucket for every item (cond and uncond of one step): its row, a view; else one small upload
             step = table[buckets[0]][None] if len(set(buckets)) == 1 else table[torch.tensor(buckets, device=x.device)]
@@ -292,7 +292,7 @@ class ConceptEraser:
                 if edited_items is not None:
                     edited = torch.where(edited_items[:, None, None], edited, tokens)
         if region is not None:
-            edited = _blend(tokens, edited, region)
+            edited = blend(tokens, edited, region)
         return _untokens(edited, x)
 
     def _replaced(self, tokens: Tensor, signal: Tensor, base: Tensor | None, alpha: Tensor,
@@ -304,7 +304,7 @@ class ConceptEraser:
         nearest = distances.masked_fill(detected[:, None, :], float("inf")).argmin(-1)  # [B, N], among undetected
         source = signal.gather(1, nearest[..., None].expand_as(signal))
         target = source if base is None else base + source
-        return _blend(tokens, target, alpha.masked_fill(detected.all(-1, keepdim=True), 0))  # none undetected: kept
+        return blend(tokens, target, alpha.masked_fill(detected.all(-1, keepdim=True), 0))  # none undetected: kept
 
     def _base_tokens(self, base: Tensor | None, x: Tensor) -> Tensor | None:
         """The block input's tokens for an update-reading SAE (checked); None for one that reads the output."""
@@ -316,22 +316,6 @@ class ConceptEraser:
             raise ValueError(f"the block's input has shape {list(base.shape)}, its output {list(x.shape)}: an SAE "
                              "that reads the update needs both of one shape")
         return _tokens(base, self.sae.cfg.d_in)
-
-
-def nearest_undetected(detected: Tensor, grid: Sequence[int]) -> Tensor:
-    """For each detected token, the index of the nearest undetected token of its feature map (Euclidean distance on
-    the H×W grid, ties to the lowest index); −1 for undetected tokens and where every token is detected.
-
-    detected bool [b, N] with N = H·W -> int64 [b, N] (replace mode's choice of source, as a function of its own)."""
-    H, W = (int(g) for g in grid)
-    if detected.shape[1] != H * W:
-        raise ValueError(f"{detected.shape[1]} tokens do not fill a {H}×{W} grid")
-    position = torch.arange(H * W, device=detected.device)
-    yx = torch.stack([position // W, position % W], -1).float()
-    distances = (yx[:, None] - yx[None]).pow(2).sum(-1)
-    nearest = torch.where(detected[:, None, :], float("inf"), distances).argmin(-1)
-    placed = detected & ~detected.all(-1, keepdim=True)
-    return torch.where(placed, nearest, -1)
 
 
 def concept_activation_maps(sae: TopKSAE, concepts: list[Concept], tables: ConceptTables, x: Tensor,
@@ -386,28 +370,6 @@ def _items(edit_mask: Tensor | Sequence[bool] | None, batch: int, device) -> Ten
     return mask
 
 
-def _region(region: Tensor | None, shape: Sequence[int], device) -> Tensor | None:
-    """Region weights as float32 [B, N], checked; None stays None."""
-    if region is None:
-        return None
-    B, N = shape
-    weights = torch.as_tensor(region, device=device).float()
-    if weights.shape[0] != B or weights[0].numel() != N:
-        raise ValueError(f"region must hold one weight per token of each item ([{B}, {N}] or [{B}, H, W]), "
-                         f"got shape {list(weights.shape)}")
-    weights = weights.reshape(B, N)
-    if not bool(((weights >= 0) & (weights <= 1)).all()):  # NaN fails too
-        raise ValueError("region weights must lie in [0, 1]")
-    return weights
-
-
-def _blend(x: Tensor, target: Tensor, w: Tensor) -> Tensor:
-    """x + w·(target − x) per token (w [b, N]): x itself, bit for bit, where w = 0, target itself where w = 1
-    (torch.lerp computes t − (t − x)·(1 − w) from w = 0.5 on)."""
-    w = w[..., None]
-    return torch.where(w > 0, torch.lerp(x.float(), target.float(), w).to(x.dtype), x)
-
-
 def _pre_activations(sae: TopKSAE, tokens: Tensor, W_enc: Tensor, b_enc: Tensor, b_dec: Tensor,
                      pre: tuple[Tensor, Tensor] | None) -> tuple[Tensor, Tensor | None]:
     """ReLU pre-activations of the latents whose encoder rows are given (all n, or the U rows threshold detection
@@ -425,22 +387,6 @@ def _token_norm(sae: TopKSAE, tokens: Tensor, b_dec: Tensor) -> Tensor:
     if sae.cfg.input_unit_norm:
         sae_in = standardize(sae_in).x
     return (sae_in - b_dec).norm(dim=-1, keepdim=True)
-
-
-def _bucket(t: float, num_buckets: int) -> int:
-    """timesteps.bucket_index of one number, on the host."""
-    if not math.isfinite(t):
-        raise ValueError(f"timestep fraction must be finite, got {t}")
-    return min(max(math.floor(t * num_buckets), 0), num_buckets - 1)
-
-
-def _buckets(t: Tensor | float | Sequence[float], num_buckets: int, batch: int, device) -> Tensor:
-    """Each item's bucket [B] for t ∈ [0, 1] (numbers, or a tensor [B] on any device): timesteps.bucket_index,
-    without its trip through the host for a tensor (float64 on the tensor's own device gives the same buckets)."""
-    if not isinstance(t, Tensor):
-        values = [float(t)] * batch if isinstance(t, (int, float)) else [float(v) for v in t]
-        return torch.tensor([_bucket(v, num_buckets) for v in values], device=device)
-    return (t.to(device, torch.float64) * num_buckets).floor_().clamp_(0, num_buckets - 1).long().expand(batch)
 
 
 def _untokens(tokens: Tensor, like: Tensor) -> Tensor:

@@ -21,7 +21,7 @@ MAX_HEADER_BYTES = 16 * 1024 * 1024
 _DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,
            "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
            "BOOL": torch.bool}
-"""safetensors dtype names we can check (the weights and tables use only some of them; _check_structure says which)."""
+"""safetensors dtype names we can check (the weights and tables use only some of them; sae_format.check_structure says which)."""
 
 
 def read_index(path) -> tuple[dict[str, str], dict[str, tuple[torch.dtype, tuple]]]:

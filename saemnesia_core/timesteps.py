@@ -6,6 +6,9 @@ Everywhere outside ComfyUI, t = model timestep / (number of training timesteps â
 
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
+
 import torch
 from torch import Tensor
 
@@ -21,6 +24,22 @@ def bucket_index(t: Tensor | float, num_buckets: int) -> Tensor:
     if not bool(torch.isfinite(t64).all()):
         raise ValueError(f"timestep fraction must be finite, got {t}")
     return (t64 * num_buckets).floor().clamp(0, num_buckets - 1).long().to(device)
+
+
+def bucket_of(t: float, num_buckets: int) -> int:
+    """bucket_index of one number, on the host."""
+    if not math.isfinite(t):
+        raise ValueError(f"timestep fraction must be finite, got {t}")
+    return min(max(math.floor(t * num_buckets), 0), num_buckets - 1)
+
+
+def item_buckets(t: Tensor | float | Sequence[float], num_buckets: int, batch: int, device) -> Tensor:
+    """Each item's bucket [B] for t âˆˆ [0, 1] (numbers, or a tensor [B] on any device): bucket_index,
+    without its trip through the host for a tensor (float64 on the tensor's own device gives the same buckets)."""
+    if not isinstance(t, Tensor):
+        values = [float(t)] * batch if isinstance(t, (int, float)) else [float(v) for v in t]
+        return torch.tensor([bucket_of(v, num_buckets) for v in values], device=device)
+    return (t.to(device, torch.float64) * num_buckets).floor_().clamp_(0, num_buckets - 1).long().expand(batch)
 
 
 def timestep_to_t(timestep: Tensor | float, num_train_timesteps: int = 1000) -> Tensor:

@@ -19,9 +19,10 @@ from pathlib import Path
 from saemnesia_core import __version__
 from saemnesia_core.concepts import MAX_CALIBRATION, with_calibrations
 from saemnesia_core.concepts import UnknownConceptError
-from saemnesia_core.importers import DEFAULT_PERCENTILE, LAYOUTS, import_concept_statistics, load_any
-from saemnesia_core.sae_file import (SIGNALS, STRENGTH_UNITS, TOKEN_LAYOUTS, SAEFile, SAEFileError, is_sae_file,
-                                     load_sae_file, save_sae_file)
+from saemnesia_core.concept_statistics import DEFAULT_PERCENTILE, import_concept_statistics
+from saemnesia_core.importers import LAYOUTS, load_any
+from saemnesia_core.sae_file import SAEFile, SAEFileError, is_sae_file, load_sae_file, save_sae_file
+from saemnesia_core.sae_format import SIGNALS, STRENGTH_UNITS, TOKEN_LAYOUTS
 from saemnesia_tools.training import commands as training_commands
 
 

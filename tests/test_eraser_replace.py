@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from saemnesia_core.concepts import ConceptTables
-from saemnesia_core.eraser import ConceptEraser, nearest_undetected
+from saemnesia_core.eraser import ConceptEraser
+from saemnesia_core.regions import nearest_undetected
 from saemnesia_core.sae import block_to_tokens, tokens_to_block
 from saemnesia_tools.testing import concept_tokens, dense_codes, make_random_sae_file
 from saemnesia_core.timesteps import bucket_index

@@ -18,10 +18,10 @@ from safetensors.torch import save_file
 from helpers_core import write_sparsify_folder
 from saemnesia_tools.cli import main as cli_main
 from saemnesia_core.eraser import ConceptEraser
-from saemnesia_core.importers import import_concept_statistics
+from saemnesia_core.concept_statistics import import_concept_statistics
 from saemnesia_core.pickles import load_pickle
-from saemnesia_core.sae_file import (MAX_BUCKETS, METADATA_KEY, SAEFileError, load_sae_file, read_header,
-                                     save_sae_file)
+from saemnesia_core.sae_file import METADATA_KEY, SAEFileError, load_sae_file, read_header, save_sae_file
+from saemnesia_core.sae_format import MAX_BUCKETS
 from saemnesia_tools.testing import make_random_sae_file, random_sae, sae_file_with_assigned_latents
 
 BASE = make_random_sae_file(d=8, n=16, k=2, concepts=())
@@ -65,7 +65,7 @@ def test_statistics_tensors_that_claim_more_values_than_they_store_are_refused_w
     save_sae_file(BASE, base)
     for name in ("expanded.pth", "expanded.pkl"):
         done = bounded(f"""
-            from saemnesia_core.importers import import_concept_statistics
+            from saemnesia_core.concept_statistics import import_concept_statistics
             from saemnesia_core.sae_file import load_sae_file
             try:
                 import_concept_statistics(load_sae_file({str(base)!r}), {str(tmp_path / name)!r})

@@ -14,7 +14,8 @@ from helpers_core import (
     write_sparsify_folder,
 )
 from saemnesia_tools.testing import make_random_sae_file, random_sae
-from saemnesia_core.importers import import_concept_statistics, load_any
+from saemnesia_core.concept_statistics import import_concept_statistics
+from saemnesia_core.importers import load_any
 from saemnesia_core.pickles import load_pickle
 from saemnesia_core.sae_file import SAEFileError, load_sae_file, save_sae_file
 

@@ -28,9 +28,10 @@ from safetensors.torch import save_file
 
 from saemnesia_core.eraser import ConceptEraser
 from saemnesia_core.files import write_json_atomic
-from saemnesia_core.importers import import_concept_statistics, load_any
-from saemnesia_core.sae_file import (MAX_BUCKETS, METADATA_KEY, SAEFileError, load_sae_file, read_header,
-                                     save_sae_file)
+from saemnesia_core.concept_statistics import import_concept_statistics
+from saemnesia_core.importers import load_any
+from saemnesia_core.sae_file import METADATA_KEY, SAEFileError, load_sae_file, read_header, save_sae_file
+from saemnesia_core.sae_format import MAX_BUCKETS
 from saemnesia_tools.testing import make_random_sae_file
 
 COORDINATED_CASES = int(os.environ.get("SAEMNESIA_FUZZ_EXAMPLES", 2000))
@@ -101,12 +102,13 @@ def read_all(path: Path) -> list[str]:
 
 
 def erase_with_every_concept(sae_file) -> None:
-    """What the loader accepts, the eraser can use: every concept at its default strength, every bucket."""
+    """What the loader accepts, the eraser can use: every concept at its default strength, every bucket, with a
+    finite output for a finite input."""
     eraser = ConceptEraser.from_file(sae_file, {c.label: None for c in sae_file.concepts})
     x = torch.randn(2, 3, sae_file.config.d_in)
     for t in (0.0, 0.5, 1.0):
         out = eraser(x, t)
-        assert out.shape == x.shape
+        assert out.shape == x.shape and torch.isfinite(out).all(), f"non-finite output at t = {t}"
 
 
 def test_the_unmutated_rebuilt_file_loads():

@@ -249,7 +249,8 @@ def load(path: Path, **dropped):
     """The file as Load SAE loads it; with `dropped`, the same SAE with part of what it reads or of its input
     preparation taken away (reads="output", input_unit_norm=False, pre_encoder=False, b_dec=0)."""
     from saemnesia_comfy.sae_library import load_sae_path
-    from saemnesia_core.sae_file import PRE_ENCODER_NAMES, load_sae_file, save_sae_file
+    from saemnesia_core.sae_file import load_sae_file, save_sae_file
+    from saemnesia_core.sae_format import PRE_ENCODER_NAMES
 
     if dropped:
         f = load_sae_file(path)

@@ -19,7 +19,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from saemnesia_core.concepts import Concept, assigned_selection, build_tables, saeuron_scores, select_saeuron
-from saemnesia_core.importers import DEFAULT_PERCENTILE
+from saemnesia_core.concept_statistics import DEFAULT_PERCENTILE
 from saemnesia_core.sae import TopKSAE
 from saemnesia_core.sae_file import SAEFile, load_sae_file, save_sae_file
 from saemnesia_core.timesteps import bucket_index
