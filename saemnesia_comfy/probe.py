@@ -115,10 +115,15 @@ def overlays(record: ProbeRecord, images: torch.Tensor) -> torch.Tensor:
     maps = record.mean_maps()                                         # [B, C, h, w]
     if maps.shape[0] != images.shape[0]:
         raise ValueError(f"the probe recorded {maps.shape[0]} images but {images.shape[0]} were given")
+    return overlay_maps(maps, record.mean_thresholds(), images)
+
+
+def overlay_maps(maps: torch.Tensor, thresholds: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
+    """maps [B, C, h, w] and their firing thresholds [B, C] over IMAGE [B, H, W, 3] → [B·C, H, W, 3]."""
     B, C = maps.shape[:2]
     H, W = images.shape[1:3]
-    up = F.interpolate(maps, size=(H, W), mode="bilinear", align_corners=False).clamp_min(0)
-    scale = torch.maximum(up.flatten(2).amax(-1), record.mean_thresholds().clamp_min(1e-6))[..., None, None]
+    up = F.interpolate(maps.float().cpu(), size=(H, W), mode="bilinear", align_corners=False).clamp_min(0)
+    scale = torch.maximum(up.flatten(2).amax(-1), thresholds.float().cpu().clamp_min(1e-6))[..., None, None]
     v = (up / scale).clamp(0, 1)[..., None]                           # [B, C, H, W, 1]
     img = images.float().cpu()[:, None]
     out = img * (1 - 0.65 * v) + heat_colors(v[..., 0]) * 0.65 * v

@@ -22,6 +22,7 @@ from pathlib import Path
 from PIL import Image, ImageDraw, ImageFont
 
 from saemnesia_tools.comfyui.browser import comfy_page, load_workflow, queue_from_page, wait_for_checklists
+from saemnesia_core.sae_file import load_sae_file
 from saemnesia_tools.comfyui.server import ComfyServer
 from saemnesia_tools.toy import assets
 
@@ -38,6 +39,7 @@ VIEW = (1280, 720)  # the canvas size every example must fit at first sight (a l
 ERASE_ONE, ERASE_BOTH, PROBE, REGION = ("Erase an object with the same seed", "Erase an object and a style at once",
                                         "Probe where each concept fires", "Erase only inside a mask")
 TEXT = "Erase a concept in the text encoder"
+TEACH = "Teach a concept, then erase it"
 
 
 def _toy_inputs(prompt: str, x: int = 0) -> list[dict]:
@@ -128,6 +130,34 @@ def _erase_text(concepts, prompt: str, note: str, erased_title: str) -> dict:
     return spec
 
 
+def _teach(label: str, prompt: str, note: str, erased_title: str) -> dict:
+    """`_erase`'s layout with an unlabelled SAE (assets.UNLABELLED_SAE) taught `label` by Find Concept Latents
+    between Load SAE and Erase Concepts; its preview (where the found latents fire) beside it."""
+    from saemnesia_tools.toy.prompts import make_prompt
+    from saemnesia_tools.toy.render import STYLES
+
+    spec = _erase([label], prompt, note, erased_title)
+    nodes = {n["id"]: n for n in spec["nodes"]}
+    nodes[2]["widgets"]["sae_name"] = assets.UNLABELLED_SAE
+    nodes[13]["pos"], nodes[13]["size"] = [0, 420], [330, 210]
+    for node in spec["nodes"][5:13]:  # the eraser, samplers, decoders and images move right to make room
+        node["pos"] = [node["pos"][0] + 400, node["pos"][1]]
+    recipe = load_sae_file(assets.path(assets.SITES["object"].saeuron)).provenance["recipe"]
+    spec["nodes"] += [
+        {"id": 18, "type": "SAEmnesiaFindConceptLatents", "pos": [720, 220], "size": [360, 620],
+         "widgets": {"label": label, "positive_prompts": "\n".join(make_prompt(label, s) for s in STYLES),
+                     "seeds": 1, "steps": recipe["sample_steps"], "cfg": recipe["cfg"], "selection": "percentile",
+                     "percentile": recipe["percentile"], "group": "object"}},
+        _enlarge(20, [360, 420]),
+        {"id": 19, "type": "PreviewImage", "pos": [360, 540], "size": [330, 330],
+         "title": "Where the found latents fire (with, without)"}]
+    rewired = {(2, 0, 6, "sae"): (18, 0, 6, "sae")}
+    spec["links"] = [rewired.get(link, link) for link in spec["links"]] + [
+        (1, 0, 18, "model"), (1, 1, 18, "clip"), (2, 0, 18, "sae"), (5, 0, 18, "latent"), (1, 2, 18, "vae"),
+        (18, 1, 20, "image"), (20, 0, 19, "images")]
+    return spec
+
+
 EXAMPLES = {
     ERASE_ONE: _erase(
         ["Hearts"], "An image of Hearts in Neon style.",
@@ -169,6 +199,13 @@ EXAMPLES = {
         "links": _erase(["Hearts"], "", "", "")["links"] + [
             (18, 0, 20, "destination"), (19, 0, 20, "source"), (20, 0, 6, "mask")],
     },
+    TEACH: _teach(
+        "Hearts", "An image of Hearts in Neon style.",
+        "The SAE has no labels, as public SAEs come. Find Concept Latents samples the prompts that show the concept "
+        "(here Hearts in every style) and the same prompts without it, scores the SAE's latents (SAeUron's score, "
+        "at the toy files' percentile) and returns the SAE with the concept added, which Erase Concepts erases. Its "
+        "preview shows where the found latents fire. Save SAE keeps it for the checklist.",
+        "KSampler (Hearts erased)"),
     PROBE: {
         "nodes": _toy_inputs("An image of Hearts in Neon style.") + [
             {"id": 6, "type": "SAEmnesiaConceptProbe", "pos": [720, 220], "size": [330, 480],
@@ -247,7 +284,8 @@ THUMBNAIL_IMAGES = {ERASE_ONE: ((11, "original"), (12, "Hearts erased")),
                     ERASE_BOTH: ((11, "original"), (12, "Hearts and Stripes erased")),
                     PROBE: ((10, "image"), (11, "where Hearts fired")),
                     REGION: ((11, "original"), (12, "Hearts erased, left half")),
-                    TEXT: ((11, "original"), (12, "Hearts erased in the prompt"))}
+                    TEXT: ((11, "original"), (12, "Hearts erased in the prompt")),
+                    TEACH: ((11, "original"), (12, "Hearts taught, then erased"))}
 
 
 def thumbnail(server, page, workflow: dict, name: str) -> Image.Image:

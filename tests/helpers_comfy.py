@@ -4,7 +4,8 @@ Random SD1.5-topology models: saemnesia_tools.comfyui.testing."""
 import torch
 
 NODE_IDS = ("SAEmnesiaLoadSAE", "SAEmnesiaEraseConcepts", "SAEmnesiaEraseConceptsText", "SAEmnesiaConceptProbe",
-            "SAEmnesiaProbeReport", "SAEmnesiaToyModelLoader", "SAEmnesiaToyEmptyLatent")
+            "SAEmnesiaProbeReport", "SAEmnesiaFindConceptLatents", "SAEmnesiaSaveSAE", "SAEmnesiaToyModelLoader",
+            "SAEmnesiaToyEmptyLatent")
 """Every node the pack registers."""
 
 

@@ -87,3 +87,51 @@ def test_batching_does_not_change_records_and_the_model_is_left_unpatched(model)
     for b, s in zip(batched, single):
         assert torch.allclose(b.tokens[1].float(), s.tokens[0].float(), atol=2e-3)
     assert not model.object_patches
+
+
+def test_collect_takes_a_single_file_checkpoint_through_comfyuis_loader(tmp_path, comfy):
+    """`saemnesia collect --checkpoint` (the toy world's model file; other checkpoints go through
+    comfy.sd.load_checkpoint_guess_config), then `train` and `stats` on what it collected: no diffusers folder."""
+    import subprocess
+    import sys
+
+    from saemnesia_core.sae_file import read_header
+    from saemnesia_tools.toy import assets
+    from saemnesia_tools.training.specs import write_specs
+
+    specs = tmp_path / "specs.jsonl"
+    write_specs(SPECS[:2] + [PromptSpec("An image of Hearts in Neon style.", {"object": "Hearts", "style": "Neon"})],
+                specs)
+    cli = [sys.executable, "-m", "saemnesia_tools.cli"]
+
+    def run(*argv):
+        done = subprocess.run([*cli, *map(str, argv)], capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr[-2000:]
+        return done
+
+    run("collect", "--specs", specs, "--checkpoint", assets.path(assets.MODEL), "--out", tmp_path / "acts",
+        "--steps", 3, "--model-family", "toy", "--quiet")
+    ds = ActivationDataset(tmp_path / "acts")
+    assert (ds.num_records, ds.tokens_per_record, ds.d) == (9, 64, 128)  # 3 prompts × 3 steps, 8×8 tokens
+    assert ds.index["source"]["model_family"] == "toy" and ds.hookpoint == "unet.up_blocks.1.attentions.1"
+    run("train", "--data", tmp_path / "acts", "--out", tmp_path / "sae.safetensors", "--expansion", 2, "--k", 4,
+        "--max-steps", 2, "--batch-size", 64, "--quiet")
+    run("stats", "--sae", tmp_path / "sae.safetensors", "--data", tmp_path / "acts", "--out", tmp_path / "ready.safetensors",
+        "--quiet")
+    assert {c.label for c in read_header(tmp_path / "ready.safetensors").concepts} >= {"Cats", "Dogs", "Hearts"}
+
+
+def test_collect_from_a_checkpoint_without_a_comfyui_host_says_what_it_needs(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from saemnesia_tools.training.specs import write_specs
+
+    write_specs(SPECS, tmp_path / "x.jsonl")
+    env = {**os.environ, "COMFYUI_PATH": str(tmp_path / "no_comfyui")}
+    done = subprocess.run([sys.executable, "-m", "saemnesia_tools.cli", "collect", "--specs", "x.jsonl",
+                           "--checkpoint", "model.safetensors", "--out", str(tmp_path / "acts")],
+                          capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
+    assert done.returncode != 0
+    assert "set COMFYUI_PATH to your ComfyUI folder, or run scripts/bootstrap.sh" in done.stderr

@@ -19,9 +19,10 @@ pytestmark = [pytest.mark.browser, pytest.mark.slow, pytest.mark.timeout(3600)]
 NAMES = sorted(p.stem for p in EXAMPLES.glob("*.json"))
 
 
-def test_the_five_examples_are_listed_as_templates_with_human_titles_and_thumbnails(server, page):
+def test_the_six_examples_are_listed_as_templates_with_human_titles_and_thumbnails(server, page):
     assert NAMES == ["Erase a concept in the text encoder", "Erase an object and a style at once",
-                     "Erase an object with the same seed", "Erase only inside a mask", "Probe where each concept fires"]
+                     "Erase an object with the same seed", "Erase only inside a mask", "Probe where each concept fires",
+                     "Teach a concept, then erase it"]
     assert sorted(server.get("/workflow_templates").json()["saemnesia"]) == NAMES
     for name in NAMES:
         r = requests.get(f"{server.url}/api/workflow_templates/saemnesia/{quote(name)}.jpg", timeout=30)
@@ -29,7 +30,7 @@ def test_the_five_examples_are_listed_as_templates_with_human_titles_and_thumbna
     page.evaluate("async () => { await window.app.extensionManager.command.execute('Comfy.BrowseTemplates'); }")
     page.get_by_text("saemnesia", exact=True).first.click()
     page.wait_for_function("""() => [...document.querySelectorAll('[role=dialog] img')].filter(
-        (i) => !i.src.includes('default-template') && i.complete && i.naturalWidth > 0).length === 5""")
+        (i) => !i.src.includes('default-template') && i.complete && i.naturalWidth > 0).length === 6""")
     cards = page.evaluate("() => [...document.querySelectorAll('[role=dialog] img')].map((i) => i.alt)")
     assert sorted(cards) == NAMES
     page.reload()  # a fresh page, without the dialog, for the tests that follow
@@ -67,6 +68,11 @@ def test_an_example_loads_unchanged_and_runs(server, page, name):
     load_workflow(page, workflow)
     wait_for_checklists(page)
     assert page.locator(".saem-status.saem-error").count() == 0
+    listed = dict(page.evaluate("""() => window.app.graph._nodes.filter((n) => n.saemnesiaChecklist)
+        .map((n) => [n.id, n.saemnesiaChecklist.concepts.map((c) => c.label)])"""))
+    for n in ours:  # every chosen concept is one the checklist lists (a taught one before it has run)
+        if n["id"] in listed:
+            assert set(json.loads(n["widgets_values"][0])) <= set(listed[n["id"]]), (n["type"], listed[n["id"]])
     reloaded = {n["id"]: n for n in exported_workflow(page)["nodes"]}
     for n in workflow["nodes"]:
         assert reloaded[n["id"]]["type"] == n["type"]

@@ -163,6 +163,14 @@ def test_the_readme_and_the_evaluation_page_show_the_evaluation_as_its_results_f
     assert verdicts["caption"] in " ".join(readme.split())  # the README may wrap the caption's lines
 
 
+def test_the_readme_quotes_the_teaching_study_as_its_results_file_writes_it():
+    import json
+
+    study = json.loads((ROOT / "benchmarks" / "studies" / "results" / "teach_concepts.json").read_text())
+    assert study["written_by"] == "python benchmarks/studies/teach_concepts.py"
+    assert study["readme"] in " ".join((ROOT / "README.md").read_text().split())  # the README may wrap it
+
+
 def test_the_toy_world_page_shows_the_shipped_saes_numbers_as_the_build_report_writes_them():
     import json
     import textwrap

@@ -14,6 +14,7 @@ const CHECKLIST_NODES = {
   SAEmnesiaConceptProbe: { strengths: false }, // a probe only records: no strengths to override
 };
 const LOADER = "SAEmnesiaLoadSAE";
+const FINDER = "SAEmnesiaFindConceptLatents"; // teaches the SAE passing through it one concept, its `label`
 
 /** The latent index a label such as "#123" names (a latent of the SAE by index, not a concept), or null. */
 export function latentRef(label) {
@@ -78,7 +79,8 @@ class ConceptChecklist {
     this.sae = null; // the SAE name the list belongs to (null: none connected)
     this.request = 0;
 
-    this.filter = element("input", { type: "search", placeholder: "filter concepts", className: "saem-filter" });
+    this.filter = element("input", { type: "search", placeholder: "filter concepts (#123: a latent)",
+      className: "saem-filter" });
     this.filter.addEventListener("input", () => this.render());
     const button = (text, title, onclick) => element("button", { textContent: text, title, onclick });
     this.status = element("div", { className: "saem-status" });
@@ -131,10 +133,19 @@ class ConceptChecklist {
   }
 
   /** The sae_names of the Load SAE chain feeding the `sae` input (the earliest first: Load SAE nodes chained
-   * through `also` give one SAE per block), with its nodes; or {problem} when there is none. */
+   * through `also` give one SAE per block), with its nodes and the concepts Find Concept Latents nodes on the way
+   * teach it; or {problem} when there is none. */
   connectedSae() {
-    const names = [], nodes = [];
+    const names = [], nodes = [], taught = [];
     let source = sourceOf(this.node, "sae");
+    if (!source) return { problem: "Connect a Load SAE node to list its concepts.", nodes };
+    while (source?.comfyClass === FINDER) { // a concept taught on the way: listed before it has run
+      const label = source.widgets?.find((w) => w.name === "label")?.value?.trim();
+      if (label) taught.unshift({ label, group: source.widgets?.find((w) => w.name === "group")?.value || "taught",
+                                  latent: null, taught: true });
+      nodes.push(source);
+      source = sourceOf(source, "sae");
+    }
     if (!source) return { problem: "Connect a Load SAE node to list its concepts.", nodes };
     while (source) {
       const widget = source.widgets?.find((w) => w.name === "sae_name");
@@ -145,13 +156,13 @@ class ConceptChecklist {
       nodes.push(source);
       source = sourceOf(source, "also");
     }
-    return { name: names.join(" + "), names, nodes };
+    return { name: names.join(" + ") + taught.map((c) => ` + ${c.label}`).join(""), names, nodes, taught };
   }
 
   /** Fetch the concept list when the connected SAEs changed (or always, with force): the union of their
    * concepts, in chain order, each label once. */
   async refresh(force = false) {
-    const { name, names, problem } = this.connectedSae();
+    const { name, names, problem, taught = [] } = this.connectedSae();
     if (!force && (name ?? null) === this.sae && !this.error) return;
     const request = ++this.request;
     this.sae = name ?? null;
@@ -169,8 +180,9 @@ class ConceptChecklist {
     const failed = answers.find((a) => a.error);
     this.error = failed ? failed.error : null;
     const seen = new Set();
-    this.concepts = failed ? [] : answers.flatMap((a) => a.data.concepts).filter((c) => !seen.has(c.label) && seen.add(c.label));
-    this.note = answers.map((a) => a.data?.note).filter(Boolean).join(" ") || null;
+    this.concepts = failed ? [] : [...answers.flatMap((a) => a.data.concepts), ...taught]
+      .filter((c) => !seen.has(c.label) && seen.add(c.label));
+    this.note = taught.length ? null : answers.map((a) => a.data?.note).filter(Boolean).join(" ") || null;
     this.latents = !failed && answers.length === 1 ? answers[0].data.num_latents ?? null : null;
     this.reads = failed ? null : answers.map((a, i) => `${names[i]} reads ${a.data.reads ?? "the block's output"}`).join("; ");
     this.render();
@@ -257,6 +269,7 @@ class ConceptChecklist {
       tick, element("span", { className: "saem-label", textContent: c.label,
         title: c.unknown ? "Not a concept of this SAE: running fails until you untick it"
           : c.group === "latents" ? `latent ${c.latent} of this SAE, by its index` :
+          c.taught ? "taught by the Find Concept Latents node before this one, when the workflow runs" :
           `latent ${c.latent ?? "by score"}` + (c.calibration ? `; calibrated (κ ${c.calibration}): strength −1 is ` +
             "the strength measured to erase it" : "") }));
     row.dataset.label = c.label;
@@ -332,8 +345,8 @@ app.registerExtension({
       if (strength) chain(strength, "callback", () => checklist.render()); // placeholders show the node's value
       chain(node, "onConnectionsChange", () => queueMicrotask(() => checklist.refresh()));
       queueMicrotask(() => checklist.refresh());
-    } else if (node.comfyClass === LOADER) {
-      const widget = node.widgets?.find((w) => w.name === "sae_name");
+    } else if (node.comfyClass === LOADER || node.comfyClass === FINDER) {
+      const widget = node.widgets?.find((w) => w.name === (node.comfyClass === LOADER ? "sae_name" : "label"));
       if (widget) chain(widget, "callback", () => checklistsFedBy(node).forEach((c) => c.refresh()));
       // an SAE chained into `also` (or unchained) changes the list of every checklist this loader feeds
       chain(node, "onConnectionsChange", () => queueMicrotask(() => checklistsFedBy(node).forEach((c) => c.refresh())));

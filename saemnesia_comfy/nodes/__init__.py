@@ -8,14 +8,16 @@ from comfy_api.latest import ComfyExtension, io
 from saemnesia_comfy import sae_library
 
 from . import routes
-from .sae_nodes import ConceptProbe, EraseConcepts, EraseConceptsText, LoadSAE, ProbeReport
+from .sae_nodes import (ConceptProbe, EraseConcepts, EraseConceptsText, FindConceptLatents, LoadSAE, ProbeReport,
+                        SaveSAE)
 from .toy_nodes import ToyEmptyImage, ToyModelLoader
 
 
 class SAEmnesiaExtension(ComfyExtension):
     @override
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
-        return [LoadSAE, EraseConcepts, EraseConceptsText, ConceptProbe, ProbeReport, ToyModelLoader, ToyEmptyImage]
+        return [LoadSAE, EraseConcepts, EraseConceptsText, ConceptProbe, ProbeReport, FindConceptLatents, SaveSAE,
+                ToyModelLoader, ToyEmptyImage]
 
 
 async def comfy_entrypoint() -> SAEmnesiaExtension:

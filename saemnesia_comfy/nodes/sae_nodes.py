@@ -7,7 +7,7 @@ import json
 
 from comfy_api.latest import io
 
-from saemnesia_comfy import erase, probe as probing, sae_library, text_erase
+from saemnesia_comfy import erase, probe as probing, sae_library, teach, text_erase
 from saemnesia_comfy.patch import BRANCHES
 from saemnesia_core.concepts import MAX_STRENGTH
 from saemnesia_core.eraser import MODES
@@ -189,3 +189,86 @@ class ProbeReport(io.ComfyNode):
     @classmethod
     def execute(cls, probe, images, flag_threshold):
         return io.NodeOutput(probing.overlays(probe, images), json.dumps(probing.report(probe, flag_threshold)))
+
+
+class FindConceptLatents(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        import comfy.samplers
+
+        return io.Schema(
+            node_id="SAEmnesiaFindConceptLatents", display_name="Find Concept Latents (SAEmnesia)", category=CATEGORY,
+            description="Teach an SAE a concept from prompts: the model samples prompts that show it and prompts "
+                        "that do not, the SAE's latents at its block are recorded at every step, and the latents that "
+                        "tell the two apart (SAeUron's score) become the concept, with their statistics per timestep. "
+                        "Wire the SAE it outputs into Erase Concepts or Concept Probe; Save SAE keeps it.",
+            inputs=[
+                io.Model.Input("model", tooltip="The model the SAE belongs to (it samples the prompts; never "
+                                                "modified)."),
+                io.Clip.Input("clip", tooltip="Its text encoder, for the prompts."),
+                SAE.Input("sae", tooltip="The SAE to teach (one Load SAE; with or without concepts)."),
+                io.Latent.Input("latent", tooltip="The size to sample at (an Empty Latent Image, or Empty Toy Latent); "
+                                                  "its batch is ignored."),
+                io.String.Input("label", default="my concept", tooltip="The concept's name, as the checklist will "
+                                                                        "list it."),
+                io.String.Input("positive_prompts", multiline=True, default="",
+                                tooltip="Prompts that show the concept, one per line (8 or more work best)."),
+                io.String.Input("negative_prompts", multiline=True, default="",
+                                tooltip="Prompts that do not show it, one per line; empty: the positive prompts with "
+                                        "the concept's words taken out."),
+                io.Int.Input("seeds", default=2, min=1, max=64, tooltip="Images per prompt (seeds 0, 1, …)."),
+                io.Int.Input("steps", default=20, min=1, max=200, tooltip="Sampling steps."),
+                io.Combo.Input("sampler_name", options=comfy.samplers.KSampler.SAMPLERS, default="euler",
+                               tooltip="The sampler, as in KSampler."),
+                io.Combo.Input("scheduler", options=comfy.samplers.KSampler.SCHEDULERS, default="normal",
+                               tooltip="The scheduler, as in KSampler."),
+                io.Float.Input("cfg", default=5.0, min=0.0, max=100.0, step=0.1,
+                               tooltip="Classifier-free guidance, as in KSampler."),
+                io.Combo.Input("selection", options=["top_n", "percentile"], default="top_n",
+                               tooltip="top_n: the n latents of best score per timestep bucket; percentile: every "
+                                       "latent above that percentile of the scores (SAeUron's rule)."),
+                io.Int.Input("top_n", default=2, min=1, max=64, tooltip="Latents per bucket (selection top_n)."),
+                io.Float.Input("percentile", default=99.99, min=50.0, max=99.9999, step=0.0001,
+                               tooltip="Selection percentile: 99.99 keeps about 2 of 20480 latents."),
+                io.String.Input("group", default="taught", tooltip="The group the checklist lists it under."),
+                io.Boolean.Input("replace_existing", default=False,
+                                 tooltip="Teach a label the SAE already knows again (off: that is an error)."),
+                io.Vae.Input("vae", optional=True, tooltip="Decodes the preview's images (without it, grey)."),
+            ],
+            outputs=[SAE.Output(display_name="SAE", tooltip="The SAE with the concept added."),
+                     io.Image.Output(display_name="preview", tooltip="Where the found latents fire: on the first "
+                                                                    "prompt that shows the concept, then on the first "
+                                                                    "that does not."),
+                     io.String.Output(display_name="report", tooltip="JSON: the latents found, how well they separate "
+                                                                     "the prompts per timestep (AUROC), a warning "
+                                                                     "when they do not.")],
+        )
+
+    @classmethod
+    def execute(cls, model, clip, sae, latent, label, positive_prompts, negative_prompts, seeds, steps, sampler_name,
+                scheduler, cfg, selection, top_n, percentile, group, replace_existing, vae=None):
+        taught, preview, report = teach.find_concept_latents(
+            model, clip, erase.single_sae(sae, "Find Concept Latents"), label, positive_prompts, negative_prompts,
+            latent, seeds, steps, sampler_name, scheduler, cfg, selection, top_n, percentile, group, replace_existing,
+            vae)
+        return io.NodeOutput(taught, preview, json.dumps(report))
+
+
+class SaveSAE(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="SAEmnesiaSaveSAE", display_name="Save SAE (SAEmnesia)", category=CATEGORY, is_output_node=True,
+            description="Write an SAE (with the concepts taught to it) into the saemnesia model folder, so that Load "
+                        "SAE and the checklist list it after a refresh.",
+            inputs=[SAE.Input("sae", tooltip="The SAE to save (one, not a chain)."),
+                    io.String.Input("filename", default="taught_sae", tooltip="A file name (no folders); "
+                                                                              "'.safetensors' is added."),
+                    io.Boolean.Input("overwrite", default=False, tooltip="Replace a file of that name.")],
+            outputs=[io.String.Output(display_name="name", tooltip="The name Load SAE lists it under.")],
+        )
+
+    @classmethod
+    def execute(cls, sae, filename, overwrite):
+        path = teach.save_sae(erase.single_sae(sae, "Save SAE"), filename, overwrite)
+        return io.NodeOutput(path.name, ui={"text": [path.name]})

@@ -124,6 +124,32 @@ class ComfyCaptureSource:
         return captures
 
 
+def checkpoint_source(args) -> ComfyCaptureSource:
+    """`saemnesia collect --checkpoint FILE`'s activation source: the checkpoint loaded by ComfyUI's own loader (or,
+    for the toy world's model file, its loader), sampled as collect_from_comfy samples, with the command's settings
+    (ComfyUI's own sampler and scheduler names: ddim and ddim_uniform by default, as SAeUron samples)."""
+    import comfy.sd
+    from saemnesia_comfy import toy_model
+
+    path = Path(args.checkpoint)
+    if not path.is_file():
+        raise SystemExit(f"saemnesia collect: no checkpoint file {path}")
+    if toy_model.is_toy_model_file(path):
+        model, clip, _ = toy_model.load_toy_model(path)
+        size = {"width": args.width or toy_model.IMAGE_SIZE, "height": args.height or toy_model.IMAGE_SIZE}
+    else:
+        model, clip, _, _ = comfy.sd.load_checkpoint_guess_config(str(path), output_vae=False, output_clipvision=False)
+        if model is None or clip is None:
+            raise SystemExit(f"saemnesia collect: ComfyUI found no diffusion model and text encoder in {path}")
+        size = {"width": args.width or 512, "height": args.height or 512}
+    sampler = {"DDIMScheduler": "ddim"}.get(args.scheduler, args.scheduler)
+    return ComfyCaptureSource(model, lambda p: clip.encode_from_tokens_scheduled(clip.tokenize(p)),
+                              hookpoint=args.hookpoint, steps=args.steps, cfg=args.guidance, sampler=sampler,
+                              scheduler="ddim_uniform" if sampler == "ddim" else "normal",
+                              every_n_steps=args.every_n_steps, branch=args.branch, model_id=path.name,
+                              model_family=args.family, **size)
+
+
 def collect_from_comfy(model, encode_prompt: Callable[[str], Conditioning], specs: Sequence[PromptSpec],
                        out_dir: str | Path, *, hookpoint: str, steps: int = 50, cfg: float = 9.0,
                        sampler: str = "ddim", scheduler: str = "ddim_uniform", seed: int = 0,

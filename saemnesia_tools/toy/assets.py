@@ -55,6 +55,10 @@ ENCODER_SITE = SAESite(("object", "style"), "unet.down_blocks.1.attentions.1", "
 ALL_SITES = (*SITES.values(), ENCODER_SITE)
 MULTI_SITE = {group: (ENCODER_SITE, site) for group, site in SITES.items()}
 
+# The object site's SAeUron file with every label stripped: an SAE as public SAEs come, which the "Teach a concept,
+# then erase it" example teaches in ComfyUI (Find Concept Latents, DESIGN §5.4).
+UNLABELLED_SAE = "toy_saeuron_unlabelled.safetensors"
+
 # The text-encoder SAE (DESIGN §6.8): the middle layer of the toy's 3-layer CLIP, one file for both groups.
 TEXT_SAE = "toy_saemnesia_text.safetensors"
 TEXT_HOOKPOINT = "clip_l.text_model.encoder.layers.1"

@@ -32,7 +32,10 @@ def register(subparsers) -> None:
                               description="Record the hooked block's output of a diffusers pipeline (SD1.x/SDXL) "
                                           "on labelled prompts into a sharded dataset. Rerun to resume.")
     p.add_argument("--specs", required=True, help="prompt spec file (.jsonl or .csv)")
-    p.add_argument("--model", required=True, help="local diffusers pipeline folder (model_index.json)")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--model", help="local diffusers pipeline folder (model_index.json)")
+    source.add_argument("--checkpoint", help="a single-file checkpoint (.safetensors), loaded with ComfyUI's own "
+                                             "loader (needs COMFYUI_PATH, or the host scripts/bootstrap.sh sets up)")
     p.add_argument("--out", required=True, help="dataset folder")
     p.add_argument("--hookpoint", default="unet.up_blocks.1.attentions.1")
     p.add_argument("--steps", type=int, default=50, help="sampling steps (SAeUron: 50)")
@@ -48,7 +51,8 @@ def register(subparsers) -> None:
                    help="pipeline dtype (default: float16 on CUDA, float32 on CPU)")
     p.add_argument("--store-dtype", default="float16", choices=("float16", "bfloat16", "float32"))
     p.add_argument("--shard-mb", type=float, default=128.0)
-    p.add_argument("--family", help="base model family stored with the data (default: from the pipeline class)")
+    p.add_argument("--family", "--model-family", dest="family",
+                   help="base model family stored with the data (default: from the pipeline or checkpoint)")
     _common(p)
     p.set_defaults(func=_guarded(_collect))
 
@@ -148,11 +152,14 @@ def _collect(args) -> None:
 
     ctx = _context(args)
     specs = read_specs(args.specs)
-    dtype = args.model_dtype or ("float16" if ctx.device.type == "cuda" else "float32")
-    pipe = load_diffusers_pipeline(args.model, device=str(ctx.device), dtype=dtype, scheduler=args.scheduler)
-    source = DiffusersSource(pipe, args.hookpoint, steps=args.steps, guidance_scale=args.guidance,
-                             every_n_steps=args.every_n_steps, branch=args.branch, height=args.height,
-                             width=args.width, model_id=Path(args.model).name, model_family=args.family)
+    if args.checkpoint:
+        source = checkpoint_source(args)
+    else:
+        dtype = args.model_dtype or ("float16" if ctx.device.type == "cuda" else "float32")
+        pipe = load_diffusers_pipeline(args.model, device=str(ctx.device), dtype=dtype, scheduler=args.scheduler)
+        source = DiffusersSource(pipe, args.hookpoint, steps=args.steps, guidance_scale=args.guidance,
+                                 every_n_steps=args.every_n_steps, branch=args.branch, height=args.height,
+                                 width=args.width, model_id=Path(args.model).name, model_family=args.family)
     out = collect(source, specs, args.out, seed=args.seed, batch_size=args.batch_size, dtype=args.store_dtype,
                   shard_mb=args.shard_mb, ctx=ctx, progress=not args.quiet)
     if ctx.is_main:
@@ -160,6 +167,26 @@ def _collect(args) -> None:
 
         ds = ActivationDataset(out, verify=False)
         print(f"wrote {out}: {ds.num_records} records of [{ds.tokens_per_record}, {ds.d}] from {len(specs)} prompts")
+
+
+SOURCES = "saemnesia.sources"
+"""Entry points that make an activation source from `saemnesia collect`'s arguments; `checkpoint` (a single-file
+checkpoint through ComfyUI's loader) comes from saemnesia_tools.comfyui, loaded only when it is asked for."""
+
+
+def checkpoint_source(args):
+    from importlib.metadata import entry_points
+
+    found = [e for e in entry_points(group=SOURCES) if e.name == "checkpoint"]
+    if not found:
+        raise SystemExit("saemnesia collect --checkpoint: this installation has no ComfyUI source (pip install -e . "
+                         "registers saemnesia_tools.comfyui's)")
+    try:
+        make = found[0].load()
+    except RuntimeError as e:  # saemnesia_tools.comfyui found no host
+        raise SystemExit(f"saemnesia collect --checkpoint loads the model with ComfyUI's own loader, and {e}: set "
+                         "COMFYUI_PATH to your ComfyUI folder, or run scripts/bootstrap.sh") from None
+    return make(args)
 
 
 def _train(args) -> None:

@@ -237,7 +237,17 @@ def build(models: Path, work: Path, recipe: Recipe) -> dict:
         measure_erasure(recipe, supervised, -1.0, model, vae, encoder, judges, seen_without)
         measure_erasure(recipe, assets.path(site.saeuron, models), demo.GAMMAS[site.groups[0]], model, vae, encoder,
                         judges, seen_without)
+    write_unlabelled(models)
     return write_report(models)
+
+
+def write_unlabelled(models: Path) -> None:
+    """assets.UNLABELLED_SAE: the object site's SAeUron weights with no concepts (the teaching example's SAE)."""
+    path = assets.path(assets.UNLABELLED_SAE, models)
+    if not path.exists():
+        labelled = load_sae_file(assets.path(assets.SITES["object"].saeuron, models))
+        save_sae_file(replace(labelled, concepts=[], tables=None, provenance={
+            "built_by": "saemnesia_tools.comfyui.toy.build", "weights_of": assets.SITES["object"].saeuron}), path)
 
 
 # ---------------------------------------------------------------------------------------------------- report
