@@ -18,6 +18,20 @@ except RuntimeError:  # no host set up: only the tests that need one fail, at th
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
+HOST_FIXTURES = {"comfy", "comfy_nodes", "toy_servers"}
+HOST_MARKERS = ("comfy", "server", "browser")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Mark `host` what depends on the ComfyUI host (a host fixture or marker, and not `one_host`): the second host
+    of scripts/test.sh runs only these; everything else (the core, training, importers, the eval's pure parts) runs
+    once."""
+    for item in items:
+        if item.get_closest_marker("one_host"):
+            continue
+        if HOST_FIXTURES & set(item.fixturenames) or any(item.get_closest_marker(m) for m in HOST_MARKERS):
+            item.add_marker(pytest.mark.host)
+
 
 @pytest.fixture(scope="session")
 def comfy():
@@ -58,3 +72,22 @@ def toy_servers(tmp_path_factory):
     yield get
     for server in started.values():
         server.stop()
+
+
+def smoke_build(out: Path, work: Path) -> None:
+    """The toy world's regeneration command at smoke size (meaningless quality, every file in place); resumes what
+    `out` and `work` already hold."""
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-m", "saemnesia_tools.comfyui.toy.build", "--smoke", "--out", str(out),
+                             "--work", str(work)], cwd=REPO_ROOT, capture_output=True, text=True, timeout=3000)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
+@pytest.fixture(scope="session")
+def smoke_world(tmp_path_factory) -> Path:
+    """One smoke build per run, shared (read-only) by the tests of the build and of the eval: <root>/models, work."""
+    root = tmp_path_factory.mktemp("toy_smoke")
+    smoke_build(root / "models", root / "work")
+    return root

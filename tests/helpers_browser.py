@@ -1,8 +1,11 @@
 """Module-scoped fixtures shared by the browser test modules (import them by name: `from helpers_browser import
 browser_setup, page, server`): each module runs once per browser set-up, on one live toy-world server per
-frontend (conftest's `toy_servers`) and one page. The page helpers: saemnesia_tools.comfyui.browser."""
+frontend (conftest's `toy_servers`) and one page.
+The set-ups run: all three, or those SAEMNESIA_BROWSER_SETUPS names (comma-separated ids). The page helpers: saemnesia_tools.comfyui.browser."""
 
 from __future__ import annotations
+
+import os
 
 import pytest
 
@@ -13,6 +16,9 @@ BROWSER_SETUPS = {  # id: (frontend, Vue node renderer)
     "newest-frontend": ("newest", False),       # the newest comfyui-frontend-package, classic canvas
     "newest-frontend-vue": ("newest", True),    # the same with "Nodes 2.0", the Vue node renderer
 }
+# scripts/test.sh runs the newest frontend on the first host only: SAEMNESIA_BROWSER_SETUPS=host-frontend on the second
+if os.environ.get("SAEMNESIA_BROWSER_SETUPS"):
+    BROWSER_SETUPS = {k: BROWSER_SETUPS[k] for k in os.environ["SAEMNESIA_BROWSER_SETUPS"].split(",")}
 
 
 @pytest.fixture(scope="module", params=list(BROWSER_SETUPS))

@@ -9,7 +9,7 @@ from saemnesia_tools.toy import assets
 from saemnesia_tools.toy.evaluation.protocol import planned_images
 from saemnesia_tools.toy.evaluation.report import default_against_bar, judged_instead
 
-pytestmark = [pytest.mark.comfy, pytest.mark.timeout(2400)]  # a smoke toy build, then an eval of 11 methods
+pytestmark = [pytest.mark.comfy, pytest.mark.one_host, pytest.mark.timeout(2400)]  # a smoke build, an eval of 11 methods
 
 
 @pytest.fixture(scope="module")
@@ -20,15 +20,11 @@ def ev(comfy):
 
 
 @pytest.fixture(scope="module")
-def smoke_assets(comfy, tmp_path_factory):
-    """The toy world at smoke size (meaningless quality, every file in place)."""
-    from saemnesia_tools.comfyui.toy.build import Recipe, build
+def smoke_assets(comfy, smoke_world):
+    """The toy world at smoke size (conftest's smoke_world): the shipped names, in the smoke build's models folder."""
     from saemnesia_tools.comfyui.toy.eval_runner import DEFAULT_ASSETS
 
-    root = tmp_path_factory.mktemp("toy_smoke")
-    build(root / "models", root / "work", Recipe.smoke())
-    # the shipped names, in the smoke build's models folder
-    return {name.replace("_", "-"): root / "models" / path.relative_to(assets.MODELS)
+    return {name.replace("_", "-"): smoke_world / "models" / path.relative_to(assets.MODELS)
             for name, path in DEFAULT_ASSETS.items()}
 
 

@@ -6,19 +6,16 @@ from pathlib import Path
 
 import pytest
 
-from fixtures_server import SAE_NAME, execution_error, saved_pixels, start_toy_server, toy_labels, toy_prompt
+from fixtures_server import SAE_NAME, execution_error, saved_pixels, toy_labels, toy_prompt
 from helpers_comfy import NODE_IDS
 from saemnesia_tools.toy import assets
 
 pytestmark = [pytest.mark.server, pytest.mark.slow, pytest.mark.timeout(3600)]
 
 
-
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    s = start_toy_server(tmp_path_factory.mktemp("server"))
-    yield s
-    s.stop()
+def server(toy_servers):
+    return toy_servers("host")
 
 
 def run_ok(server, prompt) -> dict:
@@ -167,3 +164,60 @@ def test_erase_concepts_text_fails_clearly_with_a_unet_sae(server):
     entry = server.run(prompt)
     assert entry["status"]["status_str"] == "error"
     assert "is not a layer of this text encoder" in execution_error(entry)
+
+
+def test_erasing_through_prompt_removes_the_object_and_keeps_the_style_as_the_judges_see_it(server):
+    """The shipped SAEmnesia file erases Hearts through the server at the node's default strength: the toy judges
+    see Hearts in the plain images, not in the erased ones, and Neon in both (regression thresholds, as in
+    test_toy_world's in-process test)."""
+    import numpy as np
+    import torch
+
+    from fixtures_server import pixels
+    from saemnesia_tools.toy.judges import Judges
+
+    judges = Judges.load(assets.path(assets.JUDGES))
+
+    def judged(concepts, prefix):
+        prompt = toy_prompt(seed=900, steps=25, concepts=concepts, sae=assets.SITES["object"].saemnesia,
+                            prefix=prefix)
+        prompt["4"]["inputs"]["batch_size"] = 8
+        images = np.stack([pixels(png) for png in server.images(run_ok(server, prompt), "9")])
+        return judges.predict(torch.from_numpy(images).float() / 255)
+
+    plain_objects, plain_styles = judged(None, "judged_plain")
+    objects, styles = judged(["Hearts"], "judged_erased")
+    assert plain_objects.count("Hearts") >= 6 and plain_styles.count("Neon") >= 6
+    assert objects.count("Hearts") <= 2
+    assert styles.count("Neon") >= 6
+
+
+def test_stopping_the_launcher_as_a_process_manager_would_stops_comfyui_too(tmp_path):
+    """SIGTERM to `python -m saemnesia_tools.comfyui.server` (scripts/comfyui.sh) stops its ComfyUI child and frees
+    the port: no server outlives the wrapper."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import requests
+
+    from saemnesia_tools.testing import free_port
+
+    port = free_port()
+    wrapper = subprocess.Popen([sys.executable, "-m", "saemnesia_tools.comfyui.server", "--port", str(port),
+                                "--base", str(tmp_path)], cwd=assets.REPO_ROOT, stdout=subprocess.PIPE, text=True)
+    try:
+        assert "ComfyUI with SAEmnesia" in wrapper.stdout.readline()  # printed once the server answers
+        children = Path(f"/proc/{wrapper.pid}/task/{wrapper.pid}/children").read_text().split()
+        assert len(children) == 1
+        child = int(children[0])
+        wrapper.send_signal(signal.SIGTERM)
+        assert wrapper.wait(60) == 128 + signal.SIGTERM
+        time.sleep(0.5)
+        assert not Path(f"/proc/{child}").exists(), "ComfyUI outlived its launcher"
+        with pytest.raises(requests.ConnectionError):
+            requests.get(f"http://127.0.0.1:{port}/", timeout=5)
+    finally:
+        wrapper.kill()
+        wrapper.wait()

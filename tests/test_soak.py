@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from fixtures_server import execution_error, saved_pixels, start_toy_server, toy_labels, toy_prompt
+from fixtures_server import execution_error, saved_pixels, toy_labels, toy_prompt
 from conftest import REPO_ROOT
 
 pytestmark = [pytest.mark.server, pytest.mark.slow, pytest.mark.timeout(4 * 3600)]
@@ -50,28 +50,25 @@ def run_alone(server, prompt: dict) -> dict:
     return entry
 
 
-def test_fifty_queued_prompts_match_their_solo_runs_and_memory_settles(tmp_path_factory):
-    server = start_toy_server(tmp_path_factory.mktemp("soak"))
-    try:
-        prompts = random_prompts(PROMPTS)
-        for i in range(2):  # warm-up: models loaded, first allocations made
-            run_alone(server, toy_prompt(seed=10**6 + i, steps=STEPS, concepts=["Hearts"], prefix="warmup"))
-        rss = {"after_warmup": server.rss_bytes()}
-        start = time.time()
+def test_fifty_queued_prompts_match_their_solo_runs_and_memory_settles(toy_servers):
+    server = toy_servers("host")
+    prompts = random_prompts(PROMPTS)
+    for i in range(2):  # warm-up: models loaded, first allocations made
+        run_alone(server, toy_prompt(seed=10**6 + i, steps=STEPS, concepts=["Hearts"], prefix="warmup"))
+    rss = {"after_warmup": server.rss_bytes()}
+    start = time.time()
 
-        ids = [server.queue(toy_prompt(**p, prefix=f"queued_{i:02d}")) for i, p in enumerate(prompts)]
-        queued = [server.wait(pid, timeout=3600) for pid in ids]
-        rss["after_queue"] = server.rss_bytes()
-        queue_seconds = time.time() - start
-        for entry in queued:
-            assert entry["status"]["status_str"] == "success", execution_error(entry)
+    ids = [server.queue(toy_prompt(**p, prefix=f"queued_{i:02d}")) for i, p in enumerate(prompts)]
+    queued = [server.wait(pid, timeout=3600) for pid in ids]
+    rss["after_queue"] = server.rss_bytes()
+    queue_seconds = time.time() - start
+    for entry in queued:
+        assert entry["status"]["status_str"] == "success", execution_error(entry)
 
-        for i, (p, entry) in enumerate(zip(prompts, queued)):
-            solo = run_alone(server, toy_prompt(**p, prefix=f"solo_{i:02d}"))
-            assert (saved_pixels(server, entry) == saved_pixels(server, solo)).all(), f"prompt {i} differs: {p}"
-        rss["after_solo_runs"] = server.rss_bytes()
-    finally:
-        server.stop()
+    for i, (p, entry) in enumerate(zip(prompts, queued)):
+        solo = run_alone(server, toy_prompt(**p, prefix=f"solo_{i:02d}"))
+        assert (saved_pixels(server, entry) == saved_pixels(server, solo)).all(), f"prompt {i} differs: {p}"
+    rss["after_solo_runs"] = server.rss_bytes()
 
     growth = {k: v - rss["after_warmup"] for k, v in rss.items()}
     report = {"prompts": PROMPTS, "steps": STEPS, "queue_seconds": round(queue_seconds, 1),

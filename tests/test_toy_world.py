@@ -79,6 +79,7 @@ def test_the_build_report_shows_the_shipped_model_meets_the_quality_bar():
 
 
 @pytest.mark.slow
+@pytest.mark.one_host
 def test_the_report_step_rebuilds_the_committed_build_report_byte_for_byte(comfy, tmp_path):
     from saemnesia_tools.comfyui.toy.build import write_report
 
@@ -114,20 +115,15 @@ def test_the_shipped_style_sae_erases_a_style_and_keeps_the_object(toy):
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(2400)  # two smoke builds, the second redoing a site's fine-tune, calibration and records
-def test_the_regeneration_command_runs_end_to_end_in_smoke_mode(comfy, tmp_path):
-    import subprocess
-    import sys
+@pytest.mark.one_host
+@pytest.mark.timeout(2400)  # a smoke build (shared), then one redoing a site's fine-tune, calibration and records
+def test_the_regeneration_command_runs_end_to_end_in_smoke_mode(comfy, smoke_world, tmp_path):
+    import shutil
 
-    out = tmp_path / "models"
+    from conftest import smoke_build
 
-    def run_build():
-        result = subprocess.run([sys.executable, "-m", "saemnesia_tools.comfyui.toy.build", "--smoke", "--out", str(out),
-                                 "--work", str(tmp_path / "work")], cwd=assets.REPO_ROOT, capture_output=True,
-                                text=True, timeout=3000)
-        assert result.returncode == 0, result.stderr[-3000:]
-
-    run_build()
+    shutil.copytree(smoke_world, tmp_path, symlinks=True, dirs_exist_ok=True)  # the shared build stays as it was
+    out, work = tmp_path / "models", tmp_path / "work"
     for path in (assets.JUDGES, assets.MODEL, assets.BUILD_REPORT):
         assert assets.path(path, out).exists(), path
     from saemnesia_tools.comfyui.toy.calibration import KAPPAS
@@ -135,6 +131,8 @@ def test_the_regeneration_command_runs_end_to_end_in_smoke_mode(comfy, tmp_path)
     from saemnesia_tools.toy.evaluation.protocol import GROUP_CONCEPTS
     from saemnesia_tools.toy.render import OBJECTS, STYLES
 
+    unlabelled = read_header(assets.path(assets.UNLABELLED_SAE, out))
+    assert unlabelled.concepts == [] and unlabelled.hookpoint == assets.SITES["object"].hookpoint
     for site in assets.ALL_SITES:
         for method, supervised in (("saemnesia", True), ("saeuron", False)):
             header = read_header(assets.path(site.sae(method), out))
@@ -173,7 +171,7 @@ def test_the_regeneration_command_runs_end_to_end_in_smoke_mode(comfy, tmp_path)
     style_site = assets.SITES["style"]
     saeuron_bytes = assets.path(style_site.saeuron, out).read_bytes()
     assets.path(style_site.saemnesia, out).unlink()
-    run_build()
+    smoke_build(out, work)
     assert assets.path(style_site.saeuron, out).read_bytes() == saeuron_bytes
     refined = read_header(assets.path(style_site.saemnesia, out))
     assert refined.provenance["config"]["exclusivity"] == report["recipe"]["supervised_exclusivity"] > 0

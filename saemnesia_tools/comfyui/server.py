@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -114,8 +115,13 @@ class ComfyServer:
         raise RuntimeError("no VmRSS")
 
 
+def _exit_on_signal(signum, frame):
+    raise SystemExit(128 + signum)  # unwinds through main's `finally`, which stops ComfyUI
+
+
 def main(argv=None) -> int:
-    """Run ComfyUI with the pack in the foreground until Ctrl-C (scripts/comfyui.sh)."""
+    """Run ComfyUI with the pack in the foreground until Ctrl-C or SIGTERM (scripts/comfyui.sh); either stops the
+    ComfyUI child and waits for it, so a process manager stopping this wrapper leaves no server behind."""
     import argparse
 
     p = argparse.ArgumentParser(description="ComfyUI with the SAEmnesia pack, on loopback")
@@ -123,13 +129,18 @@ def main(argv=None) -> int:
     p.add_argument("--base", type=Path, default=REPO_ROOT / "output" / "comfyui_ui",
                    help="ComfyUI base directory (models, input, output, user); the pack's toy assets are always there")
     args = p.parse_args(argv)
-    server = ComfyServer(args.base, args.port).start()
-    print(f"ComfyUI with SAEmnesia: {server.url}  (log: {server.log_path}; Ctrl-C stops it)")
+    for signum in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, _exit_on_signal)
+    server = ComfyServer(args.base, args.port)
     try:
+        server.start()
+        print(f"ComfyUI with SAEmnesia: {server.url}  (log: {server.log_path}; Ctrl-C stops it)", flush=True)
         server.proc.wait()
     except KeyboardInterrupt:
         pass
     finally:
+        for signum in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):  # a second signal must not cut the stop short
+            signal.signal(signum, signal.SIG_IGN)
         server.stop()
     return 0
 
