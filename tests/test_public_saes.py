@@ -31,11 +31,12 @@ STRONG = {"Cats": [3, 7], "Dogs": [11], "Birds": [19]}
 # ---------------------------------------------------------------------------------------------- the families' hooks
 
 
-FP16_AGREEMENT = 0.9
+FP16_DISAGREEMENT = 0.1
 """In fp16 the top-k choice of a token whose k-th and (k+1)-th latents nearly tie can go either way by rounding, and
-then that token differs (as between two fp16 runs of the authors' own hook on two kernels): the fp16 comparisons ask
-that this share of the tokens the edit changes agree within fp16's tolerance, and the fp32 ones that every token
-does."""
+then that token differs (as between two fp16 runs of the authors' own hook on two kernels): the fp16 comparisons let
+this share of the tokens the edit changes, and at least two (the fixtures have few tokens: on ComfyUI 0.33's torch,
+SAEmnesia's update fixture flips 2 of 16, exactly the two whose k-th and (k+1)-th latents lie within 2e-4 of each
+other, against 2e-3 and more for the rest), differ beyond fp16's tolerance; the fp32 ones let none."""
 
 
 def code(signal: torch.Tensor, raw: Raw, unit_norm: bool = False, topk_before_relu: bool = False):
@@ -91,6 +92,15 @@ def exact_hook(signal, z, z2, std, raw):
     """Ours: the signal plus only the change of the edited latents (times the tokens' std under unit norm)."""
     delta = (z2 - z) @ raw.W_dec
     return signal.float() + (delta if std is None else delta * std)
+
+
+def standardised_output_hook(raw, selected, scale, theta, mode: str):
+    """The SAeUron-style families' hook: the block's output, standardised per token, the selected latents scaled."""
+    def hook(out, _inp):
+        z, sae_in, std = code(out, raw, unit_norm=True)
+        z2 = ablate(z, selected, scale, theta)
+        return paper_hook(out, z, z2, sae_in, raw) if mode == "paper" else exact_hook(out, z, z2, std, raw)
+    return hook
 
 
 # ---------------------------------------------------------------------------------------------- one call of a block
@@ -178,12 +188,12 @@ def expected(call: Call, per_item) -> torch.Tensor:
     return ref
 
 
-def agreeing(call: Call, ref: torch.Tensor) -> torch.Tensor:
-    """Of the tokens the edit or the reference changes, the share whose every channel agrees with the reference within
-    fp16's tolerance."""
+def agreeing(call: Call, ref: torch.Tensor) -> tuple[int, int]:
+    """Of the tokens the edit or the reference changes: how many agree with the reference in every channel within
+    fp16's tolerance, and how many there are."""
     near = lambda a, b: torch.isclose(a.float(), b.float(), rtol=2e-2, atol=2e-2).all(-1)  # noqa: E731
     changed = ~near(call.edited, call.out) | ~near(ref, call.out)
-    return near(call.edited, ref)[changed].float().mean()
+    return int(near(call.edited, ref)[changed].sum()), int(changed.sum())
 
 
 def assert_matches(call: Call, ref: torch.Tensor, dtype):
@@ -191,13 +201,15 @@ def assert_matches(call: Call, ref: torch.Tensor, dtype):
     if dtype == torch.float32:
         torch.testing.assert_close(call.edited.float(), ref, rtol=1e-4, atol=1e-4)
     else:
-        assert agreeing(call, ref) >= FP16_AGREEMENT
+        agree, changed = agreeing(call, ref)
+        assert changed - agree <= max(2, int(FP16_DISAGREEMENT * changed)), f"{changed - agree} of {changed} differ"
         torch.testing.assert_close(call.edited[~call.items], call.out[~call.items], rtol=0, atol=0)
 
 
 def assert_differs(call: Call, ref: torch.Tensor):
     """The same edit without the family's input preparation does not reproduce the family's hook."""
-    assert agreeing(call, ref) < 0.5
+    agree, changed = agreeing(call, ref)
+    assert agree < 0.5 * changed
 
 
 # ---------------------------------------------------------------------------------------------- fixtures
@@ -309,11 +321,7 @@ def test_saeuron_reads_the_standardised_block_output(tmp_path, unets, mode, bran
     p = 100 * (256 - 2 - 0.5) / 255  # two latents of 256 (DESIGN §5.2)
     path = converted(tmp_path, folder, "--concept-stats", stats_file, "--percentile", p)
     selected, mu, theta = saeuron_selection(stats, "Cats", p)
-
-    def hook(out, _inp):
-        z, sae_in, std = code(out, raw, unit_norm=True)
-        z2 = ablate(z, selected, -2.0 * mu, theta)
-        return paper_hook(out, z, z2, sae_in, raw) if mode == "paper" else exact_hook(out, z, z2, std, raw)
+    hook = standardised_output_hook(raw, selected, -2.0 * mu, theta, mode)
 
     model, block, captured = unets("sd15", dtype)
     check(model, block, captured, load(path), "Cats", -2.0, mode, branches, dtype, False, hook,
@@ -358,11 +366,7 @@ def test_saeparate_encodes_through_its_gelu_pre_encoder(tmp_path, unets, mode, b
     p = 100 * (256 - 2 - 0.5) / 255
     path = converted(tmp_path, folder, "--concept-stats", stats_file, "--percentile", p)
     selected, mu, theta = saeuron_selection(stats, "Cats", p)
-
-    def hook(out, _inp):
-        z, sae_in, std = code(out, raw, unit_norm=True)
-        z2 = ablate(z, selected, -2.0 * mu, theta)
-        return paper_hook(out, z, z2, sae_in, raw) if mode == "paper" else exact_hook(out, z, z2, std, raw)
+    hook = standardised_output_hook(raw, selected, -2.0 * mu, theta, mode)
 
     model, block, captured = unets("sd15", dtype)
     check(model, block, captured, load(path), "Cats", -2.0, mode, branches, dtype, False, hook,

@@ -24,19 +24,9 @@ from saemnesia_tools.training.specs import PromptSpec
 
 from saemnesia_comfy.dit import dit_family
 from saemnesia_comfy.patch import comfy_block_name, patch_block_output, schedule_position
+from saemnesia_comfy.teach import batch_conditioning
 
 Conditioning = list  # ComfyUI's CONDITIONING: [[cond tensor [1, tokens, ctx], {options}], ...]
-
-
-def _batch_conditioning(conds: Sequence[Conditioning]) -> Conditioning:
-    """One conditioning per prompt -> one batched conditioning (batch dims concatenated in prompt order)."""
-    firsts = [c[0] for c in conds]
-    options = {}
-    for key, value in firsts[0][1].items():
-        if isinstance(value, torch.Tensor) and all(isinstance(f[1].get(key), torch.Tensor) for f in firsts):
-            value = torch.cat([f[1][key] for f in firsts])
-        options[key] = value
-    return [[torch.cat([f[0] for f in firsts]), options]]
 
 
 class ComfyCaptureSource:
@@ -119,7 +109,7 @@ class ComfyCaptureSource:
         latent = torch.zeros_like(noise)
         negative = self.encode_prompt(self.negative_prompt)
         comfy.sample.sample(self._patched_clone(captures), noise, self.steps, self.cfg, self.sampler,
-                            self.scheduler, _batch_conditioning(conds), negative, latent,
+                            self.scheduler, batch_conditioning(conds), negative, latent,
                             seed=int(seeds[0]), disable_pbar=True)
         return captures
 
