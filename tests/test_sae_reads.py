@@ -138,9 +138,14 @@ def test_an_update_reading_eraser_needs_the_block_input_and_is_the_identity_wher
     from saemnesia_tools.testing import random_sae
 
     sae = random_sae(d=16, n=64, k=4, seed=0)
-    tables = ConceptTables(torch.tensor([[[5]], [[6]]]), torch.ones(2, 1, 1), torch.tensor([[[-1e30]], [[1e30]]]))
-    concepts = [Concept("Fires", "object", 5), Concept("Never", "object", 6)]
-    x, base = torch.randn(2, 16, 4, 4), torch.randn(2, 16, 4, 4)
+    g = torch.Generator().manual_seed(0)
+    x, base = torch.randn(2, 16, 4, 4, generator=g), torch.randn(2, 16, 4, 4, generator=g)
+    update = (x - base).flatten(2).transpose(1, 2)
+    fired = torch.zeros(64).index_add_(0, sae.encode(update).top_indices.flatten(), torch.ones(2 * 16 * 4))
+    busiest, other = int(fired.argmax()), int(fired.argmin())  # one latent the update fires, one it does not
+    tables = ConceptTables(torch.tensor([[[busiest]], [[other]]]), torch.ones(2, 1, 1),
+                           torch.tensor([[[-1e30]], [[1e30]]]))
+    concepts = [Concept("Fires", "object", busiest), Concept("Never", "object", other)]
     fires = ConceptEraser(sae, concepts, tables, {"Fires": -1.0}, reads="update")
     with pytest.raises(ValueError, match="reads the block's update .* the block's input was not given"):
         fires(x, 0.5)

@@ -121,10 +121,15 @@ def _common(p) -> None:
 
 
 def _guarded(func):
-    """Input problems (bad specs, shards, configs) become a one-line error and exit code 1."""
+    """Input problems (bad specs, shards, configs) become a one-line error and exit code 1; a distributed run that
+    succeeded ends on every rank together."""
     def run(args):
+        from saemnesia_tools.training.distributed import finish_distributed
+
         try:
-            return func(args)
+            done = func(args)
+            finish_distributed()
+            return done
         except (SpecError, ShardError, ValueError) as e:
             print(f"saemnesia {args.command}: error: {e}", file=sys.stderr)
             return 1
