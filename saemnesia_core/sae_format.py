@@ -5,16 +5,12 @@ that says what is wrong."""
 from __future__ import annotations
 
 import unicodedata
-from typing import TYPE_CHECKING
 
 import torch
 
 from .concepts import MAX_CALIBRATION, MAX_STRENGTH, MEASURED_KEYS, latent_ref
 from .sae import SAEConfig
 from .safetensors_index import SAEFileError
-
-if TYPE_CHECKING:
-    from .sae_file import SAEFile, SAEHeader
 
 FORMAT_VERSION = 2
 VERSIONS = (1, 2)
@@ -85,8 +81,8 @@ def is_erasure_record(record) -> bool:
 # ---------------------------------------------------------------------------------------------- validation
 
 
-def check_structure(h: SAEHeader, tensors: dict[str, tuple[torch.dtype, tuple]]) -> None:
-    """Metadata fields and tensor names/dtypes/shapes agree with each other (no tensor values needed)."""
+def check_structure(h, tensors: dict[str, tuple[torch.dtype, tuple]]) -> None:
+    """An SAEHeader's metadata fields and tensor names/dtypes/shapes agree with each other (no tensor values needed)."""
     cfg, C, T = h.config, len(h.concepts), h.num_buckets
     for name in ("hookpoint", "model_family"):
         if not isinstance(getattr(h, name), str) or not is_clean_name(getattr(h, name)):
@@ -157,8 +153,8 @@ def check_structure(h: SAEHeader, tensors: dict[str, tuple[torch.dtype, tuple]])
             raise SAEFileError(f"tensor {name} has dtype {dtype}, expected one of {[str(w) for w in want]}")
 
 
-def check_values(f: SAEFile) -> None:
-    """Finite weights and statistics; table latents in range and consistent with the assigned latents."""
+def check_values(f) -> None:
+    """An SAEFile's finite weights and statistics; table latents in range and consistent with the assigned latents."""
     for name, t in f.weights.items():
         if not bool(torch.isfinite(t).all()):
             raise SAEFileError(f"tensor {name} contains NaN or Inf")

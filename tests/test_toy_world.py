@@ -207,7 +207,7 @@ def test_the_calibration_chooses_again_from_recorded_counts_without_new_images(c
     """A change of the choice rule reaches a calibrated file from the counts in its provenance (the build does not
     sample again), drops the erasure record of each concept whose κ changed, and leaves a file it would not change
     untouched; counts recorded under another protocol are measured again."""
-    from saemnesia_tools.comfyui.toy.build import Recipe
+    from saemnesia_tools.comfyui.toy.recipe import Recipe
     from saemnesia_tools.comfyui.toy.calibration import calibrate_strengths
     from saemnesia_core.concepts import Concept
     from saemnesia_core.sae_file import load_sae_file, save_sae_file

@@ -29,7 +29,8 @@ import torch
 
 import saemnesia_tools.comfyui  # noqa: F401  (makes ComfyUI importable)
 from saemnesia_comfy import toy_model
-from saemnesia_tools.comfyui.toy.build import Recipe, site_activations, site_work
+from saemnesia_tools.comfyui.toy.build import site_activations, site_work
+from saemnesia_tools.comfyui.toy.recipe import Recipe
 from saemnesia_tools.comfyui.toy.sampling import PromptEncoder
 from saemnesia_core.files import write_bytes_atomic, write_json_atomic
 from saemnesia_core.sae_file import load_sae_file

@@ -23,7 +23,7 @@ import argparse
 import functools
 import json
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
@@ -46,6 +46,7 @@ from saemnesia_comfy.erase import erase_concepts
 from saemnesia_comfy.sae_library import load_sae_path
 from saemnesia_comfy import toy_model
 from . import train as toy_train
+from .recipe import Recipe
 from .calibration import calibrate_strengths, cells_showing, fit_artifact_judge
 from .sampling import PromptEncoder, generate
 from .text_sae import build_text_sae
@@ -54,50 +55,6 @@ HELDOUT_SEED_OFFSET = 1_000_000   # held-out activations (the concept statistics
 JUDGES_HELDOUT_OFFSET = 1000      # the judges' held-out renders use recipe.seed + this (train_judges)
 QUALITY_SEED = 10_000             # the quality check's first seed
 ERASURE_SEED = 7_000_000          # the per-concept erasure measurement's first seed
-
-
-@dataclass
-class Recipe:
-    """Every size and setting of a build; `smoke()` shrinks all of them."""
-
-    judge_pool: int = 12000
-    judge_steps: int = 1500
-    # Two phases. 1: Min-SNR-5 weighting learns palettes and textures fast, but objects stayed at chance: it
-    # starves the high-noise steps where shapes are decided, and CLIP's causal text encoder let its padding
-    # positions (most of what cross-attention sees) carry only the style. 2: plain v-loss weighting plus an
-    # auxiliary loss making the mean text embedding tell object and style.
-    # Each phase: (loss weighting, LR schedule length, stop at step, seed, text auxiliary loss weight).
-    model_phases: tuple = (("minsnr", 2400, 1516, 0, 0.0), ("v", 1500, 900, 1, 0.1))
-    model_batch: int = 64
-    model_lr: float = 8e-4
-    sample_steps: int = 25
-    cfg: float = 5.0
-    quality_seeds: int = 2          # images per (object, style) prompt in the quality check
-    erasure_images: int = 8         # images per concept in the per-concept erasure record (all its grid cells)
-    artifact_seeds: int = 2         # un-erased images per grid prompt the calibration's artifact judge is fitted on
-    train_repeats: int = 8          # copies of the labelled grid whose activations train the SAEs
-    heldout_repeats: int = 2        # copies for the concept statistics (other seeds)
-    expansion: int = 16
-    k: int = 8
-    sae_batch_tokens: int = 4096
-    sae_epochs: int = 10
-    supervised_lr: float = 1e-3
-    supervised_epochs: int = 40     # at most: early stopping by validation (patience 5, the authors')
-    supervised_exclusivity: float = 3.0  # ζ of L_X (DESIGN §4.4): the study of centralising_finetune.py
-    supervised_batch: int = 128
-    text_sae_epochs: int = 200      # the text SAE's 72 records (72·77 tokens) make an epoch of one step or two
-    text_supervised_epochs: int = 400  # at most (early stopping by validation)
-    text_supervised_batch: int = 16  # records per step: the grid's 72 prompts, less the validation's, fill 3 batches
-    buckets: int = 50
-    percentile: float = 99.9        # SAeUron selection: about 2 of 2048 latents
-    seed: int = 0
-
-    @classmethod
-    def smoke(cls) -> "Recipe":
-        return cls(judge_pool=400, judge_steps=20, model_phases=(("minsnr", 3, 2, 0, 0.0), ("v", 2, 2, 1, 0.1)),
-                   model_batch=8, sample_steps=2, quality_seeds=1, erasure_images=1, artifact_seeds=1, train_repeats=1,
-                   heldout_repeats=1, sae_epochs=1, supervised_epochs=2, supervised_batch=16, sae_batch_tokens=512,
-                   buckets=4, percentile=99.0, text_sae_epochs=1, text_supervised_epochs=2)
 
 
 # ---------------------------------------------------------------------------------------------------- stages

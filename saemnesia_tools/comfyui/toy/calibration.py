@@ -6,7 +6,6 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from tqdm.auto import tqdm
 
@@ -20,10 +19,9 @@ from saemnesia_tools.toy.render import OBJECTS, STYLES
 
 from saemnesia_comfy.erase import erase_concepts
 from saemnesia_comfy.sae_library import load_sae_path
+from .recipe import Recipe
 from .sampling import PromptEncoder, generate
 
-if TYPE_CHECKING:
-    from .build import Recipe
 
 CALIBRATION_SEED = 8_000_000      # the strength calibration's first seed (apart from every evaluation set)
 ARTIFACT_SEED = 9_000_000         # the calibration's artifact judge: the model's own un-erased images from here

@@ -12,7 +12,6 @@ from __future__ import annotations
 import time
 from dataclasses import asdict
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from saemnesia_tools.toy import assets
 from saemnesia_tools.toy.render import OBJECTS, STYLES
@@ -21,9 +20,8 @@ from saemnesia_tools.training.pipeline import train_sae_pair
 from saemnesia_tools.training.shards import ActivationDataset
 
 from ..text_capture import collect_from_clip
+from .recipe import Recipe
 
-if TYPE_CHECKING:
-    from .build import Recipe
 
 
 def build_text_sae(recipe: Recipe, models: Path, work: Path, clip) -> None:
