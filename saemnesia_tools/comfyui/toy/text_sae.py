@@ -23,7 +23,6 @@ from ..text_capture import collect_from_clip
 from .recipe import Recipe
 
 
-
 def build_text_sae(recipe: Recipe, models: Path, work: Path, clip) -> None:
     """Make `assets.TEXT_SAE` in `models` when it is missing (intermediate files under <work>/text_encoder)."""
     out = assets.path(assets.TEXT_SAE, models)
