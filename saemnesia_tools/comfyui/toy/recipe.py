@@ -12,12 +12,19 @@ class Recipe:
 
     judge_pool: int = 12000
     judge_steps: int = 1500
+    judge_no_object: bool = True    # the object judge has a class for an empty scene (judges.NO_OBJECT)
     # Two phases. 1: Min-SNR-5 weighting learns palettes and textures fast, but objects stayed at chance: it
     # starves the high-noise steps where shapes are decided, and CLIP's causal text encoder let its padding
     # positions (most of what cross-attention sees) carry only the style. 2: plain v-loss weighting plus an
     # auxiliary loss making the mean text embedding tell object and style.
     # Each phase: (loss weighting, LR schedule length, stop at step, seed, text auxiliary loss weight).
     model_phases: tuple = (("minsnr", 2400, 1516, 0, 0.0), ("v", 1500, 900, 1, 0.1))
+    # 3: absence. The first two phases never showed a scene without an object, so the model drew an object for
+    # every prompt ("An image in Stripes style." gave Rings) and an edit had no "concept gone, rest kept" to steer
+    # towards. This phase continues from their exported model (work/model_base.safetensors) with that fraction of
+    # each batch an empty scene prompted as such (toy train.py: `absence`).
+    # (loss weighting, LR schedule length, stop at step, seed, text auxiliary loss weight, absence fraction, LR)
+    absence_phase: tuple | None = ("v", 300, 300, 2, 0.0, 0.2, 1e-4)
     model_batch: int = 64
     model_lr: float = 8e-4
     sample_steps: int = 25
@@ -45,6 +52,7 @@ class Recipe:
     @classmethod
     def smoke(cls) -> "Recipe":
         return cls(judge_pool=400, judge_steps=20, model_phases=(("minsnr", 3, 2, 0, 0.0), ("v", 2, 2, 1, 0.1)),
+                   absence_phase=("v", 2, 2, 2, 0.0, 0.5, 1e-4),
                    model_batch=8, sample_steps=2, quality_seeds=1, erasure_images=1, artifact_seeds=1, train_repeats=1,
                    heldout_repeats=1, sae_epochs=1, supervised_epochs=2, supervised_batch=16, sae_batch_tokens=512,
                    buckets=4, percentile=99.0, text_sae_epochs=1, text_supervised_epochs=2)
