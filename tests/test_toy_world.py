@@ -26,6 +26,18 @@ def test_the_renderer_is_deterministic_and_seeds_differ():
         assert not np.array_equal(a, render(obj, style, 6))
 
 
+def test_every_look_shows_in_a_scene_with_no_object():
+    """An empty scene keeps its style (as a painting's background keeps its painter's): every look's empty scene
+    differs from every other's, clearly (mean absolute difference of at least 15 of 255 per channel)."""
+    import itertools
+
+    from saemnesia_tools.toy.render import STYLES, render
+
+    empty = {look: render(None, look, 3).astype(float) for look in (*STYLES, None)}
+    for a, b in itertools.combinations(empty, 2):
+        assert np.abs(empty[a] - empty[b]).mean() >= 15, (a, b)
+
+
 def test_the_renderer_refuses_unknown_concepts():
     from saemnesia_tools.toy.render import render
 

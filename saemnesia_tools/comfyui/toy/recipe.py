@@ -22,9 +22,10 @@ class Recipe:
     # 3: absence. The first two phases never showed a scene without an object, so the model drew an object for
     # every prompt ("An image in Stripes style." gave Rings) and an edit had no "concept gone, rest kept" to steer
     # towards. This phase continues from their exported model (work/model_base.safetensors) with that fraction of
-    # each batch an empty scene prompted as such (toy train.py: `absence`).
+    # each batch an empty scene prompted as such (toy train.py: `absence`). It also teaches Stripes and Outline the
+    # backgrounds they gained with it (render.py), hence twice the steps and LR of a trial that only added absence.
     # (loss weighting, LR schedule length, stop at step, seed, text auxiliary loss weight, absence fraction, LR)
-    absence_phase: tuple | None = ("v", 300, 300, 2, 0.0, 0.2, 1e-4)
+    absence_phase: tuple | None = ("v", 600, 600, 2, 0.0, 0.2, 2e-4)
     model_batch: int = 64
     model_lr: float = 8e-4
     sample_steps: int = 25
