@@ -115,11 +115,14 @@ def render_labelled(n: int, seed: int, no_object: bool = False) -> tuple[torch.T
     return torch.from_numpy(imgs).permute(0, 3, 1, 2).float() / 255, torch.from_numpy(obj), torch.from_numpy(sty)
 
 
-def augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-    """Mild noise, blur and contrast jitter: what a generator's imperfections look like."""
+def augment(x: torch.Tensor, gen: torch.Generator, colour: float = 0.0) -> torch.Tensor:
+    """Mild noise, blur and contrast jitter, and with `colour` a shift of each channel by up to that much: what a
+    generator's imperfections look like (its palettes drift from the renderer's)."""
     b = x.shape[0]
     contrast = 1 + 0.15 * (torch.rand(b, 1, 1, 1, generator=gen) * 2 - 1)
     x = (x - 0.5) * contrast + 0.5
+    if colour:
+        x = x + colour * (torch.rand(b, 3, 1, 1, generator=gen) * 2 - 1)
     blur = torch.rand(b, generator=gen) < 0.3
     if blur.any():
         kernel = torch.tensor([1.0, 2.0, 1.0])
@@ -129,9 +132,10 @@ def augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     return x.clamp(0, 1)
 
 
-def train_judges(pool_size=12000, steps=1500, batch=128, seed=0, progress=True, no_object=False) -> tuple[Judges, dict]:
-    """Train both judges on a pool of renders (with `no_object`, empty scenes are a ninth object class); returns
-    them and their held-out accuracy on clean renders."""
+def train_judges(pool_size=12000, steps=1500, batch=128, seed=0, progress=True, no_object=False,
+                 colour_jitter=0.0) -> tuple[Judges, dict]:
+    """Train both judges on a pool of renders (with `no_object`, empty scenes are a ninth object class; with
+    `colour_jitter`, `augment`'s drift of each channel); returns them and their held-out accuracy on clean renders."""
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     images, obj_labels, sty_labels = render_labelled(pool_size, seed, no_object)
@@ -145,7 +149,7 @@ def train_judges(pool_size=12000, steps=1500, batch=128, seed=0, progress=True, 
     judges.styles.train()
     for _ in tqdm(range(steps), desc="judges", disable=not progress):
         idx = torch.randint(0, pool_size, (batch,), generator=gen)
-        x = augment(images[idx].clone(), gen)
+        x = augment(images[idx].clone(), gen, colour_jitter)
         loss = F.cross_entropy(judges.objects(x), obj_labels[idx]) + F.cross_entropy(judges.styles(x), sty_labels[idx])
         opt.zero_grad()
         loss.backward()

@@ -63,7 +63,8 @@ ERASURE_SEED = 7_000_000          # the per-concept erasure measurement's first 
 def build_judges(recipe: Recipe, path: Path) -> Judges:
     if path.exists():
         return Judges.load(path)
-    judges, _ = train_judges(recipe.judge_pool, recipe.judge_steps, seed=recipe.seed, no_object=recipe.judge_no_object)
+    judges, _ = train_judges(recipe.judge_pool, recipe.judge_steps, seed=recipe.seed, no_object=recipe.judge_no_object,
+                             colour_jitter=recipe.judge_colour_jitter)
     judges.save(path)
     return judges
 
