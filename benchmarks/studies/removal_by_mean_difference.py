@@ -21,9 +21,8 @@ from pathlib import Path
 
 import torch
 
-import comfy.samplers
-
 import saemnesia_tools.comfyui  # noqa: F401  (makes ComfyUI importable)
+import comfy.samplers  # noqa: E402
 from saemnesia_comfy.patch import comfy_block_name, item_branches, item_sigmas, patch_block_output
 from saemnesia_core.files import write_bytes_atomic, write_json_atomic
 from saemnesia_tools.comfyui.toy.sampling import DEFAULT_STEPS, generate, load_toy_world
