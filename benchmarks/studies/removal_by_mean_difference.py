@@ -5,9 +5,9 @@ In the world with absence the model draws a scene with no object when asked, so 
 gone, the rest kept": at the object site (`saemnesia_tools.toy.assets.SITES["object"]`), per sampling step, the mean
 token of the object's images minus the mean token of the empty scenes of the same looks (the cond branch; every look,
 FIT_SEEDS seeds each). This study adds −α times that difference to every token of the cond branch at every step (no
-SAE, no detection: whether the direction removes the object at all, before anything is built on it) and judges the
-images of the quick evaluation's object targets in every look at seeds of its own: removed (judged "No object"),
-the look kept, and another object drawn instead.
+SAE, no detection: whether the direction removes the object at all, before anything is built on it), or of both
+branches at some α, and judges the images of every object in every look at seeds of its own: removed (judged "No
+object"), the look kept, and another object drawn instead.
 
     .venv/bin/python benchmarks/studies/removal_by_mean_difference.py    # a few minutes on 2 cores
 
@@ -27,15 +27,15 @@ from saemnesia_comfy.patch import comfy_block_name, item_branches, item_sigmas, 
 from saemnesia_core.files import write_bytes_atomic, write_json_atomic
 from saemnesia_tools.comfyui.toy.sampling import DEFAULT_STEPS, generate, load_toy_world
 from saemnesia_tools.toy import assets
-from saemnesia_tools.toy.evaluation.protocol import QUICK
 from saemnesia_tools.toy.judges import NO_OBJECT, STYLE_CLASSES
 from saemnesia_tools.toy.prompts import make_prompt
-from saemnesia_tools.toy.render import STYLES
+from saemnesia_tools.toy.render import OBJECTS, STYLES
 
 RESULTS = Path(__file__).resolve().parent / "results"
 FIT_SEED, TEST_SEED = 5_000_000, 5_100_000  # disjoint from the build's, the evaluation's and the other studies'
 FIT_SEEDS = 2
 ALPHAS = (0.0, 0.5, 1.0, 1.5, 2.0)
+BOTH_BRANCH_ALPHAS = (1.0, 2.0)  # the same shift on the uncond branch too
 LOOKS = (*STYLES, None)
 
 
@@ -66,12 +66,14 @@ def cond_means(model, vae, encoder, block: str, prompts: list[str], seeds: list[
     return torch.stack([at_step[s] for s in range(steps)], 1)
 
 
-def shifted(model, block: str, direction: torch.Tensor, alpha: float, steps: int):
-    """The model with −α·direction[step] added to every cond token of the block's output."""
+def shifted(model, block: str, direction: torch.Tensor, alpha: float, steps: int, branches: str):
+    """The model with −α·direction[step] added to every token of the block's output on the cond branch, or on
+    both."""
     step_of, patched = StepOf(model, steps), model.clone()
 
     def shift(out, options):
-        cond = (item_branches(options, out.shape[0]) == 0).to(out.device)
+        cond = (item_branches(options, out.shape[0]) == 0 if branches == "cond"
+                else torch.ones(out.shape[0], dtype=torch.bool)).to(out.device)
         move = direction[step_of(options, out.shape[0])].to(out.device, out.dtype)      # [B, d]
         return out - alpha * (cond[:, None] * move)[..., None, None]
 
@@ -86,7 +88,7 @@ def main(argv=None) -> None:
     model, vae, encoder, judges = load_toy_world()
     site = assets.SITES["object"]
     block = comfy_block_name(model, site.hookpoint)
-    steps, targets = DEFAULT_STEPS, QUICK.object_targets
+    steps, targets = DEFAULT_STEPS, OBJECTS
     fit_seeds = [FIT_SEED + i for i in range(FIT_SEEDS)]
     cells = [(obj, look, seed) for obj in (None, *targets) for look in LOOKS for seed in fit_seeds]
     means = cond_means(model, vae, encoder, block, [make_prompt(o, s) for o, s, _ in cells],
@@ -99,11 +101,11 @@ def main(argv=None) -> None:
     for obj in targets:
         prompts = [make_prompt(obj, look) for look in LOOKS]
         seeds = [TEST_SEED + i for i in range(len(LOOKS))]
-        for alpha in ALPHAS:
-            images = generate(shifted(model, block, directions[obj], alpha, steps), vae, encoder, prompts, seeds,
-                              steps=steps)
+        for branches, alpha in [("cond", a) for a in ALPHAS] + [("both", a) for a in BOTH_BRANCH_ALPHAS]:
+            images = generate(shifted(model, block, directions[obj], alpha, steps, branches), vae, encoder, prompts,
+                              seeds, steps=steps)
             objects, styles = judges.predict(images)
-            rows.append({"object": obj, "alpha": alpha, "images": len(prompts),
+            rows.append({"object": obj, "branches": branches, "alpha": alpha, "images": len(prompts),
                          "removed": sum(o == NO_OBJECT for o in objects),
                          "still_there": sum(o == obj for o in objects),
                          "other_object": sum(o not in (obj, NO_OBJECT) for o in objects),
@@ -117,8 +119,9 @@ def main(argv=None) -> None:
              f"Written by `benchmarks/studies/removal_by_mean_difference.py`: −α × (mean token of the object's images − "
              f"mean token of empty scenes, per step, cond branch) added to every cond token at `{site.hookpoint}`; "
              f"each object in every look ({len(LOOKS)} images per row), judged.", "",
-             "| object | α | removed | still there | another object | look kept |", "|---|---:|---:|---:|---:|---:|"]
-    lines += [f"| {r['object']} | {r['alpha']:g} | {r['removed']} | {r['still_there']} | {r['other_object']} | "
+             "| object | branches | α | removed | still there | another object | look kept |",
+             "|---|---|---:|---:|---:|---:|---:|"]
+    lines += [f"| {r['object']} | {r['branches']} | {r['alpha']:g} | {r['removed']} | {r['still_there']} | {r['other_object']} | "
               f"{r['look_kept']} |" for r in rows]
     write_bytes_atomic(args.out / "removal_by_mean_difference.md", ("\n".join(lines) + "\n").encode())
     print("\n".join(lines))
