@@ -1,0 +1,99 @@
+"""Shift mode (DESIGN §6.9): every token of an item in which a chosen concept is detected moves by γ·Δ(t), the
+concept's mean difference from its absence at the item's bucket; items where no chosen latent fires are returned bit
+for bit."""
+
+import pytest
+import torch
+
+from saemnesia_core.eraser import ConceptEraser
+from saemnesia_core.sae import scatter_dense
+from saemnesia_core.timesteps import bucket_index
+from saemnesia_tools.testing import concept_tokens, make_random_sae_file
+
+T = torch.tensor([0.05, 0.3, 0.6, 0.99])  # one item in each of the 4 buckets
+
+
+@pytest.fixture
+def world():
+    """The default supervised file (Cats, Dogs, Van_Gogh), its SAE, per-concept directions, and 4 items: Cats in item
+    0 (bucket 0) and 2 (bucket 2), Cats and Dogs in item 1 (bucket 1), none in item 3 (plain noise)."""
+    sae_file = make_random_sae_file()
+    sae = sae_file.build_sae()
+    g = torch.Generator().manual_seed(3)
+    directions = torch.randn(len(sae_file.concepts), sae_file.tables.num_buckets, sae.cfg.d_in, generator=g)
+    x = torch.randn(4, 12, sae.cfg.d_in, generator=g) * 0.01
+    cats, dogs = (sae_file.concepts[i].latent for i in (0, 1))
+    x[0, 3:5] = concept_tokens(sae, cats, (2,), seed=1)
+    x[1, 0:2] = concept_tokens(sae, cats, (2,), seed=2)
+    x[1, 7:9] = concept_tokens(sae, dogs, (2,), seed=3)
+    x[2, 10:12] = concept_tokens(sae, cats, (2,), seed=4)
+    return sae_file, sae, directions, x
+
+
+def fires(sae_file, sae, x, t, label) -> torch.Tensor:
+    """bool [B]: the concept's selected latent is among a token's top k and above its threshold, somewhere in the
+    item (exact mode's detection, written out)."""
+    i = [c.label for c in sae_file.concepts].index(label)
+    z = scatter_dense(*sae.encode(x), sae.cfg.num_latents)
+    buckets = bucket_index(t, sae_file.tables.num_buckets)
+    latent = sae_file.tables.latents[i, buckets, 0]
+    threshold = sae_file.tables.thresholds[i, buckets, 0]
+    return (z[torch.arange(len(x)), :, latent] > threshold[:, None]).any(1)
+
+
+def test_each_item_moves_by_the_detected_concepts_directions_at_its_bucket_and_the_rest_stays_bit_for_bit(world):
+    sae_file, sae, directions, x = world
+    strengths = {"Cats": -1.0, "Dogs": -2.0}
+    out = ConceptEraser(sae, sae_file.concepts, sae_file.tables, strengths, mode="shift", directions=directions)(x, T)
+    buckets = bucket_index(T, sae_file.tables.num_buckets)
+    cats, dogs = fires(sae_file, sae, x, T, "Cats"), fires(sae_file, sae, x, T, "Dogs")
+    assert cats.tolist() == [True, True, True, False] and dogs.tolist() == [False, True, False, False]
+    for b in range(4):
+        move = cats[b] * -1.0 * directions[0, buckets[b]] + dogs[b] * -2.0 * directions[1, buckets[b]]
+        if cats[b] or dogs[b]:
+            torch.testing.assert_close(out[b], x[b] + move, rtol=1e-6, atol=1e-6)
+        else:
+            assert torch.equal(out[b], x[b])
+
+
+def test_a_concept_not_chosen_moves_nothing_and_the_strength_scales_the_move(world):
+    sae_file, sae, directions, x = world
+    eraser = ConceptEraser(sae, sae_file.concepts, sae_file.tables, {"Dogs": -0.5}, mode="shift", directions=directions)
+    out = eraser(x, T)
+    assert torch.equal(out[[0, 2, 3]], x[[0, 2, 3]])  # Cats' items: Cats is not chosen
+    torch.testing.assert_close(out[1], x[1] - 0.5 * directions[1, bucket_index(T, 4)[1]])
+
+
+def test_an_update_reading_sae_moves_the_output_by_the_same_amount(world):
+    """The directions are in what the SAE reads; for the block's update u = out − in, out + γΔ = in + (u + γΔ)."""
+    sae_file, sae, directions, x = world
+    base = torch.randn(x.shape, generator=torch.Generator().manual_seed(9))
+    output = base + x  # the update is x
+    update = ConceptEraser(sae, sae_file.concepts, sae_file.tables, {"Cats": -1.0}, mode="shift",
+                           directions=directions, reads="update")
+    plain = ConceptEraser(sae, sae_file.concepts, sae_file.tables, {"Cats": -1.0}, mode="shift", directions=directions)
+    torch.testing.assert_close(update(output, T, base=base) - output, plain(x, T) - x, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_items_move_as_in_fp32_and_untouched_items_stay_bit_for_bit(world, dtype):
+    sae_file, sae, directions, x = world
+    eraser = ConceptEraser(sae, sae_file.concepts, sae_file.tables, {"Cats": -1.0}, mode="shift", directions=directions)
+    out = eraser(x.to(dtype), T)
+    assert out.dtype == dtype and torch.equal(out[3], x[3].to(dtype))
+    torch.testing.assert_close(out.float(), eraser(x, T), rtol=2e-2, atol=2e-2)
+
+
+def test_items_outside_the_edit_mask_or_step_range_are_returned_bit_for_bit(world):
+    sae_file, sae, directions, x = world
+    eraser = ConceptEraser(sae, sae_file.concepts, sae_file.tables, {"Cats": -1.0}, mode="shift", directions=directions)
+    out = eraser(x, T.tolist(), edit_mask=[False, True, False, True])
+    assert torch.equal(out[[0, 2, 3]], x[[0, 2, 3]]) and not torch.equal(out[1], x[1])
+
+
+@pytest.mark.parametrize("directions", [None, "wrong"])
+def test_shift_mode_without_a_direction_per_concept_and_bucket_fails_clearly(world, directions):
+    sae_file, sae, good, _ = world
+    given = None if directions is None else good[:, :2]
+    with pytest.raises(ValueError, match=r"shift mode needs each concept's mean difference.*\[3, 4, 16\]"):
+        ConceptEraser(sae, sae_file.concepts, sae_file.tables, {"Cats": -1.0}, mode="shift", directions=given)
