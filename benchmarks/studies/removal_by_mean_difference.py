@@ -1,15 +1,16 @@
 # SPDX-License-Identifier: GPL-3.0-or-later
-"""Does moving a block's activations by the object's mean difference from an empty scene remove the object?
+"""Does moving a block's activations by a concept's mean difference from its absence remove the concept?
 
 In the world with absence the model draws a scene with no object when asked, so there is a direction for "the object
 gone, the rest kept": at the object site (`saemnesia_tools.toy.assets.SITES["object"]`), per sampling step, the mean
 token of the object's images minus the mean token of the empty scenes of the same looks (the cond branch; every look,
-FIT_SEEDS seeds each). This study adds −α times that difference to every token of the cond branch at every step (no
-SAE, no detection: whether the direction removes the object at all, before anything is built on it), or of both
-branches at some α, and judges the images of every object in every look at seeds of its own: removed (judged "No
-object"), the look kept, and another object drawn instead.
+FIT_SEEDS seeds each). For a style, at the style site, its images minus the unstyled images of the same objects. This
+study adds −α times that difference to every token of the cond branch at every step (no SAE, no detection: whether
+the direction removes the concept at all, before anything is built on it), or of both branches at some α, and judges
+the images of every concept of the group with every concept of the other group (and none) at seeds of its own:
+removed (no object; unstyled), still there, replaced by another concept of the group, and the other concept kept.
 
-    .venv/bin/python benchmarks/studies/removal_by_mean_difference.py    # a few minutes on 2 cores
+    .venv/bin/python benchmarks/studies/removal_by_mean_difference.py    # about ten minutes on 2 cores
 
 Writes benchmarks/studies/results/removal_by_mean_difference.json and .md.
 """
@@ -81,50 +82,78 @@ def shifted(model, block: str, direction: torch.Tensor, alpha: float, steps: int
     return patched
 
 
+GROUPS = {"object": (OBJECTS, NO_OBJECT), "style": (STYLES, STYLE_CLASSES[-1])}
+
+
+def cells_of(group: str, concept: str | None) -> list[tuple[str | None, str | None]]:
+    """(object, style) of the concept's images (None: its absence) with every concept of the other group and none."""
+    if group == "object":
+        return [(concept, look) for look in LOOKS]
+    return [(obj, concept) for obj in (*OBJECTS, None)]
+
+
+def study(group: str, model, vae, encoder, judges) -> dict:
+    concepts, absent = GROUPS[group]
+    site = assets.SITES[group]
+    block, steps = comfy_block_name(model, site.hookpoint), DEFAULT_STEPS
+    fit_seeds = [FIT_SEED + i for i in range(FIT_SEEDS)]
+    cells = [(o, s, seed) for c in (None, *concepts) for o, s in cells_of(group, c) for seed in fit_seeds]
+    means = cond_means(model, vae, encoder, block, [make_prompt(o, s) for o, s, _ in cells],
+                       [seed for *_, seed in cells], steps)
+    per = len(cells_of(group, None)) * FIT_SEEDS
+    none = means[:per].mean(0)
+    directions = {c: means[per * (k + 1):per * (k + 2)].mean(0) - none for k, c in enumerate(concepts)}
+    own, other = (0, 1) if group == "object" else (1, 0)
+    rows = []
+    for concept in concepts:
+        test = cells_of(group, concept)
+        prompts, seeds = [make_prompt(o, s) for o, s in test], [TEST_SEED + i for i in range(len(test))]
+        for branches, alpha in [("cond", a) for a in ALPHAS] + [("both", a) for a in BOTH_BRANCH_ALPHAS]:
+            images = generate(shifted(model, block, directions[concept], alpha, steps, branches), vae, encoder,
+                              prompts, seeds, steps=steps)
+            judged = list(zip(*judges.predict(images)))
+            rows.append({"concept": concept, "branches": branches, "alpha": alpha, "images": len(prompts),
+                         "removed": sum(j[own] == absent for j in judged),
+                         "still_there": sum(j[own] == concept for j in judged),
+                         "replaced": sum(j[own] not in (concept, absent) for j in judged),
+                         "other_kept": sum(j[other] == (cell[other] or STYLE_CLASSES[-1] if group == "object"
+                                                         else cell[other] or NO_OBJECT) for j, cell in zip(judged, test))})
+    return {"block": site.hookpoint, "rows": rows,
+            "direction_norm_by_step": {c: directions[c].norm(dim=-1).tolist() for c in concepts}}
+
+
+def markdown(result: dict) -> str:
+    lines = ["# Removal by the mean difference from absence", "",
+             "Written by `benchmarks/studies/removal_by_mean_difference.py`: −α × (mean token of the concept's images − "
+             "mean token of its absence: no object, or unstyled; per step, cond branch) added to every token of the "
+             "cond branch (or of both), judged. Per row: the concept's images with every concept of the other group and "
+             "none; removed (no object / unstyled), still there, replaced by another of its group, other concept kept."]
+    for group, part in result["groups"].items():
+        lines += ["", f"## {group}s at `{part['block']}`", "",
+                  f"| {group} | branches | α | removed | still there | replaced | other kept |",
+                  "|---|---|---:|---:|---:|---:|---:|"]
+        lines += [f"| {r['concept']} | {r['branches']} | {r['alpha']:g} | {r['removed']} | {r['still_there']} | "
+                  f"{r['replaced']} | {r['other_kept']} |" for r in part["rows"]]
+        lines += ["", "| branches | α | removed | of |", "|---|---:|---:|---:|"]
+        for branches, alpha in [("cond", a) for a in ALPHAS] + [("both", a) for a in BOTH_BRANCH_ALPHAS]:
+            rows = [r for r in part["rows"] if r["branches"] == branches and r["alpha"] == alpha]
+            lines.append(f"| {branches} | {alpha:g} | {sum(r['removed'] for r in rows)} | "
+                         f"{sum(r['images'] for r in rows)} |")
+    return "\n".join(lines) + "\n"
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", type=Path, default=RESULTS)
     args = p.parse_args(argv)
     model, vae, encoder, judges = load_toy_world()
-    site = assets.SITES["object"]
-    block = comfy_block_name(model, site.hookpoint)
-    steps, targets = DEFAULT_STEPS, OBJECTS
-    fit_seeds = [FIT_SEED + i for i in range(FIT_SEEDS)]
-    cells = [(obj, look, seed) for obj in (None, *targets) for look in LOOKS for seed in fit_seeds]
-    means = cond_means(model, vae, encoder, block, [make_prompt(o, s) for o, s, _ in cells],
-                       [seed for *_, seed in cells], steps)
-    per = len(LOOKS) * FIT_SEEDS
-    empty = means[:per].mean(0)
-    directions = {obj: means[per * (k + 1):per * (k + 2)].mean(0) - empty for k, obj in enumerate(targets)}
-
-    rows = []
-    for obj in targets:
-        prompts = [make_prompt(obj, look) for look in LOOKS]
-        seeds = [TEST_SEED + i for i in range(len(LOOKS))]
-        for branches, alpha in [("cond", a) for a in ALPHAS] + [("both", a) for a in BOTH_BRANCH_ALPHAS]:
-            images = generate(shifted(model, block, directions[obj], alpha, steps, branches), vae, encoder, prompts,
-                              seeds, steps=steps)
-            objects, styles = judges.predict(images)
-            rows.append({"object": obj, "branches": branches, "alpha": alpha, "images": len(prompts),
-                         "removed": sum(o == NO_OBJECT for o in objects),
-                         "still_there": sum(o == obj for o in objects),
-                         "other_object": sum(o not in (obj, NO_OBJECT) for o in objects),
-                         "look_kept": sum(s == (look or STYLE_CLASSES[-1]) for s, look in zip(styles, LOOKS))})
-    result = {"written_by": "python benchmarks/studies/removal_by_mean_difference.py", "block": site.hookpoint,
-              "fit": {"seeds": fit_seeds, "looks": len(LOOKS)}, "test_first_seed": TEST_SEED, "rows": rows,
-              "direction_norm_by_step": {obj: directions[obj].norm(dim=-1).tolist() for obj in targets}}
+    result = {"written_by": "python benchmarks/studies/removal_by_mean_difference.py",
+              "fit_seeds": [FIT_SEED + i for i in range(FIT_SEEDS)], "test_first_seed": TEST_SEED,
+              "groups": {group: study(group, model, vae, encoder, judges) for group in GROUPS}}
     args.out.mkdir(parents=True, exist_ok=True)
     write_json_atomic(args.out / "removal_by_mean_difference.json", result, indent=2)
-    lines = ["# Removal by the mean difference from an empty scene", "",
-             f"Written by `benchmarks/studies/removal_by_mean_difference.py`: −α × (mean token of the object's images − "
-             f"mean token of empty scenes, per step, cond branch) added to every cond token at `{site.hookpoint}`; "
-             f"each object in every look ({len(LOOKS)} images per row), judged.", "",
-             "| object | branches | α | removed | still there | another object | look kept |",
-             "|---|---|---:|---:|---:|---:|---:|"]
-    lines += [f"| {r['object']} | {r['branches']} | {r['alpha']:g} | {r['removed']} | {r['still_there']} | {r['other_object']} | "
-              f"{r['look_kept']} |" for r in rows]
-    write_bytes_atomic(args.out / "removal_by_mean_difference.md", ("\n".join(lines) + "\n").encode())
-    print("\n".join(lines))
+    write_bytes_atomic(args.out / "removal_by_mean_difference.md", markdown(result).encode())
+    print(markdown(result))
 
 
 if __name__ == "__main__":
