@@ -121,6 +121,9 @@ class ConceptTables:
     """[C, T, L] float32 μ_c(i, t): the concept's mean activation of each selected latent."""
     thresholds: Tensor
     """[C, T, L] float32 θ(i, t): the unweighted mean over all concepts of μ(i, t, c')."""
+    directions: Tensor | None = None
+    """[C, T, d] float32 Δ_c(t): each concept's mean difference from its absence, in what the SAE reads (shift mode,
+    DESIGN §6.9), or None. Tables rebuilt for other concepts (added, found, referenced) have none."""
 
     @property
     def num_buckets(self) -> int:
@@ -133,7 +136,8 @@ class ConceptTables:
         return cls(torch.full(shape, -1), torch.zeros(shape), torch.zeros(shape))
 
     def to(self, device) -> ConceptTables:
-        return ConceptTables(self.latents.to(device), self.mean_acts.to(device), self.thresholds.to(device))
+        return ConceptTables(self.latents.to(device), self.mean_acts.to(device), self.thresholds.to(device),
+                             None if self.directions is None else self.directions.to(device))
 
 
 def saeuron_scores(concept_sums: Tensor, concept_counts: Tensor) -> Tensor:

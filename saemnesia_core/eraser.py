@@ -130,9 +130,12 @@ class ConceptEraser:
         if tables.latents.shape[0] != len(concepts):
             raise ValueError(f"{len(concepts)} concepts but tables for {tables.latents.shape[0]}")
         expected = (len(concepts), tables.num_buckets, sae.cfg.d_in)
-        if mode == "shift" and (directions is None or tuple(directions.shape) != expected):
+        if mode == "shift" and directions is None:
+            raise ValueError("shift mode needs each concept's mean difference from its absence (DESIGN §6.9), and "
+                             "this SAE holds none: use exact, paper or replace mode")
+        if mode == "shift" and tuple(directions.shape) != expected:
             raise ValueError(f"shift mode needs each concept's mean difference from its absence, directions of shape "
-                             f"{list(expected)}; got {None if directions is None else list(directions.shape)}")
+                             f"{list(expected)}; got {list(directions.shape)}")
         self.directions = directions if mode == "shift" else None
         self.sae, self.concepts, self.tables, self.mode, self.detection = sae, list(concepts), tables, mode, detection
         self.reads, self.beta = reads, strength_unit == "beta"
@@ -149,8 +152,9 @@ class ConceptEraser:
                   sae: TopKSAE | None = None, detection: str = "topk") -> ConceptEraser:
         """From a loaded SAEFile (its concepts, tables, what it reads and its strength unit); builds the TopKSAE unless
         the caller already placed one."""
-        return cls(sae if sae is not None else sae_file.build_sae(), sae_file.concepts, sae_file.concept_tables,
-                   strengths, mode, detection, reads=sae_file.reads, strength_unit=sae_file.strength_unit)
+        tables = sae_file.concept_tables
+        return cls(sae if sae is not None else sae_file.build_sae(), sae_file.concepts, tables, strengths, mode,
+                   detection, reads=sae_file.reads, strength_unit=sae_file.strength_unit, directions=tables.directions)
 
     # ------------------------------------------------------------------------------------------ once per eraser
 

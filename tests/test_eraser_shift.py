@@ -2,11 +2,18 @@
 concept's mean difference from its absence at the item's bucket; items where no chosen latent fires are returned bit
 for bit."""
 
+import dataclasses
+
 import pytest
 import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
 from saemnesia_core.eraser import ConceptEraser
 from saemnesia_core.sae import scatter_dense
+from saemnesia_core.sae_file import load_sae_file, read_header, save_sae_file
+from saemnesia_core.sae_format import DIRECTIONS
+from saemnesia_core.safetensors_index import SAEFileError
 from saemnesia_core.timesteps import bucket_index
 from saemnesia_tools.testing import concept_tokens, make_random_sae_file
 
@@ -91,9 +98,58 @@ def test_items_outside_the_edit_mask_or_step_range_are_returned_bit_for_bit(worl
     assert torch.equal(out[[0, 2, 3]], x[[0, 2, 3]]) and not torch.equal(out[1], x[1])
 
 
-@pytest.mark.parametrize("directions", [None, "wrong"])
-def test_shift_mode_without_a_direction_per_concept_and_bucket_fails_clearly(world, directions):
+def test_shift_mode_without_a_direction_per_concept_and_bucket_fails_clearly(world):
     sae_file, sae, good, _ = world
-    given = None if directions is None else good[:, :2]
-    with pytest.raises(ValueError, match=r"shift mode needs each concept's mean difference.*\[3, 4, 16\]"):
-        ConceptEraser(sae, sae_file.concepts, sae_file.tables, {"Cats": -1.0}, mode="shift", directions=given)
+    with pytest.raises(ValueError, match=r"directions of shape \[3, 4, 16\]; got \[3, 2, 16\]"):
+        ConceptEraser(sae, sae_file.concepts, sae_file.tables, {"Cats": -1.0}, mode="shift", directions=good[:, :2])
+    with pytest.raises(ValueError, match="this SAE holds none: use exact, paper or replace mode"):
+        ConceptEraser.from_file(sae_file, {"Cats": -1.0}, mode="shift", sae=sae)
+
+
+# ---------------------------------------------------------------------------------------------- in the file
+
+
+def with_directions(sae_file, directions):
+    return dataclasses.replace(sae_file, tables=dataclasses.replace(sae_file.tables, directions=directions))
+
+
+def test_directions_travel_in_the_file_as_version_3_and_reach_the_eraser(world, tmp_path):
+    sae_file, sae, directions, x = world
+    save_sae_file(with_directions(sae_file, directions), tmp_path / "shift.safetensors")
+    header = read_header(tmp_path / "shift.safetensors")
+    assert header.format_version == 3 and header.has_directions
+    loaded = load_sae_file(tmp_path / "shift.safetensors")
+    assert torch.equal(loaded.tables.directions, directions)
+    from_file = ConceptEraser.from_file(loaded, {"Cats": -1.0}, mode="shift", sae=sae)(x, T)
+    direct = ConceptEraser(sae, sae_file.concepts, sae_file.tables, {"Cats": -1.0}, mode="shift",
+                           directions=directions)(x, T)
+    assert torch.equal(from_file, direct)
+    save_sae_file(sae_file, tmp_path / "plain.safetensors")  # without directions: the version it was before
+    assert read_header(tmp_path / "plain.safetensors").format_version == 1
+
+
+@pytest.mark.parametrize("bad, message", [("shape", r"concepts.directions has shape \[3, 4, 8\], expected \[3, 4, 16\]"),
+                                          ("nan", "directions contains NaN or Inf")])
+def test_a_file_with_bad_directions_is_refused_with_a_clear_error(world, tmp_path, bad, message):
+    sae_file, _, directions, _ = world
+    path = tmp_path / "bad.safetensors"
+    save_sae_file(with_directions(sae_file, directions), path)
+    tensors = load_file(str(path))
+    if bad == "shape":
+        tensors[DIRECTIONS] = tensors[DIRECTIONS][..., :8].contiguous()
+    else:
+        tensors[DIRECTIONS][0, 0, 0] = float("nan")
+    with safe_open(str(path), framework="pt") as f:
+        metadata = f.metadata()
+    save_file(tensors, str(path), metadata=metadata)
+    with pytest.raises(SAEFileError, match=message):
+        load_sae_file(path)
+
+
+def test_adding_concepts_drops_the_directions_so_shift_mode_says_so_instead_of_moving_nothing(world):
+    from saemnesia_core.concepts import with_latent_refs
+
+    sae_file, sae, directions, _ = world
+    f = with_directions(sae_file, directions)
+    concepts, tables = with_latent_refs(f.concepts, f.tables, ["#5"], sae.cfg.num_latents, None)
+    assert len(concepts) == 4 and tables.directions is None
