@@ -153,3 +153,49 @@ def test_adding_concepts_drops_the_directions_so_shift_mode_says_so_instead_of_m
     f = with_directions(sae_file, directions)
     concepts, tables = with_latent_refs(f.concepts, f.tables, ["#5"], sae.cfg.num_latents, None)
     assert len(concepts) == 4 and tables.directions is None
+
+
+# ---------------------------------------------------------------------------------------------- from activations
+
+
+def write_records(root, vocab, samples):
+    """A dataset of `samples`: (labels per group of vocab, {(t, branch): token value}) with 4 tokens of d = 3, every
+    token of a record equal to its value (so a record's mean token is it)."""
+    from saemnesia_tools.training.shards import ShardWriter
+
+    with ShardWriter(root, d=3, height=2, width=2, label_vocab=vocab, hookpoint="unet.synthetic", model_id="test",
+                     dtype="float32") as writer:
+        for sample, (labels, records) in enumerate(samples):
+            keys = list(records)
+            acts = torch.stack([torch.tensor(records[k], dtype=torch.float32).expand(4, 3) for k in keys])
+            t = torch.tensor([k[0] for k in keys])
+            writer.write_sample(sample, acts, t=t, timestep=t * 999, step=torch.arange(len(keys)),
+                                branch=torch.tensor([k[1] for k in keys]), labels=labels)
+    return root
+
+
+def test_directions_are_each_concepts_mean_token_minus_its_groups_absence_per_bucket_on_the_cond_branch(tmp_path):
+    from saemnesia_core.concepts import Concept
+    from saemnesia_tools.training.directions import concept_directions
+
+    vocab = {"object": ["Cats", "Dogs"], "style": ["Neon"]}
+    early, late = 0.1, 0.9  # buckets 0 and 1 of 2
+    grid = write_records(tmp_path / "grid", vocab, [
+        ([0, 0], {(early, 0): [1, 0, 0], (late, 0): [2, 0, 0], (early, 1): [50, 50, 50]}),   # Cats, Neon (+ uncond)
+        ([0, -1], {(early, 0): [3, 0, 0], (late, 0): [4, 0, 0]}),                              # Cats, unstyled
+        ([1, -1], {(early, 0): [0, 5, 0], (late, 0): [0, 6, 0]}),                              # Dogs, unstyled
+    ])
+    empty = write_records(tmp_path / "empty", {"style": ["Neon"]}, [
+        ([0], {(early, 0): [0, 0, 1], (late, 0): [0, 0, 2]}),                                  # no object, Neon
+        ([-1], {(early, 0): [0, 0, 3], (late, 0): [0, 0, 4]}),                                 # "An image."
+    ])
+    concepts = [Concept("Cats", "object", None), Concept("Neon", "style", None), Concept("Dogs", "object", None)]
+    got = concept_directions([grid, empty], concepts, 2, progress=False)
+    no_object = torch.tensor([[0, 0, 2.0], [0, 0, 3.0]])                       # per bucket
+    unstyled = torch.tensor([[(3 + 0 + 0) / 3, 5 / 3, 3 / 3], [4 / 3, 6 / 3, 4 / 3]])  # Cats, Dogs, "An image."
+    neon = torch.tensor([[1 / 2, 0, 1 / 2], [2 / 2, 0, 2 / 2]])                 # Cats in Neon, the empty Neon scene
+    torch.testing.assert_close(got[0], torch.tensor([[2.0, 0, 0], [3.0, 0, 0]]) - no_object)
+    torch.testing.assert_close(got[1], neon - unstyled)
+    torch.testing.assert_close(got[2], torch.tensor([[0, 5.0, 0], [0, 6.0, 0]]) - no_object)
+    with pytest.raises(ValueError, match="no cond-branch records of no object"):
+        concept_directions([grid], concepts[:1], 2, progress=False)
