@@ -199,3 +199,5 @@ def test_directions_are_each_concepts_mean_token_minus_its_groups_absence_per_bu
     torch.testing.assert_close(got[2], torch.tensor([[0, 5.0, 0], [0, 6.0, 0]]) - no_object)
     with pytest.raises(ValueError, match="no cond-branch records of no object"):
         concept_directions([grid], concepts[:1], 2, progress=False)
+    four = concept_directions([grid, empty], concepts, 4, progress=False)  # t 0.1 and 0.9: buckets 0 and 3
+    torch.testing.assert_close(four, got[:, [0, 0, 1, 1]])  # buckets 1 and 2 take the nearest with records

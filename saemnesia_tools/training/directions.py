@@ -25,8 +25,9 @@ COND = BRANCHES.index("cond")
 def concept_directions(datasets, concepts: list[Concept], num_buckets: int, *, batch_records: int = 256,
                        progress: bool = True) -> Tensor:
     """[C, T, d] float32 Δ_c(t) for `concepts` in their order, from the cond records of `datasets` (one or several
-    activation datasets of one block, e.g. the labelled grid and the prompts without objects). Fails, naming them,
-    when a concept or its group's absence has no record in some bucket."""
+    activation datasets of one block, e.g. the labelled grid and the prompts without objects); a bucket without
+    records takes the nearest that has some. Fails, naming them, when a concept or its group's absence has no
+    record at all."""
     datasets = [as_dataset(d) for d in (datasets if isinstance(datasets, (list, tuple)) else [datasets])]
     groups = sorted({c.group for c in concepts})
     slots = {g: {c.label: i for i, c in enumerate(x for x in concepts if x.group == g)} for g in groups}
@@ -56,10 +57,16 @@ def concept_directions(datasets, concepts: list[Concept], num_buckets: int, *, b
     directions = []
     for c in concepts:
         g, i = c.group, slots[c.group][c.label]
-        missing = [who for who, row in ((c.label, i), (f"no {g}", -1)) if bool((counts[g][row] == 0).any())]
+        missing = [who for who, row in ((c.label, i), (f"no {g}", -1)) if not bool((counts[g][row] > 0).any())]
         if missing:
-            raise ValueError(f"no cond-branch records of {' and '.join(missing)} in some timestep bucket: collect "
-                             f"prompts that show {c.label!r} and prompts without any {g} at every step")
-        mean = sums[g] / counts[g][..., None]
-        directions.append((mean[i] - mean[-1]).float())
+            raise ValueError(f"no cond-branch records of {' and '.join(missing)}: collect prompts that show "
+                             f"{c.label!r} and prompts without any {g}")
+        directions.append((_filled(sums[g][i], counts[g][i]) - _filled(sums[g][-1], counts[g][-1])).float())
     return torch.stack(directions)
+
+
+def _filled(sums: Tensor, counts: Tensor) -> Tensor:
+    """[T, d] means; a bucket without records takes the nearest bucket that has some (as the concept statistics)."""
+    have = (counts > 0).nonzero().squeeze(1)
+    nearest = have[(torch.arange(len(counts))[:, None] - have[None, :]).abs().argmin(1)]
+    return (sums / counts.clamp(min=1)[:, None])[nearest]

@@ -39,6 +39,8 @@ from saemnesia_tools.toy.render import OBJECTS, STYLES
 from saemnesia_tools.training import SupervisedConfig, TrainConfig, collect, saeuron_grid
 from saemnesia_tools.training.pipeline import train_sae_pair
 from saemnesia_tools.training.centralisation import centralisation
+from saemnesia_tools.training.directions import concept_directions
+from saemnesia_tools.training.specs import PromptSpec
 from saemnesia_tools.training.shards import ActivationDataset
 
 from ..capture import ComfyCaptureSource
@@ -99,16 +101,24 @@ def site_work(work: Path, site: assets.SAESite) -> Path:
     return work / site.hookpoint.removeprefix("unet.")
 
 
+def absence_grid(repeats: int) -> list[PromptSpec]:
+    """The prompts that name no object, each look once per repeat, labelled with their style alone (none for "An
+    image."): the objects' absence for shift mode's directions (DESIGN §6.9)."""
+    return [PromptSpec(make_prompt(None, s), {"style": s} if s else {}) for _ in range(repeats) for s in (*STYLES, None)]
+
+
 def site_activations(model, encoder, recipe: Recipe, work: Path, site: assets.SAESite, split: str):
-    """The site's labelled activations of the grid, collected once (a rerun resumes) into <site_work>/acts_<split>:
-    "train" (the SAEs' training records) or "heldout" (the concept statistics' records, other seeds)."""
+    """The site's labelled activations, collected once (a rerun resumes) into <site_work>/acts_<split>: "train" (the
+    grid; the SAEs' training records), "heldout" (the grid at other seeds; the concept statistics' records) or
+    "absence" (absence_grid at the held-out seeds; with "heldout", shift mode's directions)."""
     repeats, seed = {"train": (recipe.train_repeats, recipe.seed),
-                     "heldout": (recipe.heldout_repeats, recipe.seed + HELDOUT_SEED_OFFSET)}[split]
+                     "heldout": (recipe.heldout_repeats, recipe.seed + HELDOUT_SEED_OFFSET),
+                     "absence": (recipe.heldout_repeats, recipe.seed + HELDOUT_SEED_OFFSET)}[split]
     source = ComfyCaptureSource(model, lambda p: [[encoder(p), {}]], hookpoint=site.hookpoint,
                                 steps=recipe.sample_steps, cfg=recipe.cfg, sampler="euler", scheduler="normal",
                                 width=32, height=32, model_id="saemnesia-toy-world", model_family="toy")
-    return collect(source, saeuron_grid(list(OBJECTS), list(STYLES), repeats=repeats),
-                   site_work(work, site) / f"acts_{split}", seed=seed, batch_size=72)
+    specs = absence_grid(repeats) if split == "absence" else saeuron_grid(list(OBJECTS), list(STYLES), repeats=repeats)
+    return collect(source, specs, site_work(work, site) / f"acts_{split}", seed=seed, batch_size=72)
 
 
 def build_saes(recipe: Recipe, models: Path, work: Path, model, encoder, site: assets.SAESite) -> None:
@@ -156,6 +166,20 @@ def measure_centralisation(recipe: Recipe, models: Path, work: Path, model, enco
     save_sae_file(replace(sae_file, provenance=provenance), path)
 
 
+def add_directions(recipe: Recipe, models: Path, work: Path, model, encoder, site: assets.SAESite) -> None:
+    """Shift mode's directions (DESIGN §6.9) into both of the site's SAE files, from the held-out grid and the
+    prompts without objects at the site. Skipped for a file that has them."""
+    paths = [assets.path(site.sae(method), models) for method in ("saemnesia", "saeuron")]
+    files = {path: load_sae_file(path) for path in paths}
+    if all(f.tables.directions is not None for f in files.values()):
+        return
+    data = [site_activations(model, encoder, recipe, work, site, split) for split in ("heldout", "absence")]
+    for path, f in files.items():
+        if f.tables.directions is None:
+            directions = concept_directions(data, f.concepts, f.num_buckets)
+            save_sae_file(replace(f, tables=replace(f.tables, directions=directions)), path)
+
+
 def measure_erasure(recipe: Recipe, sae_path: Path, strength: float, model, vae, encoder: PromptEncoder,
                     judges: Judges, seen_without: dict) -> None:
     """Store in the SAE file, per concept, how well it erases that concept at `strength` (Concept.erasure): up to 8
@@ -199,6 +223,7 @@ def build(models: Path, work: Path, recipe: Recipe) -> dict:
     for site in assets.ALL_SITES:
         build_saes(recipe, models, work, model, encoder, site)
         measure_centralisation(recipe, models, work, model, encoder, site)
+        add_directions(recipe, models, work, model, encoder, site)
         supervised = assets.path(site.saemnesia, models)
         calibrate_strengths(recipe, supervised, site.groups, model, vae, encoder, judges, artifact_judge)
         # SAEmnesia at the node's default strength (calibrated at its site); SAeUron at the demo's strength for the
