@@ -63,6 +63,7 @@ def test_nothing_chosen_gives_back_the_very_model_it_was_given_whatever_its_patc
     patcher, a clone is a new model to place)."""
     import comfy.model_patcher
     from saemnesia_comfy.erase import erase_concepts
+    from saemnesia_core.eraser import MODES
 
     cls = getattr(comfy.model_patcher, patcher, None)
     if cls is None:
@@ -73,7 +74,7 @@ def test_nothing_chosen_gives_back_the_very_model_it_was_given_whatever_its_patc
         model = cls.__new__(cls)
         comfy.model_patcher.ModelPatcher.__init__(model, world.model.model, torch.device("cpu"), torch.device("cpu"))
     monkeypatch.setattr(model, "clone", lambda *a, **k: pytest.fail("cloned"))
-    for mode in ("exact", "paper", "replace"):
+    for mode in MODES:
         for branches in ("both", "cond", "uncond"):
             assert erase_concepts(model, world.loaded, {}, -1.0, 0.2, 0.8, branches, mode) is model
     with pytest.raises(ValueError, match="start_percent"):  # still checked, though nothing is erased

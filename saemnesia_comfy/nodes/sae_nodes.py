@@ -94,7 +94,9 @@ class EraseConcepts(io.ComfyNode):
                                        "paper: the released hooks' formula, to reproduce published numbers. "
                                        "replace: the SAE only detects the concept's tokens, which are replaced by "
                                        "the nearest tokens that do not carry it (strength: how far, |strength| "
-                                       "capped at 1)."),
+                                       "capped at 1). shift: the SAE only detects the concept; an image where it "
+                                       "fires moves by strength × the concept's mean difference from its absence "
+                                       "(SAE files that hold it; best on the cond branch)."),
                 io.Mask.Input("mask", optional=True,
                               tooltip="Erase only inside this mask (white = erase); without it, everywhere. "
                                       "UNet blocks only for now."),
