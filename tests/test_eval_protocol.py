@@ -110,14 +110,16 @@ def test_report_paths_inside_the_repository_are_relative():
     assert shown_path(Path("/elsewhere/x.safetensors")) == "/elsewhere/x.safetensors"
 
 
-def test_a_settings_cache_key_leaves_out_the_uncalibrated_flag_at_its_default():
+def test_a_settings_cache_key_leaves_out_the_fields_added_later_at_their_defaults():
     from dataclasses import asdict
 
     from saemnesia_tools.toy.evaluation.protocol import Setting
 
     plain = Setting(("saemnesia", "object"), (("Hearts", -1.0, 0),))
-    assert plain.key() == {k: v for k, v in asdict(plain).items() if k != "uncalibrated"}  # the images made before it
+    assert plain.key() == {k: v for k, v in asdict(plain).items()  # the images made before them
+                           if k not in ("uncalibrated", "branches")}
     assert Setting(("saemnesia", "object"), (("Hearts", -1.0, 0),), uncalibrated=True).key() != plain.key()
+    assert Setting(("saemnesia", "object"), (("Hearts", -1.0, 0),), branches="cond").key() != plain.key()
 
 
 def test_the_default_is_held_against_its_bar_with_the_margin_met_or_missed_by():

@@ -105,11 +105,13 @@ class Setting:
     negative: str = ""
     mode: str = "exact"  # the eraser's mode (DESIGN §6)
     uncalibrated: bool = False  # ignore the SAE file's calibrations (DESIGN §6.7)
+    branches: str = "both"  # the CFG branches edited (shift mode moves the cond branch, DESIGN §6.9)
 
     def key(self) -> dict:
         """What identifies the images (fields at the default of one added later are left out, so that the images of
         settings made before it keep their cache)."""
-        return {k: v for k, v in asdict(self).items() if k != "uncalibrated" or v}
+        later = {"uncalibrated": False, "branches": "both"}
+        return {k: v for k, v in asdict(self).items() if k not in later or v != later[k]}
 
 
 @dataclass(frozen=True)
