@@ -248,10 +248,8 @@ class ConceptEraser:
                 items = items & weights.gt(0).any(1)
             if (self.mode != "paper" and not self.strengths) or not bool(items.any()):
                 return x
-            buckets = item_buckets(t, T, B, x.device).masked_fill(~items, T)  # items not edited take the off bucket
-            plan = self._plan_on(x.device)
-            step, edited_items = plan.table[buckets], items
-            shift = plan.shifts[buckets] if self.mode == "shift" else None
+            index = item_buckets(t, T, B, x.device).masked_fill(~items, T)  # items not edited take the off bucket
+            edited_items = items
         else:
             edit = [True] * B if edit_mask is None else [bool(e) for e in edit_mask]
             times = [float(t)] * B if isinstance(t, (int, float)) else [float(v) for v in t]
@@ -261,19 +259,16 @@ class ConceptEraser:
             if (self.mode != "paper" and not self.strengths) or not any(edit):
                 return x
             buckets = [bucket_of(v, T) if e else T for v, e in zip(times, edit)]
-            plan = self._plan_on(x.device)
             # one bucket for every item (cond and uncond of one step): its row, a view; else one small upload
-            if len(set(buckets)) == 1:
-                step, shift = plan.table[buckets[0]][None], plan.shifts[buckets[0]][None]
-            else:
-                index = torch.tensor(buckets, device=x.device)
-                step, shift = plan.table[index], plan.shifts[index] if self.mode == "shift" else None
+            index = slice(buckets[0], buckets[0] + 1) if len(set(buckets)) == 1 else \
+                torch.tensor(buckets, device=x.device)
             edited_items = None if all(edit) else torch.tensor(edit, device=x.device)
+        plan = self._plan_on(x.device)
         grid = tuple(x.shape[2:]) if x.dim() == 4 else (1, x.shape[1])
         distances = self._nearest(grid, x.device) if self.mode == "replace" else None
-        plan = self._plan_on(x.device)
-        return self.edit(x, base_tokens, step, edited_items, weights, plan.rows, self._weights(x.device, x.dtype),
-                         distances, (shift, plan.owners) if self.mode == "shift" else None)
+        return self.edit(x, base_tokens, plan.table[index], edited_items, weights, plan.rows,
+                         self._weights(x.device, x.dtype), distances,
+                         (plan.shifts[index], plan.owners) if self.mode == "shift" else None)
 
     def edit(self, x: Tensor, base: Tensor | None, step: Tensor, edited_items: Tensor | None, region: Tensor | None,
              rows: Tensor, weights: _Weights, distances: Tensor | None,
