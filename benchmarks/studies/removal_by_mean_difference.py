@@ -10,7 +10,7 @@ the direction removes the concept at all, before anything is built on it), or of
 the images of every concept of the group with every concept of the other group (and none) at seeds of its own:
 removed (no object; unstyled), still there, replaced by another concept of the group, and the other concept kept.
 
-    .venv/bin/python benchmarks/studies/removal_by_mean_difference.py    # about ten minutes on 2 cores
+    .venv/bin/python benchmarks/studies/removal_by_mean_difference.py    # about a quarter of an hour on 2 cores
 
 Writes benchmarks/studies/results/removal_by_mean_difference.json and .md.
 """
@@ -92,53 +92,79 @@ def cells_of(group: str, concept: str | None) -> list[tuple[str | None, str | No
     return [(obj, concept) for obj in (*OBJECTS, None)]
 
 
+def site_variants(group: str) -> dict[str, tuple[assets.SAESite, ...]]:
+    """Where to shift: the group's site; for styles also the encoder's 16×16 site, alone and with the style site
+    (styles are read at both levels: benchmarks/studies/prompt_swap.py)."""
+    if group == "object":
+        return {"object site": (assets.SITES["object"],)}
+    return {"style site": (assets.SITES["style"],), "encoder site": (assets.ENCODER_SITE,),
+            "encoder and style sites": (assets.ENCODER_SITE, assets.SITES["style"])}
+
+
+def settings(first: bool) -> list[tuple[str, float]]:
+    """(branches, α): every one at the group's own site, the cond branch at α ≥ 1 elsewhere."""
+    if first:
+        return [("cond", a) for a in ALPHAS] + [("both", a) for a in BOTH_BRANCH_ALPHAS]
+    return [("cond", a) for a in ALPHAS if a >= 1]
+
+
 def study(group: str, model, vae, encoder, judges) -> dict:
     concepts, absent = GROUPS[group]
-    site = assets.SITES[group]
-    block, steps = comfy_block_name(model, site.hookpoint), DEFAULT_STEPS
-    fit_seeds = [FIT_SEED + i for i in range(FIT_SEEDS)]
+    steps, fit_seeds = DEFAULT_STEPS, [FIT_SEED + i for i in range(FIT_SEEDS)]
     cells = [(o, s, seed) for c in (None, *concepts) for o, s in cells_of(group, c) for seed in fit_seeds]
-    means = cond_means(model, vae, encoder, block, [make_prompt(o, s) for o, s, _ in cells],
-                       [seed for *_, seed in cells], steps)
     per = len(cells_of(group, None)) * FIT_SEEDS
-    none = means[:per].mean(0)
-    directions = {c: means[per * (k + 1):per * (k + 2)].mean(0) - none for k, c in enumerate(concepts)}
+    variants, directions = site_variants(group), {}
+    for site in {site for sites in variants.values() for site in sites}:
+        block = comfy_block_name(model, site.hookpoint)
+        means = cond_means(model, vae, encoder, block, [make_prompt(o, s) for o, s, _ in cells],
+                           [seed for *_, seed in cells], steps)
+        none = means[:per].mean(0)
+        directions[site.hookpoint] = {c: means[per * (k + 1):per * (k + 2)].mean(0) - none
+                                      for k, c in enumerate(concepts)}
     own, other = (0, 1) if group == "object" else (1, 0)
     rows = []
-    for concept in concepts:
-        test = cells_of(group, concept)
-        prompts, seeds = [make_prompt(o, s) for o, s in test], [TEST_SEED + i for i in range(len(test))]
-        for branches, alpha in [("cond", a) for a in ALPHAS] + [("both", a) for a in BOTH_BRANCH_ALPHAS]:
-            images = generate(shifted(model, block, directions[concept], alpha, steps, branches), vae, encoder,
-                              prompts, seeds, steps=steps)
-            judged = list(zip(*judges.predict(images)))
-            rows.append({"concept": concept, "branches": branches, "alpha": alpha, "images": len(prompts),
-                         "removed": sum(j[own] == absent for j in judged),
-                         "still_there": sum(j[own] == concept for j in judged),
-                         "replaced": sum(j[own] not in (concept, absent) for j in judged),
-                         "other_kept": sum(j[other] == (cell[other] or STYLE_CLASSES[-1] if group == "object"
-                                                         else cell[other] or NO_OBJECT) for j, cell in zip(judged, test))})
-    return {"block": site.hookpoint, "rows": rows,
-            "direction_norm_by_step": {c: directions[c].norm(dim=-1).tolist() for c in concepts}}
+    for v, (name, sites) in enumerate(variants.items()):
+        for concept in concepts:
+            test = cells_of(group, concept)
+            prompts, seeds = [make_prompt(o, s) for o, s in test], [TEST_SEED + i for i in range(len(test))]
+            for branches, alpha in settings(v == 0):
+                patched = model
+                for site in sites:
+                    patched = shifted(patched, comfy_block_name(model, site.hookpoint),
+                                      directions[site.hookpoint][concept], alpha, steps, branches)
+                judged = list(zip(*judges.predict(generate(patched, vae, encoder, prompts, seeds, steps=steps))))
+                rows.append({"sites": name, "concept": concept, "branches": branches, "alpha": alpha,
+                             "images": len(prompts), "removed": sum(j[own] == absent for j in judged),
+                             "still_there": sum(j[own] == concept for j in judged),
+                             "replaced": sum(j[own] not in (concept, absent) for j in judged),
+                             "other_kept": sum(j[other] == (cell[other] or STYLE_CLASSES[-1] if group == "object"
+                                                             else cell[other] or NO_OBJECT)
+                                               for j, cell in zip(judged, test))})
+    return {"sites": {name: [site.hookpoint for site in sites] for name, sites in variants.items()}, "rows": rows,
+            "direction_norm_by_step": {hookpoint: {c: d.norm(dim=-1).tolist() for c, d in per_site.items()}
+                                       for hookpoint, per_site in directions.items()}}
 
 
 def markdown(result: dict) -> str:
     lines = ["# Removal by the mean difference from absence", "",
              "Written by `benchmarks/studies/removal_by_mean_difference.py`: −α × (mean token of the concept's images − "
              "mean token of its absence: no object, or unstyled; per step, cond branch) added to every token of the "
-             "cond branch (or of both), judged. Per row: the concept's images with every concept of the other group and "
-             "none; removed (no object / unstyled), still there, replaced by another of its group, other concept kept."]
+             "cond branch (or of both) at each site of a row, judged. Per row: the concept's images with every concept "
+             "of the other group and none; removed (no object / unstyled), still there, replaced by another of its "
+             "group, other concept kept."]
     for group, part in result["groups"].items():
-        lines += ["", f"## {group}s at `{part['block']}`", "",
-                  f"| {group} | branches | α | removed | still there | replaced | other kept |",
-                  "|---|---|---:|---:|---:|---:|---:|"]
-        lines += [f"| {r['concept']} | {r['branches']} | {r['alpha']:g} | {r['removed']} | {r['still_there']} | "
-                  f"{r['replaced']} | {r['other_kept']} |" for r in part["rows"]]
-        lines += ["", "| branches | α | removed | of |", "|---|---:|---:|---:|"]
-        for branches, alpha in [("cond", a) for a in ALPHAS] + [("both", a) for a in BOTH_BRANCH_ALPHAS]:
-            rows = [r for r in part["rows"] if r["branches"] == branches and r["alpha"] == alpha]
-            lines.append(f"| {branches} | {alpha:g} | {sum(r['removed'] for r in rows)} | "
-                         f"{sum(r['images'] for r in rows)} |")
+        for name, hookpoints in part["sites"].items():
+            rows = [r for r in part["rows"] if r["sites"] == name]
+            lines += ["", f"## {group}s, {name} ({', '.join(f'`{h}`' for h in hookpoints)})", "",
+                      f"| {group} | branches | α | removed | still there | replaced | other kept |",
+                      "|---|---|---:|---:|---:|---:|---:|"]
+            lines += [f"| {r['concept']} | {r['branches']} | {r['alpha']:g} | {r['removed']} | {r['still_there']} | "
+                      f"{r['replaced']} | {r['other_kept']} |" for r in rows]
+            lines += ["", "| branches | α | removed | other kept | of |", "|---|---:|---:|---:|---:|"]
+            for branches, alpha in dict.fromkeys((r["branches"], r["alpha"]) for r in rows):
+                same = [r for r in rows if (r["branches"], r["alpha"]) == (branches, alpha)]
+                lines.append(f"| {branches} | {alpha:g} | {sum(r['removed'] for r in same)} | "
+                             f"{sum(r['other_kept'] for r in same)} | {sum(r['images'] for r in same)} |")
     return "\n".join(lines) + "\n"
 
 
