@@ -6,7 +6,8 @@ Erase Concepts node's own patch path on the quick evaluation's selection set (th
 each other concept's, seeds of their own; `protocol.selection_items`), and scored as the evaluation scores: UA,
 IRA, CRA (metrics.py), RM (removed, not replaced) and AR (flagged by the artifact judge) on the target's images,
 averaged over the quick targets. No erasure is the first row. The node's default becomes the candidate that meets
-most of the bar (UA ≥ 95, RM ≥ 80, IRA and CRA at most 3 below no erasure, AR at most 10 above), then the higher RM.
+most of the bar (UA ≥ 95, RM ≥ 80, IRA and CRA at most 3 below no erasure, AR at most 10 above), counted over both
+groups (it is one setting for every concept), then the higher RM averaged over the groups.
 
 Candidates: the current modes at the shipped calibration (exact γ −1, replace −1), shift mode (DESIGN §6.9) on the
 cond branch at γ −1, −1.5, −2, the group's multi-site chain in exact and shift mode, and the text encoder's SAE.
@@ -67,6 +68,14 @@ def meets(row: dict, none: dict) -> list[bool]:
             row["AR"] <= none["AR"] + 0.10]
 
 
+def node_default(groups: dict) -> str:
+    """The candidate that meets most of the bar summed over the groups, then the higher mean RM."""
+    def rank(name):
+        rows = [part["settings"][name] for part in groups.values()]
+        return sum(r["bar_met"] for r in rows), sum(r["RM"] for r in rows) / len(rows)
+    return max(CANDIDATES, key=rank)
+
+
 def markdown(result: dict) -> str:
     lines = ["# Which edit removes?", "", "Written by `benchmarks/studies/removal_edits.py` on the quick evaluation's "
              "selection set; means over its targets, in %. Bar: UA ≥ 95, RM ≥ 80, IRA/CRA ≥ no erasure − 3, "
@@ -77,7 +86,8 @@ def markdown(result: dict) -> str:
         for name, row in part["settings"].items():
             lines.append(f"| {name} | " + " | ".join(f"{100 * row[m]:.1f}" for m in METRICS)
                          + f" | {row.get('bar_met', '—')} |")
-        lines += ["", f"Best: **{part['best']}**."]
+        lines += ["", f"Best for {group}s: **{part['best']}**."]
+    lines += ["", f"The node's default (most of the bar over both groups, then RM): **{result['default']}**."]
     return "\n".join(lines) + "\n"
 
 
@@ -103,7 +113,7 @@ def main(argv=None) -> None:
         groups[group] = {"targets": list(targets), "settings": settings, "best": best,
                          "per_target": {n: dict(zip(targets, rows)) for n, rows in per_setting.items()}}
     result = {"written_by": "python benchmarks/studies/removal_edits.py", "groups": groups,
-              "images_generated": runner.generated}
+              "default": node_default(groups), "images_generated": runner.generated}
     args.out.mkdir(parents=True, exist_ok=True)
     write_json_atomic(args.out / "removal_edits.json", result, indent=2)
     write_bytes_atomic(args.out / "removal_edits.md", markdown(result).encode())
