@@ -106,6 +106,13 @@ def check_known(labels, known: Sequence[str]) -> None:
         raise UnknownConceptError(unknown, list(dict.fromkeys(known)))
 
 
+def concept_indices(concepts: Sequence[Concept], labels) -> list[int]:
+    """The positions of `labels` among the concepts, in the order given (unknown labels: UnknownConceptError)."""
+    index = {c.label: i for i, c in enumerate(concepts)}
+    check_known(labels, list(index))
+    return [index[label] for label in labels]
+
+
 def with_calibrations(concepts: Sequence[Concept], kappas: dict[str, float | None]) -> list[Concept]:
     """The concepts with κ set (None: removed) for the labels in `kappas`; the others as they are. A concept whose κ
     changes loses its erasure record: it was measured with the old κ."""

@@ -32,10 +32,10 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from .concepts import MAX_STRENGTH, Concept, ConceptTables, check_known
+from .concepts import MAX_STRENGTH, Concept, ConceptTables, concept_indices
 from .regions import blend, checked_weights
 from .sae import TopKSAE, block_to_tokens, pre_activations, sparse_decode, standardize
-from .timesteps import bucket_index, bucket_of, item_buckets
+from .timesteps import bucket_of, item_buckets
 
 MODES = ("exact", "paper", "replace", "shift")
 BETA_EPS = 1e-8
@@ -45,12 +45,6 @@ SIGNALS = ("output", "update")
 """What an SAE reads: the block's output, or its update (output − input)."""
 STRENGTH_UNITS = ("mean", "beta")
 """What γ multiplies: the concept's mean activation μ_c (the papers), or SAEmnesia's β = ‖z‖₂ / ‖W_dec[i]‖₂."""
-
-
-def _concept_indices(concepts: Sequence[Concept], labels) -> list[int]:
-    index = {c.label: i for i, c in enumerate(concepts)}
-    check_known(labels, list(index))
-    return [index[label] for label in labels]
 
 
 class _Plan(NamedTuple):
@@ -139,7 +133,7 @@ class ConceptEraser:
         self.directions = directions if mode == "shift" else None
         self.sae, self.concepts, self.tables, self.mode, self.detection = sae, list(concepts), tables, mode, detection
         self.reads, self.beta = reads, strength_unit == "beta"
-        chosen = sorted(_concept_indices(concepts, list(strengths)))
+        chosen = sorted(concept_indices(concepts, list(strengths)))
         self.strengths = {concepts[i].label: _strength(concepts[i], strengths[concepts[i].label]) for i in chosen}
         self._plans = {torch.device("cpu"): self._plan(chosen)}
         self.calibrated = bool(self._plans[torch.device("cpu")].table[..., RELATIVE].any())
@@ -349,31 +343,6 @@ class ConceptEraser:
             raise ValueError(f"the block's input has shape {list(base.shape)}, its output {list(x.shape)}: an SAE "
                              "that reads the update needs both of one shape")
         return _tokens(base, self.sae.cfg.d_in)
-
-
-def concept_activation_maps(sae: TopKSAE, concepts: list[Concept], tables: ConceptTables, x: Tensor,
-                            t: Tensor | float, labels: Sequence[str]) -> Tensor:
-    """Where each concept fires: Σ over its selected latents (bucket of t) of z_i per token; nothing is edited.
-
-    x (the signal the SAE reads: the block's output, or its update) [B, C, H, W] -> [B, len(labels), H, W];
-    [B, N, d] -> [B, len(labels), N]; float32.
-    """
-    chosen = _concept_indices(concepts, labels)
-    with torch.no_grad():
-        tokens = _tokens(x, sae.cfg.d_in)
-        B, N, _ = tokens.shape
-        buckets = bucket_index(t, tables.num_buckets).expand(B).cpu()
-        lat = tables.latents[chosen].cpu()[:, buckets]                      # [C', B, L]
-        lat = lat.transpose(0, 1).reshape(B, -1).to(x.device)               # [B, C'·L]
-        cast = [p.to(x.device, x.dtype) for p in (sae.encoder.weight, sae.encoder.bias, sae.b_dec)]
-        pre_encoder = sae.pre_encoder_weights
-        pre_encoder = None if pre_encoder is None else tuple(p.to(x.device, x.dtype) for p in pre_encoder)
-        pre, _ = _pre_activations(sae, tokens, *cast, pre_encoder)
-        kth = pre.topk(sae.cfg.k, dim=-1).values[..., -1:]
-        z = pre.gather(-1, lat.clamp(min=0)[:, None, :].expand(B, N, -1))  # [B, N, C'·L]
-        z = torch.where((z >= kth) & (lat >= 0)[:, None, :], z, 0.0).float()
-        maps = z.reshape(B, N, len(chosen), -1).sum(-1).transpose(1, 2)     # [B, C', N]
-    return maps.reshape(B, len(chosen), *x.shape[2:]) if x.dim() == 4 else maps
 
 
 def _strength(concept: Concept, gamma: float | None) -> float:

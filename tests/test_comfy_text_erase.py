@@ -90,7 +90,7 @@ def test_nothing_chosen_encodes_every_prompt_bit_for_bit(world):
 
 
 def test_a_chosen_concept_changes_exactly_the_prompts_the_sae_detects_it_in(world):
-    from saemnesia_core.eraser import concept_activation_maps
+    from saemnesia_core.activation_maps import concept_activation_maps
 
     patched = erase(world, {"Hearts": None})
     changed = {p: not torch.equal(encode(patched, p), plain) for p, plain in world.plain.items()}
