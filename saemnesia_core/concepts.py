@@ -9,6 +9,7 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -20,6 +21,19 @@ MAX_CALIBRATION = 100.0
 """κ_c above this is refused (it multiplies the token's own norm; the toy's calibrations lie from 0.25 to 16)."""
 SCORE_EPS = 1e-8
 """δ in the score's denominators (SAeUron's `compute_feature_importance`)."""
+
+
+class EditSetting(NamedTuple):
+    """One erasure setting for every chosen concept: the eraser's mode, the guidance branches it edits, γ."""
+
+    mode: str
+    branches: str
+    strength: float
+
+
+DEFAULT_EDIT = EditSetting(mode="exact", branches="both", strength=-1.0)
+"""Erase Concepts' defaults: the candidate that met most of the removal bar on the toy world, over objects and styles
+together (benchmarks/studies/removal_edits.py, its `default`; DESIGN §6.10). The demo uses it too."""
 
 
 @dataclass

@@ -208,3 +208,15 @@ def test_the_gpu_check_says_there_is_no_cuda_and_succeeds_on_a_machine_without_o
     done = subprocess.run(["bash", str(ROOT / "scripts" / "gpu_check.sh")], capture_output=True, text=True,
                           env={**os.environ, "SAEMNESIA_PYTHON": sys.executable}, timeout=120)
     assert done.returncode == 0 and "no CUDA device" in done.stdout
+
+
+def test_the_node_default_is_the_edit_the_removal_study_chose():
+    """Erase Concepts' defaults, the demo's and the evaluation's `default` row are DEFAULT_EDIT, and DEFAULT_EDIT is
+    the candidate benchmarks/studies/removal_edits.py chose by its rule, with the group's SAEmnesia file."""
+    import json
+
+    from saemnesia_core.concepts import DEFAULT_EDIT
+
+    study = json.loads((ROOT / "benchmarks" / "studies" / "results" / "removal_edits.json").read_text())
+    assert study["written_by"] == "python benchmarks/studies/removal_edits.py"
+    assert study["default_setting"] == {"sae": "saemnesia", **DEFAULT_EDIT._asdict()}

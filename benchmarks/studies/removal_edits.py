@@ -7,7 +7,8 @@ each other concept's, seeds of their own; `protocol.selection_items`), and score
 IRA, CRA (metrics.py), RM (removed, not replaced) and AR (flagged by the artifact judge) on the target's images,
 averaged over the quick targets. No erasure is the first row. The node's default becomes the candidate that meets
 most of the bar (UA ≥ 95, RM ≥ 80, IRA and CRA at most 3 below no erasure, AR at most 10 above), counted over both
-groups (it is one setting for every concept), then the higher RM averaged over the groups.
+groups (it is one setting for every concept), then the higher RM averaged over the groups, among the candidates one
+Erase Concepts node expresses (DESIGN §6.10).
 
 Candidates: the current modes at the shipped calibration (exact γ −1, replace −1), shift mode (DESIGN §6.9) on the
 cond branch at γ −1, −1.5, −2, the group's multi-site chain in exact and shift mode, and the text encoder's SAE.
@@ -69,11 +70,12 @@ def meets(row: dict, none: dict) -> list[bool]:
 
 
 def node_default(groups: dict) -> str:
-    """The candidate that meets most of the bar summed over the groups, then the higher mean RM."""
+    """Of the candidates one Erase Concepts node expresses (the group's own SAEmnesia file), the one that meets most
+    of the bar summed over the groups, then the higher mean RM (DESIGN §6.10)."""
     def rank(name):
         rows = [part["settings"][name] for part in groups.values()]
         return sum(r["bar_met"] for r in rows), sum(r["RM"] for r in rows) / len(rows)
-    return max(CANDIDATES, key=rank)
+    return max((name for name, candidate in CANDIDATES.items() if candidate[0] == "saemnesia"), key=rank)
 
 
 def markdown(result: dict) -> str:
@@ -113,7 +115,9 @@ def main(argv=None) -> None:
         groups[group] = {"targets": list(targets), "settings": settings, "best": best,
                          "per_target": {n: dict(zip(targets, rows)) for n, rows in per_setting.items()}}
     result = {"written_by": "python benchmarks/studies/removal_edits.py", "groups": groups,
-              "default": node_default(groups), "images_generated": runner.generated}
+              "default": (default := node_default(groups)),
+              "default_setting": dict(zip(("sae", "mode", "branches", "strength"), CANDIDATES[default])),
+              "images_generated": runner.generated}
     args.out.mkdir(parents=True, exist_ok=True)
     write_json_atomic(args.out / "removal_edits.json", result, indent=2)
     write_bytes_atomic(args.out / "removal_edits.md", markdown(result).encode())

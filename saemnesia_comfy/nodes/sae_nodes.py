@@ -75,7 +75,8 @@ class EraseConcepts(io.ComfyNode):
                 SAE.Input("sae", tooltip="A concept SAE from Load SAE; its hookpoint must exist in this model. "
                                          "Several chained Load SAE nodes erase at several blocks."),
                 io.String.Input("concepts", default="[]", multiline=False, tooltip=CONCEPTS_TOOLTIP),
-                io.Float.Input("strength", default=-1.0, min=-MAX_STRENGTH, max=MAX_STRENGTH, step=0.1,
+                io.Float.Input("strength", default=DEFAULT_EDIT.strength, min=-MAX_STRENGTH, max=MAX_STRENGTH,
+                               step=0.1,
                                tooltip="How strongly to erase. Negative erases: −1 is SAEmnesia's single knob, and for "
                                        "the concepts a file calibrates (the toy's SAEmnesia files: their block's "
                                        "group, where a κ erased better than the papers' formula) −1 is the "
@@ -86,10 +87,10 @@ class EraseConcepts(io.ComfyNode):
                                        "strength measured to erase it; in replace mode, how far a detected token "
                                        "moves to its replacement (|γ|, at most 1)."),
                 *_step_inputs(),
-                io.Combo.Input("branches", options=list(BRANCHES), default="both",
+                io.Combo.Input("branches", options=list(BRANCHES), default=DEFAULT_EDIT.branches,
                                tooltip="Which classifier-free-guidance branch to edit: both (as the papers), "
                                        "cond only, or uncond only."),
-                io.Combo.Input("mode", options=list(MODES), default="exact",
+                io.Combo.Input("mode", options=list(MODES), default=DEFAULT_EDIT.mode,
                                tooltip="exact: add only the change of the erased latents (identity elsewhere). "
                                        "paper: the released hooks' formula, to reproduce published numbers. "
                                        "replace: the SAE only detects the concept's tokens, which are replaced by "

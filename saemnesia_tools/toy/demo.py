@@ -1,32 +1,30 @@
-"""What the demo shows and how its rows are judged: shared by `scripts/demo.py` (the real ComfyUI server), the
-pool study that chose its rows (`benchmarks/studies/demo_pool.py`, in-process) and the example workflows.
+"""What the demo shows and how its rows are judged: shared by `scripts/demo.py` (the real ComfyUI server) and the
+example workflows.
 
 Each row is one prompt "An image of {object} in {style} style." at one seed, in four columns: the original, the
 object erased (with the object-site SAE), the style erased (with the style-site SAE), and both (two chained Erase
-Concepts nodes). The judges name the object and the style of every image.
+Concepts nodes), every Erase Concepts node at its defaults (DEFAULT_EDIT). The judges name the object and the style
+of every image.
 """
 
 from __future__ import annotations
+
+from saemnesia_core.concepts import DEFAULT_EDIT
 
 from .render import OBJECTS, STYLES
 
 COLUMNS = ("original", "erase object", "erase style", "erase both")
 SEED = 7
-# Strengths γ per group, one for every concept of the group: SAEmnesia's −1 is too gentle for objects at the toy's
-# 8x8 block and far too strong for styles at its 16x16 block, where it wipes the image; −0.2 erases some styles
-# cleanly there (benchmarks/studies/style_gamma_sweep.py).
+# The papers' formula's strength γ per group for the SAeUron files, which have no calibration (the build records how
+# each erases at it): −1 is too gentle for objects at the toy's 8x8 block and far too strong for styles at its 16x16
+# block (benchmarks/studies/style_gamma_sweep.py). The demo itself erases at the node's default (DEFAULT_EDIT).
 GAMMAS = {"object": -5.0, "style": -0.2}
-# Edit mode per group (saemnesia_core.eraser.MODES): the one the quick evaluation found serves users best, by clean
-# erasure (README, "Evaluation"). Replace mode runs at the evaluation's one setting, −1 (every detected token fully
-# replaced); exact mode at GAMMAS.
-MODES = {"object": "replace", "style": "replace"}
 # The evaluation's fitted artifact judge (written by `saemnesia eval`): the demo flags broken images with it.
 ARTIFACT_JUDGE = "benchmarks/results/eval_quick/artifact_judge.safetensors"
 # Rows shown: the first six of a list fixed by rule before any result of the world with absence was seen: the i-th
 # object in the i-th style, in the renderer's orders (no choosing rows that happen to work).
 PAIRS = tuple(zip(OBJECTS, STYLES))
 CASES = PAIRS[:6]
-POOL_STYLES = ("Stripes", "Dots", "Outline", "Gradient")  # the pool study's styles (benchmarks/studies/demo_pool.py)
 
 OUTCOMES = {
     "original_recognised": "original: object and style recognised",
@@ -40,14 +38,9 @@ def prompt(obj: str, style: str) -> str:
     return f"An image of {obj} in {style} style."
 
 
-def strength(group: str) -> float:
-    """The demo's strength for a group's concepts, in that group's mode."""
-    return -1.0 if MODES[group] == "replace" else GAMMAS[group]
-
-
 def erasures(obj: str, style: str) -> dict[str, dict[str, dict[str, float]]]:
     """Per column, what is erased: {group: {concept: γ}}."""
-    o, s = {"object": {obj: strength("object")}}, {"style": {style: strength("style")}}
+    o, s = {"object": {obj: DEFAULT_EDIT.strength}}, {"style": {style: DEFAULT_EDIT.strength}}
     return dict(zip(COLUMNS, ({}, o, s, {**o, **s})))
 
 

@@ -27,6 +27,8 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
+from saemnesia_core.concepts import DEFAULT_EDIT
+
 from ..prompts import HELD_OUT_TEMPLATES, TRAIN_TEMPLATES, make_prompt
 from ..render import OBJECTS, STYLES
 
@@ -59,6 +61,9 @@ METHODS = {  # name -> (label in reports, configurations searched per concept)
     "text": ("SAEmnesia, text encoder (γ tuned)", "gammas"),
     "text_gamma1": ("SAEmnesia, text encoder (γ = −1)", 1),
     "negative": ("negative prompt", 1),
+    # Erase Concepts at its defaults (DEFAULT_EDIT: mode, branches, γ) with the group's SAEmnesia file: the row the
+    # bar holds (one of the rows above when the defaults are theirs; then its images come from the cache)
+    "default": ("the node's default", 1),
 }
 QUALITY_METRICS = ("AR", "CE", "RM", "KID")
 
@@ -139,6 +144,12 @@ FULL = Protocol()
 # latents per bucket.
 QUICK = Protocol(object_targets=OBJECTS[::2], style_targets=STYLES[::2], test_seeds=1, select_seeds=1,
                  select_others=1, rephrase_seeds=1, steps=25, gammas=(-1.0, -5.0, -15.0, -30.0), kept=(1, 2))
+
+
+def default_setting(group: str, concept: str) -> Setting:
+    """Erase Concepts at its defaults (DEFAULT_EDIT) erasing `concept` with its group's SAEmnesia file."""
+    return Setting(("saemnesia", group), ((concept, DEFAULT_EDIT.strength, 0),), mode=DEFAULT_EDIT.mode,
+                   branches=DEFAULT_EDIT.branches)
 
 
 def _grid_index(obj: str, style: str | None) -> int:
