@@ -51,8 +51,9 @@ def calibrate_strengths(recipe: Recipe, sae_path: Path, groups: tuple[str, ...],
     κ of `kappas`, or none (the papers' formula), at which the node's default strength, −1, gave the most clean
     erasures (the concept removed, not replaced: `quality.removed`; the other group's concept kept; the image not
     flagged by `artifact_judge()`) on `recipe.erasure_images` images per concept (seeds CALIBRATION_SEED…), ties
-    broken by `choose_kappa`. The counts go in the provenance, with the judges-only counts. Counts recorded under the same protocol are not measured again:
-    the choice is made from them, so a change of `choose_kappa` reaches the file without new images."""
+    broken by `choose_kappa`. The counts go in the provenance, with the judges-only counts. Counts recorded under
+    the same protocol are not measured again: the choice is made from them, so a change of `choose_kappa` reaches
+    the file without new images."""
     sae_file = load_sae_file(sae_path)
     chosen = [c for c in sae_file.concepts if c.group in groups]
     protocol = {"kappas": list(kappas), "strength": -1.0, "first_seed": CALIBRATION_SEED,
