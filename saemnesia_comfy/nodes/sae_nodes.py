@@ -9,7 +9,7 @@ from comfy_api.latest import io
 
 from saemnesia_comfy import erase, probe as probing, sae_library, teach, text_erase
 from saemnesia_comfy.patch import BRANCHES
-from saemnesia_core.concepts import MAX_STRENGTH
+from saemnesia_core.concepts import DEFAULT_EDIT, MAX_STRENGTH
 from saemnesia_core.eraser import MODES
 
 SAE = io.Custom("SAE")
