@@ -124,10 +124,10 @@ class ConceptEraser:
         if tables.latents.shape[0] != len(concepts):
             raise ValueError(f"{len(concepts)} concepts but tables for {tables.latents.shape[0]}")
         expected = (len(concepts), tables.num_buckets, sae.cfg.d_in)
-        if mode == "shift" and directions is None:
+        if mode == "shift" and directions is None and strengths:  # with nothing chosen, nothing needs them
             raise ValueError("shift mode needs each concept's mean difference from its absence (DESIGN §6.9), and "
                              "this SAE holds none: use exact, paper or replace mode")
-        if mode == "shift" and tuple(directions.shape) != expected:
+        if mode == "shift" and directions is not None and tuple(directions.shape) != expected:
             raise ValueError(f"shift mode needs each concept's mean difference from its absence, directions of shape "
                              f"{list(expected)}; got {list(directions.shape)}")
         self.directions = directions if mode == "shift" else None

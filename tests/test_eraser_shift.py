@@ -99,11 +99,13 @@ def test_items_outside_the_edit_mask_or_step_range_are_returned_bit_for_bit(worl
 
 
 def test_shift_mode_without_a_direction_per_concept_and_bucket_fails_clearly(world):
-    sae_file, sae, good, _ = world
+    sae_file, sae, good, x = world
     with pytest.raises(ValueError, match=r"directions of shape \[3, 4, 16\]; got \[3, 2, 16\]"):
         ConceptEraser(sae, sae_file.concepts, sae_file.tables, {"Cats": -1.0}, mode="shift", directions=good[:, :2])
     with pytest.raises(ValueError, match="this SAE holds none: use exact, paper or replace mode"):
         ConceptEraser.from_file(sae_file, {"Cats": -1.0}, mode="shift", sae=sae)
+    nothing_chosen = ConceptEraser.from_file(sae_file, {}, mode="shift", sae=sae)  # needs no direction
+    assert nothing_chosen(x, 0.5) is x
 
 
 # ---------------------------------------------------------------------------------------------- in the file
