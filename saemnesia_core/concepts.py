@@ -31,9 +31,9 @@ class EditSetting(NamedTuple):
     strength: float
 
 
-DEFAULT_EDIT = EditSetting(mode="exact", branches="both", strength=-1.0)
-"""Erase Concepts' defaults: the candidate that met most of the removal bar on the toy world, over objects and styles
-together (benchmarks/studies/removal_edits.py, its `default`; DESIGN §6.10). The demo uses it too."""
+DEFAULT_EDIT = EditSetting(mode="shift", branches="cond", strength=-2.0)
+"""Erase Concepts' defaults: the candidate that removed most on the toy world, over objects and styles together
+(benchmarks/studies/removal_edits.py, its `default`; DESIGN §6.10). The demo and the evaluation's default row use it."""
 
 
 @dataclass

@@ -5,10 +5,12 @@ Every candidate is one setting for every concept of a group (no per-concept or p
 Erase Concepts node's own patch path on the quick evaluation's selection set (the target's every cell and a few of
 each other concept's, seeds of their own; `protocol.selection_items`), and scored as the evaluation scores: UA,
 IRA, CRA (metrics.py), RM (removed, not replaced) and AR (flagged by the artifact judge) on the target's images,
-averaged over the quick targets. No erasure is the first row. The node's default becomes the candidate that meets
-most of the bar (UA ≥ 95, RM ≥ 80, IRA and CRA at most 3 below no erasure, AR at most 10 above), counted over both
-groups (it is one setting for every concept), then the higher RM averaged over the groups, among the candidates one
-Erase Concepts node expresses (DESIGN §6.10).
+averaged over the quick targets. No erasure is the first row. Among the candidates one Erase Concepts node expresses
+(DESIGN §6.10), the node's default becomes the one with the highest RM averaged over the two groups (it is one
+setting for every concept), then the one meeting more of the bar (UA ≥ 95, RM ≥ 80, IRA and CRA at most 3 below no
+erasure, AR at most 10 above) summed over the groups. The rule fixed before the world with absence was measured put
+the bar count first; it chose replace mode, which removes nothing (RM 0 in both groups) and meets the IRA and CRA
+terms by barely acting, so removal now comes first. Both choices are in the results.
 
 Candidates: the current modes at the shipped calibration (exact γ −1, replace −1), shift mode (DESIGN §6.9) on the
 cond branch at γ −1, −1.5, −2, the group's multi-site chain in exact and shift mode, and the text encoder's SAE.
@@ -69,12 +71,14 @@ def meets(row: dict, none: dict) -> list[bool]:
             row["AR"] <= none["AR"] + 0.10]
 
 
-def node_default(groups: dict) -> str:
-    """Of the candidates one Erase Concepts node expresses (the group's own SAEmnesia file), the one that meets most
-    of the bar summed over the groups, then the higher mean RM (DESIGN §6.10)."""
+def node_default(groups: dict, bar_first: bool = False) -> str:
+    """Of the candidates one Erase Concepts node expresses (the group's own SAEmnesia file), the one with the highest
+    RM averaged over the groups, then meeting more of the bar summed over them (DESIGN §6.10); `bar_first`: the
+    rule fixed before the results, the two keys the other way round."""
     def rank(name):
         rows = [part["settings"][name] for part in groups.values()]
-        return sum(r["bar_met"] for r in rows), sum(r["RM"] for r in rows) / len(rows)
+        keys = sum(r["RM"] for r in rows) / len(rows), sum(r["bar_met"] for r in rows)
+        return keys[::-1] if bar_first else keys
     return max((name for name, candidate in CANDIDATES.items() if candidate[0] == "saemnesia"), key=rank)
 
 
@@ -89,7 +93,9 @@ def markdown(result: dict) -> str:
             lines.append(f"| {name} | " + " | ".join(f"{100 * row[m]:.1f}" for m in METRICS)
                          + f" | {row.get('bar_met', '—')} |")
         lines += ["", f"Best for {group}s: **{part['best']}**."]
-    lines += ["", f"The node's default (most of the bar over both groups, then RM): **{result['default']}**."]
+    lines += ["", f"The node's default (the highest RM over both groups, then the most of the bar): "
+              f"**{result['default']}** (the rule fixed before these results, the bar first: "
+              f"{result['default_by_the_first_rule']})."]
     return "\n".join(lines) + "\n"
 
 
@@ -116,6 +122,7 @@ def main(argv=None) -> None:
                          "per_target": {n: dict(zip(targets, rows)) for n, rows in per_setting.items()}}
     result = {"written_by": "python benchmarks/studies/removal_edits.py", "groups": groups,
               "default": (default := node_default(groups)),
+              "default_by_the_first_rule": node_default(groups, bar_first=True),
               "default_setting": dict(zip(("sae", "mode", "branches", "strength"), CANDIDATES[default])),
               "images_generated": runner.generated}
     args.out.mkdir(parents=True, exist_ok=True)

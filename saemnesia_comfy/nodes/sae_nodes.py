@@ -85,7 +85,10 @@ class EraseConcepts(io.ComfyNode):
                                        "Formula (γ): a firing concept latent z becomes z·γ·μ, or, for a concept "
                                        "the file calibrates (κ), γ·κ·‖x‖ in exact mode, so that −1 is the "
                                        "strength measured to erase it; in replace mode, how far a detected token "
-                                       "moves to its replacement (|γ|, at most 1)."),
+                                       "moves to its replacement (|γ|, at most 1); in shift mode, how many times "
+                                       "the concept's mean difference from its absence is added (−1 takes it away "
+                                       f"once). The defaults ({DEFAULT_EDIT.mode} mode, {DEFAULT_EDIT.branches} "
+                                       f"branch, {DEFAULT_EDIT.strength:g}) removed the most on the toy world."),
                 *_step_inputs(),
                 io.Combo.Input("branches", options=list(BRANCHES), default=DEFAULT_EDIT.branches,
                                tooltip="Which classifier-free-guidance branch to edit: both (as the papers), "
@@ -97,7 +100,7 @@ class EraseConcepts(io.ComfyNode):
                                        "the nearest tokens that do not carry it (strength: how far, |strength| "
                                        "capped at 1). shift: the SAE only detects the concept; an image where it "
                                        "fires moves by strength × the concept's mean difference from its absence "
-                                       "(SAE files that hold it; best on the cond branch)."),
+                                       "(SAE files that hold it, such as the toy's; best on the cond branch)."),
                 io.Mask.Input("mask", optional=True,
                               tooltip="Erase only inside this mask (white = erase); without it, everywhere. "
                                       "UNet blocks only for now."),
