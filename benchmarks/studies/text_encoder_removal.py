@@ -1,7 +1,7 @@
 # SPDX-License-Identifier: GPL-3.0-or-later
 """Does the text encoder's SAE remove a concept in the world with absence, or replace it?
 
-Each concept erased with Erase Concepts (text) (`models/saemnesia/toy_saemnesia_text.safetensors`, exact mode) at
+Each concept erased with Erase Concepts (text) (the toy's text SAE, `assets.TEXT_SAE`, exact mode) at
 several γ, on its images with every concept of the other group and none (an object in every look; a style on every
 object and on no object), seeds of its own; judged: removed (no object / unstyled), still there, replaced by another
 of its group, the other concept kept. A first look for issue 32's item 2 (the text encoder and a UNet block
