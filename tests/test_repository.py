@@ -158,6 +158,7 @@ def test_the_readme_and_the_evaluation_page_show_the_evaluation_as_its_results_f
     for shown in (summary_table, replace_findings, paper_and_exact, one_setting_findings, default_against_bar,
                   judged_instead, text_findings, multi_site_findings):
         assert shown(results) in page, shown.__name__
+    assert default_against_bar(results)  # the results have the default's row (an evaluation made since it exists)
     assert default_against_bar(results) in readme  # the README's limits hold the node's default against its bar
     verdicts = json.loads((ROOT / "docs" / "demo" / "verdicts.json").read_text())
     assert verdicts["caption"] in " ".join(readme.split())  # the README may wrap the caption's lines
