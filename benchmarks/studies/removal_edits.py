@@ -38,7 +38,7 @@ from saemnesia_tools.toy.evaluation.quality import removed
 RESULTS = Path(__file__).resolve().parent / "results"
 # name -> (SAE method, mode, branches, γ)
 CANDIDATES = {
-    "exact, γ −1 (the node's default today)": ("saemnesia", "exact", "both", -1.0),
+    "exact, γ −1 (the node's default before this study)": ("saemnesia", "exact", "both", -1.0),
     "replace, −1": ("saemnesia", "replace", "both", -1.0),
     **{f"shift, cond, γ −{-g:g}": ("saemnesia", "shift", "cond", g) for g in (-1.0, -1.5, -2.0)},
     "multi-site exact, γ −1": (MULTI_SITE, "exact", "both", -1.0),
