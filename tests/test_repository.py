@@ -222,4 +222,5 @@ def test_the_node_default_is_the_edit_the_removal_study_chose():
     assert study["written_by"] == "python benchmarks/studies/removal_edits.py"
     assert study["default_setting"] == {"sae": "saemnesia", **DEFAULT_EDIT._asdict()}
     d = DEFAULT_EDIT  # and the README's node table says so
-    assert f"by default {d.mode} on the {d.branches} branch at {d.strength:g}" in (ROOT / "README.md").read_text()
+    stated = f"by default {d.mode} on the {d.branches} branch at {d.strength:g}".replace("-", "−")
+    assert stated in (ROOT / "README.md").read_text()
