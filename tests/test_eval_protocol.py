@@ -133,3 +133,14 @@ def test_the_default_is_held_against_its_bar_with_the_margin_met_or_missed_by():
                                                          "by 1.0) | 96.0 (met) | 20.0 (missed by 5.0) | 90.0 (missed by 1.0) |")
     assert judged_instead(data).splitlines()[2] == "| Circles (object) | Squares 7, Circles 2 (0.0 %) |"
     assert default_against_bar({k: v for k, v in data.items() if k != "artifact_judge"}) == ""
+
+
+def test_the_artifact_judges_own_images_include_the_scenes_without_objects_at_seeds_of_their_own():
+    from saemnesia_tools.toy.evaluation.protocol import LOOKS, quality_items
+    from saemnesia_tools.toy.prompts import make_prompt
+
+    fit, calibration = quality_items()
+    for part in (fit, calibration):
+        assert {make_prompt(None, s) for s in LOOKS} <= {i.prompt for i in part}
+    seeds = [i.seed for i in fit + calibration]
+    assert len(set(seeds)) == len(seeds)

@@ -59,7 +59,8 @@ def calibrate_strengths(recipe: Recipe, sae_path: Path, groups: tuple[str, ...],
     protocol = {"kappas": list(kappas), "strength": -1.0, "first_seed": CALIBRATION_SEED,
                 "images": len(cells_showing(chosen[0], recipe.erasure_images)[0]),
                 "criterion": CRITERION,
-                "artifact_judge": {"first_seed": ARTIFACT_SEED, "seeds_per_prompt": recipe.artifact_seeds}}
+                "artifact_judge": {"first_seed": ARTIFACT_SEED, "seeds_per_prompt": recipe.artifact_seeds,
+                                   "prompts": "the grid and no object"}}
     recorded = sae_file.provenance.get("calibration") or {}
     if ({key: recorded.get(key) for key in protocol} == protocol
             and all(c.label in recorded["clean_erasures"] for c in chosen)):

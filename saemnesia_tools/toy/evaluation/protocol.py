@@ -70,9 +70,10 @@ QUALITY_METRICS = ("AR", "CE", "RM", "KID")
 
 @dataclass(frozen=True)
 class Item:
-    """One image: an object in a style (None = unstyled), its seed, and the wording (None = the papers' form)."""
+    """One image: an object (None = none, for the artifact judge's own images) in a style (None = unstyled), its
+    seed, and the wording (None = the papers' form)."""
 
-    obj: str
+    obj: str | None
     style: str | None
     seed: int
     template: int | None = None  # index into HELD_OUT_TEMPLATES
@@ -152,8 +153,9 @@ def default_setting(group: str, concept: str) -> Setting:
                    branches=DEFAULT_EDIT.branches)
 
 
-def _grid_index(obj: str, style: str | None) -> int:
-    return OBJECTS.index(obj) * len(LOOKS) + LOOKS.index(style)
+def _grid_index(obj: str | None, style: str | None) -> int:
+    """The cell's place in the grid; the scenes without an object (obj None) follow it."""
+    return (len(OBJECTS) if obj is None else OBJECTS.index(obj)) * len(LOOKS) + LOOKS.index(style)
 
 
 def _item(obj: str, style: str | None, rep: int, base: int, template: int | None = None) -> Item:
@@ -185,10 +187,13 @@ def selection_items(group: str, concept: str, protocol: Protocol) -> list[Item]:
 
 
 def quality_items(base: int = QUALITY_SEED, fit_seeds: int = QUALITY_FIT_SEEDS) -> tuple[list[Item], list[Item]]:
-    """The artifact judge's own un-erased images: (fit: `fit_seeds` per grid prompt, calibration: one more), from
-    seed `base` (the toy build fits its own judge at seeds of its own)."""
-    items = [_item(o, s, r, base) for r in range(fit_seeds + 1) for o in OBJECTS for s in LOOKS]
-    fit = fit_seeds * len(OBJECTS) * len(LOOKS)
+    """The artifact judge's own un-erased images: (fit: `fit_seeds` per prompt, calibration: one more), from seed
+    `base` (the toy build fits its own judge at seeds of its own). The prompts are the grid's and those that name no
+    object ("An image in Neon style.", "An image."): the model's own empty scenes are no more artifacts than its
+    drawings are."""
+    cells = [(o, s) for o in (*OBJECTS, None) for s in LOOKS]
+    items = [_item(o, s, r, base) for r in range(fit_seeds + 1) for o, s in cells]
+    fit = fit_seeds * len(cells)
     return items[:fit], items[fit:]
 
 
