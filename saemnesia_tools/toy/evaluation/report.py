@@ -210,8 +210,8 @@ def default_against_bar(data: dict) -> str:
     return "\n".join(lines)
 
 
-AT_THE_DEFAULT = (("default", "the node's default"), ("saemnesia_gamma1", "SAEmnesia, exact, its own block"), ("saemnesia_multisite", "SAEmnesia, multi-site"),
-                  ("text_gamma1", "text encoder"))
+AT_THE_DEFAULT = (("default", "the node's default"), ("saemnesia_gamma1", "SAEmnesia, exact, its own block"),
+                  ("saemnesia_multisite", "SAEmnesia, multi-site"), ("text_gamma1", "text encoder"))
 
 
 def judged_instead(data: dict) -> str:
