@@ -72,9 +72,10 @@ def calibrate_strengths(recipe: Recipe, sae_path: Path, groups: tuple[str, ...],
                                   counts["judges_only_clean_erasures"][c.label],
                                   counts["uncalibrated_clean_erasures"][c.label]) for c in chosen}
     concepts = with_calibrations(sae_file.concepts, best)
-    if concepts == sae_file.concepts and recorded.get("chosen") == best:
+    record = {**protocol, **counts, "chosen": best}
+    if concepts == sae_file.concepts and recorded == record:
         return
-    provenance = {**sae_file.provenance, "calibration": {**protocol, **counts, "chosen": best}}
+    provenance = {**sae_file.provenance, "calibration": record}
     save_sae_file(replace(sae_file, concepts=concepts, provenance=provenance), sae_path)
 
 
