@@ -144,7 +144,7 @@ class ConceptTables:
     """[C, T, L] float32 θ(i, t): the unweighted mean over all concepts of μ(i, t, c')."""
     directions: Tensor | None = None
     """[C, T, d] float32 Δ_c(t): each concept's mean difference from its absence, in what the SAE reads (shift mode,
-    DESIGN §6.9), or None. Tables rebuilt for other concepts (added, found, referenced) have none."""
+    DESIGN §6.9), or None. Tables rebuilt for other concepts keep them only when every concept has one."""
 
     @property
     def num_buckets(self) -> int:

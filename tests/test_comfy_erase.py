@@ -99,6 +99,16 @@ def test_paper_mode_differs_from_exact_mode(world):
     assert not torch.allclose(exact, paper, atol=1e-3)
 
 
+def test_shift_mode_on_a_file_without_directions_erases_in_exact_mode_and_says_so(world, caplog):
+    # the node's default mode is shift (DEFAULT_EDIT); an imported or taught file holds no directions (DESIGN §6.9)
+    assert world.loaded.file.tables.directions is None
+    exact = run(world, erase(world, {"Hearts": None}, mode="exact"))
+    with caplog.at_level("WARNING"):
+        shifted = run(world, erase(world, {"Hearts": None}, mode="shift"))
+    assert torch.equal(shifted, exact) and not torch.allclose(shifted, run(world, world.model), atol=1e-3)
+    assert "holds no directions for shift mode" in caplog.text and "random_unet" in caplog.text
+
+
 def test_at_cfg_1_only_the_cond_branch_exists(world):
     plain = run(world, world.model, cfg=1.0)
     assert torch.equal(run(world, erase(world, {"Hearts": None}, branches="uncond"), cfg=1.0), plain)

@@ -157,6 +157,25 @@ def test_adding_concepts_drops_the_directions_so_shift_mode_says_so_instead_of_m
     assert len(concepts) == 4 and tables.directions is None
 
 
+def test_a_taught_concept_brings_its_direction_and_the_others_keep_theirs_only_when_every_one_has_one(world):
+    from saemnesia_core.concept_finder import FoundConcept, with_concept
+    from saemnesia_core.concepts import ConceptTables
+
+    sae_file, sae, directions, _ = world
+    t, n = sae_file.tables, sae_file.tables.num_buckets
+    own = torch.randn(1, n, sae.cfg.d_in)
+    found = FoundConcept("Owls", ConceptTables(t.latents[:1], t.mean_acts[:1], t.thresholds[:1], own), [None] * n)
+    shifted = with_directions(sae_file, directions)
+    _, added = with_concept(shifted.concepts, shifted.tables, n, found, "taught")
+    assert torch.equal(added.directions, torch.cat([directions, own]))
+    kept = directions.clone()
+    _, replaced = with_concept(shifted.concepts, shifted.tables, n, dataclasses.replace(found, label="Dogs"), "taught")
+    assert torch.equal(replaced.directions, torch.cat([directions[:1], own, directions[2:]]))
+    assert torch.equal(directions, kept)  # the file it was given is unchanged
+    assert with_concept(sae_file.concepts, sae_file.tables, n, found, "taught")[1].directions is None
+    assert torch.equal(with_concept([], None, n, found, "taught")[1].directions, own)
+
+
 # ---------------------------------------------------------------------------------------------- from activations
 
 

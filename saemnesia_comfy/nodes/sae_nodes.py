@@ -100,7 +100,9 @@ class EraseConcepts(io.ComfyNode):
                                        "the nearest tokens that do not carry it (strength: how far, |strength| "
                                        "capped at 1). shift: the SAE only detects the concept; an image where it "
                                        "fires moves by strength × the concept's mean difference from its absence "
-                                       "(SAE files that hold it, such as the toy's; best on the cond branch)."),
+                                       "(SAE files made from labelled images hold it, such as the toy's; best on "
+                                       "the cond branch; Find Concept Latents measures it too). A file without it "
+                                       "(an imported SAE) erases in exact mode instead, and the log says so."),
                 io.Mask.Input("mask", optional=True,
                               tooltip="Erase only inside this mask (white = erase); without it, everywhere. "
                                       "UNet blocks only for now."),
