@@ -165,7 +165,7 @@ def replace_findings(data: dict) -> str:
 
 
 def one_setting_findings(data: dict) -> str:
-    """SAEmnesia at the node's default, γ = −1 with the files' calibrations (DESIGN §6.7), per group against no
+    """SAEmnesia in exact mode at γ = −1 with the files' calibrations (DESIGN §6.7), per group against no
     erasure and the same γ uncalibrated, on every measure of the one-setting targets (UA, IRA, CRA, AR, CE).
     Empty for runs without the uncalibrated row."""
     S = data["summary"]
@@ -270,7 +270,7 @@ ONE_AND_MORE_SITES = (("none", "no erasure"), ("saemnesia_gamma1", "its own bloc
 
 
 def multi_site_findings(data: dict) -> str:
-    """SAEmnesia at the node's default at one block against every block that reads the group (DESIGN §6.6), per
+    """SAEmnesia in exact mode at γ = −1 at one block against every block that reads the group (DESIGN §6.6), per
     group, with no erasure for reference. Empty for runs without the multi-site row."""
     return _group_table(data, ONE_AND_MORE_SITES) if "saemnesia_multisite" in data["summary"] else ""
 
