@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from .concepts import Concept, ConceptTables, concept_indices
-from .eraser import _pre_activations, _tokens
+from .eraser import as_tokens, sae_pre_activations
 from .sae import TopKSAE
 from .timesteps import bucket_index
 
@@ -22,7 +22,7 @@ def concept_activation_maps(sae: TopKSAE, concepts: list[Concept], tables: Conce
     """
     chosen = concept_indices(concepts, labels)
     with torch.no_grad():
-        tokens = _tokens(x, sae.cfg.d_in)
+        tokens = as_tokens(x, sae.cfg.d_in)
         B, N, _ = tokens.shape
         buckets = bucket_index(t, tables.num_buckets).expand(B).cpu()
         lat = tables.latents[chosen].cpu()[:, buckets]                      # [C', B, L]
@@ -30,7 +30,7 @@ def concept_activation_maps(sae: TopKSAE, concepts: list[Concept], tables: Conce
         cast = [p.to(x.device, x.dtype) for p in (sae.encoder.weight, sae.encoder.bias, sae.b_dec)]
         pre_encoder = sae.pre_encoder_weights
         pre_encoder = None if pre_encoder is None else tuple(p.to(x.device, x.dtype) for p in pre_encoder)
-        pre, _ = _pre_activations(sae, tokens, *cast, pre_encoder)
+        pre, _ = sae_pre_activations(sae, tokens, *cast, pre_encoder)
         kth = pre.topk(sae.cfg.k, dim=-1).values[..., -1:]
         z = pre.gather(-1, lat.clamp(min=0)[:, None, :].expand(B, N, -1))  # [B, N, C'·L]
         z = torch.where((z >= kth) & (lat >= 0)[:, None, :], z, 0.0).float()

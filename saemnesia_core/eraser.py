@@ -232,7 +232,7 @@ class ConceptEraser:
         tokens are x's values. In exact and replace mode with no concept chosen, or with no item to edit, returns x
         itself. Given t and edit_mask as Python numbers (as the ComfyUI patch does), its bookkeeping launches no
         kernel but the one that puts each item's bucket on x's device."""
-        tokens = _tokens(x, self.sae.cfg.d_in)
+        tokens = as_tokens(x, self.sae.cfg.d_in)
         base_tokens = self._base_tokens(base, x)
         B, T = tokens.shape[0], self.tables.num_buckets
         weights = checked_weights(region, tokens.shape[:2], x.device)
@@ -273,11 +273,11 @@ class ConceptEraser:
         [U], the weights, replace mode's [N, N] grid distances, and shift mode's (the plan's shifts of each item's
         bucket [B or 1, C', d], its owners [U, C']). Every Python decision here is on the eraser's settings and these
         arguments' presence, none on a tensor's values."""
-        tokens = _tokens(x, self.sae.cfg.d_in)
+        tokens = as_tokens(x, self.sae.cfg.d_in)
         signal = tokens if base is None else tokens - base                 # what the SAE reads
         B, N, d = tokens.shape
         step = step[:, None]                                                 # [B or 1, 1, U, 5]
-        pre, std = _pre_activations(self.sae, signal, weights.W_enc, weights.b_enc, weights.b_dec, weights.pre)
+        pre, std = sae_pre_activations(self.sae, signal, weights.W_enc, weights.b_enc, weights.b_dec, weights.pre)
         if self.detection == "threshold":
             z, code = pre.float(), None                                        # [B, N, U]: the rows' own
         else:
@@ -342,7 +342,7 @@ class ConceptEraser:
         if base.shape != x.shape:
             raise ValueError(f"the block's input has shape {list(base.shape)}, its output {list(x.shape)}: an SAE "
                              "that reads the update needs both of one shape")
-        return _tokens(base, self.sae.cfg.d_in)
+        return as_tokens(base, self.sae.cfg.d_in)
 
 
 def _strength(concept: Concept, gamma: float | None) -> float:
@@ -353,7 +353,7 @@ def _strength(concept: Concept, gamma: float | None) -> float:
     return gamma
 
 
-def _tokens(x: Tensor, d: int) -> Tensor:
+def as_tokens(x: Tensor, d: int) -> Tensor:
     """[B, C, H, W] -> [B, H*W, C] view; [B, N, d] as is."""
     if x.dim() == 4:
         x = block_to_tokens(x)
@@ -372,7 +372,7 @@ def _items(edit_mask: Tensor | Sequence[bool] | None, batch: int, device) -> Ten
     return mask
 
 
-def _pre_activations(sae: TopKSAE, tokens: Tensor, W_enc: Tensor, b_enc: Tensor, b_dec: Tensor,
+def sae_pre_activations(sae: TopKSAE, tokens: Tensor, W_enc: Tensor, b_enc: Tensor, b_dec: Tensor,
                      pre: tuple[Tensor, Tensor] | None) -> tuple[Tensor, Tensor | None]:
     """ReLU pre-activations of the latents whose encoder rows are given (all n, or the U rows threshold detection
     reads) -> ([b, N, n or U], the tokens' std under input_unit_norm, else None)."""
