@@ -313,7 +313,7 @@ def plot(results: Results, out: Path) -> None:
               "saemnesia_uncalibrated": "tab:olive", "saemnesia_paper": "tab:red",
               "saemnesia_paper_gamma1": "tab:pink", "saeuron": "tab:orange", "replace": "tab:purple",
               "negative": "tab:green", "text": "tab:brown", "text_gamma1": "goldenrod",
-              "saemnesia_multisite": "navy"}
+              "saemnesia_multisite": "navy", "default": "black"}
     groups = [g for g in (OBJECT, STYLE) if data["targets"].get(g)]
     height = 3.6 * len(groups) + 0.8  # 0.8 inch below the plots for the legend, so that it covers no bar
     fig, axes = plt.subplots(len(groups), 3, figsize=(15, height), squeeze=False)
