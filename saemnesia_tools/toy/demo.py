@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from saemnesia_core.concepts import DEFAULT_EDIT
 
+from .judges import NO_OBJECT, UNSTYLED
 from .render import OBJECTS, STYLES
 
 COLUMNS = ("original", "erase object", "erase style", "erase both")
@@ -28,9 +29,9 @@ CASES = PAIRS[:6]
 
 OUTCOMES = {
     "original_recognised": "original: object and style recognised",
-    "object_gone_style_kept": "erase object: object gone, style kept",
-    "style_gone_object_kept": "erase style: style gone, object kept",
-    "both_gone": "erase both: object and style gone",
+    "object_removed_style_kept": "erase object: no object left, style kept",
+    "style_removed_object_kept": "erase style: unstyled, object kept",
+    "both_removed": "erase both: no object left and unstyled",
 }
 
 
@@ -45,14 +46,15 @@ def erasures(obj: str, style: str) -> dict[str, dict[str, dict[str, float]]]:
 
 
 def outcomes(obj: str, style: str, judged: dict[str, tuple[str, str]]) -> dict[str, bool]:
-    """A row's outcomes (OUTCOMES) from what the judges saw per column: {column: (object, style)}."""
-    def seen(column):
-        return judged[column][0] == obj, judged[column][1] == style
+    """A row's outcomes (OUTCOMES) from what the judges saw per column: {column: (object, style)}. An erased concept
+    counts only when removed (RM, DESIGN §9): another object or style in its place is not."""
+    def seen(column, expected_object=obj, expected_style=style):
+        return judged[column][0] == expected_object, judged[column][1] == expected_style
 
     return {"original_recognised": seen("original") == (True, True),
-            "object_gone_style_kept": seen("erase object") == (False, True),
-            "style_gone_object_kept": seen("erase style") == (True, False),
-            "both_gone": seen("erase both") == (False, False)}
+            "object_removed_style_kept": seen("erase object", NO_OBJECT) == (True, True),
+            "style_removed_object_kept": seen("erase style", obj, UNSTYLED) == (True, True),
+            "both_removed": seen("erase both", NO_OBJECT, UNSTYLED) == (True, True)}
 
 
 def tally(rows: list[dict[str, bool]]) -> dict[str, int]:
