@@ -98,6 +98,19 @@ def resolve_strengths(concepts: dict[str, float | None], strength: float) -> dic
     return {label: strength if s is None else s for label, s in concepts.items()}
 
 
+def mode_at(loaded: LoadedSAE, mode: str, strengths: dict[str, float]) -> str:
+    """The mode a site erases in. Shift mode moves by the file's directions (DESIGN §6.9), which files made from
+    labelled images or taught by Find Concept Latents hold; a file without them (an imported SAE, or concepts
+    referenced by latent) erases the chosen concepts it knows in exact mode instead, and the log says so: the node's
+    default works with every file."""
+    if mode != "shift" or loaded.file.concept_tables.directions is not None:
+        return mode
+    if any(label in loaded.labels for label in strengths):
+        logging.warning("Erase Concepts: %s holds no directions for shift mode (DESIGN §6.9); its concepts are "
+                        "erased in exact mode", loaded.name)
+    return "exact"
+
+
 def erase_concepts(model, sae: LoadedSAE | tuple[LoadedSAE, ...], concepts: dict[str, float | None],
                    strength: float, start_percent: float = 0.0, end_percent: float = 1.0, branches: str = "both",
                    mode: str = "exact", mask=None, detection: str = "topk"):
@@ -117,11 +130,12 @@ def erase_concepts(model, sae: LoadedSAE | tuple[LoadedSAE, ...], concepts: dict
     sites = with_latent_refs([loaded.for_dtype(compute_dtype(model)) for loaded in sae_sites(sae)], strengths)
     check_known(strengths, [label for loaded in sites for label in loaded.labels])
 
-    def make_eraser(loaded, sae_weights):  # the chosen concepts this site knows; checks strengths and mode
+    def make_eraser(loaded, sae_weights, site_mode):  # the chosen concepts this site knows; checks strengths and mode
         chosen = {label: s for label, s in strengths.items() if label in loaded.labels}
-        return ConceptEraser.from_file(loaded.file, chosen, mode, sae=sae_weights, detection=detection)
+        return ConceptEraser.from_file(loaded.file, chosen, site_mode, sae=sae_weights, detection=detection)
 
-    erasers = [make_eraser(loaded, loaded.sae) for loaded in sites]
+    modes = [mode_at(loaded, mode, strengths) for loaded in sites]
+    erasers = [make_eraser(loaded, loaded.sae, m) for loaded, m in zip(sites, modes)]
     gate = StepGate(model, start_percent, end_percent, branches)
     if not strengths:  # checked like any other input, then given back as it came: no node, no change, no cost
         return model
@@ -144,12 +158,12 @@ def erase_concepts(model, sae: LoadedSAE | tuple[LoadedSAE, ...], concepts: dict
             return eraser(out, t, items, region(out, options), base=inp) if any(items) else out
         return edit
 
-    for loaded, eraser in zip(sites, erasers):
+    for loaded, eraser, site_mode in zip(sites, erasers, modes):
         if not eraser.strengths:
             continue
 
-        def edit_for_copy(copy, loaded=loaded):  # a MultiGPU copy erases with its own copy of the SAE's weights
-            return edit_with(make_eraser(loaded, weights_of(copy, loaded.patcher)))
+        def edit_for_copy(copy, loaded=loaded, site_mode=site_mode):  # a MultiGPU copy erases with its own SAE copy
+            return edit_with(make_eraser(loaded, weights_of(copy, loaded.patcher), site_mode))
 
         f = loaded.file
         patch_block_output(m, block_for(m, f.hookpoint, f.config.d_in, f.tokens), edit_with(eraser), edit_for_copy,

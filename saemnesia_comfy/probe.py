@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from comfy.patcher_extension import CallbacksMP
 from saemnesia_core.concepts import check_known
-from saemnesia_core.eraser import concept_activation_maps
+from saemnesia_core.activation_maps import concept_activation_maps
 from saemnesia_core.timesteps import bucket_index
 
 from .dit import dit_family

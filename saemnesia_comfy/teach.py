@@ -3,8 +3,9 @@ already loaded (DESIGN §5.4), and keeping the result in the saemnesia model fol
 
 The model samples the prompts that show the concept and those that do not with ComfyUI's own sampling, in
 process; a patch on the SAE's block encodes what the SAE reads there at every step and streams it into
-`saemnesia_core.concept_finder.ConceptEvidence` (per timestep bucket, a few vectors of n floats); then the concept's
-latents are selected and their statistics stored as the importer and `saemnesia stats` do. ComfyUI's progress bar
+`saemnesia_core.concept_finder.ConceptEvidence` (per timestep bucket, a few vectors of n and d floats); then the
+concept's latents are selected and their statistics stored as the importer and `saemnesia stats` do, with its
+direction for shift mode. ComfyUI's progress bar
 moves per step, Cancel stops within a step, and nothing is changed before the end: the caller's MODEL, SAE and
 files stay as they were.
 """
@@ -68,7 +69,7 @@ def find_concept_latents(model, clip, loaded: LoadedSAE, label: str, positive_te
     block = block_for(model, f.hookpoint, f.config.d_in, f.tokens)  # before any sampling: a clear error first
     started = time.perf_counter()
     T = buckets_for(f.num_buckets, bool(f.concepts))
-    evidence = ConceptEvidence(f.config.num_latents, T)
+    evidence = ConceptEvidence(f.config.num_latents, T, d_in=f.config.d_in)
     shape = latent["samples"].shape[1:]
     finals = {}
     pbar = comfy.utils.ProgressBar(seeds * steps * sum(-(-len(p) // BATCH) for p in (positives, negatives)))
@@ -114,7 +115,8 @@ def _progress(pbar):
 
 def _recording_clone(model, loaded: LoadedSAE, block: str, evidence: ConceptEvidence, positive: bool,
                      first_sample: int, num_buckets: int):
-    """A clone of `model` whose block feeds the conditional branch's codes of the SAE into `evidence`."""
+    """A clone of `model` whose block feeds the conditional branch's codes of the SAE, and its mean tokens, into
+    `evidence`."""
     m = model.clone()
     gate = StepGate(m, 0.0, 1.0, "cond")
     sae = loaded.sae
@@ -131,7 +133,7 @@ def _recording_clone(model, loaded: LoadedSAE, block: str, evidence: ConceptEvid
             code = sae.encode(tokens.to(sae.device))
         buckets = bucket_index(torch.tensor([t[i] for i in rows]), num_buckets).tolist()
         samples = [first_sample + j for j in range(len(rows))]
-        evidence.add(code.top_acts, code.top_indices, grid, buckets, positive, samples)
+        evidence.add(code.top_acts, code.top_indices, grid, buckets, positive, samples, tokens.mean(1))
         return out
 
     patch_block_output(m, block, record, with_input=loaded.file.reads == "update")

@@ -2,12 +2,14 @@
 itself produces while it samples prompts that show the concept and prompts that do not (DESIGN §5.4).
 
 While sampling, `ConceptEvidence` streams per timestep bucket the sums of each sample's spatially averaged code
-(a few vectors of n floats per bucket, whatever the number of steps, tokens or prompts), and keeps, per sample and
+and of its mean token (a few vectors of n and d floats per bucket, whatever the number of steps, tokens or prompts),
+and keeps, per sample and
 step, only the largest entries of that average (for the separation score) and the sparse codes of two preview
 samples (for the heatmaps). `FoundConcept.from_evidence` then scores every latent per bucket as SAeUron does (the
 concept's share of activation against the negatives'), selects by percentile or the n best, and stores μ (the
 concept's mean activation) and θ (the mean over the concept and its negatives, as §5.3 takes it over concepts) —
-exactly what the statistics and the importers compute. Buckets no step fell in take the nearest visited bucket's, so
+exactly what the statistics and the importers compute, and shift mode's direction (DESIGN §6.9): the mean token
+of the concept's samples minus the negatives'. Buckets no step fell in take the nearest visited bucket's, so
 any sampler and step count works with the result. `with_concept` adds it to an SAE file's concepts.
 """
 
@@ -65,11 +67,14 @@ def check_prompts(positives: list[str], negatives: list[str]) -> None:
 
 
 class ConceptEvidence:
-    """Per-bucket sums of the samples' spatially averaged codes, for the positive and the negative prompts."""
+    """Per-bucket sums of the samples' spatially averaged codes and mean tokens, for the positive and the negative
+    prompts."""
 
-    def __init__(self, num_latents: int, num_buckets: int, device=None):
+    def __init__(self, num_latents: int, num_buckets: int, device=None, d_in: int | None = None):
         self.n, self.T = num_latents, num_buckets
         self.sums = torch.zeros(2, num_buckets, num_latents, dtype=torch.float64, device=device)
+        self.token_sums = None if d_in is None else torch.zeros(2, num_buckets, d_in, dtype=torch.float64,
+                                                                device=device)
         self.counts = torch.zeros(2, num_buckets, dtype=torch.float64)
         self.kept: dict[tuple[bool, int], list[tuple[int, Tensor, Tensor]]] = {}
         """(positive, sample) -> [(bucket, top values, top latents)] per recorded step, on the CPU."""
@@ -77,14 +82,20 @@ class ConceptEvidence:
         """positive -> [(bucket, code values [N, k], code latents [N, k], grid)] of its first sample, per step."""
 
     def add(self, values: Tensor, indices: Tensor, grid: tuple[int, int], buckets: list[int], positive: bool,
-            samples: list[int]) -> None:
-        """One step's top-k codes [b, N, k] of b samples (their buckets and ids), of the positive or negative side."""
+            samples: list[int], mean_tokens: Tensor | None = None) -> None:
+        """One step's top-k codes [b, N, k] of b samples (their buckets and ids), of the positive or negative side, and
+        the samples' mean tokens [b, d] of what the SAE reads (kept when the evidence was made with `d_in`)."""
         b, N, _ = values.shape
         mean = torch.zeros(b, self.n, dtype=torch.float32, device=values.device)
         mean.scatter_add_(1, indices.reshape(b, -1), values.float().reshape(b, -1)).div_(N)   # spatial average
         side = 0 if positive else 1
+        mean = mean.to(self.sums.device)  # the evidence may live elsewhere than the model (the CPU by default)
+        if self.token_sums is not None:
+            mean_tokens = mean_tokens.to(self.token_sums.device)
         for j, (bucket, sample) in enumerate(zip(buckets, samples)):
             self.sums[side, bucket] += mean[j].double()
+            if self.token_sums is not None:
+                self.token_sums[side, bucket] += mean_tokens[j].double()
             self.counts[side, bucket] += 1
             top = mean[j].topk(min(KEPT_PER_SAMPLE, self.n))
             self.kept.setdefault((positive, sample), []).append((bucket, top.values.cpu(), top.indices.cpu()))
@@ -107,6 +118,8 @@ class FoundConcept:
     auroc: list[float | None]
     """Per bucket, the AUROC of the found latents' summed activation between positive and negative samples (None
     where no step fell)."""
+    # tables.directions: [1, T, d] the mean token of the concept's samples minus the negatives' (shift mode), when
+    # the evidence kept mean tokens
 
     @property
     def separation(self) -> float:
@@ -144,7 +157,11 @@ class FoundConcept:
             chosen = select_saeuron(scores[None], percentile)
         means = (sums / counts[..., None]).float()                            # [2, T, n] mean activations
         tables = build_tables(chosen, means)
-        return cls(label, ConceptTables(tables.latents[:1], tables.mean_acts[:1], tables.thresholds[:1]),
+        direction = None
+        if evidence.token_sums is not None:                                    # [1, T, d]
+            tokens = evidence.token_sums.cpu()[:, nearest] / counts[..., None]
+            direction = (tokens[0] - tokens[1]).float()[None]
+        return cls(label, ConceptTables(tables.latents[:1], tables.mean_acts[:1], tables.thresholds[:1], direction),
                    _aurocs(evidence, chosen[0], visited))
 
     def concept(self, group: str) -> Concept:
@@ -187,7 +204,8 @@ def _auroc(pos: list[float], neg: list[float]) -> float:
 
 def with_concept(concepts: list[Concept], tables: ConceptTables | None, num_buckets: int, found: FoundConcept,
                  group: str) -> tuple[list[Concept], ConceptTables]:
-    """The concepts and tables with `found` added (replacing a concept of the same label in place)."""
+    """The concepts and tables with `found` added (replacing a concept of the same label in place). They keep shift
+    mode's directions when the found concept has one and every other concept too (DESIGN §7)."""
     old = tables if tables is not None else ConceptTables.empty(num_buckets)
     if old.num_buckets != found.tables.num_buckets:
         raise ValueError(f"the found concept has {found.tables.num_buckets} buckets, the SAE's concepts "
@@ -202,6 +220,9 @@ def with_concept(concepts: list[Concept], tables: ConceptTables | None, num_buck
     rows = [padded(getattr(found.tables, name), pad) for name, pad in
             (("latents", -1), ("mean_acts", 0.0), ("thresholds", 0.0))]
     olds = [padded(getattr(old, name), pad) for name, pad in (("latents", -1), ("mean_acts", 0.0), ("thresholds", 0.0))]
+    if found.tables.directions is not None and (old.directions is not None or not concepts):
+        rows.append(found.tables.directions.cpu())
+        olds.append(old.directions.cpu().clone() if concepts else found.tables.directions[:0].cpu())
     if found.label in labels:
         i = labels.index(found.label)
         for o, r in zip(olds, rows):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -20,6 +21,19 @@ MAX_CALIBRATION = 100.0
 """κ_c above this is refused (it multiplies the token's own norm; the toy's calibrations lie from 0.25 to 16)."""
 SCORE_EPS = 1e-8
 """δ in the score's denominators (SAeUron's `compute_feature_importance`)."""
+
+
+class EditSetting(NamedTuple):
+    """One erasure setting for every chosen concept: the eraser's mode, the guidance branches it edits, γ."""
+
+    mode: str
+    branches: str
+    strength: float
+
+
+DEFAULT_EDIT = EditSetting(mode="shift", branches="cond", strength=-2.0)
+"""Erase Concepts' defaults: the candidate that removed most on the toy world, over objects and styles together
+(benchmarks/studies/removal_edits.py, its `default`; DESIGN §6.10). The demo and the evaluation's default row use it."""
 
 
 @dataclass
@@ -106,6 +120,13 @@ def check_known(labels, known: Sequence[str]) -> None:
         raise UnknownConceptError(unknown, list(dict.fromkeys(known)))
 
 
+def concept_indices(concepts: Sequence[Concept], labels) -> list[int]:
+    """The positions of `labels` among the concepts, in the order given (unknown labels: UnknownConceptError)."""
+    index = {c.label: i for i, c in enumerate(concepts)}
+    check_known(labels, list(index))
+    return [index[label] for label in labels]
+
+
 def with_calibrations(concepts: Sequence[Concept], kappas: dict[str, float | None]) -> list[Concept]:
     """The concepts with κ set (None: removed) for the labels in `kappas`; the others as they are. A concept whose κ
     changes loses its erasure record: it was measured with the old κ."""
@@ -121,6 +142,9 @@ class ConceptTables:
     """[C, T, L] float32 μ_c(i, t): the concept's mean activation of each selected latent."""
     thresholds: Tensor
     """[C, T, L] float32 θ(i, t): the unweighted mean over all concepts of μ(i, t, c')."""
+    directions: Tensor | None = None
+    """[C, T, d] float32 Δ_c(t): each concept's mean difference from its absence, in what the SAE reads (shift mode,
+    DESIGN §6.9), or None. Tables rebuilt for other concepts keep them only when every concept has one."""
 
     @property
     def num_buckets(self) -> int:
@@ -133,7 +157,8 @@ class ConceptTables:
         return cls(torch.full(shape, -1), torch.zeros(shape), torch.zeros(shape))
 
     def to(self, device) -> ConceptTables:
-        return ConceptTables(self.latents.to(device), self.mean_acts.to(device), self.thresholds.to(device))
+        return ConceptTables(self.latents.to(device), self.mean_acts.to(device), self.thresholds.to(device),
+                             None if self.directions is None else self.directions.to(device))
 
 
 def saeuron_scores(concept_sums: Tensor, concept_counts: Tensor) -> Tensor:

@@ -8,6 +8,9 @@ Per token and erased concept c with strength γ_c, for each selected latent i �
     paper:  out = 2·x̂ − x + Σ_i (z'_i − z_i)·W_dec[i]         (what the released SAeUron/SAEmnesia hooks return)
     replace: the latents only detect (z_i > θ); a detected token becomes x + α·(x_src − x), x_src the nearest
              undetected token of the same feature map, α = min(1, |γ_c|)   (DESIGN §6.4, after "Look But Don't Touch")
+    shift:  the latents only detect; every token of an item in which c is detected (on any token) moves by
+            γ_c·Δ_c(t), Δ_c(t) the concept's mean difference from its absence at bucket t (`directions`, DESIGN §6.9):
+            γ = −1 takes away what, on average, the concept adds to the block
 Only the encoder's dense pre-activations are n wide; x̂ and the change are gathers of a few decoder rows.
 detection="threshold" (exact and replace modes) computes only the chosen latents' pre-activations and drops the
 top-k membership test: m dot products per token instead of n (DESIGN §6.4).
@@ -29,12 +32,12 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from .concepts import MAX_STRENGTH, Concept, ConceptTables, check_known
+from .concepts import MAX_STRENGTH, Concept, ConceptTables, concept_indices
 from .regions import blend, checked_weights
 from .sae import TopKSAE, block_to_tokens, pre_activations, sparse_decode, standardize
-from .timesteps import bucket_index, bucket_of, item_buckets
+from .timesteps import bucket_of, item_buckets
 
-MODES = ("exact", "paper", "replace")
+MODES = ("exact", "paper", "replace", "shift")
 BETA_EPS = 1e-8
 """Added to ‖W_dec[i]‖ in β, as SAEmnesia's hook does."""
 DETECTIONS = ("topk", "threshold")
@@ -42,12 +45,6 @@ SIGNALS = ("output", "update")
 """What an SAE reads: the block's output, or its update (output − input)."""
 STRENGTH_UNITS = ("mean", "beta")
 """What γ multiplies: the concept's mean activation μ_c (the papers), or SAEmnesia's β = ‖z‖₂ / ‖W_dec[i]‖₂."""
-
-
-def _concept_indices(concepts: Sequence[Concept], labels) -> list[int]:
-    index = {c.label: i for i, c in enumerate(concepts)}
-    check_known(labels, list(index))
-    return [index[label] for label in labels]
 
 
 class _Plan(NamedTuple):
@@ -61,8 +58,15 @@ class _Plan(NamedTuple):
     bucket), the scale (γ·μ, γ·κ for a calibrated concept, γ under the beta unit), scale − 1, replace mode's
     blend α = min(1, |γ|), and 1 where the concept is calibrated (z' = scale·‖x − b_dec‖)."""
 
+    shifts: Tensor
+    """[T + 1, C', d] float32 (shift mode; [T + 1, C', 0] otherwise): γ_c·Δ_c(t) per bucket and chosen concept, 0 in
+    the off bucket."""
+    owners: Tensor
+    """[U, C'] float32: 1 where a latent is one its concept selects (shift mode: which concepts a firing latent
+    detects)."""
+
     def to(self, device) -> _Plan:
-        return _Plan(self.rows.to(device), self.table.to(device))
+        return _Plan(self.rows.to(device), self.table.to(device), self.shifts.to(device), self.owners.to(device))
 
 
 THRESHOLD, SCALE, SCALE_MINUS_ONE, BLEND, RELATIVE = range(5)
@@ -106,7 +110,7 @@ class ConceptEraser:
 
     def __init__(self, sae: TopKSAE, concepts: list[Concept], tables: ConceptTables,
                  strengths: dict[str, float | None], mode: str = "exact", detection: str = "topk", *,
-                 reads: str = "output", strength_unit: str = "mean"):
+                 reads: str = "output", strength_unit: str = "mean", directions: Tensor | None = None):
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         if detection not in DETECTIONS or (detection == "threshold" and mode == "paper"):
@@ -119,9 +123,17 @@ class ConceptEraser:
             raise ValueError("the beta strength unit needs the whole code of a token (‖z‖₂): use top-k detection")
         if tables.latents.shape[0] != len(concepts):
             raise ValueError(f"{len(concepts)} concepts but tables for {tables.latents.shape[0]}")
+        expected = (len(concepts), tables.num_buckets, sae.cfg.d_in)
+        if mode == "shift" and directions is None and strengths:  # with nothing chosen, nothing needs them
+            raise ValueError("shift mode needs each concept's mean difference from its absence (DESIGN §6.9), and "
+                             "this SAE holds none: use exact, paper or replace mode")
+        if mode == "shift" and directions is not None and tuple(directions.shape) != expected:
+            raise ValueError(f"shift mode needs each concept's mean difference from its absence, directions of shape "
+                             f"{list(expected)}; got {list(directions.shape)}")
+        self.directions = directions if mode == "shift" else None
         self.sae, self.concepts, self.tables, self.mode, self.detection = sae, list(concepts), tables, mode, detection
         self.reads, self.beta = reads, strength_unit == "beta"
-        chosen = sorted(_concept_indices(concepts, list(strengths)))
+        chosen = sorted(concept_indices(concepts, list(strengths)))
         self.strengths = {concepts[i].label: _strength(concepts[i], strengths[concepts[i].label]) for i in chosen}
         self._plans = {torch.device("cpu"): self._plan(chosen)}
         self.calibrated = bool(self._plans[torch.device("cpu")].table[..., RELATIVE].any())
@@ -134,8 +146,9 @@ class ConceptEraser:
                   sae: TopKSAE | None = None, detection: str = "topk") -> ConceptEraser:
         """From a loaded SAEFile (its concepts, tables, what it reads and its strength unit); builds the TopKSAE unless
         the caller already placed one."""
-        return cls(sae if sae is not None else sae_file.build_sae(), sae_file.concepts, sae_file.concept_tables,
-                   strengths, mode, detection, reads=sae_file.reads, strength_unit=sae_file.strength_unit)
+        tables = sae_file.concept_tables
+        return cls(sae if sae is not None else sae_file.build_sae(), sae_file.concepts, tables, strengths, mode,
+                   detection, reads=sae_file.reads, strength_unit=sae_file.strength_unit, directions=tables.directions)
 
     # ------------------------------------------------------------------------------------------ once per eraser
 
@@ -148,16 +161,21 @@ class ConceptEraser:
         table[..., THRESHOLD] = float("inf")
         slot = torch.full((n,), -1, dtype=torch.int64)
         slot[rows] = torch.arange(len(rows))
+        d = self.sae.cfg.d_in if self.directions is not None else 0
+        shifts, owners = torch.zeros(T + 1, max(1, len(chosen)), d), torch.zeros(max(1, len(rows)), max(1, len(chosen)))
         for c, i in enumerate(chosen):  # in file order: a later concept's entry overwrites an earlier one's
             concept, gamma = self.concepts[i], self.strengths[self.concepts[i].label]
             kappa = concept.calibration if self.mode != "paper" else None
+            if d:
+                shifts[:T, c] = gamma * self.directions[i].float().cpu()
             for t_, l_ in (latents[c] >= 0).nonzero().tolist():
                 u = slot[latents[c, t_, l_]]
+                owners[u, c] = 1.0
                 mu = 1.0 if self.beta else float(self.tables.mean_acts[i, t_, l_])
                 scale = gamma * kappa if kappa else gamma * mu
                 table[t_, u] = torch.tensor([float(self.tables.thresholds[i, t_, l_]), scale, scale - 1,
                                              min(1.0, abs(gamma)), 1.0 if kappa else 0.0])
-        return _Plan(rows, table)
+        return _Plan(rows, table, shifts, owners)
 
     def _plan_on(self, device: torch.device) -> _Plan:
         if device not in self._plans:
@@ -214,7 +232,7 @@ class ConceptEraser:
         tokens are x's values. In exact and replace mode with no concept chosen, or with no item to edit, returns x
         itself. Given t and edit_mask as Python numbers (as the ComfyUI patch does), its bookkeeping launches no
         kernel but the one that puts each item's bucket on x's device."""
-        tokens = _tokens(x, self.sae.cfg.d_in)
+        tokens = as_tokens(x, self.sae.cfg.d_in)
         base_tokens = self._base_tokens(base, x)
         B, T = tokens.shape[0], self.tables.num_buckets
         weights = checked_weights(region, tokens.shape[:2], x.device)
@@ -224,8 +242,8 @@ class ConceptEraser:
                 items = items & weights.gt(0).any(1)
             if (self.mode != "paper" and not self.strengths) or not bool(items.any()):
                 return x
-            buckets = item_buckets(t, T, B, x.device).masked_fill(~items, T)  # items not edited take the off bucket
-            step, edited_items = self._plan_on(x.device).table[buckets], items
+            index = item_buckets(t, T, B, x.device).masked_fill(~items, T)  # items not edited take the off bucket
+            edited_items = items
         else:
             edit = [True] * B if edit_mask is None else [bool(e) for e in edit_mask]
             times = [float(t)] * B if isinstance(t, (int, float)) else [float(v) for v in t]
@@ -235,27 +253,31 @@ class ConceptEraser:
             if (self.mode != "paper" and not self.strengths) or not any(edit):
                 return x
             buckets = [bucket_of(v, T) if e else T for v, e in zip(times, edit)]
-            table = self._plan_on(x.device).table
             # one bucket for every item (cond and uncond of one step): its row, a view; else one small upload
-            step = table[buckets[0]][None] if len(set(buckets)) == 1 else table[torch.tensor(buckets, device=x.device)]
+            index = slice(buckets[0], buckets[0] + 1) if len(set(buckets)) == 1 else \
+                torch.tensor(buckets, device=x.device)
             edited_items = None if all(edit) else torch.tensor(edit, device=x.device)
+        plan = self._plan_on(x.device)
         grid = tuple(x.shape[2:]) if x.dim() == 4 else (1, x.shape[1])
         distances = self._nearest(grid, x.device) if self.mode == "replace" else None
-        return self.edit(x, base_tokens, step, edited_items, weights, self._plan_on(x.device).rows,
-                         self._weights(x.device, x.dtype), distances)
+        return self.edit(x, base_tokens, plan.table[index], edited_items, weights, plan.rows,
+                         self._weights(x.device, x.dtype), distances,
+                         (plan.shifts[index], plan.owners) if self.mode == "shift" else None)
 
     def edit(self, x: Tensor, base: Tensor | None, step: Tensor, edited_items: Tensor | None, region: Tensor | None,
-             rows: Tensor, weights: _Weights, distances: Tensor | None) -> Tensor:
+             rows: Tensor, weights: _Weights, distances: Tensor | None,
+             shift: tuple[Tensor, Tensor] | None = None) -> Tensor:
         """The edit itself, on tensors alone: x (a block [B, C, H, W] or tokens [B, N, d]), the block input's tokens
         (or None), the plan's table rows of each item's bucket [B or 1, U, 5] (the off bucket for items not edited),
         the items edited (bool [B], or None for all), the region [B, N] (or None), the latents the edit may touch
-        [U], the weights, and replace mode's [N, N] grid distances. Every Python decision here is on the eraser's
-        settings and these arguments' presence, none on a tensor's values."""
-        tokens = _tokens(x, self.sae.cfg.d_in)
+        [U], the weights, replace mode's [N, N] grid distances, and shift mode's (the plan's shifts of each item's
+        bucket [B or 1, C', d], its owners [U, C']). Every Python decision here is on the eraser's settings and these
+        arguments' presence, none on a tensor's values."""
+        tokens = as_tokens(x, self.sae.cfg.d_in)
         signal = tokens if base is None else tokens - base                 # what the SAE reads
         B, N, d = tokens.shape
         step = step[:, None]                                                 # [B or 1, 1, U, 5]
-        pre, std = _pre_activations(self.sae, signal, weights.W_enc, weights.b_enc, weights.b_dec, weights.pre)
+        pre, std = sae_pre_activations(self.sae, signal, weights.W_enc, weights.b_enc, weights.b_dec, weights.pre)
         if self.detection == "threshold":
             z, code = pre.float(), None                                        # [B, N, U]: the rows' own
         else:
@@ -263,7 +285,12 @@ class ConceptEraser:
             z = pre[..., rows]                                                 # [B, N, U]
             z = (z * (z >= code.values[..., -1:])).float()                    # 0 where not among the top k
         fires = z > step[..., THRESHOLD]
-        if self.mode == "replace":
+        if self.mode == "shift":
+            shifts, owners = shift
+            detected = (fires.any(1).float() @ owners) > 0                     # [B, C']: the concept fires somewhere
+            move = (detected[..., None] * shifts).sum(1)                       # [B, d]: Σ_c γ_c·Δ_c(t) of those
+            edited = torch.where(detected.any(-1)[:, None, None], (tokens.float() + move[:, None]).to(x.dtype), tokens)
+        elif self.mode == "replace":
             alpha = (fires * step[..., BLEND]).amax(-1)                        # [B, N]
             edited = self._replaced(tokens, signal, base, alpha, distances)
         else:
@@ -315,32 +342,7 @@ class ConceptEraser:
         if base.shape != x.shape:
             raise ValueError(f"the block's input has shape {list(base.shape)}, its output {list(x.shape)}: an SAE "
                              "that reads the update needs both of one shape")
-        return _tokens(base, self.sae.cfg.d_in)
-
-
-def concept_activation_maps(sae: TopKSAE, concepts: list[Concept], tables: ConceptTables, x: Tensor,
-                            t: Tensor | float, labels: Sequence[str]) -> Tensor:
-    """Where each concept fires: Σ over its selected latents (bucket of t) of z_i per token; nothing is edited.
-
-    x (the signal the SAE reads: the block's output, or its update) [B, C, H, W] -> [B, len(labels), H, W];
-    [B, N, d] -> [B, len(labels), N]; float32.
-    """
-    chosen = _concept_indices(concepts, labels)
-    with torch.no_grad():
-        tokens = _tokens(x, sae.cfg.d_in)
-        B, N, _ = tokens.shape
-        buckets = bucket_index(t, tables.num_buckets).expand(B).cpu()
-        lat = tables.latents[chosen].cpu()[:, buckets]                      # [C', B, L]
-        lat = lat.transpose(0, 1).reshape(B, -1).to(x.device)               # [B, C'·L]
-        cast = [p.to(x.device, x.dtype) for p in (sae.encoder.weight, sae.encoder.bias, sae.b_dec)]
-        pre_encoder = sae.pre_encoder_weights
-        pre_encoder = None if pre_encoder is None else tuple(p.to(x.device, x.dtype) for p in pre_encoder)
-        pre, _ = _pre_activations(sae, tokens, *cast, pre_encoder)
-        kth = pre.topk(sae.cfg.k, dim=-1).values[..., -1:]
-        z = pre.gather(-1, lat.clamp(min=0)[:, None, :].expand(B, N, -1))  # [B, N, C'·L]
-        z = torch.where((z >= kth) & (lat >= 0)[:, None, :], z, 0.0).float()
-        maps = z.reshape(B, N, len(chosen), -1).sum(-1).transpose(1, 2)     # [B, C', N]
-    return maps.reshape(B, len(chosen), *x.shape[2:]) if x.dim() == 4 else maps
+        return as_tokens(base, self.sae.cfg.d_in)
 
 
 def _strength(concept: Concept, gamma: float | None) -> float:
@@ -351,7 +353,7 @@ def _strength(concept: Concept, gamma: float | None) -> float:
     return gamma
 
 
-def _tokens(x: Tensor, d: int) -> Tensor:
+def as_tokens(x: Tensor, d: int) -> Tensor:
     """[B, C, H, W] -> [B, H*W, C] view; [B, N, d] as is."""
     if x.dim() == 4:
         x = block_to_tokens(x)
@@ -370,7 +372,7 @@ def _items(edit_mask: Tensor | Sequence[bool] | None, batch: int, device) -> Ten
     return mask
 
 
-def _pre_activations(sae: TopKSAE, tokens: Tensor, W_enc: Tensor, b_enc: Tensor, b_dec: Tensor,
+def sae_pre_activations(sae: TopKSAE, tokens: Tensor, W_enc: Tensor, b_enc: Tensor, b_dec: Tensor,
                      pre: tuple[Tensor, Tensor] | None) -> tuple[Tensor, Tensor | None]:
     """ReLU pre-activations of the latents whose encoder rows are given (all n, or the U rows threshold detection
     reads) -> ([b, N, n or U], the tokens' std under input_unit_norm, else None)."""

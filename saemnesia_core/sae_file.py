@@ -4,13 +4,14 @@ Tensors: `encoder.weight` [n, d], `encoder.bias` [n], `W_dec` [n, d], `b_dec` [d
 dtype), SAEParate's `pre_encoder.0.weight` [d, d] and `pre_encoder.0.bias` [d] when the SAE has a pre-encoder, and,
 when the file has concepts, `concepts.latents` int64, `concepts.mean_acts` and `concepts.thresholds` float32, each
 [C, T, L]; `latents.mean_acts` float32 [n] when the checkpoint came with each latent's mean activation (sdxl-unbox's
-and the Flux SAE's `mean.pt`). The safetensors string metadata holds one key, "saemnesia", whose JSON value carries
+and the Flux SAE's `mean.pt`); `concepts.directions` float32 [C, T, d] when the file holds each concept's mean
+difference from its absence (shift mode, DESIGN §6.9). The safetensors string metadata holds one key, "saemnesia", whose JSON value carries
 everything else, so the concept list is readable from the header alone.
 
 Format version 2 adds what an SAE reads (`reads`: the block's output or its update; `tokens`: which of the block's
 tokens), the pre-encoder, the strength unit and the latent means. A file that uses none of them is written as
 version 1, which every earlier build reads the same way; a build that knows only version 1 refuses version 2
-instead of misreading it.
+instead of misreading it. Version 3 adds the directions, and only a file that holds them is written as version 3.
 
 Every problem with a file raises `SAEFileError` with a message that says what is wrong.
 """
@@ -35,6 +36,7 @@ from .files import atomic_path
 from .sae import SAEConfig, TopKSAE
 from .sae_format import (
     FORMAT_VERSION,
+    DIRECTIONS,
     LATENT_MEANS,
     METADATA_KEY,
     TABLE_NAMES,
@@ -100,6 +102,8 @@ class SAEHeader(SAEDescription):
     """dtype of the weights as stored."""
     has_latent_means: bool = False
     """The file holds each latent's mean activation (LATENT_MEANS)."""
+    has_directions: bool = False
+    """The file holds each concept's mean difference from its absence (DIRECTIONS): shift mode can use it."""
     format_version: int = FORMAT_VERSION
 
 
@@ -119,6 +123,7 @@ class SAEFile(SAEDescription):
     def header(self) -> SAEHeader:
         dtype = self.weights["encoder.weight"].dtype if "encoder.weight" in self.weights else torch.float32
         return SAEHeader(**description_of(self), dtype=dtype, has_latent_means=self.latent_means is not None,
+                         has_directions=self.tables is not None and self.tables.directions is not None,
                          format_version=_version(self))
 
     @property
@@ -162,11 +167,16 @@ def _tensors(sae_file: SAEFile) -> dict[str, Tensor]:
         tensors.update(zip(TABLE_NAMES, (t.latents, t.mean_acts, t.thresholds)))
     if sae_file.latent_means is not None:
         tensors[LATENT_MEANS] = sae_file.latent_means
+    if sae_file.tables is not None and sae_file.tables.directions is not None:
+        tensors[DIRECTIONS] = sae_file.tables.directions
     return tensors
 
 
 def _version(f: SAEFile) -> int:
-    """1 for a file that says nothing version 1 could not (so earlier builds read it), else 2."""
+    """The lowest version that says everything the file holds (so earlier builds read what they can): 3 with
+    directions, 1 for a file that says nothing version 1 could not, else 2."""
+    if f.tables is not None and f.tables.directions is not None:
+        return 3
     plain = (f.reads == "output" and f.tokens == default_tokens(f.hookpoint) and f.strength_unit == "mean"
              and not f.config.pre_encoder and f.latent_means is None)
     return 1 if plain else 2
@@ -204,7 +214,7 @@ def read_header(path) -> SAEHeader:
                            "`saemnesia convert` (importers.load_any) instead")
     with _naming(path):
         header = _parse_metadata(metadata[METADATA_KEY], entries.get("encoder.weight", (None,))[0],
-                                 LATENT_MEANS in entries)
+                                 LATENT_MEANS in entries, DIRECTIONS in entries)
         check_structure(header, entries)
     return header
 
@@ -221,7 +231,7 @@ def load_sae_file(path) -> SAEFile:
         tensors = load_file(str(path))
     except Exception as e:  # the safetensors reader's own errors (SafetensorError, OSError, …)
         raise SAEFileError(f"{path}: cannot read tensors: {e}") from e
-    tables = ConceptTables(*(tensors[n] for n in TABLE_NAMES)) if h.concepts else None
+    tables = ConceptTables(*(tensors[n] for n in TABLE_NAMES), tensors.get(DIRECTIONS)) if h.concepts else None
     sae_file = SAEFile(**description_of(h), weights={n: tensors[n] for n in weight_names(h.config)}, tables=tables,
                        latent_means=tensors.get(LATENT_MEANS))
     with _naming(path):
@@ -238,7 +248,8 @@ def _naming(path):
         raise SAEFileError(f"{path}: {e}") from None
 
 
-def _parse_metadata(text: str, dtype: torch.dtype | None, has_latent_means: bool) -> SAEHeader:
+def _parse_metadata(text: str, dtype: torch.dtype | None, has_latent_means: bool,
+                    has_directions: bool = False) -> SAEHeader:
     try:
         meta = json.loads(text)
     except (ValueError, RecursionError) as e:
@@ -264,7 +275,7 @@ def _parse_metadata(text: str, dtype: torch.dtype | None, has_latent_means: bool
                      model_family=get("model_family", str), num_buckets=get("num_buckets", int),
                      supervised=get("supervised", bool), selection_mode=get("selection_mode", str),
                      provenance=get("provenance", dict), **v2, dtype=dtype if dtype is not None else torch.float32,
-                     has_latent_means=has_latent_means, format_version=version)
+                     has_latent_means=has_latent_means, has_directions=has_directions, format_version=version)
 
 
 def _parse_concept(entry, i: int) -> Concept:

@@ -12,8 +12,8 @@ from .concepts import MAX_CALIBRATION, MAX_STRENGTH, MEASURED_KEYS, latent_ref
 from .sae import SAEConfig
 from .safetensors_index import SAEFileError
 
-FORMAT_VERSION = 2
-VERSIONS = (1, 2)
+FORMAT_VERSION = 3
+VERSIONS = (1, 2, 3)
 METADATA_KEY = "saemnesia"
 MAX_BUCKETS = 10_000
 """Timestep buckets a file may have: the papers use 50 or 100; the tables and the eraser grow with the count."""
@@ -25,6 +25,7 @@ WEIGHT_NAMES = ("encoder.weight", "encoder.bias", "W_dec", "b_dec")
 PRE_ENCODER_NAMES = ("pre_encoder.0.weight", "pre_encoder.0.bias")
 TABLE_NAMES = ("concepts.latents", "concepts.mean_acts", "concepts.thresholds")
 LATENT_MEANS = "latents.mean_acts"
+DIRECTIONS = "concepts.directions"  # optional [C, T, d] float32: shift mode's mean differences (format version 3)
 
 SIGNALS = ("output", "update")
 """What an SAE reads at its block: the output, or the update (output − input) that sdxl-unbox, the Flux SAE and
@@ -137,6 +138,8 @@ def check_structure(h, tensors: dict[str, tuple[torch.dtype, tuple]]) -> None:
         if len(table_shape) != 3:
             raise SAEFileError(f"concepts.latents must be [C, T, L], got shape {list(table_shape)}")
         expected.update(dict.fromkeys(TABLE_NAMES, (C, T, table_shape[2])))
+        if DIRECTIONS in tensors:
+            expected[DIRECTIONS] = (C, T, cfg.d_in)
     missing, extra = expected.keys() - tensors.keys(), tensors.keys() - expected.keys()
     if missing:
         raise SAEFileError(f"missing tensor(s): {', '.join(sorted(missing))}")
@@ -167,8 +170,9 @@ def check_values(f) -> None:
     if bool(((latents < -1) | (latents >= n)).any()):
         bad = latents[(latents < -1) | (latents >= n)][0].item()
         raise SAEFileError(f"concept table points at latent {bad}, but the SAE has {n} latents (−1 = padding)")
-    for name, t in (("mean_acts", f.tables.mean_acts), ("thresholds", f.tables.thresholds)):
-        if not bool(torch.isfinite(t).all()):
+    for name, t in (("mean_acts", f.tables.mean_acts), ("thresholds", f.tables.thresholds),
+                    ("directions", f.tables.directions)):
+        if t is not None and not bool(torch.isfinite(t).all()):
             raise SAEFileError(f"concept table {name} contains NaN or Inf")
     if f.selection_mode == "saemnesia":
         for c, concept in enumerate(f.concepts):

@@ -1,8 +1,7 @@
 """Makes the example workflows ComfyUI lists as templates, with the real frontend: each graph is built in the
 ComfyUI page (nodes created by the app, widgets set, links connected) and exported as the app's Export writes it,
 so the files are exactly what this frontend version writes. The workflows use the shipped toy world
-(`saemnesia_tools.toy.assets`) at the node's default strength, −1 (for each concept of their block's group, the
-toy's SAEmnesia files keep the κ or the papers' formula that erased it best, DESIGN §6.7), enlarge their 32×32 images ×8
+(`saemnesia_tools.toy.assets`) at Erase Concepts' defaults (`DEFAULT_EDIT`, DESIGN §6.10), enlarge their 32×32 images ×8
 (nearest neighbour) for display, and open with every node in view. Each is then run once, and its images make
 the template's thumbnail (example_workflows/<name>.jpg). Last, screenshots of the templates dialog and of an
 Erase Concepts node go to docs/images/. Regenerate after a node's inputs change:
@@ -22,6 +21,7 @@ from pathlib import Path
 from PIL import Image, ImageDraw, ImageFont
 
 from saemnesia_tools.comfyui.browser import comfy_page, load_workflow, queue_from_page, wait_for_checklists
+from saemnesia_core.concepts import DEFAULT_EDIT
 from saemnesia_core.sae_file import load_sae_file
 from saemnesia_tools.comfyui.server import ComfyServer
 from saemnesia_tools.toy import assets
@@ -73,8 +73,8 @@ def _base_links() -> list[tuple]:
     return [(1, 1, 3, "clip"), (1, 1, 4, "clip")]
 
 
-def _erase(concepts, prompt: str, note: str, erased_title: str, strength: float = -1.0, styles=None,
-           style_strength: float = -1.0) -> dict:
+def _erase(concepts, prompt: str, note: str, erased_title: str, strength: float = DEFAULT_EDIT.strength, styles=None,
+           style_strength: float = DEFAULT_EDIT.strength) -> dict:
     """Original and erased side by side; with `styles`, a second Erase Concepts with the style SAE follows the first."""
     nodes = _toy_inputs(prompt) + [
         {"id": 6, "type": "SAEmnesiaEraseConcepts", "pos": [720, 220], "size": [330, 560],
@@ -116,7 +116,7 @@ def _erase_text(concepts, prompt: str, note: str, erased_title: str) -> dict:
     nodes = {n["id"]: n for n in spec["nodes"]}
     nodes[2]["widgets"]["sae_name"] = TEXT_SAE
     nodes[6].update(type="SAEmnesiaEraseConceptsText", size=[330, 500])
-    del nodes[6]["widgets"]["strength"]  # the node's default, −1
+    del nodes[6]["widgets"]["strength"]  # the text node's default, −1
     for node in spec["nodes"][6:14]:  # samplers, decoders and images move right to make room for the encoders
         node["pos"] = [node["pos"][0] + 360, node["pos"][1]]
     spec["nodes"] += [
@@ -163,14 +163,14 @@ EXAMPLES = {
         ["Hearts"], "An image of Hearts in Neon style.",
         "Same seed twice: the top sampler sees the plain toy model, the bottom one the model with the ticked "
         "concept erased by the SAE (Erase Concepts). Tick other concepts in the checklist; an empty "
-        "strength box uses the node's strength (−1, the default: the toy's SAE files are calibrated so that −1 erases "
-        "each concept of their block).",
+        f"strength box uses the node's strength ({DEFAULT_EDIT.strength:g}; with {DEFAULT_EDIT.mode} mode on the "
+        f"{DEFAULT_EDIT.branches} branch, the node's defaults, it removed the most on the toy world).",
         "KSampler (Hearts erased)"),
     ERASE_BOTH: _erase(
         ["Hearts"], "An image of Hearts in Stripes style.",
         "An object and a style erased at once by two chained Erase Concepts nodes (their edits compose): the "
         f"toy model decides objects at up_blocks.1 ({Path(SAE).stem}) and styles at up_blocks.2 "
-        f"({Path(STYLE_SAE).stem}), both at the default strength −1, which each file's calibration makes erase. "
+        f"({Path(STYLE_SAE).stem}), both at the node's defaults. "
         "Each ticked concept may also "
         "have its own strength (the box beside its tick).",
         "KSampler (Hearts and Stripes erased)", styles=["Stripes"]),

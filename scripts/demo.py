@@ -21,6 +21,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from saemnesia_tools.comfyui.server import ComfyServer
+from saemnesia_core.concepts import DEFAULT_EDIT
 from saemnesia_core.files import write_json_atomic
 from saemnesia_tools.toy import assets, demo, workflow
 from saemnesia_tools.toy.evaluation.quality import ArtifactJudge
@@ -29,10 +30,10 @@ from saemnesia_tools.toy.judges import Judges
 
 def toy_prompt(text: str, seed: int, erase: dict[str, dict[str, float]], steps=25, cfg=5.0) -> dict:
     """The toy workflow (saemnesia_tools.toy.workflow) with one Erase Concepts per group erased, each with its group's
-    SAE and mode."""
+    SAE, at the node's defaults."""
     return workflow.toy_prompt(text, seed, steps, cfg, [
-        workflow.erasing(assets.SITES[group].saemnesia, concepts, -1.0, mode=demo.MODES[group])
-        for group, concepts in erase.items()], prefix="saemnesia_demo")
+        workflow.erasing(assets.SITES[group].saemnesia, concepts) for group, concepts in erase.items()],
+        prefix="saemnesia_demo")
 
 
 def labelled_grid(images: dict, judged: dict, broken: dict, scale: int = 6) -> Image.Image:
@@ -69,14 +70,15 @@ def judge(images: dict) -> tuple[dict, dict]:
 
 def caption(verdicts: dict) -> str:
     """The README's caption, from the verdicts alone."""
-    n, t, modes = len(verdicts["rows"]), verdicts["tally"], verdicts["modes"]
+    n, t, edit = len(verdicts["rows"]), verdicts["tally"], verdicts["edit"]
     broken = {col: sum(row["broken"][col] for row in verdicts["rows"]) for col in demo.COLUMNS}
-    return (f"The judges on these {n} rows (seed {verdicts['seed']}; objects erased in {modes['object']} mode at "
-            f"γ = {demo.strength('object'):g} with the object SAE, styles in {modes['style']} mode at γ = "
-            f"{demo.strength('style'):g} with the style SAE): originals recognised (object and style) "
-            f"{t['original_recognised']}/{n}; erase object → object gone, style kept {t['object_gone_style_kept']}/{n}; "
-            f"erase style → style gone, object kept {t['style_gone_object_kept']}/{n}; erase both → both gone "
-            f"{t['both_gone']}/{n}. Flagged as broken by the evaluation's artifact judge (red frames; AR per "
+    return (f"The judges on these {n} rows (seed {verdicts['seed']}; Erase Concepts at its defaults: {edit['mode']} "
+            f"mode, {edit['branches']} branch{'es' if edit['branches'] == 'both' else ''}, γ = {edit['strength']:g}, "
+            "objects with the object SAE, styles with the style SAE): originals recognised (object and style) "
+            f"{t['original_recognised']}/{n}; erase object → no object left, style kept "
+            f"{t['object_removed_style_kept']}/{n}; erase style → unstyled, object kept {t['style_removed_object_kept']}/{n}; "
+            f"erase both → no object left and unstyled {t['both_removed']}/{n} (another object or style in the erased "
+            "one's place counts as not removed). Flagged as broken by the evaluation's artifact judge (red frames; AR per "
             "column): " + ", ".join(f"{col} {broken[col]}/{n}" for col in demo.COLUMNS) + ".")
 
 
@@ -116,8 +118,7 @@ def main(argv=None) -> int:
              "broken": {col: broken[(i, col)] for col in demo.COLUMNS},
              **demo.outcomes(obj, style, {col: judged[(i, col)] for col in demo.COLUMNS})}
             for i, (obj, style) in enumerate(demo.CASES)]
-    verdicts = {"written_by": "./scripts/demo.sh", "seed": args.seed, "modes": demo.MODES,
-                "strengths": {group: demo.strength(group) for group in demo.MODES},
+    verdicts = {"written_by": "./scripts/demo.sh", "seed": args.seed, "edit": DEFAULT_EDIT._asdict(),
                 "artifact_judge": demo.ARTIFACT_JUDGE,
                 "sae_files": {group: site.saemnesia for group, site in assets.SITES.items()},
                 "outcomes": demo.OUTCOMES, "rows": rows, "tally": demo.tally(rows)}

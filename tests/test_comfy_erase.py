@@ -63,6 +63,7 @@ def test_nothing_chosen_gives_back_the_very_model_it_was_given_whatever_its_patc
     patcher, a clone is a new model to place)."""
     import comfy.model_patcher
     from saemnesia_comfy.erase import erase_concepts
+    from saemnesia_core.eraser import MODES
 
     cls = getattr(comfy.model_patcher, patcher, None)
     if cls is None:
@@ -73,7 +74,7 @@ def test_nothing_chosen_gives_back_the_very_model_it_was_given_whatever_its_patc
         model = cls.__new__(cls)
         comfy.model_patcher.ModelPatcher.__init__(model, world.model.model, torch.device("cpu"), torch.device("cpu"))
     monkeypatch.setattr(model, "clone", lambda *a, **k: pytest.fail("cloned"))
-    for mode in ("exact", "paper", "replace"):
+    for mode in MODES:
         for branches in ("both", "cond", "uncond"):
             assert erase_concepts(model, world.loaded, {}, -1.0, 0.2, 0.8, branches, mode) is model
     with pytest.raises(ValueError, match="start_percent"):  # still checked, though nothing is erased
@@ -96,6 +97,16 @@ def test_paper_mode_differs_from_exact_mode(world):
     exact = run(world, erase(world, {"Hearts": None}, mode="exact"))
     paper = run(world, erase(world, {"Hearts": None}, mode="paper"))
     assert not torch.allclose(exact, paper, atol=1e-3)
+
+
+def test_shift_mode_on_a_file_without_directions_erases_in_exact_mode_and_says_so(world, caplog):
+    # the node's default mode is shift (DEFAULT_EDIT); an imported or taught file holds no directions (DESIGN §6.9)
+    assert world.loaded.file.tables.directions is None
+    exact = run(world, erase(world, {"Hearts": None}, mode="exact"))
+    with caplog.at_level("WARNING"):
+        shifted = run(world, erase(world, {"Hearts": None}, mode="shift"))
+    assert torch.equal(shifted, exact) and not torch.allclose(shifted, run(world, world.model), atol=1e-3)
+    assert "holds no directions for shift mode" in caplog.text and "random_unet" in caplog.text
 
 
 def test_at_cfg_1_only_the_cond_branch_exists(world):

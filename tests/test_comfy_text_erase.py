@@ -51,8 +51,10 @@ def hearts_sae(clip, layer, path):
         sae.encoder.bias[0] = 0.0
         sae.b_dec.zero_()
         pre = torch.cat([others.reshape(-1, row.numel()), hearts]) @ sae.encoder.weight[0]
-    theta = float(pre[:-hearts.shape[0]].max())
-    assert float(pre[-hearts.shape[0]:].max()) > theta
+    others_max, hearts_max = float(pre[:-hearts.shape[0]].max()), float(pre[-hearts.shape[0]:].max())
+    assert hearts_max > others_max
+    # a margin above the others' tokens: their max may be the BOS token, the same in every prompt
+    theta = others_max + 0.1 * (hearts_max - others_max)
     save_sae_file(sae_file_with_assigned_latents(sae, [0, 1], ["Hearts", "Neon"], ["object", "style"], num_buckets=1,
                                                  thresholds=[theta, 1e30],
                                                  hookpoint=f"clip_l.text_model.encoder.layers.{layer}",
@@ -90,7 +92,7 @@ def test_nothing_chosen_encodes_every_prompt_bit_for_bit(world):
 
 
 def test_a_chosen_concept_changes_exactly_the_prompts_the_sae_detects_it_in(world):
-    from saemnesia_core.eraser import concept_activation_maps
+    from saemnesia_core.activation_maps import concept_activation_maps
 
     patched = erase(world, {"Hearts": None})
     changed = {p: not torch.equal(encode(patched, p), plain) for p, plain in world.plain.items()}

@@ -9,7 +9,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from saemnesia_tools.testing import ablated_codes, concept_tokens, dense_codes, make_random_sae_file, released_hook
 from saemnesia_core.concepts import Concept, ConceptTables, UnknownConceptError
-from saemnesia_core.eraser import ConceptEraser, concept_activation_maps
+from saemnesia_core.activation_maps import concept_activation_maps
+from saemnesia_core.eraser import ConceptEraser
 from saemnesia_core.sae import block_to_tokens, tokens_to_block
 from saemnesia_core.timesteps import bucket_index
 

@@ -11,7 +11,16 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from saemnesia_core.eraser import ConceptEraser
 from saemnesia_tools.testing import random_sae, released_hook_call, sae_file_with_assigned_latents
 
-SETTINGS = [("exact", "topk"), ("exact", "threshold"), ("paper", "topk"), ("replace", "topk"), ("replace", "threshold")]
+SETTINGS = [("exact", "topk"), ("exact", "threshold"), ("paper", "topk"), ("replace", "topk"), ("replace", "threshold"),
+            ("shift", "topk"), ("shift", "threshold")]
+
+
+def directions(sae_file, mode: str) -> dict:
+    """Shift mode's mean differences (random: the cost does not depend on their values); nothing for other modes."""
+    if mode != "shift":
+        return {}
+    shape = (len(sae_file.concepts), sae_file.tables.num_buckets, sae_file.config.d_in)
+    return {"directions": torch.randn(shape, generator=torch.Generator().manual_seed(2))}
 
 
 class Kernels(TorchDispatchMode):
@@ -47,7 +56,7 @@ def world():
 def test_one_edit_call_launches_no_more_kernels_than_the_released_dense_hook(world, mode, detection):
     sae, sae_file, x = world
     eraser = ConceptEraser(sae, sae_file.concepts, sae_file.tables, {"concept_0": -1.0}, mode=mode,
-                           detection=detection)
+                           detection=detection, **directions(sae_file, mode))
     ours = count(lambda: eraser(x, [0.5, 0.5], [True, True]))  # as the ComfyUI patch calls it
     dense = count(lambda: released_hook_call(sae, torch.tensor([0]), torch.zeros(1), torch.full((1,), -1.0), x))
     assert "_local_scalar_dense" not in ours  # no value read back to the host: no synchronisation
@@ -59,7 +68,8 @@ def test_one_edit_call_launches_no_more_kernels_than_the_released_dense_hook(wor
 def test_the_edit_compiles_whole_and_matches_the_eager_one(world, mode, detection, update):
     sae, sae_file, x = world
     eraser = ConceptEraser(sae, sae_file.concepts, sae_file.tables, {"concept_0": -1.0, "concept_3": -5.0},
-                           mode=mode, detection=detection, reads="update" if update else "output")
+                           mode=mode, detection=detection, reads="update" if update else "output",
+                           **directions(sae_file, mode))
     base = torch.randn_like(x) * 0.1 if update else None
     captured = {}
     original = eraser.edit

@@ -54,6 +54,8 @@ def test_removed_counts_empty_images_for_objects_and_unstyled_ones_for_styles(ar
     judged = [Judged(i, "Circles" if i.obj == "Hearts" else i.obj, i.style or "Unstyled") for i in items]
     reference = dict(zip(cells, images))
     assert quality_metrics(artifact_judge, judged, images, "object", {"Hearts"}, reference)["RM"] == 0.0  # replaced
+    seen = artifact_judge.judges.predict(torch.from_numpy(emptied).float() / 255)[0]  # the object judge's view
+    judged = [Judged(i, seen[k] if i.obj == "Hearts" else i.obj, i.style or "Unstyled") for k, i in enumerate(items)]
     assert quality_metrics(artifact_judge, judged, emptied, "object", {"Hearts"}, reference)["RM"] == \
         pytest.approx(4 / len(hearts))
     dots = [k for k, i in enumerate(items) if i.style == "Dots"]

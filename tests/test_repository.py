@@ -158,6 +158,7 @@ def test_the_readme_and_the_evaluation_page_show_the_evaluation_as_its_results_f
     for shown in (summary_table, replace_findings, paper_and_exact, one_setting_findings, default_against_bar,
                   judged_instead, text_findings, multi_site_findings):
         assert shown(results) in page, shown.__name__
+    assert default_against_bar(results)  # the results have the default's row (an evaluation made since it exists)
     assert default_against_bar(results) in readme  # the README's limits hold the node's default against its bar
     verdicts = json.loads((ROOT / "docs" / "demo" / "verdicts.json").read_text())
     assert verdicts["caption"] in " ".join(readme.split())  # the README may wrap the caption's lines
@@ -175,12 +176,14 @@ def test_the_toy_world_page_shows_the_shipped_saes_numbers_as_the_build_report_w
     import json
     import textwrap
 
-    from saemnesia_tools.toy.build_summary import sae_lines
+    from saemnesia_tools.toy.build_summary import model_line, sae_lines
 
     report = json.loads((ROOT / "models" / "toy" / "build_report.json").read_text())
     lines = sae_lines(report)
+    page = (ROOT / "docs" / "toy-world.md").read_text()
     assert len(lines.splitlines()) == len(report["saes"]) + 1 == 4  # the three sites and the text encoder's SAE
-    assert textwrap.indent(lines, "  ") in (ROOT / "docs" / "toy-world.md").read_text()
+    assert textwrap.indent(lines, "  ") in page
+    assert model_line(report) in " ".join(page.split())  # the page may wrap the model's paragraph
 
 
 def test_every_number_of_the_benchmark_table_is_in_the_results_its_row_links():
@@ -206,3 +209,18 @@ def test_the_gpu_check_says_there_is_no_cuda_and_succeeds_on_a_machine_without_o
     done = subprocess.run(["bash", str(ROOT / "scripts" / "gpu_check.sh")], capture_output=True, text=True,
                           env={**os.environ, "SAEMNESIA_PYTHON": sys.executable}, timeout=120)
     assert done.returncode == 0 and "no CUDA device" in done.stdout
+
+
+def test_the_node_default_is_the_edit_the_removal_study_chose():
+    """Erase Concepts' defaults, the demo's and the evaluation's `default` row are DEFAULT_EDIT, and DEFAULT_EDIT is
+    the candidate benchmarks/studies/removal_edits.py chose by its rule, with the group's SAEmnesia file."""
+    import json
+
+    from saemnesia_core.concepts import DEFAULT_EDIT
+
+    study = json.loads((ROOT / "benchmarks" / "studies" / "results" / "removal_edits.json").read_text())
+    assert study["written_by"] == "python benchmarks/studies/removal_edits.py"
+    assert study["default_setting"] == {"sae": "saemnesia", **DEFAULT_EDIT._asdict()}
+    d = DEFAULT_EDIT  # and the README's node table says so
+    stated = f"by default {d.mode} on the {d.branches} branch at {d.strength:g}".replace("-", "−")
+    assert stated in (ROOT / "README.md").read_text()

@@ -1,6 +1,6 @@
 """Find Concept Latents and Save SAE in the real ComfyUI (in-process) on the toy world: the shipped unsupervised object
 SAE with its labels stripped learns "Hearts" from eight prompts (negatives: the same prompts without the object),
-the taught SAE erases it through Erase Concepts, Save SAE writes it where Load SAE lists it; bad input, and Cancel,
+the taught SAE erases it through Erase Concepts (at its defaults, in shift mode, too), Save SAE writes it where Load SAE lists it; bad input, and Cancel,
 leave the SAE, the model and the folder as they were."""
 
 import dataclasses
@@ -81,6 +81,25 @@ def test_the_taught_sae_erases_the_concept_through_erase_concepts(toy, taught):
     assert torch.isfinite(erased).all() and not torch.equal(erased, plain)
 
 
+def test_the_taught_concept_has_shift_modes_direction_and_is_removed_at_the_nodes_default(toy, taught):
+    """Its direction is the mean token of its prompts minus the same prompts' without it (DESIGN §6.9), as the build
+    measures on the held-out grid; at Erase Concepts' defaults (shift mode) the Hearts are gone and the look stays."""
+    from saemnesia_comfy.erase import erase_concepts
+    from saemnesia_core.concepts import DEFAULT_EDIT as D
+    from saemnesia_tools.comfyui.toy.sampling import PromptEncoder, generate
+    from saemnesia_tools.toy.judges import NO_OBJECT, Judges
+
+    direction = taught[0].file.tables.directions
+    built = toy.shipped.tables.directions[[c.label for c in toy.shipped.concepts].index("Hearts")]
+    assert direction.shape == (1, 50, built.shape[-1])
+    assert torch.nn.functional.cosine_similarity(direction[0], built, dim=-1).min() >= 0.95
+    erased = erase_concepts(toy.model, taught[0], {"Hearts": None}, D.strength, 0.0, 1.0, D.branches, D.mode)
+    seeds = list(range(900, 908))
+    images = generate(erased, toy.vae, PromptEncoder(toy.clip), ["An image of Hearts in Neon style."] * 8, seeds)
+    objects, styles = Judges.load(assets.path(assets.JUDGES)).predict(images)
+    assert objects.count(NO_OBJECT) >= 6 and styles.count("Neon") >= 6  # regression thresholds (8 and 8 measured)
+
+
 def test_save_sae_writes_it_where_load_sae_lists_it_and_keeps_what_exists(toy, taught):
     from saemnesia_comfy import sae_library
     from saemnesia_comfy.teach import save_sae
@@ -90,6 +109,7 @@ def test_save_sae_writes_it_where_load_sae_lists_it_and_keeps_what_exists(toy, t
     assert path.parent == toy.folder and "hearts_taught.safetensors" in sae_library.list_sae_entries()
     header = read_header(path)
     assert [c.label for c in header.concepts] == ["Hearts"] and header.provenance["taught"]["Hearts"]["steps"] == 10
+    assert header.has_directions and header.format_version == 3  # shift mode's direction travels with it
     before = path.read_bytes()
     with pytest.raises(ValueError, match="already exists"):
         save_sae(taught[0], "hearts_taught.safetensors")

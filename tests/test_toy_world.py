@@ -26,6 +26,18 @@ def test_the_renderer_is_deterministic_and_seeds_differ():
         assert not np.array_equal(a, render(obj, style, 6))
 
 
+def test_every_look_shows_in_a_scene_with_no_object():
+    """An empty scene keeps its style (as a painting's background keeps its painter's): every look's empty scene
+    differs from every other's, clearly (mean absolute difference of at least 15 of 255 per channel)."""
+    import itertools
+
+    from saemnesia_tools.toy.render import STYLES, render
+
+    empty = {look: render(None, look, 3).astype(float) for look in (*STYLES, None)}
+    for a, b in itertools.combinations(empty, 2):
+        assert np.abs(empty[a] - empty[b]).mean() >= 15, (a, b)
+
+
 def test_the_renderer_refuses_unknown_concepts():
     from saemnesia_tools.toy.render import render
 
@@ -35,11 +47,87 @@ def test_the_renderer_refuses_unknown_concepts():
         render("Hearts", "Van_Gogh", 0)
 
 
-def test_the_shipped_judges_recognise_fresh_renders():
-    from saemnesia_tools.toy.judges import Judges, held_out_accuracy
+def test_the_shipped_judges_recognise_fresh_renders_and_empty_scenes():
+    from saemnesia_tools.toy.judges import NO_OBJECT, Judges, held_out_accuracy
 
-    accuracy = held_out_accuracy(Judges.load(assets.path(assets.JUDGES)), n=600, seed=424242)
+    judges = Judges.load(assets.path(assets.JUDGES))
+    assert judges.object_classes[-1] == NO_OBJECT
+    accuracy = held_out_accuracy(judges, n=600, seed=424242)
     assert accuracy["object"] >= JUDGE_BAR and accuracy["style"] >= JUDGE_BAR
+    assert accuracy["no_object_n"] >= 40 and accuracy["no_object"] >= JUDGE_BAR
+
+
+def test_an_empty_scene_is_judged_no_object_in_every_look_and_a_drawn_object_never_is():
+    """The object judge's class for absence, on renders: the background of every style (and the unstyled look)
+    alone, at several seeds, and each object in the same looks."""
+    import torch
+
+    from saemnesia_tools.toy.judges import NO_OBJECT, STYLE_CLASSES, Judges
+    from saemnesia_tools.toy.render import OBJECTS, STYLES, render
+
+    judges = Judges.load(assets.path(assets.JUDGES))
+    looks = (*STYLES, None)
+    cells = [(obj, style, seed) for obj in (None, *OBJECTS) for style in looks for seed in (31, 32, 33)]
+    images = torch.from_numpy(np.stack([render(o, s, seed) for o, s, seed in cells])).float() / 255
+    objects, styles = judges.predict(images)
+    empty = [o for (obj, _, _), o in zip(cells, objects) if obj is None]
+    assert empty == [NO_OBJECT] * len(looks) * 3
+    assert NO_OBJECT not in [o for (obj, _, _), o in zip(cells, objects) if obj is not None]
+    assert [p for (obj, _, _), p in zip(cells, styles) if obj is None] == [s or STYLE_CLASSES[-1] for s in looks
+                                                                             for _ in range(3)]
+
+
+def test_judges_made_before_the_no_object_class_still_load_and_name_only_objects(tmp_path):
+    import torch
+
+    from saemnesia_tools.toy.judges import STYLE_CLASSES, JudgeCNN, Judges, held_out_accuracy
+    from saemnesia_tools.toy.render import OBJECTS
+
+    torch.manual_seed(0)
+    Judges(JudgeCNN(len(OBJECTS)), JudgeCNN(len(STYLE_CLASSES))).save(tmp_path / "old.safetensors")
+    old = Judges.load(tmp_path / "old.safetensors")
+    assert old.object_classes == OBJECTS and not old.knows_no_object
+    assert set(old.predict(torch.rand(4, 3, 32, 32))[0]) <= set(OBJECTS)
+    assert "no_object" not in held_out_accuracy(old, n=20)
+    Judges(JudgeCNN(5), JudgeCNN(len(STYLE_CLASSES))).save(tmp_path / "odd.safetensors")
+    with pytest.raises(ValueError, match="5 classes"):
+        Judges.load(tmp_path / "odd.safetensors")
+
+
+def test_prompts_for_no_object_follow_the_training_templates():
+    from saemnesia_tools.toy.prompts import HELD_OUT_TEMPLATES, TRAIN_TEMPLATES, make_prompt
+
+    assert [make_prompt(None, "Neon", t) for t in TRAIN_TEMPLATES] == [
+        "An image in Neon style.", "A picture in Neon style.", "Drawn in Neon style."]
+    assert make_prompt(None, None) == "An image."
+    assert make_prompt(None, "Neon", HELD_OUT_TEMPLATES[0]) == "An image in Neon style."
+    assert make_prompt("Hearts", "Neon") == "An image of Hearts in Neon style."
+
+
+def test_the_trainer_shows_empty_scenes_only_when_asked_and_keeps_the_rest_of_its_batch(comfy):
+    """With `absence`, about that share of a batch becomes an empty scene under a prompt naming no object (object
+    label ignored); every other image and prompt is the one drawn without the option, whose draws come first (so
+    runs made before the option reproduce)."""
+    import torch
+
+    from saemnesia_tools.comfyui.toy.train import ToyTrainer
+    from saemnesia_tools.toy.prompts import ABSENT_TEMPLATES, NOTHING_PROMPT
+    from saemnesia_tools.toy.render import OBJECTS
+
+    x_plain, prompts_plain, _ = ToyTrainer(batch=64, cond_dropout=0.0).sample_batch()
+    assert all(any(o in p for o in OBJECTS) for p in prompts_plain)
+    with_absence = ToyTrainer(batch=64, cond_dropout=0.0, absence=0.5)
+    x, prompts, labels = with_absence.sample_batch()
+    absent = labels[:, 0] == -1  # no prompt dropped here: -1 marks the empty scenes
+    assert 16 <= int(absent.sum()) <= 48
+    absent_wordings = tuple(t.split("{style}")[0] for t in ABSENT_TEMPLATES)
+    for i, prompt in enumerate(prompts):
+        names_object = any(o in prompt for o in OBJECTS)
+        assert names_object != bool(absent[i]), prompt
+        assert names_object or prompt == NOTHING_PROMPT or prompt.startswith(absent_wordings), prompt
+    kept = ~absent
+    assert torch.equal(x[kept], x_plain[kept]) and [p for p, k in zip(prompts, kept) if k] == [
+        p for p, k in zip(prompts_plain, kept) if k]
 
 
 @pytest.fixture(scope="module")
@@ -74,6 +162,7 @@ def test_the_build_report_shows_the_shipped_model_meets_the_quality_bar():
     report = json.loads(assets.path(assets.BUILD_REPORT).read_text())
     assert report["quality"]["images"] == 144  # the full grid, two seeds per prompt
     assert report["quality"]["object"] >= QUALITY_BAR and report["quality"]["style"] >= QUALITY_BAR
+    assert report["quality"]["absence"]["images"] == 18  # each style and the unstyled look, two seeds
     held_out = report["judges"]["held_out_renders"]
     assert held_out["object"] >= JUDGE_BAR and held_out["style"] >= JUDGE_BAR
 
@@ -93,25 +182,29 @@ def test_the_report_step_rebuilds_the_committed_build_report_byte_for_byte(comfy
     assert assets.path(assets.BUILD_REPORT, models).read_bytes() == assets.path(assets.BUILD_REPORT).read_bytes()
 
 
-def test_the_shipped_saemnesia_sae_erases_an_object_and_keeps_the_style(toy):
+def _erased_at_the_default(toy, sae, label):
     from saemnesia_comfy.erase import erase_concepts
+    from saemnesia_core.concepts import DEFAULT_EDIT as D
 
-    erased = erase_concepts(toy[0], toy[-1], {"Hearts": None}, -1.0)  # the node's default (DESIGN §6.7)
-    objects, styles = _judge(toy, "An image of Hearts in Neon style.", erased)
-    assert objects.count("Hearts") <= 2  # regression threshold
-    assert styles.count("Neon") >= 6     # regression threshold
+    return erase_concepts(toy[0], sae, {label: None}, D.strength, 0.0, 1.0, D.branches, D.mode)
 
 
-def test_the_shipped_style_sae_erases_a_style_and_keeps_the_object(toy):
-    from saemnesia_comfy.erase import erase_concepts
+def test_the_shipped_saemnesia_sae_at_the_nodes_default_removes_an_object_and_keeps_the_style(toy):
+    from saemnesia_tools.toy.judges import NO_OBJECT
+
+    objects, styles = _judge(toy, "An image of Hearts in Neon style.", _erased_at_the_default(toy, toy[-1], "Hearts"))
+    assert objects.count(NO_OBJECT) >= 6  # regression threshold: removed, not turned into another object
+    assert styles.count("Neon") >= 6      # regression threshold
+
+
+def test_the_shipped_style_sae_at_the_nodes_default_takes_the_style_away(toy):
+    """Only that: at the default the style turns into another and the object suffers (the README's limits)."""
     from saemnesia_comfy.sae_library import load_sae_path
 
     styles_sae = load_sae_path(assets.path(assets.SITES["style"].saemnesia))
     assert styles_sae.file.hookpoint == assets.SITES["style"].hookpoint
-    erased = erase_concepts(toy[0], styles_sae, {"Stripes": None}, -1.0)  # the node's default: calibrated
-    objects, styles = _judge(toy, "An image of Circles in Stripes style.", erased)
-    assert styles.count("Stripes") <= 2   # regression threshold
-    assert objects.count("Circles") >= 4  # regression threshold
+    _, styles = _judge(toy, "An image of Circles in Stripes style.", _erased_at_the_default(toy, styles_sae, "Stripes"))
+    assert styles.count("Stripes") <= 2  # regression threshold
 
 
 @pytest.mark.slow
@@ -208,7 +301,7 @@ def test_the_calibration_chooses_again_from_recorded_counts_without_new_images(c
     sample again), drops the erasure record of each concept whose κ changed, and leaves a file it would not change
     untouched; counts recorded under another protocol are measured again."""
     from saemnesia_tools.comfyui.toy.recipe import Recipe
-    from saemnesia_tools.comfyui.toy.calibration import calibrate_strengths
+    from saemnesia_tools.comfyui.toy.calibration import CRITERION, calibrate_strengths
     from saemnesia_core.concepts import Concept
     from saemnesia_core.sae_file import load_sae_file, save_sae_file
     from saemnesia_tools.testing import make_random_sae_file
@@ -225,7 +318,7 @@ def test_the_calibration_chooses_again_from_recorded_counts_without_new_images(c
         c.__class__(**{**vars(c), "erasure": record}) for c in sae_file.concepts]})
     recipe = Recipe()
     calibration = {"kappas": [1.0, 4.0], "strength": -1.0, "first_seed": 8_000_000, "images": 8,
-                   "criterion": "concept gone, other group's concept kept, image not flagged by the artifact judge",
+                   "criterion": CRITERION,
                    "artifact_judge": {"first_seed": 9_000_000, "seeds_per_prompt": recipe.artifact_seeds},
                    "clean_erasures": {"Circles": [1, 4], "Stars": [6, 5]},
                    "judges_only_clean_erasures": {"Circles": [1, 5], "Stars": [6, 6]},

@@ -45,7 +45,7 @@ def score(runner: Runner, group: str, concept: str, scan, gamma: float) -> dict:
     target = torch.from_numpy(images[rows])
     judge = runner.artifact_judge()
     flagged = judge.flags(target)
-    is_removed = removed(judge, [judged[k] for k in rows], target, group)
+    is_removed = removed(judge, [judged[k].predicted(group) for k in rows], target, group)
     gone = torch.tensor([judged[k].predicted(group) != concept for k in rows])
     share = lambda flags: round(float(flags.double().mean()), 4)
     return {"gamma": gamma, "UA": share(gone), "AR": share(flagged), "RM": share(is_removed),

@@ -2,9 +2,11 @@
 unsupervised (SAeUron) object and style SAEs with every label stripped are taught 4 objects and 2 styles by Find
 Concept Latents nodes in a real ComfyUI server, queued through /prompt (8 prompts that show each concept; the
 negatives are the same prompts with the concept's words taken out; the shipped recipe's steps, cfg and percentile),
-and kept by Save SAE. Then each concept is erased at the node's default strength (γ = −1) with the taught file and,
-at the same setting, with the shipped SAeUron file: UA, IRA and CRA on the quick test grid (72 images, one seed per
-prompt, judged); and the latents found against those the build selected. Last, the time and peak memory of teaching
+and kept by Save SAE. Then each concept is erased in exact mode at γ = −1 with the taught file and, at the same
+setting, with the shipped SAeUron file: UA, IRA and CRA on the quick test grid (72 images, one seed per prompt,
+judged), held against the targets; and with both files at Erase Concepts' defaults (DEFAULT_EDIT: shift mode, whose
+direction Find Concept Latents measures too), with RM, the share of the target's images with it removed (no object
+left, or unstyled); and the latents found against those the build selected. Last, the time and peak memory of teaching
 one concept, in a fresh process.
 
     python benchmarks/studies/teach_concepts.py      # about 25 minutes on 2 CPU cores
@@ -29,6 +31,7 @@ import saemnesia_tools.comfyui  # noqa: F401  (makes ComfyUI importable)
 from saemnesia_comfy.erase import erase_concepts
 from saemnesia_comfy.sae_library import load_sae_path
 from saemnesia_comfy.toy_model import load_toy_model
+from saemnesia_core.concepts import DEFAULT_EDIT
 from saemnesia_core.files import write_bytes_atomic, write_json_atomic
 from saemnesia_core.sae_file import load_sae_file, save_sae_file
 from saemnesia_tools.comfyui.server import ComfyServer
@@ -42,7 +45,7 @@ from saemnesia_tools.toy.evaluation.protocol import (
     Judged,
     grid_items,
 )
-from saemnesia_tools.toy.judges import Judges
+from saemnesia_tools.toy.judges import NO_OBJECT, UNSTYLED, Judges
 from saemnesia_tools.toy.prompts import make_prompt
 from saemnesia_tools.toy.render import OBJECTS, STYLES
 
@@ -51,6 +54,9 @@ RESULTS = Path(__file__).resolve().parent / "results"
 UNLABELLED = {OBJECT: "unlabelled_objects.safetensors", STYLE: "unlabelled_styles.safetensors"}
 TAUGHT = {OBJECT: "taught_objects", STYLE: "taught_styles"}
 TARGET_UA, TARGET_ACCURACY = 10.0, 5.0  # points within the shipped SAeUron file's
+FILES = ("shipped SAeUron", "taught")
+AT_THE_DEFAULT = " at the node's default"
+METHODS = ("no erasure", *FILES, *(f + AT_THE_DEFAULT for f in FILES))
 
 
 def recipe() -> dict:
@@ -133,10 +139,13 @@ def erasure(taught_files: dict[str, Path]) -> dict:
         saes = {"shipped SAeUron": load_sae_path(assets.path(assets.SITES[group].saeuron)),
                 "taught": load_sae_path(taught_files[group])}
         for concept in concepts:
-            row = {"no erasure": erasure_metrics(plain, group, [concept])}
+            row = {"no erasure": scored(plain, group, concept)}
             for name, loaded in saes.items():
-                erased = erase_concepts(model, loaded, {concept: None}, -1.0)
-                row[name] = erasure_metrics(judged_images(erased, vae, encoder, judges, items), group, [concept])
+                erased = erase_concepts(model, loaded, {concept: None}, -1.0, mode="exact")
+                row[name] = scored(judged_images(erased, vae, encoder, judges, items), group, concept)
+                erased = erase_concepts(model, loaded, {concept: None}, DEFAULT_EDIT.strength,
+                                        branches=DEFAULT_EDIT.branches, mode=DEFAULT_EDIT.mode)
+                row[name + AT_THE_DEFAULT] = scored(judged_images(erased, vae, encoder, judges, items), group, concept)
             row["overlap"] = overlap(load_sae_file(taught_files[group]),
                                      load_sae_file(assets.path(assets.SITES[group].saeuron)), concept)
             row["taught_how"] = load_sae_file(taught_files[group]).provenance["taught"][concept]
@@ -144,13 +153,21 @@ def erasure(taught_files: dict[str, Path]) -> dict:
     return rows
 
 
+def scored(judged: list[Judged], group: str, concept: str) -> dict:
+    """UA, IRA, CRA and RM: the target's images judged with no object left (objects) or unstyled (styles)."""
+    gone = NO_OBJECT if group == OBJECT else UNSTYLED
+    target = [j for j in judged if j.item.concept(group) == concept]
+    return {**erasure_metrics(judged, group, [concept]),
+            "RM": sum(j.predicted(group) == gone for j in target) / len(target)}
+
+
 def averages(rows: dict) -> dict:
     out = {}
     for group in TARGETS:
         mine = [r for r in rows.values() if r["group"] == group]
         out[group] = {method: {m: round(100 * sum(r[method][m] for r in mine) / len(mine), 1)
-                               for m in ("UA", "IRA", "CRA")}
-                      for method in ("no erasure", "shipped SAeUron", "taught")}
+                               for m in ("UA", "IRA", "CRA", "RM")}
+                      for method in METHODS}
     return out
 
 
@@ -198,10 +215,11 @@ def teach_one() -> dict:
 def markdown(result: dict) -> str:
     lines = ["# Teaching concepts in ComfyUI (toy world)", "",
              f"{result['protocol']}", "",
-             "| group | method | UA | IRA | CRA |", "|---|---|---:|---:|---:|"]
+             "| group | method | UA | IRA | CRA | RM |", "|---|---|---:|---:|---:|---:|"]
     for group, methods in result["averages"].items():
         for method, m in methods.items():
-            lines.append(f"| {group}s | {method} | {m['UA']:.1f} | {m['IRA']:.1f} | {m['CRA']:.1f} |")
+            lines.append(f"| {group}s | {method} | {m['UA']:.1f} | {m['IRA']:.1f} | {m['CRA']:.1f} | "
+                         f"{m['RM']:.1f} |")
     lines += ["", ("Targets (taught against the shipped SAeUron file, points): UA within "
               f"{TARGET_UA:g}, IRA and CRA within {TARGET_ACCURACY:g}."), "",
               "| group | UA | IRA | CRA |", "|---|---|---|---|"]
@@ -227,13 +245,17 @@ def readme_sentence(result: dict) -> str:
     rows = [f"{groups[g]} {_triple(m['taught'])} against {_triple(m['shipped SAeUron'])}"
             for g, m in result["averages"].items()]
     missed = [f"{groups[g]} {metric}" for g, v in result["targets"].items() for metric, m in v.items() if not m["met"]]
+    removal = [f"{groups[g]} {m['taught' + AT_THE_DEFAULT]['RM']:.1f} against "
+               f"{m['shipped SAeUron' + AT_THE_DEFAULT]['RM']:.1f}" for g, m in result["averages"].items()]
     shares = [r["overlap"]["share_of_shipped"] for r in result["concepts"].values()]
     c = result["cost"]
     return (f"On the toy world, {len(result['concepts'])} concepts taught through ComfyUI from 8 prompts each and "
-            f"erased at −1 score UA / IRA / CRA {'; '.join(rows)} for the shipped SAeUron files; the targets (UA "
-            f"within {TARGET_UA:g} points of those, IRA and CRA within {TARGET_ACCURACY:g}) are "
+            f"erased in exact mode at −1 score UA / IRA / CRA {'; '.join(rows)} for the shipped SAeUron files; the "
+            f"targets (UA within {TARGET_UA:g} points of those, IRA and CRA within {TARGET_ACCURACY:g}) are "
             + ("all met" if not missed else "missed for " + ", ".join(missed))
-            + f", and the found latents hold {min(shares):.2f} to {max(shares):.2f} of those the build selected. "
+            + f". At the node's defaults ({DEFAULT_EDIT.mode} mode, with the direction Find Concept Latents measures) "
+            f"they are removed (RM, %) {'; '.join(removal)}. The found latents hold {min(shares):.2f} to "
+            f"{max(shares):.2f} of those the build selected. "
             f"Teaching one concept took {c['seconds']:.0f} s on 2 CPU cores and added "
             f"{c['peak_above_loaded_model_mb']:.0f} MiB to the process's peak memory ({c['peak_rss_mb']:.0f} MiB, set "
             "by loading the model).")
@@ -271,8 +293,10 @@ def main() -> None:
         "written_by": "python benchmarks/studies/teach_concepts.py",
         "protocol": (f"Taught through /prompt: 8 prompts per concept, negatives without the concept, seed 0, "
                      f"{recipe()['sample_steps']} euler steps, cfg {recipe()['cfg']:g}, SAeUron's percentile "
-                     f"{recipe()['percentile']:g} (the shipped files'). Erased at γ = −1 (the node's default) on "
-                     f"the quick test grid ({len(grid_items(QUICK.test_seeds))} images); averages in %."),
+                     f"{recipe()['percentile']:g} (the shipped files'). Erased in exact mode at γ = −1 (the node's "
+                     f"default before shift mode; the targets compare these rows) and at the node's defaults "
+                     f"({DEFAULT_EDIT.mode} mode, {DEFAULT_EDIT.branches} branch, γ {DEFAULT_EDIT.strength:g}) on the "
+                     f"quick test grid ({len(grid_items(QUICK.test_seeds))} images); averages in %."),
         "concepts": rows, "averages": avg, "targets": against_targets(avg), "cost": cost_of_one_concept(),
         "minutes": round((time.time() - started) / 60, 1)})
 

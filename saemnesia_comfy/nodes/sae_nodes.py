@@ -9,7 +9,7 @@ from comfy_api.latest import io
 
 from saemnesia_comfy import erase, probe as probing, sae_library, teach, text_erase
 from saemnesia_comfy.patch import BRANCHES
-from saemnesia_core.concepts import MAX_STRENGTH
+from saemnesia_core.concepts import DEFAULT_EDIT, MAX_STRENGTH
 from saemnesia_core.eraser import MODES
 
 SAE = io.Custom("SAE")
@@ -75,7 +75,8 @@ class EraseConcepts(io.ComfyNode):
                 SAE.Input("sae", tooltip="A concept SAE from Load SAE; its hookpoint must exist in this model. "
                                          "Several chained Load SAE nodes erase at several blocks."),
                 io.String.Input("concepts", default="[]", multiline=False, tooltip=CONCEPTS_TOOLTIP),
-                io.Float.Input("strength", default=-1.0, min=-MAX_STRENGTH, max=MAX_STRENGTH, step=0.1,
+                io.Float.Input("strength", default=DEFAULT_EDIT.strength, min=-MAX_STRENGTH, max=MAX_STRENGTH,
+                               step=0.1,
                                tooltip="How strongly to erase. Negative erases: −1 is SAEmnesia's single knob, and for "
                                        "the concepts a file calibrates (the toy's SAEmnesia files: their block's "
                                        "group, where a κ erased better than the papers' formula) −1 is the "
@@ -84,17 +85,24 @@ class EraseConcepts(io.ComfyNode):
                                        "Formula (γ): a firing concept latent z becomes z·γ·μ, or, for a concept "
                                        "the file calibrates (κ), γ·κ·‖x‖ in exact mode, so that −1 is the "
                                        "strength measured to erase it; in replace mode, how far a detected token "
-                                       "moves to its replacement (|γ|, at most 1)."),
+                                       "moves to its replacement (|γ|, at most 1); in shift mode, how many times "
+                                       "the concept's mean difference from its absence is added (−1 takes it away "
+                                       f"once). The defaults ({DEFAULT_EDIT.mode} mode, {DEFAULT_EDIT.branches} "
+                                       f"branch, {DEFAULT_EDIT.strength:g}) removed the most on the toy world."),
                 *_step_inputs(),
-                io.Combo.Input("branches", options=list(BRANCHES), default="both",
+                io.Combo.Input("branches", options=list(BRANCHES), default=DEFAULT_EDIT.branches,
                                tooltip="Which classifier-free-guidance branch to edit: both (as the papers), "
                                        "cond only, or uncond only."),
-                io.Combo.Input("mode", options=list(MODES), default="exact",
+                io.Combo.Input("mode", options=list(MODES), default=DEFAULT_EDIT.mode,
                                tooltip="exact: add only the change of the erased latents (identity elsewhere). "
                                        "paper: the released hooks' formula, to reproduce published numbers. "
                                        "replace: the SAE only detects the concept's tokens, which are replaced by "
                                        "the nearest tokens that do not carry it (strength: how far, |strength| "
-                                       "capped at 1)."),
+                                       "capped at 1). shift: the SAE only detects the concept; an image where it "
+                                       "fires moves by strength × the concept's mean difference from its absence "
+                                       "(SAE files made from labelled images hold it, such as the toy's; best on "
+                                       "the cond branch; Find Concept Latents measures it too). A file without it "
+                                       "(an imported SAE) erases in exact mode instead, and the log says so."),
                 io.Mask.Input("mask", optional=True,
                               tooltip="Erase only inside this mask (white = erase); without it, everywhere. "
                                       "UNet blocks only for now."),

@@ -5,6 +5,7 @@ them as written."""
 
 from __future__ import annotations
 
+from saemnesia_tools.toy.render import OBJECTS, STYLES
 from saemnesia_tools.training.centralisation import AUROC_THRESHOLD
 
 
@@ -82,6 +83,26 @@ def text_line(report: dict) -> str:
     parts = _training(sae["hookpoint"], f"text encoder, objects and styles; {sae['activations']['records']} prompts",
                       sae, ("object", "style"), report["recipe"].get("supervised_exclusivity", 0))
     return "- " + "; ".join(parts) + "."
+
+
+def model_line(report: dict) -> str:
+    """The model's quality on its own images, judged (and, for judges with the no-object class, asked for no
+    object), and the judges' accuracy on held-out renders, as one paragraph of the toy-world page."""
+    quality, judges = report["quality"], report["judges"]["held_out_renders"]
+    prompts = len(OBJECTS) * (len(STYLES) + 1)
+    line = (f"On its own generations of the full grid ({prompts} prompts, {quality['images'] // prompts} seeds, Euler {quality['steps']} steps, cfg {quality['cfg']:g}) the judges "
+            f"recognise the object in {_pct(quality['object'])} and the style in {_pct(quality['style'])} of "
+            f"{quality['images']} images.")
+    if "absence" in quality:
+        absence = quality["absence"]
+        line += (f" Asked for no object (\"An image in Neon style.\" for each style, \"An image.\"; "
+                 f"{absence['images']} images) it draws none in {_pct(absence['no_object'])} of them, in the asked "
+                 f"look in {_pct(absence['style'])}.")
+    line += (f" The judges, on {judges['n']:,} held-out renders: object {_pct(judges['object'])}, style "
+             f"{_pct(judges['style'])}")
+    if "no_object" in judges:
+        line += f"; the {judges['no_object_n']} empty scenes among them judged empty in {_pct(judges['no_object'])}"
+    return line + "."
 
 
 def sae_lines(report: dict) -> str:

@@ -1,5 +1,6 @@
-"""The toy world's prompt wording: the SAeUron form plus two paraphrases used in training, and held-out
-rephrasings (other word order) for the robustness test. CLIP's tokenizer lower-cases, so case is moot."""
+"""The toy world's prompt wording: the SAeUron form plus two paraphrases used in training, held-out rephrasings
+(other word order) for the robustness test, and the wordings that ask for no object (a style's background alone,
+or "An image." for neither object nor style). CLIP's tokenizer lower-cases, so case is moot."""
 
 from __future__ import annotations
 
@@ -14,7 +15,15 @@ HELD_OUT_TEMPLATES = (
     ("In {style} style: {object}.", "Just {object}."),
 )
 
+# no object: one wording per training template (same order), and the prompt for neither object nor style
+ABSENT_TEMPLATES = ("An image in {style} style.", "A picture in {style} style.", "Drawn in {style} style.")
+NOTHING_PROMPT = "An image."
 
-def make_prompt(obj: str, style: str | None, template=TRAIN_TEMPLATES[0]) -> str:
+
+def make_prompt(obj: str | None, style: str | None, template=TRAIN_TEMPLATES[0]) -> str:
+    """The prompt for an object (None: no object) in a style (None: unstyled), in one of the templates above."""
+    if obj is None:
+        absent = ABSENT_TEMPLATES[TRAIN_TEMPLATES.index(template)] if template in TRAIN_TEMPLATES else ABSENT_TEMPLATES[0]
+        return NOTHING_PROMPT if style is None else absent.format(style=style)
     styled, unstyled = template
     return unstyled.format(object=obj) if style is None else styled.format(object=obj, style=style)

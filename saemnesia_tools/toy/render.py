@@ -105,14 +105,16 @@ def _rgb(c) -> np.ndarray:
 
 
 def _style_layers(style: str | None, mask: np.ndarray, rng: np.random.Generator):
-    """(foreground texture [C,C,3], background colour, coverage mask [C,C]) of a style."""
+    """(foreground texture [C,C,3], background colour, coverage mask [C,C]) of a style. Every look has a background
+    colour of its own, so that a style still shows in a scene with no object (Stripes and Outline drew on the
+    unstyled white before the world had such scenes: their empty scenes were the unstyled one)."""
     yy, xx = np.mgrid[0:_C, 0:_C]
     full = np.ones((_C, _C, 1), np.float32)
     if style is None:
         return full * _rgb((20, 20, 20)), _rgb((250, 250, 250)), mask
     if style == "Stripes":
         on = ((yy // (4 * _SS)) % 2 == 0)[..., None]
-        return np.where(on, _rgb((25, 45, 170)), _rgb((250, 200, 40))), _rgb((250, 250, 250)), mask
+        return np.where(on, _rgb((25, 45, 170)), _rgb((250, 200, 40))), _rgb((255, 240, 165)), mask
     if style == "Dots":
         cell = 4 * _SS
         d = np.hypot((xx % cell) - cell / 2, (yy % cell) - cell / 2)[..., None]
@@ -121,7 +123,7 @@ def _style_layers(style: str | None, mask: np.ndarray, rng: np.random.Generator)
         on = (((xx // (4 * _SS)) + (yy // (4 * _SS))) % 2 == 0)[..., None]
         return np.where(on, _rgb((15, 15, 15)), _rgb((255, 255, 255))), _rgb((250, 150, 50)), mask
     if style == "Outline":
-        return full * _rgb((125, 40, 170)), _rgb((250, 250, 250)), _outline(mask, int(1.5 * _SS))
+        return full * _rgb((125, 40, 170)), _rgb((250, 210, 225)), _outline(mask, int(1.5 * _SS))
     if style == "Gradient":
         g = ((xx - xx.min()) / (_C - 1))[..., None]
         return (1 - g) * _rgb((255, 50, 60)) + g * _rgb((255, 235, 60)), _rgb((20, 70, 85)), mask

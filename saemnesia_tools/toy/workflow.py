@@ -6,14 +6,18 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from saemnesia_core.concepts import DEFAULT_EDIT
+
 from . import assets
 
 SAVE = "9"
 """The SaveImage node's id (its images are the workflow's output)."""
 
 
-def erasing(sae: str, concepts, strength: float = -1.0, branches: str = "both", mode: str = "exact") -> dict:
-    """One Load SAE + Erase Concepts pair of `toy_prompt`: `concepts` a JSON string, a list or a dict."""
+def erasing(sae: str, concepts, strength: float = DEFAULT_EDIT.strength, branches: str = DEFAULT_EDIT.branches,
+            mode: str = DEFAULT_EDIT.mode) -> dict:
+    """One Load SAE + Erase Concepts pair of `toy_prompt`: `concepts` a JSON string, a list or a dict; the rest at
+    the node's defaults unless given."""
     return {"sae": sae, "concepts": concepts if isinstance(concepts, str) else json.dumps(concepts),
             "strength": strength, "branches": branches, "mode": mode}
 

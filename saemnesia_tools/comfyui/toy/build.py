@@ -33,12 +33,14 @@ from tqdm.auto import tqdm
 from saemnesia_core.files import write_json_atomic
 from saemnesia_core.sae_file import load_sae_file, read_header, save_sae_file
 from saemnesia_tools.toy import assets, demo
-from saemnesia_tools.toy.judges import STYLE_CLASSES, Judges, held_out_accuracy, train_judges
+from saemnesia_tools.toy.judges import NO_OBJECT, STYLE_CLASSES, Judges, held_out_accuracy, train_judges
 from saemnesia_tools.toy.prompts import make_prompt
 from saemnesia_tools.toy.render import OBJECTS, STYLES
 from saemnesia_tools.training import SupervisedConfig, TrainConfig, collect, saeuron_grid
 from saemnesia_tools.training.pipeline import train_sae_pair
 from saemnesia_tools.training.centralisation import centralisation
+from saemnesia_tools.training.directions import concept_directions
+from saemnesia_tools.training.specs import PromptSpec
 from saemnesia_tools.training.shards import ActivationDataset
 
 from ..capture import ComfyCaptureSource
@@ -63,23 +65,35 @@ ERASURE_SEED = 7_000_000          # the per-concept erasure measurement's first 
 def build_judges(recipe: Recipe, path: Path) -> Judges:
     if path.exists():
         return Judges.load(path)
-    judges, _ = train_judges(recipe.judge_pool, recipe.judge_steps, seed=recipe.seed)
+    judges, _ = train_judges(recipe.judge_pool, recipe.judge_steps, seed=recipe.seed, no_object=recipe.judge_no_object,
+                             colour_jitter=recipe.judge_colour_jitter)
     judges.save(path)
     return judges
 
 
 def build_model(recipe: Recipe, path: Path, work: Path) -> None:
+    """The model phases, exported; with an absence phase, the first phases' model is exported to
+    work/model_base.safetensors (kept, so that the absence phase can be redone from it alone) and the absence phase
+    continues from that file."""
     if path.exists():
         return
     t = time.time()
-    previous = None
-    for i, (weighting, schedule, stop_at, seed, text_aux) in enumerate(recipe.model_phases):
-        run = work / f"model_phase{i + 1}"
-        trainer = toy_train.train(run, schedule, recipe.model_batch, recipe.model_lr, seed, weighting, stop_at,
-                                  init=previous, text_aux=text_aux)
-        previous = run / "checkpoint.pt"
-    toy_train.export(trainer, path, {"recipe": "saemnesia_tools.comfyui.toy.build", "phases": recipe.model_phases,
-                                     "seconds_this_run": round(time.time() - t, 1)})
+    base = work / "model_base.safetensors" if recipe.absence_phase else path
+    provenance = {"recipe": "saemnesia_tools.comfyui.toy.build", "phases": recipe.model_phases}
+    if not base.exists():
+        previous = None
+        for i, (weighting, schedule, stop_at, seed, text_aux) in enumerate(recipe.model_phases):
+            run = work / f"model_phase{i + 1}"
+            trainer = toy_train.train(run, schedule, recipe.model_batch, recipe.model_lr, seed, weighting, stop_at,
+                                      init=previous, text_aux=text_aux)
+            previous = run / "checkpoint.pt"
+        toy_train.export(trainer, base, {**provenance, "seconds_this_run": round(time.time() - t, 1)})
+    if recipe.absence_phase:
+        weighting, schedule, stop_at, seed, text_aux, absence, lr = recipe.absence_phase
+        trainer = toy_train.train(work / "model_absence", schedule, recipe.model_batch, lr, seed, weighting, stop_at,
+                                  init=base, text_aux=text_aux, absence=absence)
+        toy_train.export(trainer, path, {**provenance, "absence_phase": recipe.absence_phase,
+                                         "seconds_this_run": round(time.time() - t, 1)})
 
 
 def site_work(work: Path, site: assets.SAESite) -> Path:
@@ -87,16 +101,24 @@ def site_work(work: Path, site: assets.SAESite) -> Path:
     return work / site.hookpoint.removeprefix("unet.")
 
 
+def absence_grid(repeats: int) -> list[PromptSpec]:
+    """The prompts that name no object, each look once per repeat, labelled with their style alone (none for "An
+    image."): the objects' absence for shift mode's directions (DESIGN §6.9)."""
+    return [PromptSpec(make_prompt(None, s), {"style": s} if s else {}) for _ in range(repeats) for s in (*STYLES, None)]
+
+
 def site_activations(model, encoder, recipe: Recipe, work: Path, site: assets.SAESite, split: str):
-    """The site's labelled activations of the grid, collected once (a rerun resumes) into <site_work>/acts_<split>:
-    "train" (the SAEs' training records) or "heldout" (the concept statistics' records, other seeds)."""
+    """The site's labelled activations, collected once (a rerun resumes) into <site_work>/acts_<split>: "train" (the
+    grid; the SAEs' training records), "heldout" (the grid at other seeds; the concept statistics' records) or
+    "absence" (absence_grid at the held-out seeds; with "heldout", shift mode's directions)."""
     repeats, seed = {"train": (recipe.train_repeats, recipe.seed),
-                     "heldout": (recipe.heldout_repeats, recipe.seed + HELDOUT_SEED_OFFSET)}[split]
+                     "heldout": (recipe.heldout_repeats, recipe.seed + HELDOUT_SEED_OFFSET),
+                     "absence": (recipe.heldout_repeats, recipe.seed + HELDOUT_SEED_OFFSET)}[split]
     source = ComfyCaptureSource(model, lambda p: [[encoder(p), {}]], hookpoint=site.hookpoint,
                                 steps=recipe.sample_steps, cfg=recipe.cfg, sampler="euler", scheduler="normal",
                                 width=32, height=32, model_id="saemnesia-toy-world", model_family="toy")
-    return collect(source, saeuron_grid(list(OBJECTS), list(STYLES), repeats=repeats),
-                   site_work(work, site) / f"acts_{split}", seed=seed, batch_size=72)
+    specs = absence_grid(repeats) if split == "absence" else saeuron_grid(list(OBJECTS), list(STYLES), repeats=repeats)
+    return collect(source, specs, site_work(work, site) / f"acts_{split}", seed=seed, batch_size=72)
 
 
 def build_saes(recipe: Recipe, models: Path, work: Path, model, encoder, site: assets.SAESite) -> None:
@@ -144,6 +166,20 @@ def measure_centralisation(recipe: Recipe, models: Path, work: Path, model, enco
     save_sae_file(replace(sae_file, provenance=provenance), path)
 
 
+def add_directions(recipe: Recipe, models: Path, work: Path, model, encoder, site: assets.SAESite) -> None:
+    """Shift mode's directions (DESIGN §6.9) into both of the site's SAE files, from the held-out grid and the
+    prompts without objects at the site. Skipped for a file that has them."""
+    paths = [assets.path(site.sae(method), models) for method in ("saemnesia", "saeuron")]
+    files = {path: load_sae_file(path) for path in paths}
+    if all(f.tables.directions is not None for f in files.values()):
+        return
+    data = [site_activations(model, encoder, recipe, work, site, split) for split in ("heldout", "absence")]
+    for path, f in files.items():
+        if f.tables.directions is None:
+            directions = concept_directions(data, f.concepts, f.num_buckets)
+            save_sae_file(replace(f, tables=replace(f.tables, directions=directions)), path)
+
+
 def measure_erasure(recipe: Recipe, sae_path: Path, strength: float, model, vae, encoder: PromptEncoder,
                     judges: Judges, seen_without: dict) -> None:
     """Store in the SAE file, per concept, how well it erases that concept at `strength` (Concept.erasure): up to 8
@@ -187,6 +223,7 @@ def build(models: Path, work: Path, recipe: Recipe) -> dict:
     for site in assets.ALL_SITES:
         build_saes(recipe, models, work, model, encoder, site)
         measure_centralisation(recipe, models, work, model, encoder, site)
+        add_directions(recipe, models, work, model, encoder, site)
         supervised = assets.path(site.saemnesia, models)
         calibrate_strengths(recipe, supervised, site.groups, model, vae, encoder, judges, artifact_judge)
         # SAEmnesia at the node's default strength (calibrated at its site); SAeUron at the demo's strength for the
@@ -220,7 +257,21 @@ def grid_accuracy(model, vae, encoder, judges: Judges, recipe: Recipe) -> dict:
     return {"object": sum(p == o for p, (o, _) in zip(objects, items)) / len(items),
             "style": sum(p == (s or STYLE_CLASSES[-1]) for p, (_, s) in zip(styles, items)) / len(items),
             "images": len(items), "first_seed": QUALITY_SEED, "steps": recipe.sample_steps, "cfg": recipe.cfg,
-            "sampler": "euler"}
+            "sampler": "euler", **absence_accuracy(model, vae, encoder, judges, recipe, QUALITY_SEED + len(items))}
+
+
+def absence_accuracy(model, vae, encoder, judges: Judges, recipe: Recipe, first_seed: int) -> dict:
+    """For judges that know NO_OBJECT: on the prompts that ask for no object ("An image in Neon style." for each
+    style, "An image." for neither), the share judged to show no object, and to show the asked style."""
+    if not judges.knows_no_object:
+        return {}
+    looks = [*STYLES, None] * recipe.quality_seeds
+    images = generate(model, vae, encoder, [make_prompt(None, s) for s in looks],
+                      [first_seed + i for i in range(len(looks))], steps=recipe.sample_steps, cfg=recipe.cfg)
+    objects, styles = judges.predict(images)
+    return {"absence": {"no_object": sum(o == NO_OBJECT for o in objects) / len(looks),
+                        "style": sum(p == (s or STYLE_CLASSES[-1]) for p, s in zip(styles, looks)) / len(looks),
+                        "images": len(looks), "first_seed": first_seed}}
 
 
 def _minutes(seconds) -> float | None:
@@ -261,7 +312,7 @@ def build_report(models: Path) -> dict:
     """The build report of the files in `models`: their recorded provenance, and the judges' and the model's
     accuracy measured again (deterministic on the same machine and thread count)."""
     provenance = read_header(assets.path(assets.SITES["object"].saemnesia, models)).provenance
-    recipe = Recipe(**{**provenance["recipe"], "model_phases": tuple(map(tuple, provenance["recipe"]["model_phases"]))})
+    recipe = Recipe(**provenance["recipe"])
     judges = Judges.load(assets.path(assets.JUDGES, models))
     model_path = assets.path(assets.MODEL, models)
     with safe_open(str(model_path), framework="pt") as f:
@@ -269,7 +320,7 @@ def build_report(models: Path) -> dict:
     model, clip, vae = toy_model.load_toy_model(model_path)
     return {
         "written_by": "python -m saemnesia_tools.comfyui.toy.build --report-only",
-        "recipe": asdict(recipe),
+        "recipe": provenance["recipe"],  # as the build recorded it (fields added since take their defaults above)
         "judges": {"held_out_renders": held_out_accuracy(judges, seed=recipe.seed + JUDGES_HELDOUT_OFFSET)},
         "model": model_provenance,
         "quality": grid_accuracy(model, vae, PromptEncoder(clip), judges, recipe),

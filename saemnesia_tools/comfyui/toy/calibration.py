@@ -12,7 +12,7 @@ from tqdm.auto import tqdm
 from saemnesia_core.concepts import with_calibrations
 from saemnesia_core.sae_file import load_sae_file, save_sae_file
 from saemnesia_tools.toy.evaluation.protocol import quality_items
-from saemnesia_tools.toy.evaluation.quality import ArtifactJudge
+from saemnesia_tools.toy.evaluation.quality import ArtifactJudge, removed
 from saemnesia_tools.toy.judges import Judges
 from saemnesia_tools.toy.prompts import make_prompt
 from saemnesia_tools.toy.render import OBJECTS, STYLES
@@ -49,16 +49,18 @@ def calibrate_strengths(recipe: Recipe, sae_path: Path, groups: tuple[str, ...],
                         judges: Judges, artifact_judge: Callable[[], ArtifactJudge], kappas=KAPPAS) -> None:
     """Store κ (Concept.calibration, DESIGN §6.7) for each concept of `groups` (those the file's site erases): the
     κ of `kappas`, or none (the papers' formula), at which the node's default strength, −1, gave the most clean
-    erasures (concept gone, the other group's concept kept, image not flagged by `artifact_judge()`) on
-    `recipe.erasure_images` images per concept (seeds CALIBRATION_SEED…), ties broken by `choose_kappa`. The counts go
-    in the provenance, with the judges-only counts. Counts recorded under the same protocol are not measured again:
-    the choice is made from them, so a change of `choose_kappa` reaches the file without new images."""
+    erasures (the concept removed, not replaced: `quality.removed`; the other group's concept kept; the image not
+    flagged by `artifact_judge()`) on `recipe.erasure_images` images per concept (seeds CALIBRATION_SEED…), ties
+    broken by `choose_kappa`. The counts go in the provenance, with the judges-only counts. Counts recorded under
+    the same protocol are not measured again: the choice is made from them, so a change of `choose_kappa` reaches
+    the file without new images."""
     sae_file = load_sae_file(sae_path)
     chosen = [c for c in sae_file.concepts if c.group in groups]
     protocol = {"kappas": list(kappas), "strength": -1.0, "first_seed": CALIBRATION_SEED,
                 "images": len(cells_showing(chosen[0], recipe.erasure_images)[0]),
-                "criterion": "concept gone, other group's concept kept, image not flagged by the artifact judge",
-                "artifact_judge": {"first_seed": ARTIFACT_SEED, "seeds_per_prompt": recipe.artifact_seeds}}
+                "criterion": CRITERION,
+                "artifact_judge": {"first_seed": ARTIFACT_SEED, "seeds_per_prompt": recipe.artifact_seeds,
+                                   "prompts": "the grid and no object"}}
     recorded = sae_file.provenance.get("calibration") or {}
     if ({key: recorded.get(key) for key in protocol} == protocol
             and all(c.label in recorded["clean_erasures"] for c in chosen)):
@@ -70,13 +72,16 @@ def calibrate_strengths(recipe: Recipe, sae_path: Path, groups: tuple[str, ...],
                                   counts["judges_only_clean_erasures"][c.label],
                                   counts["uncalibrated_clean_erasures"][c.label]) for c in chosen}
     concepts = with_calibrations(sae_file.concepts, best)
-    if concepts == sae_file.concepts and recorded.get("chosen") == best:
+    record = {**protocol, **counts, "chosen": best}
+    if concepts == sae_file.concepts and recorded == record:
         return
-    provenance = {**sae_file.provenance, "calibration": {**protocol, **counts, "chosen": best}}
+    provenance = {**sae_file.provenance, "calibration": record}
     save_sae_file(replace(sae_file, concepts=concepts, provenance=provenance), sae_path)
 
 
 COUNTS = ("clean_erasures", "judges_only_clean_erasures", "uncalibrated_clean_erasures")
+CRITERION = ("concept removed (no object left / unstyled), other group's concept kept, image not flagged by the "
+             "artifact judge")
 
 
 def measure_clean_erasures(recipe: Recipe, sae_path: Path, concepts, model, vae, encoder: PromptEncoder,
@@ -95,8 +100,9 @@ def measure_clean_erasures(recipe: Recipe, sae_path: Path, concepts, model, vae,
             trial = loaded.with_calibrations({c.label: kappa})
             images = generate(erase_concepts(model, trial, {c.label: -1.0}, -1.0), vae, encoder, prompts, seeds,
                               steps=recipe.sample_steps, cfg=recipe.cfg)
-            erased = [j[own] != cell[own] and j[other] == cell[other]
-                      for j, cell in zip(zip(*judges.predict(images)), cells)]
+            judged = list(zip(*judges.predict(images)))
+            gone = removed(artifacts, [j[own] for j in judged], images, c.group).tolist()
+            erased = [g and j[other] == cell[other] for g, j, cell in zip(gone, judged, cells)]
             flagged = artifacts.flags(images).tolist()
             return sum(e and not f for e, f in zip(erased, flagged)), sum(erased)
 

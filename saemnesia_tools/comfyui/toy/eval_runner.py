@@ -124,7 +124,8 @@ class Runner:
             loaded = self.saes[("saeuron", group)]
             n = loaded.file.config.num_latents
             percentiles = [scaled_percentile(n, kept.get(c.label, 1)) for c in loaded.file.concepts]
-            tables = build_tables(select_saeuron(self.scores[group], percentiles), self.means[group])
+            tables = replace(build_tables(select_saeuron(self.scores[group], percentiles), self.means[group]),
+                             directions=loaded.file.concept_tables.directions)  # the same concepts: the same Δ
             self._saeuron_variants[key] = replace(loaded, file=replace(loaded.file, tables=tables))
         return self._saeuron_variants[key]
 
@@ -133,13 +134,14 @@ class Runner:
             return self.model
         method, group = setting.sae
         strengths = {label: gamma for label, gamma, _ in setting.erase}
+        steps = dict(start_percent=0.0, end_percent=1.0, branches=setting.branches, mode=setting.mode)
         if method == MULTI_SITE:
-            return erase_concepts(self.model, self.multi_site[group], strengths, -1.0, mode=setting.mode)
+            return erase_concepts(self.model, self.multi_site[group], strengths, -1.0, **steps)
         loaded = self.saes[setting.sae] if method == "saemnesia" else \
             self._saeuron_for(group, {label: kept for label, _, kept in setting.erase})
         if setting.uncalibrated:
             loaded = loaded.with_calibrations(dict.fromkeys(loaded.labels))
-        return erase_concepts(self.model, loaded, strengths, -1.0, mode=setting.mode)
+        return erase_concepts(self.model, loaded, strengths, -1.0, **steps)
 
     def encoder_for(self, setting: Setting) -> PromptEncoder:
         """The prompts' conditioning: the toy CLIP's, or, for the text-encoder SAE, that of the CLIP the Erase

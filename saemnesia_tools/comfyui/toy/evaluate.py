@@ -30,8 +30,8 @@ from saemnesia_tools.toy.assets import REPO_ROOT
 from saemnesia_tools.toy.evaluation.metrics import (best_candidate, erasure_metrics, judged_as, selection_score,
                                                    summarize)
 from saemnesia_tools.toy.evaluation.protocol import (FULL, MULTI_SITE, OBJECT, QUICK, SAE_METHODS, STYLE, TEXT, Item,
-                                                    Protocol, Setting, example_cells, grid_items, planned_images,
-                                                    rephrase_items, selection_items)
+                                                    Protocol, Setting, default_setting, example_cells, grid_items,
+                                                    planned_images, rephrase_items, selection_items)
 from saemnesia_tools.toy.evaluation.quality import quality_metrics
 from saemnesia_tools.toy.evaluation.report import Results, shown_path, summary_table, write_reports
 from saemnesia_tools.toy.render import OBJECTS, STYLES
@@ -104,7 +104,7 @@ def evaluate_target(runner: Runner, group: str, concept: str, tests: list[Item],
                 "replace": Setting(sae["saemnesia"], ((concept, -1.0, 0),), mode="replace"),
                 "text": Setting(sae[TEXT], ((concept, st["gamma"], 0),)),
                 "text_gamma1": Setting(sae[TEXT], ((concept, -1.0, 0),)),
-                "negative": Setting(negative=concept)}
+                "negative": Setting(negative=concept), "default": default_setting(group, concept)}
     test, rephrased = {}, {}
     for method, setting in settings.items():
         judged, images = no_erasure if method == "none" else runner.judge(setting, tests)

@@ -74,10 +74,10 @@ class ToyTrainer:
     """Holds everything a training step needs; `state_dict` / `load_state_dict` make runs resumable."""
 
     def __init__(self, seed=0, batch=64, lr=5e-4, total_steps=2000, warmup=200, cond_dropout=0.1,
-                 ema_decay=0.998, weighting="minsnr", snr_gamma=5.0, text_aux=0.0):
+                 ema_decay=0.998, weighting="minsnr", snr_gamma=5.0, text_aux=0.0, absence=0.0):
         self.seed, self.batch, self.lr, self.total_steps, self.warmup = seed, batch, lr, total_steps, warmup
         self.cond_dropout, self.ema_decay, self.weighting, self.snr_gamma = cond_dropout, ema_decay, weighting, snr_gamma
-        self.text_aux = text_aux
+        self.text_aux, self.absence = text_aux, absence
         self.base = toy_model.build_base_model(torch.float32)
         self.unet = self.base.diffusion_model
         self.text = toy_model.ToyTextEncoder(dtype=torch.float32)
@@ -107,14 +107,19 @@ class ToyTrainer:
 
     def sample_batch(self):
         """Images in [-1, 1] [B,3,32,32], their prompts (unstyled 1 time in 9; empty prompt for CFG) and labels
-        (object index, style index with len(STYLES) = unstyled, -1 where the prompt was dropped)."""
+        (object index, style index with len(STYLES) = unstyled, -1 where the prompt was dropped or names no
+        object). With `absence` > 0, that fraction of the batch shows no object: the style's background alone,
+        prompted as such ("An image in Neon style.", or "An image." unstyled). At 0 the batches are those of
+        runs made before the option (no extra draws from the data RNG)."""
         rng = self.data_rng
         objs = rng.integers(0, len(OBJECTS), self.batch)
         styles = rng.integers(0, len(STYLES) + 1, self.batch)  # the last value = unstyled
         templates = rng.integers(0, len(TRAIN_TEMPLATES), self.batch)
         seeds = rng.integers(0, 2**31 - 1, self.batch)
         drop = rng.random(self.batch) < self.cond_dropout
-        items = [(OBJECTS[o], STYLES[s] if s < len(STYLES) else None) for o, s in zip(objs, styles)]
+        if self.absence:
+            objs = np.where(rng.random(self.batch) < self.absence, -1, objs)
+        items = [(OBJECTS[o] if o >= 0 else None, STYLES[s] if s < len(STYLES) else None) for o, s in zip(objs, styles)]
         imgs = render_batch(items, seeds)
         x0 = torch.from_numpy(imgs).permute(0, 3, 1, 2).float() / 127.5 - 1.0
         prompts = ["" if d else make_prompt(o, s, TRAIN_TEMPLATES[t]) for (o, s), t, d in zip(items, templates, drop)]
@@ -185,6 +190,15 @@ class ToyTrainer:
         self.torch_gen.set_state(state["torch_gen"])
         self.data_rng.bit_generator.state = json.loads(state["data_rng"])
 
+    def warm_start_from_model_file(self, path: Path) -> None:
+        """Weights and EMA from an exported toy model file (fp16, EMA weights): a phase that continues a model
+        of which only the file is kept."""
+        unet, text, _ = toy_model.read_toy_file(path)
+        text = {**self.text.state_dict(), **{f"transformer.{k}": v for k, v in text.items()}}
+        self.warm_start({"unet": {k: v.float() for k, v in unet.items()}, "text": {k: v.float() for k, v in text.items()},
+                         "ema": {"unet": {k: v.clone() for k, v in self.unet.state_dict().items()},
+                                 "text": {k: v.clone() for k, v in self.text.state_dict().items()}}})
+
     def warm_start(self, state: dict) -> None:
         """Weights and EMA of another run; optimiser, step, schedule and RNGs stay this run's (fresh)."""
         self.unet.load_state_dict(state["unet"])
@@ -198,19 +212,24 @@ def save_checkpoint(trainer: ToyTrainer, path: Path) -> None:
 
 
 def train(out: Path, steps: int, batch: int, lr: float, seed: int, weighting: str, stop_at: int | None = None,
-          init: Path | None = None, text_aux: float = 0.0, checkpoint_minutes: float = 5.0, log_every: int = 25,
-          export_every: int = 0) -> ToyTrainer:
+          init: Path | None = None, text_aux: float = 0.0, absence: float = 0.0, checkpoint_minutes: float = 5.0,
+          log_every: int = 25, export_every: int = 0) -> ToyTrainer:
     """Train (or resume) a run whose LR schedule spans `steps`, stopping at `stop_at` (default: `steps`).
 
-    `init`: start from another run's checkpoint (a later phase of a recipe). Writes checkpoint.pt and
-    log.jsonl in `out`.
+    `init`: start from another run's checkpoint, or from an exported model file (.safetensors), for a later phase
+    of a recipe. `absence`: the fraction of images with no object (`ToyTrainer.sample_batch`). Writes
+    checkpoint.pt and log.jsonl in `out`.
     """
     out.mkdir(parents=True, exist_ok=True)
-    trainer = ToyTrainer(seed=seed, batch=batch, lr=lr, total_steps=steps, weighting=weighting, text_aux=text_aux)
+    trainer = ToyTrainer(seed=seed, batch=batch, lr=lr, total_steps=steps, weighting=weighting, text_aux=text_aux,
+                         absence=absence)
     ckpt = out / "checkpoint.pt"
     if ckpt.exists():
         trainer.load_state_dict(torch.load(ckpt, weights_only=True))
         print(f"resumed at step {trainer.step}", flush=True)
+    elif init is not None and init.suffix == ".safetensors":
+        trainer.warm_start_from_model_file(init)
+        print(f"warm start from the model file {init}", flush=True)
     elif init is not None:
         trainer.warm_start(torch.load(init, weights_only=True))
         print(f"warm start from {init}", flush=True)
@@ -258,13 +277,14 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--weighting", choices=["minsnr", "v"], default="minsnr")
     p.add_argument("--text-aux", type=float, default=0.0, help="weight of the text encoder's object/style loss")
+    p.add_argument("--absence", type=float, default=0.0, help="fraction of images with no object (and prompts that say so)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
     p.add_argument("--export-every", type=int, default=0, help="also export EMA weights every N steps")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     trainer = train(args.out, args.steps, args.batch, args.lr, args.seed, args.weighting, args.stop_at, args.init,
-                    args.text_aux, export_every=args.export_every)
+                    args.text_aux, args.absence, export_every=args.export_every)
     export(trainer, args.out / Path(assets.MODEL).name, {})
 
 

@@ -27,6 +27,8 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
+from saemnesia_core.concepts import DEFAULT_EDIT
+
 from ..prompts import HELD_OUT_TEMPLATES, TRAIN_TEMPLATES, make_prompt
 from ..render import OBJECTS, STYLES
 
@@ -59,15 +61,19 @@ METHODS = {  # name -> (label in reports, configurations searched per concept)
     "text": ("SAEmnesia, text encoder (γ tuned)", "gammas"),
     "text_gamma1": ("SAEmnesia, text encoder (γ = −1)", 1),
     "negative": ("negative prompt", 1),
+    # Erase Concepts at its defaults (DEFAULT_EDIT: mode, branches, γ) with the group's SAEmnesia file: the row the
+    # bar holds (one of the rows above when the defaults are theirs; then its images come from the cache)
+    "default": ("the node's default", 1),
 }
 QUALITY_METRICS = ("AR", "CE", "RM", "KID")
 
 
 @dataclass(frozen=True)
 class Item:
-    """One image: an object in a style (None = unstyled), its seed, and the wording (None = the papers' form)."""
+    """One image: an object (None = none, for the artifact judge's own images) in a style (None = unstyled), its
+    seed, and the wording (None = the papers' form)."""
 
-    obj: str
+    obj: str | None
     style: str | None
     seed: int
     template: int | None = None  # index into HELD_OUT_TEMPLATES
@@ -105,11 +111,13 @@ class Setting:
     negative: str = ""
     mode: str = "exact"  # the eraser's mode (DESIGN §6)
     uncalibrated: bool = False  # ignore the SAE file's calibrations (DESIGN §6.7)
+    branches: str = "both"  # the CFG branches edited (shift mode moves the cond branch, DESIGN §6.9)
 
     def key(self) -> dict:
         """What identifies the images (fields at the default of one added later are left out, so that the images of
         settings made before it keep their cache)."""
-        return {k: v for k, v in asdict(self).items() if k != "uncalibrated" or v}
+        later = {"uncalibrated": False, "branches": "both"}
+        return {k: v for k, v in asdict(self).items() if k not in later or v != later[k]}
 
 
 @dataclass(frozen=True)
@@ -139,8 +147,15 @@ QUICK = Protocol(object_targets=OBJECTS[::2], style_targets=STYLES[::2], test_se
                  select_others=1, rephrase_seeds=1, steps=25, gammas=(-1.0, -5.0, -15.0, -30.0), kept=(1, 2))
 
 
-def _grid_index(obj: str, style: str | None) -> int:
-    return OBJECTS.index(obj) * len(LOOKS) + LOOKS.index(style)
+def default_setting(group: str, concept: str) -> Setting:
+    """Erase Concepts at its defaults (DEFAULT_EDIT) erasing `concept` with its group's SAEmnesia file."""
+    return Setting(("saemnesia", group), ((concept, DEFAULT_EDIT.strength, 0),), mode=DEFAULT_EDIT.mode,
+                   branches=DEFAULT_EDIT.branches)
+
+
+def _grid_index(obj: str | None, style: str | None) -> int:
+    """The cell's place in the grid; the scenes without an object (obj None) follow it."""
+    return (len(OBJECTS) if obj is None else OBJECTS.index(obj)) * len(LOOKS) + LOOKS.index(style)
 
 
 def _item(obj: str, style: str | None, rep: int, base: int, template: int | None = None) -> Item:
@@ -172,10 +187,13 @@ def selection_items(group: str, concept: str, protocol: Protocol) -> list[Item]:
 
 
 def quality_items(base: int = QUALITY_SEED, fit_seeds: int = QUALITY_FIT_SEEDS) -> tuple[list[Item], list[Item]]:
-    """The artifact judge's own un-erased images: (fit: `fit_seeds` per grid prompt, calibration: one more), from
-    seed `base` (the toy build fits its own judge at seeds of its own)."""
-    items = [_item(o, s, r, base) for r in range(fit_seeds + 1) for o in OBJECTS for s in LOOKS]
-    fit = fit_seeds * len(OBJECTS) * len(LOOKS)
+    """The artifact judge's own un-erased images: (fit: `fit_seeds` per prompt, calibration: one more), from seed
+    `base` (the toy build fits its own judge at seeds of its own). The prompts are the grid's and those that name no
+    object ("An image in Neon style.", "An image."): the model's own empty scenes are no more artifacts than its
+    drawings are."""
+    cells = [(o, s) for o in (*OBJECTS, None) for s in LOOKS]
+    items = [_item(o, s, r, base) for r in range(fit_seeds + 1) for o, s in cells]
+    fit = fit_seeds * len(cells)
     return items[:fit], items[fit:]
 
 

@@ -29,7 +29,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from ..judges import UNSTYLED, Judges, augment
+from ..judges import NO_OBJECT, UNSTYLED, Judges, augment
 from ..render import OBJECTS, render_batch
 from .protocol import LOOKS, OBJECT, Item, Judged
 
@@ -211,12 +211,13 @@ def kid(artifacts: ArtifactJudge, images, reference, prompts: list | None = None
     return float(kernel(x, x, within_x) + kernel(y, y, within_y) - 2 * kernel(x, y, across))
 
 
-def removed(artifacts: ArtifactJudge, judged: list[Judged], images, group: str) -> torch.Tensor:
-    """bool [N]: the image's concept of `group` is removed, not replaced by another (RM, DESIGN §9): no object left
-    (the artifact judge's nearest class an empty background), or judged unstyled."""
-    if group == OBJECT:
+def removed(artifacts: ArtifactJudge, predicted: list[str], images, group: str) -> torch.Tensor:
+    """bool [N]: the image's concept of `group` is removed, not replaced by another (RM, DESIGN §9), from what the
+    group's judge `predicted` per image: no object left (the object judge's NO_OBJECT; for judges made before that
+    class, the artifact judge's nearest class an empty background), or judged unstyled."""
+    if group == OBJECT and not artifacts.judges.knows_no_object:
         return artifacts.empty(images)
-    return torch.tensor([j.predicted(group) == UNSTYLED for j in judged], dtype=torch.bool)
+    return torch.tensor([p == (NO_OBJECT if group == OBJECT else UNSTYLED) for p in predicted], dtype=torch.bool)
 
 
 def quality_metrics(artifacts: ArtifactJudge, judged: list[Judged], images, group: str, erased,
@@ -230,7 +231,7 @@ def quality_metrics(artifacts: ArtifactJudge, judged: list[Judged], images, grou
     rest = [k for k, j in enumerate(judged) if j.item.concept(group) not in erased]
     flags = artifacts.flags(images[target])
     gone = torch.tensor([judged[k].predicted(group) != judged[k].item.concept(group) for k in target])
-    is_removed = removed(artifacts, [judged[k] for k in target], images[target], group)
+    is_removed = removed(artifacts, [judged[k].predicted(group) for k in target], images[target], group)
     prompts = [(judged[k].item.obj, judged[k].item.style) for k in rest]
     others = _as_unit(np.stack([np.asarray(reference[p]) for p in prompts])) if len(rest) >= 2 else None
     return {"AR": float(flags.double().mean()) if target else None,

@@ -12,7 +12,7 @@ from saemnesia_core.files import write_bytes_atomic, write_json_atomic
 from ..assets import REPO_ROOT
 from ..prompts import HELD_OUT_TEMPLATES
 from ..render import OBJECTS, STYLES
-from .metrics import DEFINITIONS
+from .metrics import DEFINITIONS, mean
 from .protocol import LOOKS, METHODS, OBJECT, QUALITY_FIT_SEEDS, STYLE
 
 
@@ -165,7 +165,7 @@ def replace_findings(data: dict) -> str:
 
 
 def one_setting_findings(data: dict) -> str:
-    """SAEmnesia at the node's default, γ = −1 with the files' calibrations (DESIGN §6.7), per group against no
+    """SAEmnesia in exact mode at γ = −1 with the files' calibrations (DESIGN §6.7), per group against no
     erasure and the same γ uncalibrated, on every measure of the one-setting targets (UA, IRA, CRA, AR, CE).
     Empty for runs without the uncalibrated row."""
     S = data["summary"]
@@ -181,39 +181,45 @@ def one_setting_findings(data: dict) -> str:
     return "\n".join(lines)
 
 
-# What the node's default (γ = −1 with the file's calibrations, no search) should reach per group (DESIGN §9): UA
-# at least this, IRA and CRA at most this many points below no erasure's, AR at most this many points above it.
-DEFAULT_BAR = {"UA": 95.0, "IRA": 3.0, "CRA": 3.0, "AR": 10.0}
+# What the node's default (DEFAULT_EDIT, no search) should reach per group (DESIGN §9): UA and RM at least this, IRA
+# and CRA at most this many points below no erasure's, AR at most this many points above it, UA on the rephrased
+# prompts at most this many points below UA on the training wording.
+DEFAULT_BAR = {"UA": 95.0, "RM": 80.0, "IRA": 3.0, "CRA": 3.0, "AR": 10.0, "rephrased": 5.0}
 
 
 def default_against_bar(data: dict) -> str:
-    """The node's default per group against DEFAULT_BAR: each measure, its bound and the margin by which it is met
-    or missed. Empty for runs without the default's row or quality."""
+    """The node's default (the "default" row) per group against DEFAULT_BAR: each measure, its bound and the margin
+    by which it is met or missed. Empty for runs without the default's row or quality."""
     S = data["summary"]
-    if "saemnesia_gamma1" not in S or not _has_quality(data):
+    if "default" not in S or not _has_quality(data):
         return ""
     b = DEFAULT_BAR
-    lines = [f"| group | UA (≥ {b['UA']:g}) | IRA (≥ no erasure − {b['IRA']:g}) "
-             f"| CRA (≥ no erasure − {b['CRA']:g}) | AR (≤ no erasure + {b['AR']:g}) |", "|---|---|---|---|---|"]
+    lines = [f"| group | UA (≥ {b['UA']:g}) | RM (≥ {b['RM']:g}) | IRA (≥ no erasure − {b['IRA']:g}) "
+             f"| CRA (≥ no erasure − {b['CRA']:g}) | AR (≤ no erasure + {b['AR']:g}) "
+             f"| UA rephrased (≥ UA − {b['rephrased']:g}) |", "|---|---|---|---|---|---|---|"]
     for group in (g for g in (OBJECT, STYLE) if data["targets"].get(g)):
-        d, n = ({k: 100 * S[m][group][k] for k in b} for m in ("saemnesia_gamma1", "none"))
-        margins = {"UA": d["UA"] - b["UA"], "IRA": d["IRA"] - (n["IRA"] - b["IRA"]),
-                   "CRA": d["CRA"] - (n["CRA"] - b["CRA"]), "AR": n["AR"] + b["AR"] - d["AR"]}
-        cells = [f"{d[k]:.1f} ({'met' if margin >= 0 else f'missed by {-margin:.1f}'})"
+        d, n = ({k: 100 * S[m][group][k] for k in ("UA", "RM", "IRA", "CRA", "AR")} for m in ("default", "none"))
+        rephrased = 100 * mean(t["rephrased_UA"]["default"] for t in data["targets"][group].values())
+        shown = {**d, "rephrased": rephrased}
+        margins = {"UA": d["UA"] - b["UA"], "RM": d["RM"] - b["RM"], "IRA": d["IRA"] - (n["IRA"] - b["IRA"]),
+                   "CRA": d["CRA"] - (n["CRA"] - b["CRA"]), "AR": n["AR"] + b["AR"] - d["AR"],
+                   "rephrased": rephrased - (d["UA"] - b["rephrased"])}
+        cells = [f"{shown[k]:.1f} ({'met' if margin >= 0 else f'missed by {-margin:.1f}'})"
                  for k, margin in margins.items()]
         lines.append(f"| {group}s | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
-AT_THE_DEFAULT = (("saemnesia_gamma1", "SAEmnesia, its own block"), ("saemnesia_multisite", "SAEmnesia, multi-site"),
-                  ("text_gamma1", "text encoder"))
+AT_THE_DEFAULT = (("default", "the node's default"), ("saemnesia_gamma1", "SAEmnesia, exact, its own block"),
+                  ("saemnesia_multisite", "SAEmnesia, multi-site"), ("text_gamma1", "text encoder"))
 
 
 def judged_instead(data: dict) -> str:
-    """Per target, what the judges saw in its test images at the nodes' default (γ = −1) and RM, the share removed:
-    the target where it survived, another concept where the edit steered it (the object judge always names an
-    object; RM counts the images left empty). Empty for runs without the default's row."""
-    if "saemnesia_gamma1" not in data["summary"]:
+    """Per target, what the judges saw in its test images at the node's default and at γ = −1 exact (one block, every
+    block, the text encoder), with RM, the share removed: the target where it survived, another concept where the
+    edit steered it, nothing (object) or unstyled (style) where it was removed. Empty for runs without the default's
+    row."""
+    if "default" not in data["summary"]:
         return ""
     columns = [(m, label) for m, label in AT_THE_DEFAULT if m in data["summary"]]
     lines = ["| target | " + " | ".join(f"{label}: judged as (removed)" for _, label in columns) + " |",
@@ -264,7 +270,7 @@ ONE_AND_MORE_SITES = (("none", "no erasure"), ("saemnesia_gamma1", "its own bloc
 
 
 def multi_site_findings(data: dict) -> str:
-    """SAEmnesia at the node's default at one block against every block that reads the group (DESIGN §6.6), per
+    """SAEmnesia in exact mode at γ = −1 at one block against every block that reads the group (DESIGN §6.6), per
     group, with no erasure for reference. Empty for runs without the multi-site row."""
     return _group_table(data, ONE_AND_MORE_SITES) if "saemnesia_multisite" in data["summary"] else ""
 
@@ -307,7 +313,7 @@ def plot(results: Results, out: Path) -> None:
               "saemnesia_uncalibrated": "tab:olive", "saemnesia_paper": "tab:red",
               "saemnesia_paper_gamma1": "tab:pink", "saeuron": "tab:orange", "replace": "tab:purple",
               "negative": "tab:green", "text": "tab:brown", "text_gamma1": "goldenrod",
-              "saemnesia_multisite": "navy"}
+              "saemnesia_multisite": "navy", "default": "black"}
     groups = [g for g in (OBJECT, STYLE) if data["targets"].get(g)]
     height = 3.6 * len(groups) + 0.8  # 0.8 inch below the plots for the legend, so that it covers no bar
     fig, axes = plt.subplots(len(groups), 3, figsize=(15, height), squeeze=False)
