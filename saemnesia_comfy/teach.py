@@ -5,9 +5,8 @@ The model samples the prompts that show the concept and those that do not with C
 process; a patch on the SAE's block encodes what the SAE reads there at every step and streams it into
 `saemnesia_core.concept_finder.ConceptEvidence` (per timestep bucket, a few vectors of n and d floats); then the
 concept's latents are selected and their statistics stored as the importer and `saemnesia stats` do, with its
-direction for shift mode. ComfyUI's progress bar
-moves per step, Cancel stops within a step, and nothing is changed before the end: the caller's MODEL, SAE and
-files stay as they were.
+direction for shift mode. ComfyUI's progress bar moves per step, Cancel stops within a step, and nothing is changed
+before the end: the caller's MODEL, SAE and files stay as they were.
 """
 
 from __future__ import annotations

@@ -3,9 +3,8 @@ itself produces while it samples prompts that show the concept and prompts that 
 
 While sampling, `ConceptEvidence` streams per timestep bucket the sums of each sample's spatially averaged code
 and of its mean token (a few vectors of n and d floats per bucket, whatever the number of steps, tokens or prompts),
-and keeps, per sample and
-step, only the largest entries of that average (for the separation score) and the sparse codes of two preview
-samples (for the heatmaps). `FoundConcept.from_evidence` then scores every latent per bucket as SAeUron does (the
+and keeps, per sample and step, only the largest entries of that average (for the separation score) and the sparse
+codes of two preview samples (for the heatmaps). `FoundConcept.from_evidence` then scores every latent per bucket as SAeUron does (the
 concept's share of activation against the negatives'), selects by percentile or the n best, and stores μ (the
 concept's mean activation) and θ (the mean over the concept and its negatives, as §5.3 takes it over concepts) —
 exactly what the statistics and the importers compute, and shift mode's direction (DESIGN §6.9): the mean token
