@@ -71,11 +71,14 @@ def test_a_version_2_file_round_trips_everything_it_says_about_its_reading(tmp_p
     assert "a GELU pre-encoder" in loaded.reads_text and loaded.build_sae().pre_encoder is not None
 
 
-def test_files_written_before_version_2_keep_loading_as_block_output_saes():
-    for site in assets.ALL_SITES:
+def test_files_written_before_version_2_keep_loading_as_block_output_saes(tmp_path):
+    make_random_sae_file(path=tmp_path / "v1.safetensors")  # says nothing of version 2: written as version 1
+    header = read_header(tmp_path / "v1.safetensors")
+    assert (header.format_version, header.reads, header.tokens, header.strength_unit) == (1, "output", "block", "mean")
+    for site in assets.ALL_SITES:  # the shipped files read the block's output too, and hold shift mode's directions
         header = read_header(assets.path(site.saemnesia))
-        reading = (header.format_version, header.reads, header.tokens, header.strength_unit)
-        assert reading == (1, "output", "block", "mean")
+        reading = (header.format_version, header.reads, header.tokens, header.strength_unit, header.has_directions)
+        assert reading == (3, "output", "block", "mean", True)
 
 
 def test_a_file_of_a_newer_format_or_with_unknown_reading_values_is_refused(tmp_path):
@@ -86,7 +89,7 @@ def test_a_file_of_a_newer_format_or_with_unknown_reading_values_is_refused(tmp_
 
     with safe_open(str(path), framework="pt") as f:
         tensors, meta = {k: f.get_tensor(k) for k in f.keys()}, json.loads(f.metadata()["saemnesia"])
-    for changes, message in (({"format_version": 3}, "unknown format version 3"),
+    for changes, message in (({"format_version": 4}, "unknown format version 4"),
                              ({"format_version": 2, "reads": "input", "tokens": "block", "strength_unit": "mean",
                                "pre_encoder": False}, "unknown reads 'input'"),
                              ({"format_version": 2, "reads": "update", "tokens": "pixels", "strength_unit": "mean",

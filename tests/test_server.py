@@ -167,20 +167,21 @@ def test_erase_concepts_text_fails_clearly_with_a_unet_sae(server):
 
 
 def test_erasing_through_prompt_removes_the_object_and_keeps_the_style_as_the_judges_see_it(server):
-    """The shipped SAEmnesia file erases Hearts through the server at the node's default strength: the toy judges
-    see Hearts in the plain images, not in the erased ones, and Neon in both (regression thresholds, as in
+    """The shipped SAEmnesia file erases Hearts through the server at the node's defaults (DEFAULT_EDIT): the toy
+    judges see Hearts in the plain images, not in the erased ones, and Neon in both (regression thresholds, as in
     test_toy_world's in-process test)."""
     import numpy as np
     import torch
 
     from fixtures_server import pixels
+    from saemnesia_core.concepts import DEFAULT_EDIT as D
     from saemnesia_tools.toy.judges import Judges
 
     judges = Judges.load(assets.path(assets.JUDGES))
 
     def judged(concepts, prefix):
         prompt = toy_prompt(seed=900, steps=25, concepts=concepts, sae=assets.SITES["object"].saemnesia,
-                            prefix=prefix)
+                            prefix=prefix, strength=D.strength, branches=D.branches, mode=D.mode)
         prompt["4"]["inputs"]["batch_size"] = 8
         images = np.stack([pixels(png) for png in server.images(run_ok(server, prompt), "9")])
         return judges.predict(torch.from_numpy(images).float() / 255)

@@ -319,7 +319,8 @@ def test_the_calibration_chooses_again_from_recorded_counts_without_new_images(c
     recipe = Recipe()
     calibration = {"kappas": [1.0, 4.0], "strength": -1.0, "first_seed": 8_000_000, "images": 8,
                    "criterion": CRITERION,
-                   "artifact_judge": {"first_seed": 9_000_000, "seeds_per_prompt": recipe.artifact_seeds},
+                   "artifact_judge": {"first_seed": 9_000_000, "seeds_per_prompt": recipe.artifact_seeds,
+                                      "prompts": "the grid and no object"},
                    "clean_erasures": {"Circles": [1, 4], "Stars": [6, 5]},
                    "judges_only_clean_erasures": {"Circles": [1, 5], "Stars": [6, 6]},
                    "uncalibrated_clean_erasures": {"Circles": {"clean_erasures": 6, "judges_only": 7},
