@@ -9,7 +9,7 @@ direction Find Concept Latents measures too), with RM, the share of the target's
 left, or unstyled); and the latents found against those the build selected. Last, the time and peak memory of teaching
 one concept, in a fresh process.
 
-    python benchmarks/studies/teach_concepts.py      # about 25 minutes on 2 CPU cores
+    python benchmarks/studies/teach_concepts.py      # about 17 minutes on 2 CPU cores
 
 Writes benchmarks/studies/results/teach_concepts.{json,md}.
 """
