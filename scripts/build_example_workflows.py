@@ -73,8 +73,8 @@ def _base_links() -> list[tuple]:
     return [(1, 1, 3, "clip"), (1, 1, 4, "clip")]
 
 
-def _erase(concepts, prompt: str, note: str, erased_title: str, strength: float = DEFAULT_EDIT.strength, styles=None,
-           style_strength: float = DEFAULT_EDIT.strength) -> dict:
+def _erase(concepts, prompt: str, note: str, erased_title: str, strength: float = DEFAULT_EDIT.strength,
+           styles=None, style_strength: float = DEFAULT_EDIT.strength) -> dict:
     """Original and erased side by side; with `styles`, a second Erase Concepts with the style SAE follows the first."""
     nodes = _toy_inputs(prompt) + [
         {"id": 6, "type": "SAEmnesiaEraseConcepts", "pos": [720, 220], "size": [330, 560],

@@ -76,9 +76,9 @@ def caption(verdicts: dict) -> str:
             f"mode, {edit['branches']} branch{'es' if edit['branches'] == 'both' else ''}, γ = {edit['strength']:g}, "
             "objects with the object SAE, styles with the style SAE): originals recognised (object and style) "
             f"{t['original_recognised']}/{n}; erase object → no object left, style kept "
-            f"{t['object_removed_style_kept']}/{n}; erase style → unstyled, object kept {t['style_removed_object_kept']}/{n}; "
-            f"erase both → no object left and unstyled {t['both_removed']}/{n} (another object or style in the erased "
-            "one's place counts as not removed). Flagged as broken by the evaluation's artifact judge (red frames; AR per "
+            f"{t['object_removed_style_kept']}/{n}; erase style → unstyled, object kept "
+            f"{t['style_removed_object_kept']}/{n}; erase both → no object left and unstyled {t['both_removed']}/{n} "
+            "(another object or style in the erased one's place counts as not removed). Flagged as broken by the evaluation's artifact judge (red frames; AR per "
             "column): " + ", ".join(f"{col} {broken[col]}/{n}" for col in demo.COLUMNS) + ".")
 
 
