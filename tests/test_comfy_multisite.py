@@ -92,6 +92,23 @@ def test_the_shipped_multi_site_chain_is_the_identity_with_nothing_chosen_and_ac
     assert not any(torch.equal(images(toy, both), image) for image in (images(toy, model), *alone))
 
 
+def test_one_erase_node_per_block_draws_what_one_node_with_the_chain_draws(toy):
+    """Two Erase Concepts nodes in a row, each with one block's SAE (how a workflow gives each block its own strength,
+    as the removal study's per-block candidates do), erase exactly as one node with both blocks chained."""
+    from saemnesia_comfy.erase import chain_saes, erase_concepts
+    from saemnesia_comfy.sae_library import load_sae_path
+
+    model = toy[0]
+    encoder_level, own = (load_sae_path(assets.path(site.saemnesia)) for site in assets.MULTI_SITE["object"])
+    edit = dict(strength=-1.0, mode="shift", branches="cond")
+    one_node = erase_concepts(model, chain_saes(encoder_level, own), {"Hearts": -2.0}, **edit)
+    two_nodes = erase_concepts(erase_concepts(model, encoder_level, {"Hearts": -2.0}, **edit), own, {"Hearts": -2.0},
+                               **edit)
+    assert patched_blocks(two_nodes) == patched_blocks(one_node)
+    assert torch.equal(images(toy, two_nodes), images(toy, one_node))
+    assert not torch.equal(images(toy, one_node), images(toy, model))
+
+
 def test_an_unknown_concept_lists_what_every_chained_sae_knows(toy):
     from dataclasses import replace
 

@@ -117,9 +117,10 @@ def test_a_settings_cache_key_leaves_out_the_fields_added_later_at_their_default
 
     plain = Setting(("saemnesia", "object"), (("Hearts", -1.0, 0),))
     assert plain.key() == {k: v for k, v in asdict(plain).items()  # the images made before them
-                           if k not in ("uncalibrated", "branches")}
-    assert Setting(("saemnesia", "object"), (("Hearts", -1.0, 0),), uncalibrated=True).key() != plain.key()
-    assert Setting(("saemnesia", "object"), (("Hearts", -1.0, 0),), branches="cond").key() != plain.key()
+                           if k not in ("uncalibrated", "branches", "site_strengths", "text_strength")}
+    for later in ({"uncalibrated": True}, {"branches": "cond"}, {"site_strengths": (-1.0, -2.0)},
+                  {"text_strength": -1.0}):
+        assert Setting(("saemnesia", "object"), (("Hearts", -1.0, 0),), **later).key() != plain.key(), later
 
 
 def test_the_default_is_held_against_its_bar_with_the_margin_met_or_missed_by():

@@ -14,8 +14,9 @@ import torch
 from saemnesia_core.concepts import build_tables, select_saeuron
 from saemnesia_core.files import atomic_path
 from saemnesia_tools.toy import assets
-from saemnesia_tools.toy.evaluation.protocol import (LOOKS, MULTI_SITE, OBJECT, PAPER_PERCENTILES, SAE_METHODS, TEXT,
-                                                    Item, Judged, Protocol, Setting, quality_items, scaled_percentile)
+from saemnesia_tools.toy.evaluation.protocol import (ENCODER_BLOCK, LOOKS, MULTI_SITE, OBJECT, PAPER_PERCENTILES,
+                                                    SAE_METHODS, TEXT, Item, Judged, Protocol, Setting, quality_items,
+                                                    scaled_percentile)
 from saemnesia_tools.toy.evaluation.quality import ArtifactJudge
 from saemnesia_tools.toy.judges import Judges
 from saemnesia_tools.toy.render import OBJECTS, SIZE, STYLES
@@ -79,7 +80,7 @@ class Runner:
                      for group in assets.SITES for method in SAE_METHODS}
         self.text_sae = load_sae_path(self.assets[TEXT])
         saemnesia = {asset_name("saemnesia", group): self.saes[("saemnesia", group)] for group in assets.SITES}
-        saemnesia[ENCODER] = load_sae_path(self.assets[ENCODER])
+        saemnesia[ENCODER] = self.encoder_block_sae = load_sae_path(self.assets[ENCODER])
         self.multi_site = {group: tuple(saemnesia[name] for name in multi_site_assets(group)) for group in assets.SITES}
         self._text_encoders: dict[Setting, PromptEncoder] = {}
         self.scores, self.means = {}, {}
@@ -135,8 +136,15 @@ class Runner:
         method, group = setting.sae
         strengths = {label: gamma for label, gamma, _ in setting.erase}
         steps = dict(start_percent=0.0, end_percent=1.0, branches=setting.branches, mode=setting.mode)
+        if method == MULTI_SITE and setting.site_strengths:  # one Erase Concepts node per block, each its own γ
+            model = self.model
+            for loaded, gamma in zip(self.multi_site[group], setting.site_strengths, strict=True):
+                model = erase_concepts(model, loaded, dict.fromkeys(strengths, gamma), -1.0, **steps)
+            return model
         if method == MULTI_SITE:
             return erase_concepts(self.model, self.multi_site[group], strengths, -1.0, **steps)
+        if method == ENCODER_BLOCK:
+            return erase_concepts(self.model, self.encoder_block_sae, strengths, -1.0, **steps)
         loaded = self.saes[setting.sae] if method == "saemnesia" else \
             self._saeuron_for(group, {label: kept for label, _, kept in setting.erase})
         if setting.uncalibrated:
@@ -146,11 +154,13 @@ class Runner:
     def encoder_for(self, setting: Setting) -> PromptEncoder:
         """The prompts' conditioning: the toy CLIP's, or, for the text-encoder SAE, that of the CLIP the Erase
         Concepts (text) node returns (every prompt, the empty negative too, is encoded with it, as in a workflow)."""
-        if setting.sae is None or setting.sae[0] != TEXT:
+        alongside = setting.text_strength != 0
+        if (setting.sae is None or setting.sae[0] != TEXT) and not alongside:
             return self.encoder
         if setting not in self._text_encoders:
-            clip = erase_text_concepts(self.clip, self.text_sae, {label: gamma for label, gamma, _ in setting.erase},
-                                       -1.0, mode=setting.mode)
+            clip = erase_text_concepts(self.clip, self.text_sae, {label: setting.text_strength if alongside else gamma
+                                                                  for label, gamma, _ in setting.erase},
+                                       -1.0, mode="exact" if alongside else setting.mode)
             self._text_encoders[setting] = PromptEncoder(clip)
         return self._text_encoders[setting]
 
@@ -182,7 +192,10 @@ class Runner:
             return None
         if setting.sae[0] == MULTI_SITE:
             return [self.digests[name] for name in multi_site_assets(setting.sae[1])]
-        return self.digests[asset_name(*setting.sae)]
+        if setting.sae[0] == ENCODER_BLOCK:
+            return self.digests[ENCODER]
+        digest = self.digests[asset_name(*setting.sae)]
+        return [digest, self.digests[TEXT]] if setting.text_strength else digest
 
     def artifact_judge(self) -> ArtifactJudge:
         """Fitted once per run on renders and the model's own un-erased images of the quality set."""

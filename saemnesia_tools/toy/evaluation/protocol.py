@@ -44,6 +44,7 @@ QUALITY_FIT_SEEDS = 2  # un-erased images per grid prompt the artifact judge is 
 SAE_METHODS = ("saemnesia", "saeuron")  # UNet-side SAEs, one file per group (assets.SITES)
 TEXT = "text"  # Setting.sae's method for the text-encoder SAE, one file for both groups (assets.TEXT_SAE)
 MULTI_SITE = "multisite"  # Setting.sae's method for the group's SAEmnesia files at every block (assets.MULTI_SITE)
+ENCODER_BLOCK = "encoder"  # Setting.sae's method for the encoder block's SAEmnesia file alone (assets.ENCODER_SITE)
 METHODS = {  # name -> (label in reports, configurations searched per concept)
     "none": ("no erasure", None),
     "saemnesia": ("SAEmnesia (γ tuned)", "gammas"),
@@ -103,8 +104,11 @@ class Judged:
 class Setting:
     """What changes the images: which SAE erases what, or a negative prompt. `sae` is (method, group): the SAE
     file of SAE_METHODS that erases that group's concepts (assets.SITES), (MULTI_SITE, group) for the group's
-    SAEmnesia files at every block that reads it (assets.MULTI_SITE), or (TEXT, group) for the text-encoder SAE;
-    `erase` holds (label, γ, latents kept per bucket — SAeUron only, 0 for SAEmnesia)."""
+    SAEmnesia files at every block that reads it (assets.MULTI_SITE), (ENCODER_BLOCK, group) for the encoder
+    block's file alone, or (TEXT, group) for the text-encoder SAE; `erase` holds (label, γ, latents kept per bucket
+    — SAeUron only, 0 for SAEmnesia). `site_strengths`: a multi-site edit's γ per file in the chain's order, one
+    Erase Concepts node per block (empty: `erase`'s γ at every block); `text_strength`: the text-encoder SAE also
+    erases the same labels, at this γ in exact mode, in the prompts' conditioning (0: not at all)."""
 
     sae: tuple[str, str] | None = None
     erase: tuple[tuple[str, float, int], ...] = ()
@@ -112,11 +116,13 @@ class Setting:
     mode: str = "exact"  # the eraser's mode (DESIGN §6)
     uncalibrated: bool = False  # ignore the SAE file's calibrations (DESIGN §6.7)
     branches: str = "both"  # the CFG branches edited (shift mode moves the cond branch, DESIGN §6.9)
+    site_strengths: tuple[float, ...] = ()
+    text_strength: float = 0.0
 
     def key(self) -> dict:
         """What identifies the images (fields at the default of one added later are left out, so that the images of
         settings made before it keep their cache)."""
-        later = {"uncalibrated": False, "branches": "both"}
+        later = {"uncalibrated": False, "branches": "both", "site_strengths": (), "text_strength": 0.0}
         return {k: v for k, v in asdict(self).items() if k not in later or v != later[k]}
 
 
