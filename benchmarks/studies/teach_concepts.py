@@ -45,7 +45,8 @@ from saemnesia_tools.toy.evaluation.protocol import (
     Judged,
     grid_items,
 )
-from saemnesia_tools.toy.judges import NO_OBJECT, UNSTYLED, Judges
+from saemnesia_tools.toy.evaluation.quality import ABSENT
+from saemnesia_tools.toy.judges import Judges
 from saemnesia_tools.toy.prompts import make_prompt
 from saemnesia_tools.toy.render import OBJECTS, STYLES
 
@@ -155,10 +156,9 @@ def erasure(taught_files: dict[str, Path]) -> dict:
 
 def scored(judged: list[Judged], group: str, concept: str) -> dict:
     """UA, IRA, CRA and RM: the target's images judged with no object left (objects) or unstyled (styles)."""
-    gone = NO_OBJECT if group == OBJECT else UNSTYLED
     target = [j for j in judged if j.item.concept(group) == concept]
     return {**erasure_metrics(judged, group, [concept]),
-            "RM": sum(j.predicted(group) == gone for j in target) / len(target)}
+            "RM": sum(j.predicted(group) == ABSENT[group] for j in target) / len(target)}
 
 
 def averages(rows: dict) -> dict:

@@ -31,7 +31,7 @@ from safetensors.torch import save_file
 
 from ..judges import NO_OBJECT, UNSTYLED, Judges, augment
 from ..render import OBJECTS, render_batch
-from .protocol import LOOKS, OBJECT, Item, Judged
+from .protocol import LOOKS, OBJECT, STYLE, Item, Judged
 
 REFERENCE_SEED = 8_000_000  # render seeds of the fit (+1e6: the calibration), apart from every other seed base
 PER_CLASS = 16              # renders per class for the fit, and again for the calibration
@@ -211,13 +211,16 @@ def kid(artifacts: ArtifactJudge, images, reference, prompts: list | None = None
     return float(kernel(x, x, within_x) + kernel(y, y, within_y) - 2 * kernel(x, y, across))
 
 
+ABSENT = {OBJECT: NO_OBJECT, STYLE: UNSTYLED}  # what a group's judge says of an image with the concept removed (RM)
+
+
 def removed(artifacts: ArtifactJudge, predicted: list[str], images, group: str) -> torch.Tensor:
     """bool [N]: the image's concept of `group` is removed, not replaced by another (RM, DESIGN §9), from what the
     group's judge `predicted` per image: no object left (the object judge's NO_OBJECT; for judges made before that
     class, the artifact judge's nearest class an empty background), or judged unstyled."""
     if group == OBJECT and not artifacts.judges.knows_no_object:
         return artifacts.empty(images)
-    return torch.tensor([p == (NO_OBJECT if group == OBJECT else UNSTYLED) for p in predicted], dtype=torch.bool)
+    return torch.tensor([p == ABSENT[group] for p in predicted], dtype=torch.bool)
 
 
 def quality_metrics(artifacts: ArtifactJudge, judged: list[Judged], images, group: str, erased,
