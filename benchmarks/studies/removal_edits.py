@@ -118,9 +118,10 @@ def by_rule(settings: dict, names) -> str:
 
 
 def markdown(result: dict) -> str:
+    b = DEFAULT_BAR
     lines = ["# Which edit removes?", "", "Written by `benchmarks/studies/removal_edits.py` on the quick evaluation's "
-             "selection set; means over its targets, in %. Bar: UA ≥ 95, RM ≥ 80, IRA/CRA ≥ no erasure − 3, "
-             "AR ≤ no erasure + 10."]
+             f"selection set; means over its targets, in %. Bar: UA ≥ {b['UA']:g}, RM ≥ {b['RM']:g}, IRA/CRA ≥ no "
+             f"erasure − {b['IRA']:g}, AR ≤ no erasure + {b['AR']:g}."]
     for group, part in result["groups"].items():
         lines += ["", f"## {group}s ({', '.join(part['targets'])})", "",
                   "| setting | " + " | ".join(METRICS) + " | bar met |", "|---|" + "---:|" * (len(METRICS) + 1)]

@@ -154,13 +154,14 @@ class Runner:
     def encoder_for(self, setting: Setting) -> PromptEncoder:
         """The prompts' conditioning: the toy CLIP's, or, for the text-encoder SAE, that of the CLIP the Erase
         Concepts (text) node returns (every prompt, the empty negative too, is encoded with it, as in a workflow)."""
-        alongside = setting.text_strength != 0
-        if (setting.sae is None or setting.sae[0] != TEXT) and not alongside:
+        if setting.text_strength:  # alongside a UNet-side SAE
+            strengths, mode = {label: setting.text_strength for label, _, _ in setting.erase}, "exact"
+        elif setting.sae is not None and setting.sae[0] == TEXT:
+            strengths, mode = {label: gamma for label, gamma, _ in setting.erase}, setting.mode
+        else:
             return self.encoder
         if setting not in self._text_encoders:
-            clip = erase_text_concepts(self.clip, self.text_sae, {label: setting.text_strength if alongside else gamma
-                                                                  for label, gamma, _ in setting.erase},
-                                       -1.0, mode="exact" if alongside else setting.mode)
+            clip = erase_text_concepts(self.clip, self.text_sae, strengths, -1.0, mode=mode)
             self._text_encoders[setting] = PromptEncoder(clip)
         return self._text_encoders[setting]
 
@@ -190,12 +191,12 @@ class Runner:
     def _sae_digest(self, setting: Setting) -> str | list[str] | None:
         if setting.sae is None:
             return None
-        if setting.sae[0] == MULTI_SITE:
-            return [self.digests[name] for name in multi_site_assets(setting.sae[1])]
-        if setting.sae[0] == ENCODER_BLOCK:
-            return self.digests[ENCODER]
-        digest = self.digests[asset_name(*setting.sae)]
-        return [digest, self.digests[TEXT]] if setting.text_strength else digest
+        method, group = setting.sae
+        if method == MULTI_SITE:
+            digest = [self.digests[name] for name in multi_site_assets(group)]
+        else:
+            digest = self.digests[ENCODER if method == ENCODER_BLOCK else asset_name(method, group)]
+        return [digest, self.digests[TEXT]] if setting.text_strength else digest  # the text SAE alongside
 
     def artifact_judge(self) -> ArtifactJudge:
         """Fitted once per run on renders and the model's own un-erased images of the quality set."""
