@@ -34,7 +34,7 @@ def test_a_tiny_eval_run_writes_json_markdown_and_plots_and_reruns_from_cache(ev
 
     out, cache = tmp_path / "report", tmp_path / "cache"
     argv = ["eval", "--objects", "Circles,Squares", "--styles", "Dots", "--test-seeds", "1", "--select-others", "1",
-            "--rephrase-seeds", "1", "--steps", "2", "--gammas=-1,-10", "--kept", "1,2", "--out", str(out),
+            "--rephrase-seeds", "1", "--steps", "1", "--gammas=-1,-10", "--kept", "1,2", "--out", str(out),
             "--cache", str(cache), "--no-progress"] + [f"--{k}={v}" for k, v in smoke_assets.items()]
     assert main(argv) == 0
     for name in ("results.json", "report.md", "README_snippet.md", "per_concept.png", "sequential.png",

@@ -169,8 +169,25 @@ def test_the_build_report_shows_the_shipped_model_meets_the_quality_bar():
 
 @pytest.mark.slow
 @pytest.mark.one_host
-def test_the_report_step_rebuilds_the_committed_build_report_byte_for_byte(comfy, tmp_path):
-    from saemnesia_tools.comfyui.toy.build import write_report
+def test_the_report_step_rebuilds_the_committed_build_report(comfy, tmp_path):
+    """The committed report is what the report step writes from the shipped files: the quality check's accuracies
+    are the tallies of what the judges saw in each of its images, which it keeps; every seventh of those images
+    (seven is prime to the grid's nine looks: every object and look is in the sample) is generated and judged again
+    as recorded; and given those records, the report is rebuilt byte for byte."""
+    from saemnesia_tools.comfyui.toy.build import judged_images, quality_items, quality_summary, write_report
+    from saemnesia_tools.comfyui.toy.recipe import Recipe
+    from saemnesia_tools.comfyui.toy.sampling import load_toy_world
+
+    committed = json.loads(assets.path(assets.BUILD_REPORT).read_text())
+    quality, recipe = committed["quality"], Recipe(**committed["recipe"])
+    model, vae, encoder, judges = load_toy_world()
+    items = quality_items(recipe, judges)
+    judged = {"grid": quality["judged"], "absence": quality["absence"]["judged"]}
+    assert quality_summary(recipe, items, judged) == quality
+    for part, part_items in items.items():
+        sample = range(0, len(part_items), 7)
+        again = judged_images(model, vae, encoder, judges, recipe, [part_items[i] for i in sample])
+        assert again == [judged[part][i] for i in sample], part
 
     models = tmp_path / "models"
     saes = [s.sae(m) for s in assets.ALL_SITES for m in ("saemnesia", "saeuron")]
@@ -178,7 +195,7 @@ def test_the_report_step_rebuilds_the_committed_build_report_byte_for_byte(comfy
         target = assets.path(name, models)
         target.parent.mkdir(parents=True, exist_ok=True)
         target.symlink_to(assets.path(name))
-    write_report(models)
+    write_report(models, quality)
     assert assets.path(assets.BUILD_REPORT, models).read_bytes() == assets.path(assets.BUILD_REPORT).read_bytes()
 
 
@@ -219,7 +236,7 @@ def test_the_regeneration_command_runs_end_to_end_in_smoke_mode(comfy, smoke_wor
     out, work = tmp_path / "models", tmp_path / "work"
     for path in (assets.JUDGES, assets.MODEL, assets.BUILD_REPORT):
         assert assets.path(path, out).exists(), path
-    from saemnesia_tools.comfyui.toy.calibration import KAPPAS
+    from saemnesia_tools.comfyui.toy.recipe import KAPPAS
     from saemnesia_core.sae_file import read_header
     from saemnesia_tools.toy.evaluation.protocol import GROUP_CONCEPTS
     from saemnesia_tools.toy.render import OBJECTS, STYLES
@@ -300,6 +317,8 @@ def test_the_calibration_chooses_again_from_recorded_counts_without_new_images(c
     """A change of the choice rule reaches a calibrated file from the counts in its provenance (the build does not
     sample again), drops the erasure record of each concept whose κ changed, and leaves a file it would not change
     untouched; counts recorded under another protocol are measured again."""
+    from dataclasses import replace
+
     from saemnesia_tools.comfyui.toy.recipe import Recipe
     from saemnesia_tools.comfyui.toy.calibration import CRITERION, calibrate_strengths
     from saemnesia_core.concepts import Concept
@@ -316,7 +335,7 @@ def test_the_calibration_chooses_again_from_recorded_counts_without_new_images(c
                                               Concept("Neon", "style", None)])
     sae_file = sae_file.__class__(**{**vars(sae_file), "concepts": [
         c.__class__(**{**vars(c), "erasure": record}) for c in sae_file.concepts]})
-    recipe = Recipe()
+    recipe = Recipe(kappas=(1.0, 4.0))
     calibration = {"kappas": [1.0, 4.0], "strength": -1.0, "first_seed": 8_000_000, "images": 8,
                    "criterion": CRITERION,
                    "artifact_judge": {"first_seed": 9_000_000, "seeds_per_prompt": recipe.artifact_seeds,
@@ -328,13 +347,14 @@ def test_the_calibration_chooses_again_from_recorded_counts_without_new_images(c
                    "chosen": {"Circles": 4.0, "Stars": 1.0}}
     save_sae_file(sae_file.__class__(**{**vars(sae_file), "provenance": {"calibration": calibration}}), path)
 
-    calibrate_strengths(recipe, path, ("object",), None, None, None, None, no_images, kappas=(1.0, 4.0))
+    calibrate_strengths(recipe, path, ("object",), None, None, None, None, no_images)
     chosen = load_sae_file(path)
     assert [(c.label, c.calibration) for c in chosen.concepts] == [("Circles", None), ("Stars", 1.0), ("Neon", None)]
     assert [c.erasure for c in chosen.concepts] == [None, record, record]  # Circles' record was made with κ 4
     assert chosen.provenance["calibration"] == {**calibration, "chosen": {"Circles": None, "Stars": 1.0}}
     written = path.read_bytes()
-    calibrate_strengths(recipe, path, ("object",), None, None, None, None, no_images, kappas=(1.0, 4.0))
+    calibrate_strengths(recipe, path, ("object",), None, None, None, None, no_images)
     assert path.read_bytes() == written
     with pytest.raises(AssertionError, match="sampled images"):  # another grid of κ: the counts do not apply
-        calibrate_strengths(recipe, path, ("object",), None, None, None, None, no_images, kappas=(1.0, 2.0, 4.0))
+        calibrate_strengths(replace(recipe, kappas=(1.0, 2.0, 4.0)), path, ("object",), None, None, None, None,
+                            no_images)

@@ -54,7 +54,7 @@ from .sampling import PromptEncoder, generate
 from .text_sae import build_text_sae
 
 HELDOUT_SEED_OFFSET = 1_000_000   # held-out activations (the concept statistics) use recipe.seed + this
-JUDGES_HELDOUT_OFFSET = 1000      # the judges' held-out renders use recipe.seed + this (train_judges)
+JUDGES_HELDOUT_OFFSET = 1000      # the judges' held-out renders use recipe.seed + this
 QUALITY_SEED = 10_000             # the quality check's first seed
 ERASURE_SEED = 7_000_000          # the per-concept erasure measurement's first seed
 
@@ -65,7 +65,7 @@ ERASURE_SEED = 7_000_000          # the per-concept erasure measurement's first 
 def build_judges(recipe: Recipe, path: Path) -> Judges:
     if path.exists():
         return Judges.load(path)
-    judges, _ = train_judges(recipe.judge_pool, recipe.judge_steps, seed=recipe.seed, no_object=recipe.judge_no_object,
+    judges = train_judges(recipe.judge_pool, recipe.judge_steps, seed=recipe.seed, no_object=recipe.judge_no_object,
                              colour_jitter=recipe.judge_colour_jitter)
     judges.save(path)
     return judges
@@ -247,31 +247,49 @@ def write_unlabelled(models: Path) -> None:
 # ---------------------------------------------------------------------------------------------------- report
 
 
-def grid_accuracy(model, vae, encoder, judges: Judges, recipe: Recipe) -> dict:
-    """Object and style top-1 accuracy of the judges on the model's generations of the full grid."""
-    items = [(o, s) for o in OBJECTS for s in (*STYLES, None)] * recipe.quality_seeds
-    seeds = [QUALITY_SEED + i for i in range(len(items))]
-    images = generate(model, vae, encoder, [make_prompt(o, s) for o, s in items], seeds,
+def quality_items(recipe: Recipe, judges: Judges) -> dict[str, list[tuple[str | None, str | None, int]]]:
+    """The quality check's images as (object, style, seed), `recipe.quality_seeds` per prompt: "grid", every object
+    in every look, from QUALITY_SEED; then "absence" (for judges that know NO_OBJECT), every look asked to show no
+    object ("An image in Neon style.", "An image.")."""
+    parts = {"grid": [(o, s) for o in OBJECTS for s in (*STYLES, None)] * recipe.quality_seeds}
+    if judges.knows_no_object:
+        parts["absence"] = [(None, s) for s in (*STYLES, None)] * recipe.quality_seeds
+    items, seed = {}, QUALITY_SEED
+    for part, cells in parts.items():
+        items[part] = [(o, s, seed + i) for i, (o, s) in enumerate(cells)]
+        seed += len(cells)
+    return items
+
+
+def judged_images(model, vae, encoder, judges: Judges, recipe: Recipe, items) -> list[str]:
+    """What the judges see in the image of each (object, style, seed): "object/style"."""
+    images = generate(model, vae, encoder, [make_prompt(o, s) for o, s, _ in items], [seed for *_, seed in items],
                       steps=recipe.sample_steps, cfg=recipe.cfg)
-    objects, styles = judges.predict(images)
-    return {"object": sum(p == o for p, (o, _) in zip(objects, items)) / len(items),
-            "style": sum(p == (s or STYLE_CLASSES[-1]) for p, (_, s) in zip(styles, items)) / len(items),
-            "images": len(items), "first_seed": QUALITY_SEED, "steps": recipe.sample_steps, "cfg": recipe.cfg,
-            "sampler": "euler", **absence_accuracy(model, vae, encoder, judges, recipe, QUALITY_SEED + len(items))}
+    return [f"{o}/{s}" for o, s in zip(*judges.predict(images))]
 
 
-def absence_accuracy(model, vae, encoder, judges: Judges, recipe: Recipe, first_seed: int) -> dict:
-    """For judges that know NO_OBJECT: on the prompts that ask for no object ("An image in Neon style." for each
-    style, "An image." for neither), the share judged to show no object, and to show the asked style."""
-    if not judges.knows_no_object:
-        return {}
-    looks = [*STYLES, None] * recipe.quality_seeds
-    images = generate(model, vae, encoder, [make_prompt(None, s) for s in looks],
-                      [first_seed + i for i in range(len(looks))], steps=recipe.sample_steps, cfg=recipe.cfg)
-    objects, styles = judges.predict(images)
-    return {"absence": {"no_object": sum(o == NO_OBJECT for o in objects) / len(looks),
-                        "style": sum(p == (s or STYLE_CLASSES[-1]) for p, s in zip(styles, looks)) / len(looks),
-                        "images": len(looks), "first_seed": first_seed}}
+def quality_summary(recipe: Recipe, items: dict[str, list], judged: dict[str, list[str]]) -> dict:
+    """The quality check's accuracies, tallied from what the judges saw in each image (which the report keeps)."""
+    def share(part, hit) -> float:
+        return sum(hit(item, *seen.split("/")) for item, seen in zip(items[part], judged[part])) / len(items[part])
+
+    style_kept = lambda item, _, style: style == (item[1] or STYLE_CLASSES[-1])
+    summary = {"object": share("grid", lambda item, obj, _: obj == item[0]), "style": share("grid", style_kept),
+               "images": len(items["grid"]), "first_seed": items["grid"][0][2], "steps": recipe.sample_steps,
+               "cfg": recipe.cfg, "sampler": "euler", "judged": judged["grid"]}
+    if "absence" in items:
+        summary["absence"] = {"no_object": share("absence", lambda item, obj, _: obj == NO_OBJECT),
+                              "style": share("absence", style_kept), "images": len(items["absence"]),
+                              "first_seed": items["absence"][0][2], "judged": judged["absence"]}
+    return summary
+
+
+def quality_check(model, vae, encoder, judges: Judges, recipe: Recipe) -> dict:
+    """The judges' object and style accuracy on the model's images of the full grid and of the scenes asked to show
+    no object."""
+    items = quality_items(recipe, judges)
+    return quality_summary(recipe, items, {part: judged_images(model, vae, encoder, judges, recipe, part_items)
+                                           for part, part_items in items.items()})
 
 
 def _minutes(seconds) -> float | None:
@@ -308,9 +326,10 @@ def _summary(selectivity: list[dict], group: str) -> dict:
     return {"mean": round(sum(aurocs) / len(aurocs), 3), "worst": round(min(aurocs), 3), "concepts": len(aurocs)}
 
 
-def build_report(models: Path) -> dict:
+def build_report(models: Path, quality: dict | None = None) -> dict:
     """The build report of the files in `models`: their recorded provenance, and the judges' and the model's
-    accuracy measured again (deterministic on the same machine and thread count)."""
+    accuracy measured again (deterministic on the same machine and thread count); `quality`, when given, stands in
+    for the model's (the quality check, the slowest part)."""
     provenance = read_header(assets.path(assets.SITES["object"].saemnesia, models)).provenance
     recipe = Recipe(**provenance["recipe"])
     judges = Judges.load(assets.path(assets.JUDGES, models))
@@ -321,9 +340,10 @@ def build_report(models: Path) -> dict:
     return {
         "written_by": "python -m saemnesia_tools.comfyui.toy.build --report-only",
         "recipe": provenance["recipe"],  # as the build recorded it (fields added since take their defaults above)
-        "judges": {"held_out_renders": held_out_accuracy(judges, seed=recipe.seed + JUDGES_HELDOUT_OFFSET)},
+        "judges": {"held_out_renders": held_out_accuracy(
+            judges, recipe.judges_heldout, recipe.seed + JUDGES_HELDOUT_OFFSET)},
         "model": model_provenance,
-        "quality": grid_accuracy(model, vae, PromptEncoder(clip), judges, recipe),
+        "quality": quality_check(model, vae, PromptEncoder(clip), judges, recipe) if quality is None else quality,
         "saes": {site.hookpoint: {"groups": list(site.groups), **sae_report(models, site.saemnesia)}
                  for site in assets.ALL_SITES},
         **({"text_sae": {"hookpoint": assets.TEXT_HOOKPOINT, **sae_report(models, assets.TEXT_SAE)}}
@@ -331,8 +351,8 @@ def build_report(models: Path) -> dict:
     }
 
 
-def write_report(models: Path) -> dict:
-    report = build_report(models)
+def write_report(models: Path, quality: dict | None = None) -> dict:
+    report = build_report(models, quality)
     write_json_atomic(assets.path(assets.BUILD_REPORT, models), report)
     return report
 

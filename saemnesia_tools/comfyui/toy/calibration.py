@@ -25,7 +25,6 @@ from .sampling import PromptEncoder, generate
 
 CALIBRATION_SEED = 8_000_000      # the strength calibration's first seed (apart from every evaluation set)
 ARTIFACT_SEED = 9_000_000         # the calibration's artifact judge: the model's own un-erased images from here
-KAPPAS = (0.125, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0)  # κ tried per concept, in units of the token's norm
 
 
 def cells_showing(concept, count: int) -> tuple[list[tuple[str, str]], int, int]:
@@ -46,14 +45,15 @@ def fit_artifact_judge(recipe: Recipe, model, vae, encoder: PromptEncoder, judge
 
 
 def calibrate_strengths(recipe: Recipe, sae_path: Path, groups: tuple[str, ...], model, vae, encoder: PromptEncoder,
-                        judges: Judges, artifact_judge: Callable[[], ArtifactJudge], kappas=KAPPAS) -> None:
+                        judges: Judges, artifact_judge: Callable[[], ArtifactJudge]) -> None:
     """Store κ (Concept.calibration, DESIGN §6.7) for each concept of `groups` (those the file's site erases): the
-    κ of `kappas`, or none (the papers' formula), at which the node's default strength, −1, gave the most clean
-    erasures (the concept removed, not replaced: `quality.removed`; the other group's concept kept; the image not
+    κ of `recipe.kappas`, or none (the papers' formula), at which the node's default strength, −1, gave the most
+    clean erasures (the concept removed, not replaced: `quality.removed`; the other group's concept kept; the image not
     flagged by `artifact_judge()`) on `recipe.erasure_images` images per concept (seeds CALIBRATION_SEED…), ties
     broken by `choose_kappa`. The counts go in the provenance, with the judges-only counts. Counts recorded under
     the same protocol are not measured again: the choice is made from them, so a change of `choose_kappa` reaches
     the file without new images."""
+    kappas = recipe.kappas
     sae_file = load_sae_file(sae_path)
     chosen = [c for c in sae_file.concepts if c.group in groups]
     protocol = {"kappas": list(kappas), "strength": -1.0, "first_seed": CALIBRATION_SEED,

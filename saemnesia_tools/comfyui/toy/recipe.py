@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+KAPPAS = (0.125, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0)  # κ tried per concept, in units of the token's norm
+
 
 @dataclass
 class Recipe:
@@ -16,6 +18,7 @@ class Recipe:
     # each channel drifts by up to this in the judges' training (judges.augment): judges of the world with absence
     # trained without it judged 6 of 16 of the model's Dots images, plainly dotted, as Pastel (styles 95.1 % on the grid)
     judge_colour_jitter: float = 0.05
+    judges_heldout: int = 2000      # fresh renders the build report measures the judges on
     # Two phases. 1: Min-SNR-5 weighting learns palettes and textures fast, but objects stayed at chance: it
     # starves the high-noise steps where shapes are decided, and CLIP's causal text encoder let its padding
     # positions (most of what cross-attention sees) carry only the style. 2: plain v-loss weighting plus an
@@ -35,6 +38,7 @@ class Recipe:
     cfg: float = 5.0
     quality_seeds: int = 2          # images per (object, style) prompt in the quality check
     erasure_images: int = 8         # images per concept in the per-concept erasure record (all its grid cells)
+    kappas: tuple = KAPPAS          # the strength calibration's grid (calibration.py)
     artifact_seeds: int = 2         # un-erased images per grid prompt the calibration's artifact judge is fitted on
     train_repeats: int = 8          # copies of the labelled grid whose activations train the SAEs
     heldout_repeats: int = 2        # copies for the concept statistics (other seeds)
@@ -55,8 +59,8 @@ class Recipe:
 
     @classmethod
     def smoke(cls) -> "Recipe":
-        return cls(judge_pool=400, judge_steps=20, model_phases=(("minsnr", 3, 2, 0, 0.0), ("v", 2, 2, 1, 0.1)),
-                   absence_phase=("v", 2, 2, 2, 0.0, 0.5, 1e-4),
-                   model_batch=8, sample_steps=2, quality_seeds=1, erasure_images=1, artifact_seeds=1, train_repeats=1,
-                   heldout_repeats=1, sae_epochs=1, supervised_epochs=2, supervised_batch=16, sae_batch_tokens=512,
-                   buckets=4, percentile=99.0, text_sae_epochs=1, text_supervised_epochs=2)
+        return cls(judge_pool=400, judge_steps=20, judges_heldout=200,
+                   model_phases=(("minsnr", 3, 2, 0, 0.0), ("v", 2, 2, 1, 0.1)),
+                   absence_phase=("v", 2, 2, 2, 0.0, 0.5, 1e-4), model_batch=8, sample_steps=2, quality_seeds=1,
+                   erasure_images=1, kappas=(0.5, 4.0), artifact_seeds=1, train_repeats=1, heldout_repeats=1, sae_epochs=1, supervised_epochs=2, supervised_batch=16,
+                   sae_batch_tokens=512, buckets=4, percentile=99.0, text_sae_epochs=1, text_supervised_epochs=2)
