@@ -66,7 +66,7 @@ def build_judges(recipe: Recipe, path: Path) -> Judges:
     if path.exists():
         return Judges.load(path)
     judges = train_judges(recipe.judge_pool, recipe.judge_steps, seed=recipe.seed, no_object=recipe.judge_no_object,
-                             colour_jitter=recipe.judge_colour_jitter)
+                          colour_jitter=recipe.judge_colour_jitter)
     judges.save(path)
     return judges
 
