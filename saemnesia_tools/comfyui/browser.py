@@ -81,6 +81,11 @@ def queue_from_page(page) -> str:
     }""")
 
 
+def api_prompt(page) -> dict:
+    """The current graph as the frontend converts it for /prompt (graphToPrompt's output, JSON round-tripped)."""
+    return json.loads(page.evaluate("async () => JSON.stringify((await window.app.graphToPrompt()).output)"))
+
+
 def exported_workflow(page) -> dict:
     """The current graph as the app's Export writes it (graphToPrompt's workflow, JSON round-tripped)."""
     return json.loads(page.evaluate("async () => JSON.stringify((await window.app.graphToPrompt()).workflow)"))
