@@ -62,5 +62,6 @@ class Recipe:
         return cls(judge_pool=400, judge_steps=20, judges_heldout=200,
                    model_phases=(("minsnr", 3, 2, 0, 0.0), ("v", 2, 2, 1, 0.1)),
                    absence_phase=("v", 2, 2, 2, 0.0, 0.5, 1e-4), model_batch=8, sample_steps=2, quality_seeds=1,
-                   erasure_images=1, kappas=(0.5, 4.0), artifact_seeds=1, train_repeats=1, heldout_repeats=1, sae_epochs=1, supervised_epochs=2, supervised_batch=16,
-                   sae_batch_tokens=512, buckets=4, percentile=99.0, text_sae_epochs=1, text_supervised_epochs=2)
+                   erasure_images=1, kappas=(0.5, 4.0), artifact_seeds=1, train_repeats=1, heldout_repeats=1,
+                   sae_epochs=1, supervised_epochs=2, supervised_batch=16, sae_batch_tokens=512, buckets=4,
+                   percentile=99.0, text_sae_epochs=1, text_supervised_epochs=2)
