@@ -273,13 +273,13 @@ def quality_summary(recipe: Recipe, items: dict[str, list], judged: dict[str, li
     def share(part, hit) -> float:
         return sum(hit(item, *seen.split("/")) for item, seen in zip(items[part], judged[part])) / len(items[part])
 
-    style_kept = lambda item, _, style: style == (item[1] or STYLE_CLASSES[-1])
-    summary = {"object": share("grid", lambda item, obj, _: obj == item[0]), "style": share("grid", style_kept),
+    asked_style = lambda item, _, style: style == (item[1] or STYLE_CLASSES[-1])
+    summary = {"object": share("grid", lambda item, obj, _: obj == item[0]), "style": share("grid", asked_style),
                "images": len(items["grid"]), "first_seed": items["grid"][0][2], "steps": recipe.sample_steps,
                "cfg": recipe.cfg, "sampler": "euler", "judged": judged["grid"]}
     if "absence" in items:
         summary["absence"] = {"no_object": share("absence", lambda item, obj, _: obj == NO_OBJECT),
-                              "style": share("absence", style_kept), "images": len(items["absence"]),
+                              "style": share("absence", asked_style), "images": len(items["absence"]),
                               "first_seed": items["absence"][0][2], "judged": judged["absence"]}
     return summary
 
