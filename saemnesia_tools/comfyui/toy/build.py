@@ -336,14 +336,16 @@ def build_report(models: Path, quality: dict | None = None) -> dict:
     model_path = assets.path(assets.MODEL, models)
     with safe_open(str(model_path), framework="pt") as f:
         model_provenance = json.loads(f.metadata()["provenance"])
-    model, clip, vae = toy_model.load_toy_model(model_path)
+    if quality is None:
+        model, clip, vae = toy_model.load_toy_model(model_path)
+        quality = quality_check(model, vae, PromptEncoder(clip), judges, recipe)
     return {
         "written_by": "python -m saemnesia_tools.comfyui.toy.build --report-only",
         "recipe": provenance["recipe"],  # as the build recorded it (fields added since take their defaults above)
         "judges": {"held_out_renders": held_out_accuracy(
             judges, recipe.judges_heldout, recipe.seed + JUDGES_HELDOUT_OFFSET)},
         "model": model_provenance,
-        "quality": quality_check(model, vae, PromptEncoder(clip), judges, recipe) if quality is None else quality,
+        "quality": quality,
         "saes": {site.hookpoint: {"groups": list(site.groups), **sae_report(models, site.saemnesia)}
                  for site in assets.ALL_SITES},
         **({"text_sae": {"hookpoint": assets.TEXT_HOOKPOINT, **sae_report(models, assets.TEXT_SAE)}}
